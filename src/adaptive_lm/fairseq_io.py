@@ -1,0 +1,208 @@
+"""Reading fairseq checkpoints without fairseq, and without running code from the file.
+
+* ``safe_load``: ``torch.load(weights_only=True)`` with an explicit allow-list (argparse.Namespace and numpy
+  scalars, which old fairseq checkpoints pickle); anything else is refused with a message naming the type.
+* ``config_from_fairseq``: the architecture from the checkpoint's stored ``cfg["model"]`` or ``args``, with the
+  arch name's defaults only filling what is missing (the released WikiText-103 model says
+  ``transformer_lm_gbw``), plus fairseq's backward-compatibility rules (reference doc sections 1.1, 9.2).
+* ``state_dict_from_fairseq``: fairseq key names -> ours (q/k/v or the old fused in_proj into our fused
+  ``qkv``, untied tail projections transposed, duplicated tied tensors collapsed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import ALIASES, PRESETS, ModelConfig, preset_values
+from .errors import UserError
+
+# What a fairseq checkpoint really holds besides tensors and builtin containers.
+SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+try:  # numpy scalars/dtypes appear in old extra_state (best val loss); they are plain data
+    import numpy as np
+
+    _np_core = getattr(np, "_core", None) or np.core  # numpy 2 renamed core -> _core
+    SAFE_GLOBALS += [_np_core.multiarray.scalar, np.dtype]
+    SAFE_GLOBALS += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32")]
+except Exception:  # pragma: no cover - numpy is a dependency, but never fail loading over it
+    pass
+
+
+def safe_load(path: str | os.PathLike, mmap: bool = True) -> Any:
+    """``torch.load`` that only accepts tensors, containers and the allow-listed types; memory-maps when it can."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head[:3] == b"BZh":
+        raise UserError(f"{path}: this is a .tar.bz2 archive, not a checkpoint; extract it (tar xjf) or use convert")
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if mmap and "mmap" in str(e).lower():  # legacy (pre-zip) format cannot be memory-mapped
+                return torch.load(path, map_location="cpu", weights_only=True)
+            raise UserError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0]})") from None
+        except pickle.UnpicklingError as e:
+            m = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(e))
+            what = m.group(1) if m else str(e).splitlines()[0]
+            raise UserError(
+                f"{path}: refused to load: the file pickles {what}, which is not on the allow-list of types "
+                f"fairseq checkpoints contain (it could run code); if you trust the file, re-save it with plain data"
+            ) from None
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    if obj is None:
+        return {}
+    if isinstance(obj, argparse.Namespace):
+        return dict(vars(obj))
+    if isinstance(obj, dict):
+        return dict(obj)
+    raise UserError(f"unexpected type {type(obj).__name__} for the stored model configuration")
+
+
+def stored_settings(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """Model settings as stored, from ``cfg`` (task values underneath) or, for old files, ``args``."""
+    cfg = ckpt.get("cfg")
+    if cfg:
+        out = _as_dict(cfg.get("task"))
+        out.update(_as_dict(cfg.get("model")))
+        if "_name" in out:
+            out["arch"] = out.pop("_name")
+        return out
+    args = _as_dict(ckpt.get("args"))
+    if not args:
+        raise UserError("checkpoint has neither 'cfg' nor 'args': not a fairseq checkpoint")
+    return args
+
+
+def config_from_fairseq(settings: dict[str, Any], vocab_size: int) -> ModelConfig:
+    """fairseq settings -> ModelConfig, applying base_lm_architecture's compatibility rules."""
+    s = dict(settings)
+    if s.get("character_embeddings"):
+        raise UserError("character-CNN input embeddings are not supported (only adaptive or plain word inputs)")
+    if "no_tie_adaptive_proj" in s:  # pre-2020 option name
+        s["no_decoder_final_norm"] = True
+        if s["no_tie_adaptive_proj"] is False:
+            s["tie_adaptive_proj"] = True
+    if "decoder_final_norm" in s:
+        s["no_decoder_final_norm"] = not s["decoder_final_norm"]
+    if s.get("max_target_positions") in (None, 0):
+        s["max_target_positions"] = s.get("tokens_per_sample") or 1024
+    arch = str(s.get("arch", "transformer_lm"))
+    arch = arch if (arch in PRESETS or arch in ALIASES) else "transformer_lm"
+    values = preset_values(arch)  # the arch's defaults fill only what the file does not say
+    for k in set(ModelConfig.__dataclass_fields__) - {"vocab_size", "padding_idx"}:
+        if k in s and (s[k] is not None or k.endswith("_cutoff")):
+            values[k] = s[k]
+    for k in ("adaptive_input_factor", "adaptive_softmax_factor"):
+        values[k] = float(values[k])
+    values["vocab_size"] = vocab_size
+    values["decoder_normalize_before"] = True  # forced by fairseq's base_lm_architecture
+    cfg = ModelConfig.from_dict(values)
+    cfg.validate()
+    return cfg
+
+
+_DROP = re.compile(
+    r"(^version$|_float_tensor$|^embed_positions\.weights$|^adaptive_softmax\.version$)"
+)
+
+
+def state_dict_from_fairseq(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """Rename fairseq's decoder keys to ours; fuse q/k/v; transpose untied tail projections."""
+    src = {k[len("decoder.") :] if k.startswith("decoder.") else k: v for k, v in sd.items()}
+    out: dict[str, Tensor] = {}
+    qkv: dict[str, dict[str, Tensor]] = {}
+    c0 = cfg.adaptive_softmax_cutoff[0] if cfg.adaptive_softmax_cutoff else 0
+    tied_proj = cfg.tie_adaptive_weights and cfg.tie_adaptive_proj
+    for k, v in src.items():
+        if _DROP.search(k):
+            continue
+        if cfg.decoder_learned_pos is False and k == "embed_positions.weight":
+            continue
+        m = re.fullmatch(r"embed_tokens\.embeddings\.(\d+)\.([01])\.weight", k)
+        if m:
+            out[f"embed_tokens.{'embeddings' if m.group(2) == '0' else 'projections'}.{m.group(1)}.weight"] = v
+            continue
+        m = re.fullmatch(r"layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", k)
+        if m:
+            qkv.setdefault(f"layers.{m.group(1)}.self_attn.qkv.{m.group(3)}", {})[m.group(2)] = v
+            continue
+        m = re.fullmatch(r"layers\.(\d+)\.self_attn\.in_proj_(weight|bias)", k)
+        if m:
+            out[f"layers.{m.group(1)}.self_attn.qkv.{m.group(2)}"] = v
+            continue
+        m = re.fullmatch(r"layers\.(\d+)\.layer_norms\.([01])\.(weight|bias)", k)
+        if m:
+            name = "self_attn_layer_norm" if m.group(2) == "0" else "final_layer_norm"
+            out[f"layers.{m.group(1)}.{name}.{m.group(3)}"] = v
+            continue
+        if k == "adaptive_softmax.head.weight":  # untied head: one matrix, words then clusters
+            out["adaptive_softmax.word_weight"] = v[:c0]
+            out["adaptive_softmax.class_weight"] = v[c0:]
+            continue
+        if k in ("adaptive_softmax.head.word_proj.weight", "adaptive_softmax.head.word_proj.1.weight"):
+            out["adaptive_softmax.word_weight"] = v
+            continue
+        if k == "adaptive_softmax.head.word_proj.0.weight":
+            out["adaptive_softmax.head_in_proj.weight"] = v
+            continue
+        if k == "adaptive_softmax.head.class_proj.weight":
+            out["adaptive_softmax.class_weight"] = v
+            continue
+        m = re.fullmatch(r"adaptive_softmax\.tail\.(\d+)\.([02])\.weight", k)
+        if m:
+            i = m.group(1)
+            if m.group(2) == "2":
+                out[f"adaptive_softmax.tail_out.{i}"] = v
+            else:
+                out[f"adaptive_softmax.tail_proj.{i}"] = v if tied_proj else v.t()
+            continue
+        if k == "embed_out":
+            out["output_projection.weight"] = v
+            continue
+        if k == "output_projection.weight" and cfg.adaptive_softmax_cutoff is not None:
+            continue  # fairseq#3545: an unused output projection next to an adaptive softmax
+        out[k] = v
+    for name, parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise UserError(f"checkpoint has an incomplete attention projection set for {name}")
+        out[name] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+def load_into(model: torch.nn.Module, sd: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """Strict load that accepts each tied tensor under any one of its names (fairseq stores it under all)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    full = dict(sd)
+    for names in groups.values():
+        have = [n for n in names if n in full]
+        if have:
+            for n in names:
+                full.setdefault(n, full[have[0]])
+    expected = set(model.state_dict().keys())
+    missing = sorted(expected - set(full))
+    unexpected = sorted(set(full) - expected)
+    if missing or unexpected:
+        raise UserError(
+            f"{source}: weights do not match the model built from its settings "
+            f"(missing: {', '.join(missing[:5]) or 'none'}; unexpected: {', '.join(unexpected[:5]) or 'none'})"
+        )
+    own = model.state_dict()
+    for k, v in full.items():
+        if tuple(own[k].shape) != tuple(v.shape):
+            raise UserError(f"{source}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+    model.load_state_dict(full, strict=True)
