@@ -37,6 +37,11 @@ def complete_cutoff(cutoff: tuple[int, ...] | list[int], vocab_size: int) -> lis
     return cut
 
 
+def fp32(t: Tensor) -> Tensor:
+    """Softmax and loss in at least fp32 (bf16/fp16 logits are upcast; fp64 stays fp64 for gradient checks)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 # =====================================================================================================
 # Adaptive input (Baevski & Auli 2018, section 3)
 # =====================================================================================================
@@ -216,13 +221,13 @@ class AdaptiveSoftmax(nn.Module):
         x = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
         x = F.dropout(x, self.dropout, self.training)
         head_target, clusters = self.split_targets(target)
-        loss = F.cross_entropy(self.head_logits(x).float(), head_target, ignore_index=ignore_index, reduction="sum")
+        loss = F.cross_entropy(fp32(self.head_logits(x)), head_target, ignore_index=ignore_index, reduction="sum")
         tail_ignore = ignore_index if tail_ignore_quirk else -100
         for i, c in enumerate(clusters):
             if c is None:
                 continue
             rows, local = c
-            logits = self.tail_logits(i, x.index_select(0, rows)).float()  # (N_i, size_i)
+            logits = fp32(self.tail_logits(i, x.index_select(0, rows)))  # (N_i, size_i)
             loss = loss + F.cross_entropy(logits, local, ignore_index=tail_ignore, reduction="sum")
         return loss
 
@@ -230,11 +235,11 @@ class AdaptiveSoftmax(nn.Module):
         """The full V-way natural-log distribution (..., V); no dropout (fairseq's ``get_log_prob``, target=None)."""
         shape = hidden.shape[:-1]
         x = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
-        head = F.log_softmax(self.head_logits(x).float(), dim=-1)  # (N, c0 + nc)
+        head = F.log_softmax(fp32(self.head_logits(x)), dim=-1)  # (N, c0 + nc)
         c0 = self.cutoff[0]
         parts = [head[:, :c0]]
         for i in range(self.n_clusters):
-            tail = F.log_softmax(self.tail_logits(i, x).float(), dim=-1)  # (N, size_i)
+            tail = F.log_softmax(fp32(self.tail_logits(i, x)), dim=-1)  # (N, size_i)
             parts.append(tail + head[:, c0 + i : c0 + i + 1])
         return torch.cat(parts, dim=-1).view(*shape, self.vocab_size)  # (..., V)
 
@@ -243,14 +248,14 @@ class AdaptiveSoftmax(nn.Module):
         shape = target.shape
         x = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
         head_target, clusters = self.split_targets(target)
-        head = F.log_softmax(self.head_logits(x).float(), dim=-1)  # (N, c0 + nc)
+        head = F.log_softmax(fp32(self.head_logits(x)), dim=-1)  # (N, c0 + nc)
         out = head.gather(1, head_target.unsqueeze(1)).squeeze(1)  # (N,)
         del head
         for i, c in enumerate(clusters):
             if c is None:
                 continue
             rows, local = c
-            tail = F.log_softmax(self.tail_logits(i, x.index_select(0, rows)).float(), dim=-1)  # (N_i, size_i)
+            tail = F.log_softmax(fp32(self.tail_logits(i, x.index_select(0, rows))), dim=-1)  # (N_i, size_i)
             out = out.index_add(0, rows, tail.gather(1, local.unsqueeze(1)).squeeze(1))
         return out.view(shape)
 
@@ -474,12 +479,12 @@ class TransformerLM(nn.Module):
     def log_probs_from_features(self, x: Tensor) -> Tensor:
         if self.adaptive_softmax is not None:
             return self.adaptive_softmax.log_prob(x)
-        return F.log_softmax(self.output_projection(x).float(), dim=-1)  # type: ignore[misc]
+        return F.log_softmax(fp32(self.output_projection(x)), dim=-1)  # type: ignore[misc]
 
     def target_log_probs_from_features(self, x: Tensor, target: Tensor) -> Tensor:
         if self.adaptive_softmax is not None:
             return self.adaptive_softmax.target_log_prob(x, target)
-        lp = F.log_softmax(self.output_projection(x).float(), dim=-1)  # type: ignore[misc]
+        lp = F.log_softmax(fp32(self.output_projection(x)), dim=-1)  # type: ignore[misc]
         return lp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
     def log_probs(self, src_tokens: Tensor) -> Tensor:
@@ -495,7 +500,7 @@ class TransformerLM(nn.Module):
         x = self(src_tokens)
         if self.adaptive_softmax is not None:
             return self.adaptive_softmax.loss(x, target, self.padding_idx, tail_ignore_quirk)
-        logits = self.output_projection(x).float()  # type: ignore[misc]
+        logits = fp32(self.output_projection(x))  # type: ignore[misc]
         return F.cross_entropy(
             logits.view(-1, logits.shape[-1]), target.reshape(-1), ignore_index=self.padding_idx, reduction="sum"
         )

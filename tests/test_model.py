@@ -1,0 +1,246 @@
+"""The model against fairseq's numbers, against torch's own adaptive softmax, and its invariants."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import adaptive_lm
+from adaptive_lm import AdaptiveInput, AdaptiveSoftmax, ConfigError, build_model
+from adaptive_lm.fairseq_io import safe_load, state_dict_from_fairseq, load_into, stored_settings, config_from_fairseq
+from adaptive_lm.model import TransformerLM
+
+
+# ---- size ---------------------------------------------------------------------------------------------
+def test_wiki103_parameter_count_is_the_papers_247m():
+    with torch.device("meta"):
+        model = build_model("transformer_lm_wiki103", 267_744)
+    assert model.num_parameters() == 246_933_504
+    assert model.layer_norm is None  # no final LayerNorm in the wiki103 arch
+    assert model.adaptive_softmax.word_weight is model.embed_tokens.embeddings[0].weight
+    for i in range(2):
+        assert model.adaptive_softmax.tail_out[i] is model.embed_tokens.embeddings[i + 1].weight
+        assert model.adaptive_softmax.tail_proj[i] is model.embed_tokens.projections[i + 1].weight
+
+
+def test_aliases_resolve_to_the_same_preset():
+    with torch.device("meta"):
+        a = build_model("transformer_lm_baevski_wiki103", 100_000)
+        b = build_model("transformer_lm_wiki103", 100_000)
+    assert a.cfg == b.cfg
+    with torch.device("meta"):
+        g = build_model("transformer_lm_gbw", 1000)
+    assert g.cfg.decoder_embed_dim == 512 and g.cfg.decoder_layers == 12 and g.adaptive_softmax is None
+
+
+# ---- parity with real fairseq ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fairseq_tiny():
+    from conftest import FIXTURE, need
+
+    need(FIXTURE)
+    lm = adaptive_lm.from_pretrained(FIXTURE / "model" / "checkpoint_best.pt")
+    ref = np.load(FIXTURE / "reference" / "valid_logprobs.npz")
+    return lm, ref
+
+
+def _stream(ref) -> torch.Tensor:
+    return torch.tensor(ref["target_ids"])
+
+
+def test_fixture_features_and_full_rows_match_fairseq(fairseq_tiny):
+    lm, ref = fairseq_tiny
+    x = torch.tensor(ref["block0_input_ids"])[None]
+    with torch.no_grad():
+        feats = lm.model(x)[0]
+        rows = lm.model.log_probs(x)[0, :8]
+    assert (feats - torch.tensor(ref["block0_features"])).abs().max() < 1e-5
+    assert (rows - torch.tensor(ref["block0_full_logprobs_first_rows"])).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("cw", [0, 128])
+def test_fixture_token_logprobs_match_fairseq_both_paths(fairseq_tiny, cw):
+    lm, ref = fairseq_tiny
+    S = _stream(ref)  # first 2048 targets of the valid stream
+    X = torch.cat([torch.tensor([2]), S[:-1]])
+    expected = torch.tensor(ref[f"logprobs_cw{cw}"])
+    tps = 256
+    step = tps - cw
+    got_t, got_f = [], []
+    with torch.no_grad():
+        for start in range(0, len(S), step):
+            lo = max(0, start - cw)
+            src, tgt = X[lo : start + step][None], S[lo : start + step][None]
+            keep = slice(start - lo, None)
+            got_t.append(lm.model.target_log_probs(src, tgt)[0, keep])
+            full = lm.model.log_probs(src)[0]
+            got_f.append(full.gather(1, tgt[0, :, None])[:, 0][keep])
+    got_t, got_f = torch.cat(got_t).double(), torch.cat(got_f).double()
+    assert got_t.shape == expected.shape
+    assert (got_t - expected).abs().max() < 1e-5
+    assert (got_f - expected).abs().max() < 1e-5
+
+
+def test_fixture_settings_come_from_cfg_not_arch(fixture_dir):
+    ckpt = safe_load(fixture_dir / "model" / "checkpoint_best.pt")
+    cfg = config_from_fairseq(stored_settings(ckpt), 14152)
+    assert (cfg.decoder_layers, cfg.decoder_embed_dim, cfg.adaptive_input_cutoff) == (2, 128, (2000, 8000))
+    assert cfg.max_target_positions == 256
+
+
+def test_old_fused_in_proj_layout_loads_identically(fairseq_tiny, fixture_dir):
+    lm, ref = fairseq_tiny
+    ckpt = safe_load(fixture_dir / "model" / "checkpoint_best.pt")
+    sd = dict(ckpt["model"])
+    for i in range(2):
+        p = f"decoder.layers.{i}.self_attn."
+        for kind in ("weight", "bias"):
+            sd[p + f"in_proj_{kind}"] = torch.cat([sd.pop(p + f"{n}_proj.{kind}") for n in "qkv"])
+    model = TransformerLM(lm.cfg).eval()
+    load_into(model, state_dict_from_fairseq(sd, lm.cfg))
+    x = torch.tensor(ref["block0_input_ids"])[None]
+    with torch.no_grad():
+        assert torch.equal(model(x), lm.model(x))
+
+
+# ---- an independent second reference: torch's AdaptiveLogSoftmaxWithLoss ----------------------------------
+def test_untied_adaptive_softmax_equals_torch_reference():
+    torch.manual_seed(1)
+    V, d, cut = 50, 16, [10, 30]
+    ours = AdaptiveSoftmax(V, d, cut, dropout=0.0, factor=4.0)
+    ref = torch.nn.AdaptiveLogSoftmaxWithLoss(d, V, cut, div_value=4.0, head_bias=False)
+    with torch.no_grad():
+        ref.head.weight.copy_(torch.cat([ours.word_weight, ours.class_weight]))
+        for i in range(2):
+            ref.tail[i][0].weight.copy_(ours.tail_proj[i].t())
+            ref.tail[i][1].weight.copy_(ours.tail_out[i])
+    x = torch.randn(64, d)
+    y = torch.randint(0, V, (64,))
+    torch.testing.assert_close(ours.log_prob(x), ref.log_prob(x), atol=1e-6, rtol=0)
+    out = ref(x, y)
+    torch.testing.assert_close(ours.target_log_prob(x, y), out.output, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours.loss(x, y, ignore_index=-100) / 64, out.loss, atol=1e-6, rtol=0)
+
+
+# ---- invariants -------------------------------------------------------------------------------------------
+def test_full_distribution_sums_to_one_and_target_path_agrees():
+    model = build_model("tiny", 64, dropout=0.0).eval()
+    x = torch.randint(0, 64, (3, 12))
+    y = torch.randint(4, 64, (3, 12))
+    with torch.no_grad():
+        lp = model.log_probs(x)
+        assert lp.shape == (3, 12, 64)
+        torch.testing.assert_close(lp.logsumexp(-1), torch.zeros(3, 12), atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.target_log_probs(x, y), lp.gather(-1, y[..., None])[..., 0], atol=1e-6, rtol=0)
+
+
+def test_loss_equals_minus_sum_log_prob_without_quirk_and_quirk_drops_cutoff_plus_one():
+    model = build_model("tiny", 64).eval()
+    x = torch.randint(4, 64, (2, 10))
+    y = torch.randint(4, 64, (2, 10))
+    y[0, 0], y[0, 1] = 21, 41  # ids cutoff + padding_idx: fairseq's tail ignore-index quirk hits them
+    y[1, -1] = 1  # padding is never counted
+    with torch.no_grad():
+        lp = model.log_probs(x).gather(-1, y[..., None])[..., 0]
+        mask = y != 1
+        exact = model.loss(x, y, tail_ignore_quirk=False)
+        quirk = model.loss(x, y, tail_ignore_quirk=True)
+    torch.testing.assert_close(exact, -(lp[mask]).sum(), atol=1e-4, rtol=1e-6)
+    sm = model.adaptive_softmax
+    feats = model(x)
+    with torch.no_grad():
+        head = F.log_softmax(sm.head_logits(feats.view(-1, 32)), -1)
+        full = model.log_probs(x).view(-1, 64)
+        flat = y.reshape(-1)
+        dropped = sum(  # the within-cluster terms of every target 21 or 41 (log p(w) - log p(cluster))
+            full[r, int(flat[r])] - head[r, 20 + (int(flat[r]) >= 40)] for r in range(flat.numel()) if flat[r] in (21, 41)
+        )
+    torch.testing.assert_close(quirk, exact + dropped, atol=1e-4, rtol=1e-6)
+
+
+def test_tied_weights_get_gradient_from_both_sides():
+    model = build_model("tiny", 64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                        adaptive_softmax_dropout=0.0)
+    shared = model.embed_tokens.embeddings[1].weight  # band 1 = tail cluster 0
+    assert shared is model.adaptive_softmax.tail_out[0]
+    x = torch.tensor([[25, 26, 5, 6]])  # band-1 words on the input side
+    y = torch.tensor([[5, 6, 7, 8]])  # head words only: the tail-0 output side is not used
+    model.loss(x, y).backward()
+    g_in = shared.grad.clone()
+    assert g_in[5:7].abs().sum() > 0 and g_in[:5].abs().sum() == 0
+    model.zero_grad()
+    x2 = torch.tensor([[5, 6, 7, 8]])  # no band-1 input
+    y2 = torch.tensor([[25, 26, 5, 6]])  # tail-0 targets: output side
+    model.loss(x2, y2).backward()
+    g_out = shared.grad.clone()
+    assert g_out.abs().sum() > 0
+    model.zero_grad()
+    model.loss(x, y2).backward()  # both sides at once: gradients accumulate into the one tensor
+    assert shared.grad[5:7].abs().sum() > 0 and shared.grad.abs().sum() > g_out.abs().sum() * 0
+
+
+def test_gradcheck_adaptive_modules_float64():
+    torch.manual_seed(0)
+    ai = AdaptiveInput(30, 1, 8, 2.0, 6, [10, 20]).double()
+    sm = AdaptiveSoftmax(30, 6, [10, 20], dropout=0.0, factor=2.0, adaptive_input=ai, tie_proj=True).double()
+    tokens = torch.tensor([[0, 5, 12, 25], [19, 29, 3, 11]])
+    target = torch.tensor([[2, 15, 22, 8], [29, 10, 4, 20]])
+    w = ai.projections[1].weight
+
+    def f(proj):
+        with torch.no_grad():
+            w.copy_(proj)
+        return sm.loss(ai(tokens), target, ignore_index=-100, tail_ignore_quirk=False)
+
+    # a functional check through the shared tensor: analytic grad vs finite differences
+    base = w.detach().clone().requires_grad_(True)
+    loss = sm.loss(ai(tokens), target, ignore_index=-100)
+    (g,) = torch.autograd.grad(loss, w)
+    eps, num = 1e-6, torch.zeros_like(w)
+    for idx in np.ndindex(*w.shape):
+        orig = base[idx].item()
+        p = base.detach().clone(); p[idx] = orig + eps
+        hi = f(p).item()
+        p[idx] = orig - eps
+        lo = f(p).item()
+        num[idx] = (hi - lo) / (2 * eps)
+    with torch.no_grad():
+        w.copy_(base)
+    torch.testing.assert_close(g, num, atol=1e-6, rtol=1e-5)
+    assert torch.autograd.gradcheck(lambda h: sm.target_log_prob(h, target), (torch.randn(2, 4, 6, dtype=torch.float64,
+                                    requires_grad=True),))
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = build_model("tiny", 64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                        adaptive_softmax_dropout=0.0)
+    src = torch.randint(4, 64, (4, 16))
+    tgt = torch.roll(src, -1, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(150):
+        opt.zero_grad()
+        loss = model.loss(src, tgt, tail_ignore_quirk=False) / tgt.numel()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert first > 3.0  # about ln(64) at init
+    assert loss.item() < 0.1
+
+
+# ---- build-time checks ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(adaptive_input_cutoff=(20, 80), adaptive_softmax_cutoff=(20, 80)), "vocabulary size"),
+        (dict(adaptive_softmax_cutoff=(20, 30)), "identical cutoffs"),
+        (dict(adaptive_softmax_factor=2.0), "equal factors"),
+        (dict(decoder_attention_heads=5), "not divisible"),
+    ],
+)
+def test_bad_configs_say_what_to_change(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build_model("tiny", 64, **overrides)
