@@ -1,0 +1,232 @@
+"""``adaptive-lm``: one console script, thin subcommands over importable functions.
+
+Flag names are fairseq's wherever the meaning is the same, so published fairseq recipes run unchanged with
+``fairseq-train`` replaced by ``adaptive-lm train``. Errors a user can fix print as one line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+from .config import ConfigError, ModelConfig
+from .errors import UserError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with a one-line error (``adaptive-lm train: error: unrecognized arguments: --foo``)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _bool(s: str) -> bool:
+    return s.lower() in ("1", "true", "yes", "on")
+
+
+# ---- model flags, generated from ModelConfig (fairseq's names) -----------------------------------------------
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (fairseq transformer_lm options; unset ones come from --arch)")
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in ("vocab_size", "padding_idx"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            g.add_argument(flag, action="store_const", const=True, default=None)
+        elif "tuple" in str(f.type):
+            g.add_argument(flag, default=None, metavar="N,N")
+        elif "float" in str(f.type):
+            g.add_argument(flag, type=float, default=None)
+        elif "int" in str(f.type):
+            g.add_argument(flag, type=int, default=None)
+        else:
+            g.add_argument(flag, default=None)
+
+
+def model_overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(ModelConfig):
+        v = getattr(ns, f.name, None)
+        if v is not None and f.name not in ("vocab_size", "padding_idx"):
+            out[f.name] = v
+    return out
+
+
+# ---- train ---------------------------------------------------------------------------------------------------
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="binarised data folder (dict.txt, train.bin/.idx, valid.bin/.idx)")
+    p.add_argument("--task", default="language_modeling", choices=["language_modeling"])
+    p.add_argument("--arch", "-a", default="transformer_lm")
+    p.add_argument("--save-dir", default="checkpoints")
+    p.add_argument("--criterion", default="adaptive_loss", choices=["adaptive_loss", "cross_entropy"])
+    p.add_argument("--optimizer", default="nag", choices=["nag"])
+    p.add_argument("--lr-scheduler", default="cosine", choices=["cosine"])
+    p.add_argument("--ddp-backend", default="legacy_ddp", choices=["legacy_ddp", "no_c10d", "c10d", "pytorch_ddp"],
+                   help="accepted for compatibility: gradients are always reduced the legacy_ddp way")
+    p.add_argument("--lr", default="0.25", help="peak learning rate (fairseq: --lr; before 2021 --max-lr)")
+    p.add_argument("--max-lr", type=float, default=None, help="old name of the peak lr; then --lr is the floor")
+    p.add_argument("--min-lr", type=float, default=None)
+    p.add_argument("--stop-min-lr", type=float, default=-1.0)
+    p.add_argument("--warmup-updates", type=int, default=0)
+    p.add_argument("--warmup-init-lr", type=float, default=-1.0)
+    p.add_argument("--lr-period-updates", type=float, default=-1)
+    p.add_argument("--t-mult", type=float, default=1.0)
+    p.add_argument("--lr-shrink", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.99)
+    p.add_argument("--weight-decay", "--wd", type=float, default=0.0)
+    p.add_argument("--clip-norm", type=float, default=0.0)
+    p.add_argument("--update-freq", default="1")
+    p.add_argument("--max-update", type=int, default=0)
+    p.add_argument("--max-epoch", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--batch-size", "--max-sentences", type=int, default=None)
+    p.add_argument("--max-tokens-valid", type=int, default=None)
+    p.add_argument("--batch-size-valid", type=int, default=None)
+    p.add_argument("--tokens-per-sample", type=int, default=1024)
+    p.add_argument("--sample-break-mode", default="none", choices=["none", "complete", "complete_doc", "eos"])
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--valid-subset", default="valid")
+    p.add_argument("--skip-invalid-size-inputs-valid-test", action="store_true")
+    p.add_argument("--save-interval", type=int, default=1)
+    p.add_argument("--save-interval-updates", type=int, default=0)
+    p.add_argument("--keep-last-epochs", type=int, default=-1)
+    p.add_argument("--keep-interval-updates", type=int, default=-1)
+    p.add_argument("--no-epoch-checkpoints", action="store_true")
+    p.add_argument("--no-save", action="store_true")
+    p.add_argument("--restore-file", default="checkpoint_last.pt")
+    p.add_argument("--reset-optimizer", action="store_true")
+    p.add_argument("--reset-lr-scheduler", action="store_true")
+    p.add_argument("--reset-dataloader", action="store_true")
+    p.add_argument("--reset-meters", action="store_true")
+    p.add_argument("--disable-validation", action="store_true")
+    p.add_argument("--validate-interval", type=int, default=1)
+    p.add_argument("--validate-interval-updates", type=int, default=0)
+    p.add_argument("--patience", type=int, default=-1)
+    p.add_argument("--log-interval", type=int, default=100)
+    p.add_argument("--log-format", default="simple", choices=["simple", "json", "none", "tqdm"])
+    p.add_argument("--no-progress-bar", action="store_true")
+    p.add_argument("--tensorboard-logdir", default=None)
+    p.add_argument("--cpu", action="store_true")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--fp16", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (falls back with a warning)")
+    p.add_argument("--num-workers", type=int, default=0, help="accepted; batches are built in-process")
+    p.add_argument("--tail-ignore-quirk", type=_bool, default=True, metavar="BOOL",
+                   help="reproduce fairseq's adaptive_loss ignore_index on tail targets (default true; see docs)")
+    p.add_argument("--stop-after-updates", type=int, default=0, help=argparse.SUPPRESS)
+    add_model_args(p)
+
+
+def train_config(ns: argparse.Namespace):
+    from .train import TrainConfig
+
+    lr_list = [float(x) for x in str(ns.lr).split(",")]
+    if len(lr_list) != 1:
+        raise UserError("--lr takes one value with the cosine schedule (fairseq rejects a list too)")
+    lr, min_lr, stop_min_lr = lr_list[0], ns.min_lr, ns.stop_min_lr
+    if ns.max_lr is not None:  # pre-2021 names: --max-lr peak, --lr floor, --min-lr stop threshold
+        lr, min_lr, stop_min_lr = ns.max_lr, lr_list[0], (ns.min_lr if ns.min_lr is not None else stop_min_lr)
+    update_freq = [int(x) for x in str(ns.update_freq).split(",")]
+    overrides = model_overrides(ns)
+    return TrainConfig(
+        data=ns.data, save_dir=ns.save_dir, arch=ns.arch, model_overrides=overrides,
+        max_update=ns.max_update, max_epoch=ns.max_epoch, lr=lr, momentum=ns.momentum, weight_decay=ns.weight_decay,
+        min_lr=min_lr if min_lr is not None else 0.0, stop_min_lr=stop_min_lr, warmup_updates=ns.warmup_updates,
+        warmup_init_lr=ns.warmup_init_lr, lr_period_updates=ns.lr_period_updates, t_mult=ns.t_mult,
+        lr_shrink=ns.lr_shrink, clip_norm=ns.clip_norm, update_freq=update_freq[0],
+        tail_ignore_quirk=ns.tail_ignore_quirk and ns.criterion == "adaptive_loss",
+        max_tokens=ns.max_tokens, batch_size=ns.batch_size, tokens_per_sample=ns.tokens_per_sample,
+        sample_break_mode=ns.sample_break_mode, seed=ns.seed, valid_subset=ns.valid_subset,
+        max_tokens_valid=ns.max_tokens_valid, batch_size_valid=ns.batch_size_valid,
+        skip_invalid_size_inputs_valid_test=ns.skip_invalid_size_inputs_valid_test,
+        save_interval=ns.save_interval, save_interval_updates=ns.save_interval_updates,
+        keep_last_epochs=ns.keep_last_epochs, keep_interval_updates=ns.keep_interval_updates,
+        no_epoch_checkpoints=ns.no_epoch_checkpoints, no_save=ns.no_save, restore_file=ns.restore_file,
+        reset_optimizer=ns.reset_optimizer, reset_lr_scheduler=ns.reset_lr_scheduler,
+        reset_dataloader=ns.reset_dataloader, reset_meters=ns.reset_meters,
+        disable_validation=ns.disable_validation, validate_interval=ns.validate_interval,
+        validate_interval_updates=ns.validate_interval_updates, patience=ns.patience, log_interval=ns.log_interval,
+        log_format=ns.log_format, tensorboard_logdir=ns.tensorboard_logdir, progress_bar=not ns.no_progress_bar,
+        cpu=ns.cpu, bf16=ns.bf16, fp16=ns.fp16, compile=ns.compile, num_workers=ns.num_workers,
+        stop_after_updates=ns.stop_after_updates,
+    )
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from .train import train
+
+    if ns.max_tokens is None and ns.batch_size is None:
+        raise UserError("give --max-tokens (as in the recipe) or --batch-size")
+    train(train_config(ns))
+    return 0
+
+
+# ---- preprocess -------------------------------------------------------------------------------------------
+def add_preprocess_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--only-source", action="store_true", help="accepted (language modelling is always source-only)")
+    p.add_argument("--trainpref")
+    p.add_argument("--validpref", help="comma-separated list allowed: valid, valid1, ...")
+    p.add_argument("--testpref", help="comma-separated list allowed: test, test1, ...")
+    p.add_argument("--destdir", default="data-bin")
+    p.add_argument("--srcdict")
+    p.add_argument("--thresholdsrc", type=int, default=0)
+    p.add_argument("--nwordssrc", type=int, default=-1)
+    p.add_argument("--padding-factor", type=int, default=8)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--dataset-impl", default="mmap")
+    p.add_argument("--task", default="language_modeling", choices=["language_modeling"])
+    p.add_argument("--no-progress-bar", action="store_true")
+
+
+def cmd_preprocess(ns: argparse.Namespace) -> int:
+    from .preprocess import PreprocessConfig, preprocess
+
+    cfg = PreprocessConfig(
+        trainpref=ns.trainpref, validpref=ns.validpref, testpref=ns.testpref, destdir=ns.destdir, srcdict=ns.srcdict,
+        thresholdsrc=ns.thresholdsrc, nwordssrc=ns.nwordssrc, padding_factor=ns.padding_factor, workers=ns.workers,
+        dataset_impl=ns.dataset_impl, progress=not ns.no_progress_bar,
+    )
+    preprocess(cfg)
+    print("\n".join(cfg.log))
+    return 0
+
+
+# ---- quickstart ---------------------------------------------------------------------------------------------
+def cmd_quickstart(ns: argparse.Namespace) -> int:
+    from .quickstart import quickstart
+
+    quickstart(ns.dir, ns.updates)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="adaptive-lm", description=__doc__.splitlines()[0], allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    p = sub.add_parser("train", help="train a language model (fairseq-train's flags)", allow_abbrev=False)
+    add_train_args(p)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("preprocess", help="text -> dict.txt + binarised splits (fairseq-preprocess)",
+                       allow_abbrev=False)
+    add_preprocess_args(p)
+    p.set_defaults(func=cmd_preprocess)
+    p = sub.add_parser("quickstart", help="generate a corpus, preprocess, train a small model, evaluate it",
+                       allow_abbrev=False)
+    p.add_argument("--dir", default="quickstart-run")
+    p.add_argument("--updates", type=int, default=60)
+    p.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return int(ns.func(ns) or 0)
+    except (UserError, ConfigError) as e:
+        print(f"adaptive-lm {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"adaptive-lm {ns.command}: interrupted", file=sys.stderr)
+        return 130

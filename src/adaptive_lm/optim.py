@@ -1,0 +1,103 @@
+"""fairseq's NAG optimizer and cosine learning-rate schedule (reference doc sections 5 and 6).
+
+NAG is the "reformulated" Nesterov momentum whose buffer already holds the -lr factor; ``lr_old`` rescales
+the stored velocity when the schedule changes the lr. Weight decay is multiplicative on the weights.
+The schedule is a pure function of the number of updates done, so resuming only needs that number.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.optim.optimizer import Optimizer
+
+
+class NAG(Optimizer):
+    """p <- p*(1 - lr*wd) + m^2*c*buf - (1+m)*lr*g;  buf <- m*c*buf - lr*g;  c = lr / lr_old."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.99, weight_decay: float = 0.0) -> None:
+        super().__init__(params, dict(lr=lr, lr_old=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        for group in self.param_groups:
+            wd, m, lr = group["weight_decay"], group["momentum"], group["lr"]
+            lr_old = group.get("lr_old", lr)
+            lr_correct = lr / lr_old if lr_old > 0 else lr
+            for p in group["params"]:
+                if p.grad is None:  # fairseq skips parameters without a gradient (single process)
+                    continue
+                g = p.grad.float()
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(g)
+                buf = state["momentum_buffer"]
+                w = p.data if p.dtype == torch.float32 else p.data.float()
+                if wd != 0:
+                    w.mul_(1 - lr * wd)
+                w.add_(buf, alpha=m * m * lr_correct)
+                w.add_(g, alpha=-(1 + m) * lr)
+                buf.mul_(m * lr_correct).add_(g, alpha=-lr)
+                if w is not p.data:
+                    p.data.copy_(w)
+            group["lr_old"] = lr
+
+
+@dataclass
+class CosineSchedule:
+    """Linear warmup from ``warmup_init_lr`` to ``max_lr``, then cosine periods (``t_mult``, ``lr_shrink``)."""
+
+    max_lr: float
+    min_lr: float = 0.0
+    warmup_updates: int = 0
+    warmup_init_lr: float = -1.0
+    period: float = -1
+    t_mult: float = 1.0
+    lr_shrink: float = 0.1
+    max_update: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_lr < self.min_lr:
+            self.min_lr = self.max_lr
+        if self.warmup_init_lr < 0:
+            self.warmup_init_lr = self.min_lr
+        if self.period <= 0:
+            if self.max_update <= 0:
+                raise ValueError("--lr-period-updates or --max-update is needed for the cosine schedule")
+            self.period = self.max_update - self.warmup_updates
+        self.lr_step = (self.max_lr - self.warmup_init_lr) / self.warmup_updates if self.warmup_updates > 0 else 1
+
+    def initial_lr(self) -> float:
+        return self.warmup_init_lr
+
+    def lr_at(self, num_updates: int) -> float:
+        """The lr for the update after ``num_updates`` updates (fairseq's ``step_update(num_updates)``)."""
+        if num_updates < self.warmup_updates:
+            return self.warmup_init_lr + num_updates * self.lr_step
+        t = num_updates - self.warmup_updates
+        if self.t_mult != 1:
+            i = math.floor(math.log(1 - t / self.period * (1 - self.t_mult), self.t_mult))
+            t_i = self.t_mult**i * self.period
+            t_cur = t - (1 - self.t_mult**i) / (1 - self.t_mult) * self.period
+        else:
+            i = math.floor(t / self.period)
+            t_i = self.period
+            t_cur = t - self.period * i
+        shrink = self.lr_shrink**i
+        lo, hi = self.min_lr * shrink, self.max_lr * shrink
+        return lo + 0.5 * (hi - lo) * (1 + math.cos(math.pi * t_cur / t_i))
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """fairseq's ``clip_grad_norm_``: total L2 norm (fp32) over existing grads, scaled by min(1, max/(norm+1e-6))."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
+    if max_norm > 0:
+        coef = (max_norm / (total + 1e-6)).clamp_(max=1)
+        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+    return total
