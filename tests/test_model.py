@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import adaptive_lm
 from adaptive_lm import AdaptiveInput, AdaptiveSoftmax, ConfigError, build_model
-from adaptive_lm.fairseq_io import safe_load, state_dict_from_fairseq, load_into, stored_settings, config_from_fairseq
+from adaptive_lm.fairseq_io import config_from_fairseq, load_into, safe_load, state_dict_from_fairseq, stored_settings
 from adaptive_lm.model import TransformerLM
 
 
@@ -155,14 +155,17 @@ def test_loss_equals_minus_sum_log_prob_without_quirk_and_quirk_drops_cutoff_plu
         full = model.log_probs(x).view(-1, 64)
         flat = y.reshape(-1)
         dropped = sum(  # the within-cluster terms of every target 21 or 41 (log p(w) - log p(cluster))
-            full[r, int(flat[r])] - head[r, 20 + (int(flat[r]) >= 40)] for r in range(flat.numel()) if flat[r] in (21, 41)
+            full[r, int(flat[r])] - head[r, 20 + (int(flat[r]) >= 40)]
+            for r in range(flat.numel())
+            if flat[r] in (21, 41)
         )
     torch.testing.assert_close(quirk, exact + dropped, atol=1e-4, rtol=1e-6)
 
 
 def test_tied_weights_get_gradient_from_both_sides():
-    model = build_model("tiny", 64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-                        adaptive_softmax_dropout=0.0)
+    model = build_model(
+        "tiny", 64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, adaptive_softmax_dropout=0.0
+    )
     shared = model.embed_tokens.embeddings[1].weight  # band 1 = tail cluster 0
     assert shared is model.adaptive_softmax.tail_out[0]
     x = torch.tensor([[25, 26, 5, 6]])  # band-1 words on the input side
@@ -201,7 +204,8 @@ def test_gradcheck_adaptive_modules_float64():
     eps, num = 1e-6, torch.zeros_like(w)
     for idx in np.ndindex(*w.shape):
         orig = base[idx].item()
-        p = base.detach().clone(); p[idx] = orig + eps
+        p = base.detach().clone()
+        p[idx] = orig + eps
         hi = f(p).item()
         p[idx] = orig - eps
         lo = f(p).item()
@@ -209,14 +213,16 @@ def test_gradcheck_adaptive_modules_float64():
     with torch.no_grad():
         w.copy_(base)
     torch.testing.assert_close(g, num, atol=1e-6, rtol=1e-5)
-    assert torch.autograd.gradcheck(lambda h: sm.target_log_prob(h, target), (torch.randn(2, 4, 6, dtype=torch.float64,
-                                    requires_grad=True),))
+    assert torch.autograd.gradcheck(
+        lambda h: sm.target_log_prob(h, target), (torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True),)
+    )
 
 
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
-    model = build_model("tiny", 64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-                        adaptive_softmax_dropout=0.0)
+    model = build_model(
+        "tiny", 64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, adaptive_softmax_dropout=0.0
+    )
     src = torch.randint(4, 64, (4, 16))
     tgt = torch.roll(src, -1, 1)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)

@@ -63,8 +63,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--criterion", default="adaptive_loss", choices=["adaptive_loss", "cross_entropy"])
     p.add_argument("--optimizer", default="nag", choices=["nag"])
     p.add_argument("--lr-scheduler", default="cosine", choices=["cosine"])
-    p.add_argument("--ddp-backend", default="legacy_ddp", choices=["legacy_ddp", "no_c10d", "c10d", "pytorch_ddp"],
-                   help="accepted for compatibility: gradients are always reduced the legacy_ddp way")
+    p.add_argument(
+        "--ddp-backend",
+        default="legacy_ddp",
+        choices=["legacy_ddp", "no_c10d", "c10d", "pytorch_ddp"],
+        help="accepted for compatibility: gradients are always reduced the legacy_ddp way",
+    )
     p.add_argument("--lr", default="0.25", help="peak learning rate (fairseq: --lr; before 2021 --max-lr)")
     p.add_argument("--max-lr", type=float, default=None, help="old name of the peak lr; then --lr is the floor")
     p.add_argument("--min-lr", type=float, default=None)
@@ -113,8 +117,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp16", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (falls back with a warning)")
     p.add_argument("--num-workers", type=int, default=0, help="accepted; batches are built in-process")
-    p.add_argument("--tail-ignore-quirk", type=_bool, default=True, metavar="BOOL",
-                   help="reproduce fairseq's adaptive_loss ignore_index on tail targets (default true; see docs)")
+    p.add_argument(
+        "--tail-ignore-quirk",
+        type=_bool,
+        default=True,
+        metavar="BOOL",
+        help="reproduce fairseq's adaptive_loss ignore_index on tail targets (default true; see docs)",
+    )
     p.add_argument("--stop-after-updates", type=int, default=0, help=argparse.SUPPRESS)
     add_model_args(p)
 
@@ -131,25 +140,58 @@ def train_config(ns: argparse.Namespace):
     update_freq = [int(x) for x in str(ns.update_freq).split(",")]
     overrides = model_overrides(ns)
     return TrainConfig(
-        data=ns.data, save_dir=ns.save_dir, arch=ns.arch, model_overrides=overrides,
-        max_update=ns.max_update, max_epoch=ns.max_epoch, lr=lr, momentum=ns.momentum, weight_decay=ns.weight_decay,
-        min_lr=min_lr if min_lr is not None else 0.0, stop_min_lr=stop_min_lr, warmup_updates=ns.warmup_updates,
-        warmup_init_lr=ns.warmup_init_lr, lr_period_updates=ns.lr_period_updates, t_mult=ns.t_mult,
-        lr_shrink=ns.lr_shrink, clip_norm=ns.clip_norm, update_freq=update_freq[0],
+        data=ns.data,
+        save_dir=ns.save_dir,
+        arch=ns.arch,
+        model_overrides=overrides,
+        max_update=ns.max_update,
+        max_epoch=ns.max_epoch,
+        lr=lr,
+        momentum=ns.momentum,
+        weight_decay=ns.weight_decay,
+        min_lr=min_lr if min_lr is not None else 0.0,
+        stop_min_lr=stop_min_lr,
+        warmup_updates=ns.warmup_updates,
+        warmup_init_lr=ns.warmup_init_lr,
+        lr_period_updates=ns.lr_period_updates,
+        t_mult=ns.t_mult,
+        lr_shrink=ns.lr_shrink,
+        clip_norm=ns.clip_norm,
+        update_freq=update_freq[0],
         tail_ignore_quirk=ns.tail_ignore_quirk and ns.criterion == "adaptive_loss",
-        max_tokens=ns.max_tokens, batch_size=ns.batch_size, tokens_per_sample=ns.tokens_per_sample,
-        sample_break_mode=ns.sample_break_mode, seed=ns.seed, valid_subset=ns.valid_subset,
-        max_tokens_valid=ns.max_tokens_valid, batch_size_valid=ns.batch_size_valid,
+        max_tokens=ns.max_tokens,
+        batch_size=ns.batch_size,
+        tokens_per_sample=ns.tokens_per_sample,
+        sample_break_mode=ns.sample_break_mode,
+        seed=ns.seed,
+        valid_subset=ns.valid_subset,
+        max_tokens_valid=ns.max_tokens_valid,
+        batch_size_valid=ns.batch_size_valid,
         skip_invalid_size_inputs_valid_test=ns.skip_invalid_size_inputs_valid_test,
-        save_interval=ns.save_interval, save_interval_updates=ns.save_interval_updates,
-        keep_last_epochs=ns.keep_last_epochs, keep_interval_updates=ns.keep_interval_updates,
-        no_epoch_checkpoints=ns.no_epoch_checkpoints, no_save=ns.no_save, restore_file=ns.restore_file,
-        reset_optimizer=ns.reset_optimizer, reset_lr_scheduler=ns.reset_lr_scheduler,
-        reset_dataloader=ns.reset_dataloader, reset_meters=ns.reset_meters,
-        disable_validation=ns.disable_validation, validate_interval=ns.validate_interval,
-        validate_interval_updates=ns.validate_interval_updates, patience=ns.patience, log_interval=ns.log_interval,
-        log_format=ns.log_format, tensorboard_logdir=ns.tensorboard_logdir, progress_bar=not ns.no_progress_bar,
-        cpu=ns.cpu, bf16=ns.bf16, fp16=ns.fp16, compile=ns.compile, num_workers=ns.num_workers,
+        save_interval=ns.save_interval,
+        save_interval_updates=ns.save_interval_updates,
+        keep_last_epochs=ns.keep_last_epochs,
+        keep_interval_updates=ns.keep_interval_updates,
+        no_epoch_checkpoints=ns.no_epoch_checkpoints,
+        no_save=ns.no_save,
+        restore_file=ns.restore_file,
+        reset_optimizer=ns.reset_optimizer,
+        reset_lr_scheduler=ns.reset_lr_scheduler,
+        reset_dataloader=ns.reset_dataloader,
+        reset_meters=ns.reset_meters,
+        disable_validation=ns.disable_validation,
+        validate_interval=ns.validate_interval,
+        validate_interval_updates=ns.validate_interval_updates,
+        patience=ns.patience,
+        log_interval=ns.log_interval,
+        log_format=ns.log_format,
+        tensorboard_logdir=ns.tensorboard_logdir,
+        progress_bar=not ns.no_progress_bar,
+        cpu=ns.cpu,
+        bf16=ns.bf16,
+        fp16=ns.fp16,
+        compile=ns.compile,
+        num_workers=ns.num_workers,
         stop_after_updates=ns.stop_after_updates,
     )
 
@@ -184,9 +226,17 @@ def cmd_preprocess(ns: argparse.Namespace) -> int:
     from .preprocess import PreprocessConfig, preprocess
 
     cfg = PreprocessConfig(
-        trainpref=ns.trainpref, validpref=ns.validpref, testpref=ns.testpref, destdir=ns.destdir, srcdict=ns.srcdict,
-        thresholdsrc=ns.thresholdsrc, nwordssrc=ns.nwordssrc, padding_factor=ns.padding_factor, workers=ns.workers,
-        dataset_impl=ns.dataset_impl, progress=not ns.no_progress_bar,
+        trainpref=ns.trainpref,
+        validpref=ns.validpref,
+        testpref=ns.testpref,
+        destdir=ns.destdir,
+        srcdict=ns.srcdict,
+        thresholdsrc=ns.thresholdsrc,
+        nwordssrc=ns.nwordssrc,
+        padding_factor=ns.padding_factor,
+        workers=ns.workers,
+        dataset_impl=ns.dataset_impl,
+        progress=not ns.no_progress_bar,
     )
     preprocess(cfg)
     print("\n".join(cfg.log))
@@ -207,14 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a language model (fairseq-train's flags)", allow_abbrev=False)
     add_train_args(p)
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("preprocess", help="text -> dict.txt + binarised splits (fairseq-preprocess)",
-                       allow_abbrev=False)
+    p = sub.add_parser(
+        "preprocess", help="text -> dict.txt + binarised splits (fairseq-preprocess)", allow_abbrev=False
+    )
     add_preprocess_args(p)
     p.set_defaults(func=cmd_preprocess)
-    p = sub.add_parser("quickstart", help="generate a corpus, preprocess, train a small model, evaluate it",
-                       allow_abbrev=False)
+    p = sub.add_parser(
+        "quickstart", help="generate a corpus, preprocess, train a small model, evaluate it", allow_abbrev=False
+    )
     p.add_argument("--dir", default="quickstart-run")
-    p.add_argument("--updates", type=int, default=60)
+    p.add_argument("--updates", type=int, default=300)
     p.set_defaults(func=cmd_quickstart)
     return parser
 

@@ -111,7 +111,9 @@ class ModelConfig:
             if not self.adaptive_input:
                 raise ConfigError("tie_adaptive_weights needs adaptive_input: pass --adaptive-input")
             if self.adaptive_softmax_cutoff is None:
-                raise ConfigError("tie_adaptive_weights needs --adaptive-softmax-cutoff equal to --adaptive-input-cutoff")
+                raise ConfigError(
+                    "tie_adaptive_weights needs --adaptive-softmax-cutoff equal to --adaptive-input-cutoff"
+                )
             if self.adaptive_input_factor != self.adaptive_softmax_factor:
                 raise ConfigError(
                     f"tied adaptive weights need equal factors: adaptive_input_factor {self.adaptive_input_factor} "

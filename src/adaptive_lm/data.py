@@ -119,8 +119,9 @@ class IndexedDataset:
         self.pointers = np.frombuffer(raw, dtype=np.int64, count=n, offset=26 + 4 * n)
         total = int(self.sizes.astype(np.int64).sum())
         bin_bytes = os.path.getsize(bin_path)
-        if bin_bytes != total * self.dtype.itemsize or (n and int(self.pointers[-1]) != (total - int(self.sizes[-1])) *
-                                                         self.dtype.itemsize):
+        if bin_bytes != total * self.dtype.itemsize or (
+            n and int(self.pointers[-1]) != (total - int(self.sizes[-1])) * self.dtype.itemsize
+        ):
             raise UserError(
                 f"{bin_path}: size {bin_bytes} bytes does not match its index ({total} tokens of "
                 f"{self.dtype.itemsize} bytes); the pair is truncated or mismatched; {what}"

@@ -134,9 +134,7 @@ class Dictionary:
                     f"{path}:{lineno}: malformed dictionary line {raw[:60]!r}; expected '<token> <count>'"
                 ) from None
             if word in d and not overwrite:
-                raise UserError(
-                    f"{path}:{lineno}: duplicate word {word!r}; remove it or mark it '#fairseq:overwrite'"
-                )
+                raise UserError(f"{path}:{lineno}: duplicate word {word!r}; remove it or mark it '#fairseq:overwrite'")
             d.add_symbol(word, n=c, overwrite=overwrite)
         return d
 

@@ -114,9 +114,7 @@ def config_from_fairseq(settings: dict[str, Any], vocab_size: int) -> ModelConfi
     return cfg
 
 
-_DROP = re.compile(
-    r"(^version$|_float_tensor$|^embed_positions\.weights$|^adaptive_softmax\.version$)"
-)
+_DROP = re.compile(r"(^version$|_float_tensor$|^embed_positions\.weights$|^adaptive_softmax\.version$)")
 
 
 def state_dict_from_fairseq(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:

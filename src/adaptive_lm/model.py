@@ -414,9 +414,7 @@ class TransformerLM(nn.Module):
 
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
         self.layer_norm = nn.LayerNorm(d) if not cfg.no_decoder_final_norm else None
-        self.project_out_dim = (
-            nn.Linear(d, d_out, bias=False) if d != d_out and not cfg.tie_adaptive_weights else None
-        )
+        self.project_out_dim = nn.Linear(d, d_out, bias=False) if d != d_out and not cfg.tie_adaptive_weights else None
 
         self.adaptive_softmax: AdaptiveSoftmax | None = None
         self.output_projection: nn.Linear | None = None

@@ -140,9 +140,12 @@ def _pool(workers: int, lookup: _Lookup | None = None):
 
 
 def _progress(total: int, desc: str, enabled: bool):
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled, leave=False)
+    on = enabled and sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not on, leave=False)
 
 
 # ---- the two passes ----------------------------------------------------------------------------------------

@@ -146,7 +146,7 @@ class Logger:
         if self.cfg.log_format == "json":
             print(json.dumps({"split": split, **values}), flush=True)
         else:
-            body = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+            body = " | ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
             print(f"{split} | {body}", flush=True)
         if self.jsonl is not None:
             self.jsonl.write(json.dumps({"split": split, **values}) + "\n")
@@ -192,8 +192,13 @@ class Trainer:
                 keep = vds.sizes <= cfg.tokens_per_sample
                 vds = LMDataset(vds.tokens, vds.spans[keep], vds.eos, vds.pad)
             self.valid_batches = EpochBatches(
-                vds, cfg.max_tokens_valid or cfg.max_tokens, cfg.batch_size_valid or cfg.batch_size, cfg.seed,
-                False, self.world, self.rank,
+                vds,
+                cfg.max_tokens_valid or cfg.max_tokens,
+                cfg.batch_size_valid or cfg.batch_size,
+                cfg.seed,
+                False,
+                self.world,
+                self.rank,
             )
 
         # ---- model / optimiser / schedule ----
@@ -205,9 +210,14 @@ class Trainer:
         self.params = list(self.model.parameters())
         self.optimizer = NAG(self.params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.schedule = CosineSchedule(
-            max_lr=cfg.lr, min_lr=cfg.min_lr, warmup_updates=cfg.warmup_updates,
-            warmup_init_lr=cfg.warmup_init_lr, period=cfg.lr_period_updates, t_mult=cfg.t_mult,
-            lr_shrink=cfg.lr_shrink, max_update=cfg.max_update,
+            max_lr=cfg.lr,
+            min_lr=cfg.min_lr,
+            warmup_updates=cfg.warmup_updates,
+            warmup_init_lr=cfg.warmup_init_lr,
+            period=cfg.lr_period_updates,
+            t_mult=cfg.t_mult,
+            lr_shrink=cfg.lr_shrink,
+            max_update=cfg.max_update,
         )
         self.forward_model: Any = self.model
         if cfg.compile:
@@ -241,14 +251,22 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return {
             "format": ckpt_io.FORMAT,
-            "config": {"model": self.model_cfg.to_dict(), "train": self.cfg.to_dict(),
-                       "tokens_per_sample": self.cfg.tokens_per_sample},
+            "config": {
+                "model": self.model_cfg.to_dict(),
+                "train": self.cfg.to_dict(),
+                "tokens_per_sample": self.cfg.tokens_per_sample,
+            },
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "optimizer": ckpt_io.optimizer_to_plain(self.optimizer, self.model),
             "train_state": {
-                "num_updates": self.num_updates, "epoch": self.epoch, "iterations_in_epoch": self.iterations_in_epoch,
-                "best_val": self.best_val, "bad_valid": self.bad_valid, "train_seconds": self.train_seconds,
-                "loss_scale": self.loss_scale, "good_steps": self.good_steps,
+                "num_updates": self.num_updates,
+                "epoch": self.epoch,
+                "iterations_in_epoch": self.iterations_in_epoch,
+                "best_val": self.best_val,
+                "bad_valid": self.bad_valid,
+                "train_seconds": self.train_seconds,
+                "loss_scale": self.loss_scale,
+                "good_steps": self.good_steps,
             },
             "rng": {"torch": torch.get_rng_state()},
             "dictionary": {"symbols": list(self.dictionary.symbols), "counts": list(self.dictionary.count)},
@@ -284,8 +302,10 @@ class Trainer:
             stored = ModelConfig.from_dict(ck["config"]["model"])
             if stored != self.model_cfg:
                 diffs = [f for f in stored.to_dict() if stored.to_dict()[f] != self.model_cfg.to_dict()[f]]
-                raise UserError(f"{path}: its model differs from the flags given ({', '.join(diffs)}); "
-                                f"use the same model flags or another --save-dir")
+                raise UserError(
+                    f"{path}: its model differs from the flags given ({', '.join(diffs)}); "
+                    f"use the same model flags or another --save-dir"
+                )
             syms = ck["dictionary"]["symbols"]
             if syms != self.dictionary.symbols:
                 other = Dictionary()
@@ -302,8 +322,12 @@ class Trainer:
             opt_state = ckpt_io.fairseq_optimizer_state(ck, self.model)
             it = ck.get("extra_state", {}).get("train_iterator", {})
             hist = ck.get("optimizer_history") or [{}]
-            ts = {"num_updates": hist[-1].get("num_updates", 0), "epoch": it.get("epoch", 1),
-                  "iterations_in_epoch": it.get("iterations_in_epoch", 0), "best_val": None}
+            ts = {
+                "num_updates": hist[-1].get("num_updates", 0),
+                "epoch": it.get("epoch", 1),
+                "iterations_in_epoch": it.get("iterations_in_epoch", 0),
+                "best_val": None,
+            }
             rng = None
         if not cfg.reset_optimizer and opt_state is not None:
             ckpt_io.optimizer_from_plain(self.optimizer, self.model, opt_state)
@@ -325,8 +349,10 @@ class Trainer:
         if self.iterations_in_epoch >= len(self.batches):  # the saved epoch had ended
             self.epoch += 1
             self.iterations_in_epoch = 0
-        self.log.print(f"restored {path} (update {self.num_updates}, epoch {self.epoch}, "
-                       f"batch {self.iterations_in_epoch}/{len(self.batches)})")
+        self.log.print(
+            f"restored {path} (update {self.num_updates}, epoch {self.epoch}, "
+            f"batch {self.iterations_in_epoch}/{len(self.batches)})"
+        )
 
     # ---- one update ----
     def autocast(self):
@@ -347,8 +373,11 @@ class Trainer:
             src, tgt = s["src_tokens"].to(self.device), s["target"].to(self.device)
             with self.autocast():
                 x = self.forward_model(src)
-                loss = self.model.adaptive_softmax.loss(x, tgt, self.model.padding_idx, self.cfg.tail_ignore_quirk) \
-                    if self.model.adaptive_softmax is not None else self.model.loss(src, tgt)
+                loss = (
+                    self.model.adaptive_softmax.loss(x, tgt, self.model.padding_idx, self.cfg.tail_ignore_quirk)
+                    if self.model.adaptive_softmax is not None
+                    else self.model.loss(src, tgt)
+                )
             (loss * self.loss_scale).backward() if self.loss_scale != 1.0 else loss.backward()
             loss_sum += loss.detach().double().cpu()
             ntokens += s["ntokens"]
@@ -367,8 +396,9 @@ class Trainer:
             if self.cfg.fp16:  # dynamic loss scaling: skip the update, lower the scale
                 self.loss_scale /= 2
                 self.good_steps = 0
-                self.log.print(f"fp16 overflow at update {self.num_updates + 1}: skipping it, loss scale -> "
-                               f"{self.loss_scale:g}")
+                self.log.print(
+                    f"fp16 overflow at update {self.num_updates + 1}: skipping it, loss scale -> {self.loss_scale:g}"
+                )
                 return {"loss": float("nan"), "ntokens": total_tokens, "gnorm": gnorm_f, "skipped": 1.0}
             raise FloatingPointError(f"non-finite gradient norm at update {self.num_updates + 1}")
         self.optimizer.step()
@@ -378,8 +408,12 @@ class Trainer:
                 self.loss_scale *= 2
         self.num_updates += 1
         self.set_lr(self.schedule.lr_at(self.num_updates))
-        return {"loss": total_loss / (total_tokens or 1.0) / math.log(2), "ntokens": total_tokens, "gnorm": gnorm_f,
-                "clipped": float(self.cfg.clip_norm > 0 and gnorm_f > self.cfg.clip_norm)}
+        return {
+            "loss": total_loss / (total_tokens or 1.0) / math.log(2),
+            "ntokens": total_tokens,
+            "gnorm": gnorm_f,
+            "clipped": float(self.cfg.clip_norm > 0 and gnorm_f > self.cfg.clip_norm),
+        }
 
     def all_reduce_grads(self) -> None:
         """legacy_ddp: every parameter (a missing gradient is zero), packed into one flat buffer, summed."""
@@ -413,8 +447,17 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(stats)
         val = float(stats[0] / max(stats[1], 1) / math.log(2))
-        self.log.log("valid", {"epoch": self.epoch, "loss": round(val, 3), "ppl": round(2**val, 2),
-                               "num_updates": self.num_updates, "wpb": int(stats[1])}, self.num_updates)
+        self.log.log(
+            "valid",
+            {
+                "epoch": self.epoch,
+                "loss": round(val, 3),
+                "ppl": round(2**val, 2),
+                "num_updates": self.num_updates,
+                "wpb": int(stats[1]),
+            },
+            self.num_updates,
+        )
         return val
 
     # ---- the loop ----
@@ -487,20 +530,35 @@ class Trainer:
             if acc["n"] and (self.num_updates % cfg.log_interval == 0):
                 dt = time.time() - t_log
                 loss = acc["loss"] / max(acc["ntokens"], 1)
-                self.log.log("train_inner", {
-                    "epoch": self.epoch, "update": self.num_updates, "loss": round(loss, 3),
-                    "ppl": round(2**loss, 2), "wps": round(acc["ntokens"] / dt), "ups": round(acc["n"] / dt, 2),
-                    "wpb": round(acc["ntokens"] / acc["n"]), "lr": self.lr, "gnorm": round(acc["gnorm"] / acc["n"], 3),
-                    "clip": round(100 * acc["clipped"] / acc["n"], 1), "wall": round(self.train_seconds)},
-                    self.num_updates)
+                self.log.log(
+                    "train_inner",
+                    {
+                        "epoch": self.epoch,
+                        "update": self.num_updates,
+                        "loss": round(loss, 3),
+                        "ppl": round(2**loss, 2),
+                        "wps": round(acc["ntokens"] / dt),
+                        "ups": round(acc["n"] / dt, 2),
+                        "wpb": round(acc["ntokens"] / acc["n"]),
+                        "lr": self.lr,
+                        "gnorm": round(acc["gnorm"] / acc["n"], 3),
+                        "clip": round(100 * acc["clipped"] / acc["n"], 1),
+                        "wall": round(self.train_seconds),
+                    },
+                    self.num_updates,
+                )
                 acc = {k: 0.0 for k in acc}
                 t_log = time.time()
             end_of_epoch = self.iterations_in_epoch >= n
             stop = self.should_stop_training()
             do_val = (cfg.validate_interval_updates > 0 and self.num_updates % cfg.validate_interval_updates == 0) or (
-                (stop or end_of_epoch) and self.epoch % cfg.validate_interval == 0)
-            do_save = end_of_epoch or stop or (
-                cfg.save_interval_updates > 0 and self.num_updates % cfg.save_interval_updates == 0)
+                (stop or end_of_epoch) and self.epoch % cfg.validate_interval == 0
+            )
+            do_save = (
+                end_of_epoch
+                or stop
+                or (cfg.save_interval_updates > 0 and self.num_updates % cfg.save_interval_updates == 0)
+            )
             if do_val and not end_of_epoch and not stop:
                 val = self.validate()
                 self.track(val)
@@ -536,13 +594,17 @@ class Trainer:
             f"{len(self.batches)} batches/epoch/rank | world {self.world} | device {self.device} | "
             f"dtype {self.amp_dtype or torch.float32}"
         )
-        self.log.print(f"effective tokens per update: up to {per_update:,} "
-                       f"(--max-tokens x --update-freq x processes)")
-        if self.model_cfg.decoder_layers == 16 and self.model_cfg.decoder_embed_dim == 1024 and \
-                per_update < RECIPE_TOKENS_PER_UPDATE:
+        self.log.print(f"effective tokens per update: up to {per_update:,} (--max-tokens x --update-freq x processes)")
+        if (
+            self.model_cfg.decoder_layers == 16
+            and self.model_cfg.decoder_embed_dim == 1024
+            and per_update < RECIPE_TOKENS_PER_UPDATE
+        ):
             need = math.ceil(RECIPE_TOKENS_PER_UPDATE / (per_update / cfg.update_freq))
-            self.log.print(f"warning: the paper's recipe uses {RECIPE_TOKENS_PER_UPDATE:,} tokens per update; "
-                           f"with {self.world} process(es) pass --update-freq {need} to match it")
+            self.log.print(
+                f"warning: the paper's recipe uses {RECIPE_TOKENS_PER_UPDATE:,} tokens per update; "
+                f"with {self.world} process(es) pass --update-freq {need} to match it"
+            )
 
     def install_signal_handlers(self) -> None:
         """SIGINT/SIGTERM: finish the current update, save, exit (a second signal stops at once)."""

@@ -1,0 +1,124 @@
+"""Preprocessing and batching against fairseq's own output and rules."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+
+import numpy as np
+import pytest
+
+from adaptive_lm.data import EpochBatches, IndexedDataset, LMDataset, batch_by_size, block_spans
+from adaptive_lm.dictionary import Dictionary
+from adaptive_lm.errors import UserError
+from adaptive_lm.preprocess import PreprocessConfig, preprocess
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_preprocess_is_byte_identical_to_fairseq(tmp_path, wikitext2, fixture_dir, workers, monkeypatch):
+    import adaptive_lm.preprocess as pp
+
+    monkeypatch.setattr(pp, "CHUNK_BYTES", 200_000)  # several ranges per file, so worker order matters
+    cfg = PreprocessConfig(
+        trainpref=str(wikitext2 / "test.txt"),
+        validpref=str(wikitext2 / "valid.txt"),
+        destdir=str(tmp_path),
+        workers=workers,
+        progress=False,
+    )
+    preprocess(cfg)
+    for name in ("dict.txt", "train.bin", "train.idx", "valid.bin", "valid.idx"):
+        assert filecmp.cmp(tmp_path / name, fixture_dir / "data-bin" / name, shallow=False), name
+    assert "valid" in cfg.log[2] and "4.99% replaced" in cfg.log[2]
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_fairseq_files_read_back(fixture_dir):
+    ds = IndexedDataset(fixture_dir / "data-bin" / "valid")
+    d = Dictionary.load(fixture_dir / "data-bin" / "dict.txt")
+    assert len(ds) == 3760 and int(ds.sizes.sum()) == 217_646 and ds.dtype == np.uint16
+    first = fixture_dir.parent.parent / "data" / "wikitext-2" / "valid.txt"
+    if first.exists():
+        lines = first.read_text(encoding="utf-8").split("\n")
+        for i in (0, 1, 2, 100):
+            assert list(ds[i]) == d.encode_line(lines[i])
+
+
+def test_dictionary_round_trip_and_ordering(tmp_path):
+    from collections import Counter
+
+    d = Dictionary.from_counts(Counter({"b": 3, "a": 3, "c": 5, "<unk>": 2}))
+    assert d.symbols[4:7] == ["c", "a", "b"] and len(d) % 8 == 0 and d.symbols[-1].startswith("madeupword")
+    assert d.index("<unk>") == 3 and "<unk>" not in d.symbols[4:]
+    d.save(tmp_path / "dict.txt")
+    assert Dictionary.load(tmp_path / "dict.txt") == d
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [("a 1\na 2\n", "duplicate word 'a'"), ("a 1\nnocount\n", "malformed"), ("a x\n", "malformed")],
+)
+def test_bad_dictionary_lines_name_the_line(tmp_path, content, message):
+    (tmp_path / "dict.txt").write_text(content)
+    with pytest.raises(UserError, match=message) as e:
+        Dictionary.load(tmp_path / "dict.txt")
+    assert "dict.txt:2" in str(e.value) or "dict.txt:1" in str(e.value)
+
+
+def test_bad_text_and_truncated_binaries(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"fine line\nbad \xff byte\n")
+    with pytest.raises(UserError, match=r"bad.txt:2: not valid UTF-8"):
+        preprocess(PreprocessConfig(trainpref=str(tmp_path / "bad.txt"), destdir=str(tmp_path / "out"), progress=False))
+    assert not (tmp_path / "out" / "train.bin").exists()
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(UserError, match="empty"):
+        preprocess(
+            PreprocessConfig(trainpref=str(tmp_path / "empty.txt"), destdir=str(tmp_path / "o2"), progress=False)
+        )
+    (tmp_path / "ok.txt").write_text("a b c\n\nd e\n")
+    preprocess(PreprocessConfig(trainpref=str(tmp_path / "ok.txt"), destdir=str(tmp_path / "o3"), progress=False))
+    ds = IndexedDataset(tmp_path / "o3" / "train")
+    assert list(ds.sizes) == [4, 1, 3]  # one </s> per line, the blank line included
+    with open(tmp_path / "o3" / "train.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(UserError, match="truncated or mismatched"):
+        IndexedDataset(tmp_path / "o3" / "train")
+    with open(tmp_path / "o3" / "train.idx", "r+b") as f:
+        f.truncate(30)
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        IndexedDataset(tmp_path / "o3" / "train")
+
+
+def test_block_spans_follow_fairseq_break_modes():
+    sizes = np.array([3, 1, 4, 2, 1, 6])  # lines with their </s>; the 1s are blank lines
+    assert block_spans(sizes, 5, "none").tolist() == [[0, 5], [5, 10], [10, 15], [15, 17]]
+    assert block_spans(sizes, 5, "eos").tolist() == [[0, 3], [3, 4], [4, 8], [8, 10], [10, 11], [11, 17]]
+    assert block_spans(sizes, 5, "complete").tolist() == [[0, 4], [4, 8], [8, 11], [11, 17]]
+    assert block_spans(sizes, 5, "complete_doc").tolist() == [[0, 3], [4, 8], [8, 10], [11, 17]]
+
+
+def test_source_is_target_shifted_and_every_token_is_a_target_once():
+    tokens = np.arange(10, 33, dtype=np.int64)
+    ds = LMDataset(tokens, block_spans(np.array([23]), 8, "none"), eos=2, pad=1)
+    seen = []
+    for i in range(len(ds)):
+        src, tgt = ds.item(i)
+        seen.extend(tgt.tolist())
+        assert src[1:].tolist() == tgt[:-1].tolist()
+        assert src[0] == (2 if i == 0 else tokens[ds.spans[i, 0] - 1])
+    assert seen == tokens.tolist()
+
+
+def test_batches_respect_max_tokens_multiple_of_8_and_depend_only_on_seed_and_epoch():
+    sizes = np.array([256] * 37 + [100])
+    batches = batch_by_size(np.argsort(sizes, kind="stable"), sizes, 2048, None)
+    assert all(len(b) * sizes[b].max() <= 2048 for b in batches)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(38))
+    ds = LMDataset(np.arange(38 * 256), block_spans(np.array([38 * 256]), 256), 2, 1)
+    a = EpochBatches(ds, 512, None, seed=3)
+    b = EpochBatches(ds, 512, None, seed=3)
+    assert [x.tolist() for x in a.epoch_batches(2)] == [x.tolist() for x in b.epoch_batches(2)]
+    assert [x.tolist() for x in a.epoch_batches(1)] != [x.tolist() for x in a.epoch_batches(2)]
+    shards = [EpochBatches(ds, 512, None, seed=3, num_shards=2, shard_id=r).epoch_batches(1) for r in range(2)]
+    flat = [i for s in shards for b in s for i in b.tolist()]
+    assert sorted(flat) == list(range(len(ds)))  # disjoint and complete
