@@ -251,6 +251,129 @@ def cmd_quickstart(ns: argparse.Namespace) -> int:
     return 0
 
 
+# ---- eval / score / generate ------------------------------------------------------------------------------------
+def _load(ns: argparse.Namespace):
+    import torch
+
+    from .hub import from_pretrained
+
+    device = "cpu" if ns.cpu or not torch.cuda.is_available() else "cuda"
+    return from_pretrained(ns.path, dictionary=getattr(ns, "dict", None), device=device)
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from .evaluate import EvalConfig, evaluate, frequency_bins, summary_lines, word_stats
+
+    lm = _load(ns)
+    cfg = EvalConfig(
+        data=ns.data,
+        gen_subset=ns.gen_subset,
+        context_window=ns.context_window,
+        tokens_per_sample=ns.tokens_per_sample,
+        sample_break_mode=ns.sample_break_mode,
+        max_tokens=ns.max_tokens,
+        batch_size=ns.batch_size,
+        softmax_batch=ns.softmax_batch,
+        output_word_probs=ns.output_word_probs,
+        output_word_stats=ns.output_word_stats,
+        freq_bins=ns.freq_bins or bool(ns.plot),
+        plot=ns.plot,
+        bf16=ns.bf16,
+        fp16=ns.fp16,
+    )
+    print(f"model {ns.path}: {lm.model.num_parameters():,} parameters, vocabulary {len(lm.dictionary)}")
+    res = evaluate(lm, cfg)
+    for line in cfg.log:
+        print(line)
+    if ns.output_word_stats:
+        print("word\tcount\tsum ln p\tmean ln p")
+        print("\n".join(word_stats(res, lm.dictionary)))
+    if cfg.freq_bins:
+        bins = frequency_bins(res, lm)
+        print("loss by frequency band (ids are sorted by training frequency):")
+        for name, n, loss in bins:
+            print(f"  {name:>24}: {n:>9,} tokens, loss (base 2) {loss:.4f}, ppl {2**loss:.2f}")
+        if ns.plot:
+            from .plots import plot_bins
+
+            plot_bins(bins, ns.plot)
+            print(f"wrote {ns.plot}")
+    print("\n".join(summary_lines(res)))
+    return 0
+
+
+def cmd_score(ns: argparse.Namespace) -> int:
+    import json
+    import math
+
+    lm = _load(ns)
+    out = open(ns.output, "w", encoding="utf-8") if ns.output else sys.stdout
+    try:
+        with open(ns.file, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f]
+    except FileNotFoundError:
+        raise UserError(f"{ns.file}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{ns.file}: not valid UTF-8 ({e.reason}); convert it to UTF-8") from None
+    for b in range(0, len(lines), ns.batch_size):
+        for line, r in zip(lines[b : b + ns.batch_size], lm.score(lines[b : b + ns.batch_size])):
+            ps = r["positional_scores"].tolist()
+            total = float(sum(ps))
+            mean = total / len(ps) if ps else 0.0
+            out.write(
+                json.dumps(
+                    {
+                        "text": line,
+                        "tokens": [lm.dictionary[i] for i in r["tokens"].tolist()],
+                        "logprobs": [round(x, 6) for x in ps],
+                        "sum": total,
+                        "mean": mean,
+                        "ppl": math.exp(-mean),
+                    }
+                )
+                + "\n"
+            )
+    if out is not sys.stdout:
+        out.close()
+    return 0
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    lm = _load(ns)
+    kw = dict(
+        sampling=ns.sampling,
+        sampling_topk=ns.sampling_topk,
+        sampling_topp=ns.sampling_topp,
+        temperature=ns.temperature,
+        max_len_b=ns.max_len_b,
+        min_len=ns.min_len,
+        unkpen=ns.unkpen,
+        nbest=ns.nbest,
+        seed=ns.seed,
+        no_repeat_ngram_size=ns.no_repeat_ngram_size,
+        lenpen=ns.lenpen,
+    )
+    prompts = ns.prompt or []
+    interactive = not prompts
+    if interactive and sys.stdin.isatty():
+        print("type a prompt per line (Ctrl-D to quit)", file=sys.stderr)
+    source = prompts if prompts else (line.rstrip("\n") for line in sys.stdin)
+    for prompt in source:
+        hyps = lm.generate([lm.encode(prompt)], beam=ns.beam, **kw)[0]
+        for h in hyps:
+            print(
+                lm.decode(h["tokens"]) if not ns.show_scores else f"{h['score']:.4f}\t{lm.decode(h['tokens'])}",
+                flush=True,
+            )
+    return 0
+
+
+def add_model_path(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--path", required=True, help="fairseq checkpoint, our checkpoint, or exported model folder")
+    p.add_argument("--dict", default=None, help="dictionary (default: the model's own)")
+    p.add_argument("--cpu", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="adaptive-lm", description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -262,6 +385,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_preprocess_args(p)
     p.set_defaults(func=cmd_preprocess)
+    p = sub.add_parser("eval", help="perplexity of a binarised split (fairseq-eval-lm)", allow_abbrev=False)
+    p.add_argument("data")
+    add_model_path(p)
+    p.add_argument("--gen-subset", default="test")
+    p.add_argument("--context-window", type=int, default=0)
+    p.add_argument("--tokens-per-sample", type=int, default=None, help="default: the model's training value")
+    p.add_argument("--sample-break-mode", default="none", choices=["none", "complete", "complete_doc", "eos"])
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--batch-size", "--max-sentences", type=int, default=None)
+    p.add_argument("--softmax-batch", type=int, default=0)
+    p.add_argument("--output-word-probs", action="store_true")
+    p.add_argument("--output-word-stats", action="store_true")
+    p.add_argument("--freq-bins", action="store_true", help="loss per word-frequency band")
+    p.add_argument("--plot", default=None, help="PNG of the frequency-band losses (needs matplotlib)")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--fp16", action="store_true")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("score", help="one JSON line of log-probs per input line", allow_abbrev=False)
+    p.add_argument("file")
+    add_model_path(p)
+    p.add_argument("--output", default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=cmd_score)
+    p = sub.add_parser("generate", help="continue prompts (from --prompt or stdin)", allow_abbrev=False)
+    add_model_path(p)
+    p.add_argument("--prompt", action="append", help="repeatable; without it prompts are read from stdin")
+    p.add_argument("--beam", type=int, default=1)
+    p.add_argument("--sampling", action="store_true")
+    p.add_argument("--sampling-topk", type=int, default=-1)
+    p.add_argument("--sampling-topp", type=float, default=-1.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-len-b", type=int, default=200)
+    p.add_argument("--min-len", type=int, default=1)
+    p.add_argument("--unkpen", type=float, default=0.0)
+    p.add_argument("--lenpen", type=float, default=1.0)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    p.add_argument("--nbest", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--show-scores", action="store_true")
+    p.set_defaults(func=cmd_generate)
     p = sub.add_parser(
         "quickstart", help="generate a corpus, preprocess, train a small model, evaluate it", allow_abbrev=False
     )

@@ -32,6 +32,7 @@ class LanguageModel:
     dictionary: Dictionary
     source: str = ""
     tokens_per_sample: int | None = None
+    tokenizer: Any = None
 
     @property
     def cfg(self) -> ModelConfig:
@@ -48,6 +49,97 @@ class LanguageModel:
     def eval(self) -> LanguageModel:
         self.model.eval()
         return self
+
+    # ---- text <-> ids -----------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> str:
+        if self.tokenizer is None:
+            return text
+        return self.tokenizer.tokenize(text)
+
+    def detokenize(self, text: str) -> str:
+        if self.tokenizer is None:
+            return text
+        return self.tokenizer.detokenize(text)
+
+    def encode(self, sentence: str) -> torch.Tensor:
+        """Tokenise (if a tokenizer was given), map words to ids, append ``</s>`` (fairseq's hub ``encode``)."""
+        return torch.tensor(self.dictionary.encode_line(self.tokenize(sentence)), dtype=torch.long)
+
+    def decode(self, tokens: torch.Tensor | list[int]) -> str:
+        """ids -> text, dropping ``</s>``/``<s>``/``<pad>``, then detokenise."""
+        ids = tokens.tolist() if torch.is_tensor(tokens) else list(tokens)
+        return self.detokenize(self.dictionary.string(ids))
+
+    def _ids(self, sentence: str, replace_newline_with_eos: bool = False) -> list[int]:
+        if replace_newline_with_eos:
+            ids: list[int] = []
+            for line in sentence.split("\n"):
+                ids += self.encode(line).tolist()
+            return ids
+        return self.encode(sentence).tolist()
+
+    # ---- scoring --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(
+        self, sentences: str | list[str], replace_newline_with_eos: bool = False, batch_size: int = 16
+    ) -> dict | list[dict]:
+        """Per sentence: ``tokens`` (its words), ``positional_scores`` (ln p of each word given the words before
+        it, starting from ``</s>``) and ``score`` (their mean). As in fairseq's hub, the final ``</s>`` is not
+        scored: a two-word sentence has two scores. Perplexity = ``positional_scores.mean().neg().exp()``."""
+        single = isinstance(sentences, str)
+        items = [sentences] if single else list(sentences)
+        eos, pad = self.dictionary.eos(), self.dictionary.pad()
+        out = []
+        for b in range(0, len(items), batch_size):
+            seqs = [self._ids(s, replace_newline_with_eos)[:-1] for s in items[b : b + batch_size]]
+            W = max(1, max(len(x) for x in seqs) + 1)
+            src = torch.full((len(seqs), W), pad, dtype=torch.long)
+            tgt = torch.full((len(seqs), W), pad, dtype=torch.long)
+            for r, x in enumerate(seqs):
+                src[r, : len(x) + 1] = torch.tensor([eos] + x)
+                tgt[r, : len(x)] = torch.tensor(x, dtype=torch.long)
+            lp = self.model.target_log_probs(src.to(self.device), tgt.to(self.device)).float().cpu()  # (B, W)
+            for r, x in enumerate(seqs):
+                ps = lp[r, : len(x)]
+                out.append(
+                    {
+                        "tokens": torch.tensor(x, dtype=torch.long),
+                        "positional_scores": ps,
+                        "score": float(ps.mean()) if len(x) else 0.0,
+                    }
+                )
+        return out[0] if single else out
+
+    @torch.no_grad()
+    def features(self, sentences: str | list[str], all_layers: bool = False):
+        """Hidden states before the softmax, (T, d) per sentence (input = ``</s>`` + words), optionally the
+        states after the embedding and after every layer (kNN-LM-style research needs them)."""
+        single = isinstance(sentences, str)
+        res = []
+        for s in [sentences] if single else sentences:
+            ids = self._ids(s)[:-1]
+            src = torch.tensor([[self.dictionary.eos()] + ids], device=self.device)
+            x, states = self.model(src, return_all_hiddens=True)
+            res.append([h[0] for h in states] + [x[0]] if all_layers else x[0])
+        return res[0] if single else res
+
+    # ---- generation -------------------------------------------------------------------------------------------
+    def generate(self, tokenized: list[torch.Tensor], beam: int = 5, verbose: bool = False, **kwargs: Any):
+        """fairseq's hub ``generate``: encoded prompts (with their trailing ``</s>``) -> nbest hypothesis dicts."""
+        from .generate import GenerationConfig, generate
+
+        cfg = GenerationConfig(beam=beam, **kwargs)
+        prompts = [t.tolist()[:-1] if len(t) and int(t[-1]) == self.dictionary.eos() else t.tolist() for t in tokenized]
+        d = self.dictionary
+        return generate(self.model, prompts, d.eos(), d.pad(), d.unk(), cfg)
+
+    def sample(self, sentences: str | list[str], beam: int = 1, verbose: bool = False, **kwargs: Any):
+        """Prompt(s) in, continuation(s) out (the prompt included): a str for a str, a list for a list."""
+        single = isinstance(sentences, str)
+        items = [sentences] if single else list(sentences)
+        hyps = self.generate([self.encode(s) for s in items], beam=beam, verbose=verbose, **kwargs)
+        texts = [self.decode(h[0]["tokens"]) for h in hyps]
+        return texts[0] if single else texts
 
 
 def find_dictionary(model_path: Path, tried: list[Path] | None = None) -> Path:

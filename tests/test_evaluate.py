@@ -1,0 +1,157 @@
+"""Evaluation, scoring and generation: fairseq's numbers and semantics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import adaptive_lm
+from adaptive_lm.cli import main
+from adaptive_lm.data import LMDataset, block_spans
+from adaptive_lm.errors import UserError
+from adaptive_lm.evaluate import EvalConfig, context_windows, evaluate, summary_lines
+
+# fairseq-eval-lm on the fixture (float64 sums of fairseq's scores; its own float32 sums print 8.3184/319.22 and
+# 8.3131/318.04), see ../shared/fixtures/fairseq-tiny/README.md
+FAIRSEQ = {0: (217_646, 8.31838784996976, 319.2157112302948), 128: (217_646, 8.313038889128864, 318.03437292085346)}
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    from conftest import FIXTURE, need
+
+    need(FIXTURE)
+    return adaptive_lm.from_pretrained(FIXTURE / "model" / "checkpoint_best.pt")
+
+
+@pytest.mark.parametrize("cw", [0, 128])
+def test_eval_matches_fairseq_eval_lm(tiny_lm, fixture_dir, cw):
+    cfg = EvalConfig(
+        data=str(fixture_dir / "data-bin"), gen_subset="valid", context_window=cw, batch_size=8, softmax_batch=1000
+    )
+    res = evaluate(tiny_lm, cfg, keep_scores=True)
+    n, loss, ppl = FAIRSEQ[cw]
+    assert res.n_tokens == n
+    assert abs(res.loss_base2 - loss) < 2e-6 and abs(res.ppl - ppl) < 2e-3
+    full = np.load(fixture_dir / "reference" / "valid_logprobs.npz")[f"logprobs_cw{cw}_fairseq_pipeline_full"]
+    assert np.abs(res.scores - full).max() < 1e-5  # every token, in stream order, equals fairseq's score
+    assert summary_lines(res)[1].startswith("Loss (base 2): ")
+
+
+@pytest.mark.parametrize("mode", ["none", "complete", "complete_doc", "eos"])
+@pytest.mark.parametrize("block,cw", [(7, 0), (5, 3), (4, 9), (1, 3)])
+def test_every_token_scored_exactly_once_with_its_context(mode, block, cw):
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 6, size=40)
+    stream = rng.integers(4, 50, size=int(sizes.sum()))
+    stream[np.cumsum(sizes) - 1] = 2  # every line ends in </s>
+    ds = LMDataset(stream, block_spans(sizes, block, mode), eos=2, pad=1)
+    scored = []
+    for inp, tgt, start in context_windows(ds, cw, block):
+        assert start <= cw and len(inp) - start == len(tgt)
+        s = ds.spans[len(scored)]
+        scored.append(s)
+        if mode == "none":  # contiguous context: the input is exactly the stream shifted by one
+            x = np.concatenate([[2], stream[:-1]])
+            assert inp.tolist() == x[s[0] - start : s[1]].tolist()
+    positions = np.concatenate([np.arange(a, b) for a, b in scored])
+    if mode in ("none", "complete", "eos"):
+        assert positions.tolist() == list(range(len(stream)))  # each token once, in order
+    else:
+        assert len(set(positions.tolist())) == len(positions)
+
+
+def test_window_at_or_above_block_is_refused(tiny_lm, fixture_dir):
+    with pytest.raises(UserError, match="--context-window 256 must be smaller"):
+        evaluate(tiny_lm, EvalConfig(data=str(fixture_dir / "data-bin"), gen_subset="valid", context_window=256))
+
+
+def test_dictionary_mismatch_is_explained(tiny_lm, tmp_path):
+    from adaptive_lm.dictionary import Dictionary
+
+    d = Dictionary.from_counts({"a": 2, "b": 1})
+    d.save(tmp_path / "dict.txt")
+    with pytest.raises(UserError, match="first difference at id 4"):
+        evaluate(tiny_lm, EvalConfig(data=str(tmp_path), gen_subset="valid"))
+
+
+def test_score_has_fairseq_hub_semantics(tiny_lm):
+    r = tiny_lm.score("the game was played")
+    assert len(r["positional_scores"]) == 4  # one per word; the final </s> is not scored
+    ids = tiny_lm.encode("the game was played")
+    assert int(ids[-1]) == 2
+    src = torch.tensor([[2] + ids[:-1].tolist()])
+    with torch.no_grad():
+        full = tiny_lm.model.log_probs(src)[0]
+    expected = full[torch.arange(4), ids[:-1]]
+    torch.testing.assert_close(r["positional_scores"], expected, atol=1e-5, rtol=0)
+    batch = tiny_lm.score(["the game was played", "a"])
+    torch.testing.assert_close(batch[0]["positional_scores"], r["positional_scores"], atol=1e-5, rtol=0)
+    assert tiny_lm.decode(ids) == "the game was played"
+
+
+def test_cached_generation_equals_uncached_and_costs_one_position(tiny_lm):
+    p = [tiny_lm.encode("the game was")]
+    a = tiny_lm.generate(p, beam=1, max_len_b=30, min_len=30, use_cache=True)[0][0]
+    b = tiny_lm.generate(p, beam=1, max_len_b=30, min_len=30, use_cache=False)[0][0]
+    assert torch.equal(a["tokens"], b["tokens"])
+    torch.testing.assert_close(a["positional_scores"], b["positional_scores"], atol=1e-4, rtol=0)
+    assert len(a["tokens"]) == 31 and int(a["tokens"][-1]) == 2  # max length counts the prompt; </s> at the end
+    # cache: the per-layer keys hold exactly one entry per position seen
+    model = tiny_lm.model
+    cache = model.new_cache()
+    toks = torch.tensor([[2, 5, 6, 7]])
+    model(toks, cache=cache)
+    model(torch.tensor([[8]]), cache=cache, positions=torch.tensor([[6]]))
+    assert cache[0]["k"].shape[2] == 5
+    with torch.no_grad():
+        full = model(torch.tensor([[2, 5, 6, 7, 8]]))
+        inc = model(torch.tensor([[9]]), cache=cache, positions=torch.tensor([[7]]))
+        ref = model(torch.tensor([[2, 5, 6, 7, 8, 9]]))
+    torch.testing.assert_close(inc[0, -1], ref[0, -1], atol=1e-5, rtol=0)
+    assert full.shape == (1, 5, 128)
+
+
+def test_sampling_options_and_unk_suppression(tiny_lm):
+    s1 = tiny_lm.sample("the", sampling=True, sampling_topk=5, seed=3, max_len_b=15)
+    s2 = tiny_lm.sample("the", sampling=True, sampling_topk=5, seed=3, max_len_b=15)
+    assert s1 == s2 and s1.startswith("the")
+    out = tiny_lm.sample(["the", "in the"], sampling=True, sampling_topp=0.9, seed=1, max_len_b=15, unkpen=1e9)
+    assert isinstance(out, list) and len(out) == 2 and all("<unk>" not in o for o in out)
+    beams = tiny_lm.generate([tiny_lm.encode("the")], beam=4, nbest=3, max_len_b=10)[0]
+    assert len(beams) == 3 and beams[0]["score"] >= beams[1]["score"] >= beams[2]["score"]
+    feats = tiny_lm.features("the game", all_layers=True)
+    assert len(feats) == 2 + 2 and feats[-1].shape == (3, 128)
+
+
+def test_cli_eval_score_generate(fixture_dir, tmp_path, capsys):
+    path = str(fixture_dir / "model" / "checkpoint_best.pt")
+    assert (
+        main(
+            [
+                "eval",
+                str(fixture_dir / "data-bin"),
+                "--path",
+                path,
+                "--gen-subset",
+                "valid",
+                "--cpu",
+                "--batch-size",
+                "8",
+                "--context-window",
+                "128",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-2].startswith("Evaluated 217,646 tokens in ") and out[-1] == "Loss (base 2): 8.3130, Perplexity: 318.03"
+    (tmp_path / "s.txt").write_text("the game\nhello world .\n")
+    assert main(["score", str(tmp_path / "s.txt"), "--path", path]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert len(rows) == 2 and len(rows[1]["logprobs"]) == 3 and abs(rows[1]["sum"] - sum(rows[1]["logprobs"])) < 1e-4
+    assert main(["generate", "--path", path, "--prompt", "the", "--max-len-b", "8", "--beam", "2"]) == 0
+    assert capsys.readouterr().out.startswith("the")
