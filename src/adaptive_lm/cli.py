@@ -368,6 +368,25 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(ns: argparse.Namespace) -> int:
+    from .convert import convert
+
+    out = convert(ns.src, ns.dst, to=ns.to, dictionary=ns.dict)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_download(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .pretrained import fetch
+
+    folder = fetch(ns.model, Path(ns.dir) if ns.dir else None, ns.url)
+    print(f"{ns.model}: {folder}")
+    print(f"next: adaptive-lm eval {folder}/data-bin --path {folder}/model.pt --gen-subset test ...")
+    return 0
+
+
 def add_model_path(p: argparse.ArgumentParser) -> None:
     p.add_argument("--path", required=True, help="fairseq checkpoint, our checkpoint, or exported model folder")
     p.add_argument("--dict", default=None, help="dictionary (default: the model's own)")
@@ -426,6 +445,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--show-scores", action="store_true")
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("convert", help="fairseq model -> our folder (safetensors), or back (--to fairseq)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--to", default="folder", choices=["folder", "fairseq"])
+    p.add_argument("--dict", default=None)
+    p.set_defaults(func=cmd_convert)
+    p = sub.add_parser("download", help="download a released fairseq model (wiki103, gbw) into the cache")
+    p.add_argument("model", choices=["wiki103", "gbw"])
+    p.add_argument("--dir", default=None, help="where to keep the archive (default ~/.cache/adaptive-lm)")
+    p.add_argument("--url", default=None, help="base URL of a mirror")
+    p.set_defaults(func=cmd_download)
     p = sub.add_parser(
         "quickstart", help="generate a corpus, preprocess, train a small model, evaluate it", allow_abbrev=False
     )

@@ -180,8 +180,14 @@ def state_dict_from_fairseq(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str
     return out
 
 
-def load_into(model: torch.nn.Module, sd: dict[str, Tensor], source: str = "checkpoint") -> None:
-    """Strict load that accepts each tied tensor under any one of its names (fairseq stores it under all)."""
+def load_into(
+    model: torch.nn.Module, sd: dict[str, Tensor], source: str = "checkpoint", dtype: torch.dtype | None = None
+) -> None:
+    """Strict load that accepts each tied tensor under any one of its names (fairseq stores it under all).
+
+    A model built on the meta device is filled by *assigning* the loaded tensors (no second copy of the weights;
+    with a memory-mapped file the pages are read on first use), then re-tied; ``dtype`` converts on the way.
+    """
     groups: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(p), []).append(name)
@@ -203,4 +209,13 @@ def load_into(model: torch.nn.Module, sd: dict[str, Tensor], source: str = "chec
     for k, v in full.items():
         if tuple(own[k].shape) != tuple(v.shape):
             raise UserError(f"{source}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
-    model.load_state_dict(full, strict=True)
+    meta = any(p.is_meta for p in model.parameters())
+    if dtype is not None:
+        cache: dict[int, Tensor] = {}
+        full = {k: cache.setdefault(id(v), v.to(dtype) if v.is_floating_point() else v) for k, v in full.items()}
+    if meta:
+        model.load_state_dict(full, strict=True, assign=True)
+        model.tie_weights()  # type: ignore[operator]
+        model.materialize_buffers()  # type: ignore[operator]
+    else:
+        model.load_state_dict(full, strict=True)

@@ -162,49 +162,88 @@ def _pick_file(folder: Path) -> Path:
     )
 
 
-def load_fairseq(path: Path, dictionary: Dictionary, ckpt: dict[str, Any] | None = None) -> TransformerLM:
+def load_fairseq(
+    path: Path, dictionary: Dictionary, ckpt: dict[str, Any] | None = None, dtype: torch.dtype | None = None
+) -> TransformerLM:
     """Build from the checkpoint's stored settings (never the arch name alone) and load its weights."""
     ckpt = ckpt if ckpt is not None else safe_load(path)
     cfg = config_from_fairseq(stored_settings(ckpt), len(dictionary))
-    model = TransformerLM(cfg)
-    load_into(model, state_dict_from_fairseq(ckpt["model"], cfg), source=str(path))
+    with torch.device("meta"):  # no random init, no second copy: the weights are assigned from the file
+        model = TransformerLM(cfg)
+    load_into(model, state_dict_from_fairseq(ckpt["model"], cfg), source=str(path), dtype=dtype)
     return model
 
 
+def _build(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str, dtype: torch.dtype | None) -> TransformerLM:
+    with torch.device("meta"):  # no random init, no second copy: the weights are assigned from the file
+        model = TransformerLM(cfg)
+    load_into(model, sd, source=source, dtype=dtype)
+    return model
+
+
+def _dictionary_from_checkpoint(ckpt: dict[str, Any]) -> Dictionary:
+    d = Dictionary()
+    syms, counts = ckpt["dictionary"]["symbols"], ckpt["dictionary"]["counts"]
+    for sym, c in zip(syms[d.nspecial :], counts[d.nspecial :]):
+        d.add_symbol(sym, n=c, overwrite=True)
+    return d
+
+
+def make_tokenizer(name: str | None):
+    """``None``/"space": text is already tokenised; "moses": sacremoses with fairseq's LM settings (no escaping,
+    aggressive dash splits -> ``@-@``), as the maintainers advise for both released models."""
+    if name in (None, "space", "none"):
+        return None
+    if name == "moses":
+        from .tokenize import MosesTokenizer
+
+        return MosesTokenizer()
+    raise UserError(f"unknown tokenizer {name!r}: use 'moses' or leave it unset (pre-tokenised text)")
+
+
 def from_pretrained(
-    path: str | os.PathLike, dictionary: str | os.PathLike | None = None, device: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    dictionary: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    tokenizer: str | None = None,
 ) -> LanguageModel:
-    """Load a model and its dictionary from any supported layout; returns it in eval mode."""
+    """Load a model and its dictionary from any supported layout; returns it in eval mode.
+
+    ``path``: a fairseq checkpoint (``dict.txt`` beside it or in ``data-bin/``), a fairseq ``.tar.bz2`` archive
+    (extracted safely into the cache), one of our training checkpoints, an exported model folder, a folder
+    holding one of these, or a released model's name (``wiki103``, ``gbw``: downloaded once, then cached).
+    ``dtype`` loads straight into that dtype; ``tokenizer="moses"`` lets ``score``/``sample`` take raw text.
+    """
+    from .pretrained import RELEASED, fetch, open_archive
+
     p = Path(path)
+    if not p.exists() and str(path) in RELEASED:
+        p = fetch(str(path))
     if not p.exists():
-        raise UserError(f"{p}: no such file or folder")
+        raise UserError(f"{p}: no such file or folder (or a released model name: {', '.join(RELEASED)})")
+    if p.is_file() and p.name.endswith((".tar.bz2", ".tar.gz", ".tgz", ".tar")):
+        p = open_archive(p)
     if p.is_dir():
         p = _pick_file(p)
+    tok = make_tokenizer(tokenizer)
     if p.is_dir():  # exported model folder
-        cfg = ModelConfig.from_dict(json.loads((p / "config.json").read_text())["model"])
+        meta = json.loads((p / "config.json").read_text())
         from safetensors.torch import load_file
 
-        model = TransformerLM(cfg)
-        load_into(model, load_file(str(p / "model.safetensors")), source=str(p))
+        model = _build(ModelConfig.from_dict(meta["model"]), load_file(str(p / "model.safetensors")), str(p), dtype)
         d = Dictionary.load(Path(dictionary) if dictionary else p / "dict.txt")
-        lm = LanguageModel(model, d, str(p))
+        lm = LanguageModel(model, d, str(p), meta.get("tokens_per_sample"), tok)
         return lm.to(device).eval()
     ckpt = safe_load(p)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"{p}: not a model checkpoint (no 'model' entry)")
     if ckpt.get("format") == CHECKPOINT_FORMAT:  # ours: config and dictionary travel inside
-        cfg = ModelConfig.from_dict(ckpt["config"]["model"])
-        d = Dictionary()
-        if dictionary:
-            d = Dictionary.load(dictionary)
-        else:
-            for sym, c in zip(ckpt["dictionary"]["symbols"][d.nspecial :], ckpt["dictionary"]["counts"][d.nspecial :]):
-                d.add_symbol(sym, n=c, overwrite=True)
-        model = TransformerLM(cfg)
-        load_into(model, ckpt["model"], source=str(p))
+        d = Dictionary.load(dictionary) if dictionary else _dictionary_from_checkpoint(ckpt)
+        model = _build(ModelConfig.from_dict(ckpt["config"]["model"]), ckpt["model"], str(p), dtype)
         tps = ckpt["config"].get("tokens_per_sample")
-        return LanguageModel(model, d, str(p), tps).to(device).eval()
+        return LanguageModel(model, d, str(p), tps, tok).to(device).eval()
     d = Dictionary.load(Path(dictionary) if dictionary else find_dictionary(p))
-    model = load_fairseq(p, d, ckpt)
+    model = load_fairseq(p, d, ckpt, dtype)
     tps = stored_settings(ckpt).get("tokens_per_sample")
-    return LanguageModel(model, d, str(p), tps).to(device).eval()
+    return LanguageModel(model, d, str(p), tps, tok).to(device).eval()

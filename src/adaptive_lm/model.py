@@ -184,6 +184,16 @@ class AdaptiveSoftmax(nn.Module):
             if not self.tied:
                 nn.init.xavier_uniform_(self.tail_out[i])
 
+    def tie_to(self, adaptive_input: AdaptiveInput) -> None:
+        """(Re-)share the tied tensors with ``adaptive_input`` (after an ``assign=True`` load made copies)."""
+        if not self.tied:
+            return
+        self.word_weight = adaptive_input.embeddings[0].weight
+        for i in range(self.n_clusters):
+            self.tail_out[i] = adaptive_input.embeddings[i + 1].weight
+            if self.tie_proj:
+                self.tail_proj[i] = adaptive_input.projections[i + 1].weight
+
     # ---- pieces --------------------------------------------------------------------------------------
     def head_logits(self, x: Tensor) -> Tensor:
         """(N, d) -> (N, c0 + n_clusters): frequent-word logits, then one logit per tail cluster."""
@@ -469,6 +479,19 @@ class TransformerLM(nn.Module):
         if self.project_out_dim is not None:
             x = self.project_out_dim(x)  # (B, T, d_out)
         return (x, states) if return_all_hiddens else x
+
+    def tie_weights(self) -> None:
+        """Make tied tensors one Parameter again (loading with ``assign=True`` replaces each name separately)."""
+        if self.adaptive_softmax is not None and isinstance(self.embed_tokens, AdaptiveInput):
+            self.adaptive_softmax.tie_to(self.embed_tokens)
+        if self.output_projection is not None and self.cfg.share_decoder_input_output_embed:
+            self.output_projection.weight = self.embed_tokens.weight
+
+    def materialize_buffers(self, device: torch.device | str = "cpu") -> None:
+        """Rebuild non-persistent buffers (the sinusoidal table) after building on the meta device."""
+        if isinstance(self.embed_positions, SinusoidalPositions):
+            e = self.embed_positions
+            e.weights = sinusoidal_table(e.weights.shape[0], e.dim, e.padding_idx).to(device)
 
     def new_cache(self) -> KVCache:
         return [{} for _ in self.layers]
