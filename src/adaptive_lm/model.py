@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig, band_dims
+from .kernels import causal_attention, dropout
 
 KVCache = list[dict[str, Tensor]]
 
@@ -204,7 +205,7 @@ class AdaptiveSoftmax(nn.Module):
 
     def tail_logits(self, i: int, x: Tensor) -> Tensor:
         """(N_i, d) -> (N_i, size_i) for tail cluster i (dropout between projection and output, as fairseq)."""
-        h = F.dropout(x @ self.tail_proj[i], self.dropout, self.training)  # (N_i, dim_i)
+        h = dropout(x @ self.tail_proj[i], self.dropout, self.training)  # (N_i, dim_i)
         return F.linear(h, self.tail_out[i])  # (N_i, size_i)
 
     def split_targets(self, target: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor] | None]]:
@@ -229,7 +230,7 @@ class AdaptiveSoftmax(nn.Module):
         with id ``cutoff[i] + ignore_index`` (reference section 4); False gives the exact NLL.
         """
         x = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
-        x = F.dropout(x, self.dropout, self.training)
+        x = dropout(x, self.dropout, self.training)
         head_target, clusters = self.split_targets(target)
         loss = F.cross_entropy(fp32(self.head_logits(x)), head_target, ignore_index=ignore_index, reduction="sum")
         tail_ignore = ignore_index if tail_ignore_quirk else -100
@@ -339,7 +340,7 @@ class SelfAttention(nn.Module):
         S = k.shape[2]
         p = self.dropout if self.training else 0.0
         if S == T:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, H, T, hd)
+            y = causal_attention(q, k, v, self.dropout, self.training)  # (B, H, T, hd)
         elif T == 1:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         else:  # T new queries after S - T cached keys: query t sees keys up to S - T + t
@@ -377,9 +378,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, cache: dict[str, Tensor] | None = None) -> Tensor:
         h = self.self_attn(self.self_attn_layer_norm(x), cache)  # (B, T, d)
-        x = x + F.dropout(h, self.dropout, self.training)
-        h = F.dropout(self.act(self.fc1(self.final_layer_norm(x))), self.act_dropout, self.training)  # (B, T, ffn)
-        return x + F.dropout(self.fc2(h), self.dropout, self.training)  # (B, T, d)
+        x = x + dropout(h, self.dropout, self.training)
+        h = dropout(self.act(self.fc1(self.final_layer_norm(x))), self.act_dropout, self.training)  # (B, T, ffn)
+        return x + dropout(self.fc2(h), self.dropout, self.training)  # (B, T, d)
 
 
 # =====================================================================================================
@@ -469,7 +470,7 @@ class TransformerLM(nn.Module):
             x = x + self.embed_positions(positions).to(x.dtype)
         if self.layernorm_embedding is not None:
             x = self.layernorm_embedding(x)
-        x = F.dropout(x, self.cfg.dropout, self.training)
+        x = dropout(x, self.cfg.dropout, self.training)
         states = [x]
         for i, layer in enumerate(self.layers):
             x = layer(x, cache[i] if cache is not None else None)  # (B, T, d)

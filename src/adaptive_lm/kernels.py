@@ -1,0 +1,164 @@
+"""Dropout and causal attention for CPU training, fast and memory-lean (GPUs use PyTorch's own kernels).
+
+Why: on CPU, PyTorch's dropout draws one Mersenne-Twister number per element (a third of a small model's step
+time) and ``scaled_dot_product_attention`` with dropout falls back to a math path that stores B x H x T x T
+probabilities and masks per layer (gigabytes at the recipe's T = 3072). Here:
+
+* ``dropout``: the keep-mask comes from 16-bit lanes of 64-bit random words (4 draws per word) and is never
+  stored: the backward pass regenerates it from the seed, which itself comes from the global torch RNG (so the
+  per-update seeding of the trainer makes resumed runs identical). Keep probability is quantised to 1/65536 and
+  the scale uses the exact quantised value, so the expectation is preserved.
+* ``causal_attention``: flash-attention-style on CPU: query blocks attend only to the keys at or before them
+  (the masked upper triangle is skipped, about half the FLOPs at long T), softmax in fp32, attention dropout
+  with regenerated masks; only q, k, v and one log-sum-exp per query are kept for backward.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_LANES = 65536
+# ADAPTIVE_LM_PLAIN_KERNELS=1 uses PyTorch's own dropout and attention everywhere (for comparisons)
+PLAIN = os.environ.get("ADAPTIVE_LM_PLAIN_KERNELS", "0") == "1"
+MATH_PATH_MAX_T = 256  # one block: nothing to skip, and recomputation would cost more
+
+
+def _keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int, device: torch.device) -> Tensor:
+    n = 1
+    for s in shape:
+        n *= s
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
+    words.random_(-(2**63), 2**63 - 1, generator=g)
+    lanes = words.view(torch.int16)[:n].view(shape)
+    return lanes >= (round(p * _LANES) - _LANES // 2)
+
+
+def _scale(p: float) -> float:
+    return 1.0 / (1.0 - round(p * _LANES) / _LANES)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Softmax/accumulation dtype: fp32 for half types, the input's own otherwise (fp64 stays exact)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _new_seed() -> int:
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float, seed: int) -> Tensor:  # type: ignore[override]
+        keep = _keep_mask(x.shape, p, seed, x.device)
+        ctx.p, ctx.seed = p, seed
+        return torch.where(keep, x, 0.0).mul_(_scale(p))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        keep = _keep_mask(grad.shape, ctx.p, ctx.seed, grad.device)
+        return torch.where(keep, grad, 0.0).mul_(_scale(ctx.p)), None, None
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """``F.dropout`` semantics; the fast regenerated mask on CPU, PyTorch's kernel elsewhere."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or PLAIN:
+        return F.dropout(x, p, True)
+    return _Dropout.apply(x, p, _new_seed())
+
+
+# ---- causal attention -------------------------------------------------------------------------------------------
+_BIAS: dict[tuple, Tensor] = {}
+
+
+def _bias(rows: int, c0: int, keys: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Additive causal mask for queries c0..c0+rows-1 over keys 0..keys-1 (-inf above the diagonal), cached."""
+    key = (rows, c0, keys, device, dtype)
+    if key not in _BIAS:
+        if len(_BIAS) > 256:
+            _BIAS.clear()
+        _BIAS[key] = torch.full((rows, keys), float("-inf"), device=device, dtype=dtype).triu_(diagonal=c0 + 1)
+    return _BIAS[key]
+
+
+def _block(T: int) -> int:
+    return T if T <= 256 else 256
+
+
+class _CausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, p: float, seed: int) -> Tensor:  # type: ignore[override]
+        BH, T, hd = q.shape
+        scale = hd**-0.5
+        out = torch.empty_like(q)
+        acc = _acc(q.dtype)
+        lse = torch.empty(BH, T, dtype=acc, device=q.device)
+        blk = _block(T)
+        for i, c0 in enumerate(range(0, T, blk)):
+            c1 = min(T, c0 + blk)
+            s = torch.baddbmm(
+                _bias(c1 - c0, c0, c1, q.device, q.dtype), q[:, c0:c1], k[:, :c1].transpose(1, 2), alpha=scale
+            ).to(acc)  # (BH, c, c1)
+            m = torch.logsumexp(s, dim=-1, keepdim=True)  # (BH, c, 1)
+            pr = torch.exp(s - m)
+            if p > 0:
+                pr = torch.where(_keep_mask(pr.shape, p, seed + i, q.device), pr, 0.0).mul_(_scale(p))
+            out[:, c0:c1] = torch.bmm(pr.to(v.dtype), v[:, :c1])  # (BH, c, hd)
+            lse[:, c0:c1] = m.squeeze(-1)
+        ctx.save_for_backward(q, k, v, lse)
+        ctx.p, ctx.seed = p, seed
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):  # type: ignore[override]
+        q, k, v, lse = ctx.saved_tensors
+        p, seed = ctx.p, ctx.seed
+        BH, T, hd = q.shape
+        scale = hd**-0.5
+        acc = _acc(q.dtype)
+        dq = torch.zeros_like(q, dtype=acc)
+        dk = torch.zeros_like(k, dtype=acc)
+        dv = torch.zeros_like(v, dtype=acc)
+        dout = dout.contiguous()
+        blk = _block(T)
+        for i, c0 in enumerate(range(0, T, blk)):
+            c1 = min(T, c0 + blk)
+            s = torch.baddbmm(
+                _bias(c1 - c0, c0, c1, q.device, q.dtype), q[:, c0:c1], k[:, :c1].transpose(1, 2), alpha=scale
+            ).to(acc)
+            pr = torch.exp(s - lse[:, c0:c1, None])  # (BH, c, c1) softmax probabilities
+            do = dout[:, c0:c1]
+            dpd = torch.bmm(do, v[:, :c1].transpose(1, 2)).to(acc)  # d(dropped probs)
+            if p > 0:
+                keep = _keep_mask(pr.shape, p, seed + i, q.device)
+                pd = torch.where(keep, pr, 0.0).mul_(_scale(p))
+                dp = torch.where(keep, dpd, 0.0).mul_(_scale(p))
+            else:
+                pd, dp = pr, dpd
+            dv[:, :c1] += torch.bmm(pd.to(do.dtype).transpose(1, 2), do).to(acc)
+            ds = pr * (dp - (dp * pr).sum(-1, keepdim=True))  # softmax backward
+            ds = ds.to(q.dtype)
+            dq[:, c0:c1] += torch.bmm(ds, k[:, :c1]).to(acc) * scale
+            dk[:, :c1] += torch.bmm(ds.transpose(1, 2), q[:, c0:c1]).to(acc) * scale
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, training: bool) -> Tensor:
+    """(B, H, T, hd) x3 -> (B, H, T, hd), causal, with attention dropout when training."""
+    p = dropout_p if training else 0.0
+    B, H, T, hd = q.shape
+    # short sequences: PyTorch's math path is faster and its T x T storage is small; long ones: ours
+    if q.device.type != "cpu" or p == 0.0 or PLAIN or T <= MATH_PATH_MAX_T:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+    with torch.autocast("cpu", enabled=False):
+        qf, kf, vf = (t.to(dtype).reshape(B * H, T, hd).contiguous() for t in (q, k, v))
+        out = _CausalAttention.apply(qf, kf, vf, p, _new_seed())
+    return out.view(B, H, T, hd)

@@ -1,0 +1,50 @@
+"""The CPU dropout and causal-attention kernels: exact gradients, the reference math, mask statistics."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from adaptive_lm import kernels as K
+
+
+def test_attention_without_dropout_equals_sdpa_forward_and_backward():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 600, 16, requires_grad=True) for _ in range(3))  # 3 blocks of 256
+    g = torch.randn(2, 3, 600, 16)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    out = K._CausalAttention.apply(*(t.reshape(6, 600, 16) for t in (q, k, v)), 0.0, 1)
+    grads = torch.autograd.grad(out, (q, k, v), g.reshape(6, 600, 16))
+    torch.testing.assert_close(out.view_as(ref), ref, atol=2e-6, rtol=0)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=5e-6, rtol=0)
+
+
+def test_attention_with_dropout_matches_same_mask_reference_and_gradcheck():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 300, 8, dtype=torch.float64) for _ in range(3))
+    out = K._CausalAttention.apply(q, k, v, 0.25, 7)
+    s = (q @ k.transpose(1, 2)) * 8**-0.5
+    s = s.masked_fill(torch.ones(300, 300, dtype=torch.bool).triu(1), float("-inf"))
+    keep = torch.cat([F.pad(K._keep_mask((1, 256, 256), 0.25, 7, q.device).double(), (0, 44)),
+                      K._keep_mask((1, 44, 300), 0.25, 8, q.device).double()], dim=1)  # block seeds: seed + i
+    torch.testing.assert_close(out, (s.softmax(-1) * keep * K._scale(0.25)) @ v, atol=1e-12, rtol=0)
+    qq, kk, vv = (torch.randn(2, 300, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda a, b, c: K._CausalAttention.apply(a, b, c, 0.3, 11), (qq, kk, vv),
+                                    fast_mode=True)
+
+
+def test_dropout_gradient_mask_statistics_and_reproducibility():
+    x = torch.randn(40, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: K._Dropout.apply(a, 0.2, 3), (x,))
+    keep = K._keep_mask((2000, 1000), 0.1, 1, torch.device("cpu"))
+    assert abs(keep.double().mean().item() - 0.9) < 1e-3
+    y = torch.ones(1000, 1000)
+    assert abs(K._Dropout.apply(y, 0.1, 5).mean().item() - 1.0) < 3e-3  # expectation preserved
+    torch.manual_seed(4)
+    a = K.dropout(y.requires_grad_(), 0.3, True)
+    torch.manual_seed(4)
+    b = K.dropout(y, 0.3, True)
+    assert torch.equal(a, b)  # masks follow the global torch seed (exact resume)
+    assert K.dropout(y, 0.3, False) is y
