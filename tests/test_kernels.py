@@ -27,12 +27,18 @@ def test_attention_with_dropout_matches_same_mask_reference_and_gradcheck():
     out = K._CausalAttention.apply(q, k, v, 0.25, 7)
     s = (q @ k.transpose(1, 2)) * 8**-0.5
     s = s.masked_fill(torch.ones(300, 300, dtype=torch.bool).triu(1), float("-inf"))
-    keep = torch.cat([F.pad(K._keep_mask((1, 256, 256), 0.25, 7, q.device).double(), (0, 44)),
-                      K._keep_mask((1, 44, 300), 0.25, 8, q.device).double()], dim=1)  # block seeds: seed + i
+    keep = torch.cat(
+        [
+            F.pad(K._keep_mask((1, 256, 256), 0.25, 7, q.device).double(), (0, 44)),
+            K._keep_mask((1, 44, 300), 0.25, 8, q.device).double(),
+        ],
+        dim=1,
+    )  # block seeds: seed + i
     torch.testing.assert_close(out, (s.softmax(-1) * keep * K._scale(0.25)) @ v, atol=1e-12, rtol=0)
     qq, kk, vv = (torch.randn(2, 300, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    assert torch.autograd.gradcheck(lambda a, b, c: K._CausalAttention.apply(a, b, c, 0.3, 11), (qq, kk, vv),
-                                    fast_mode=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: K._CausalAttention.apply(a, b, c, 0.3, 11), (qq, kk, vv), fast_mode=True
+    )
 
 
 def test_dropout_gradient_mask_statistics_and_reproducibility():

@@ -393,6 +393,28 @@ def add_model_path(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu", action="store_true")
 
 
+def cmd_make_corpus(ns: argparse.Namespace) -> int:
+    import math
+
+    from .quickstart import make_corpus
+
+    h = make_corpus(ns.out, ns.tokens, ns.vocab, ns.seed)
+    print(
+        f"wrote {ns.out}/{{train,valid,test}}.txt; entropy rate {h:.4f} nats/token, "
+        f"best possible perplexity {math.exp(h):.2f}"
+    )
+    return 0
+
+
+def cmd_plot(ns: argparse.Namespace) -> int:
+    from .plots import plot_run
+
+    out = ns.output or f"{ns.run_dir.rstrip('/')}/curves.png"
+    plot_run(ns.run_dir, out)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="adaptive-lm", description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -456,6 +478,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=None, help="where to keep the archive (default ~/.cache/adaptive-lm)")
     p.add_argument("--url", default=None, help="base URL of a mirror")
     p.set_defaults(func=cmd_download)
+    p = sub.add_parser("make-corpus", help="generate a corpus with a known entropy rate")
+    p.add_argument("--out", default="corpus")
+    p.add_argument("--tokens", type=int, default=1_000_000)
+    p.add_argument("--vocab", type=int, default=12000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_corpus)
+    p = sub.add_parser("plot", help="training/validation curves of a run as a PNG (needs matplotlib)")
+    p.add_argument("run_dir")
+    p.add_argument("--output", default=None)
+    p.set_defaults(func=cmd_plot)
     p = sub.add_parser(
         "quickstart", help="generate a corpus, preprocess, train a small model, evaluate it", allow_abbrev=False
     )

@@ -27,3 +27,34 @@ def plot_bins(bins: list[tuple[str, int, float]], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_run(run_dir, path) -> None:
+    """Training (per log interval) and validation curves from a run's ``metrics.jsonl``, loss in bits."""
+    import json
+    from pathlib import Path
+
+    f = Path(run_dir) / "metrics.jsonl"
+    if not f.is_file():
+        raise UserError(f"{f}: not found; point at a --save-dir of adaptive-lm train")
+    rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    train = [(r["update"], r["loss"]) for r in rows if r.get("split") == "train_inner"]
+    valid = [(r["num_updates"], r["loss"]) for r in rows if r.get("split") == "valid"]
+    if not train and not valid:
+        raise UserError(f"{f}: no train_inner or valid records yet")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train (per log interval)")
+    if valid:
+        ax.plot(*zip(*valid), "o-", label="valid")
+    ax.set_xlabel("update")
+    ax.set_ylabel("loss (bits/token)")
+    sec = ax.secondary_yaxis("right", functions=(lambda b: 2**b, lambda p: __import__("numpy").log2(p)))
+    sec.set_ylabel("perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(str(run_dir))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

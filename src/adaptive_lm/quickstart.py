@@ -132,8 +132,44 @@ def quickstart(run_dir: str = "quickstart-run", updates: int = 300) -> dict:
     result = train(cfg)
     val = result["valid_loss"]
     ppl = 2**val if val is not None else float("nan")
+    from .hub import from_pretrained
+
+    lm = from_pretrained(d / "checkpoints" / "checkpoint_last.pt")
+    sample = lm.sample(corpus.words[0][0], sampling=True, sampling_topk=20, seed=0, max_len_b=25)
+    plot_note = ""
+    try:
+        from .plots import plot_run
+
+        plot_run(d / "checkpoints", d / "curves.png")
+        plot_note = f"\n  curves:      {d / 'curves.png'}"
+    except Exception:  # matplotlib is optional
+        plot_note = "\n  (pip install 'adaptive-lm[plot]' for a PNG of the curves)"
     print(f"\nquickstart done in {time.time() - t0:.0f}s")
     print(f"  data:        {d / 'data-bin'}")
-    print(f"  checkpoints: {d / 'checkpoints'}")
-    print(f"  validation perplexity {ppl:.1f}; best possible on this corpus {math.exp(h):.1f}")
-    return {"valid_ppl": ppl, "best_ppl": math.exp(h)}
+    print(f"  checkpoints: {d / 'checkpoints'}{plot_note}")
+    print(f"  validation perplexity {ppl:.1f}; best possible on this corpus {math.exp(h):.1f} (exact entropy rate)")
+    print(f"  a sample:    {sample}")
+    print("next:")
+    print(
+        f"  adaptive-lm eval {d / 'data-bin'} --path {d / 'checkpoints' / 'checkpoint_last.pt'} --gen-subset valid "
+        "--context-window 128"
+    )
+    print(
+        f"  adaptive-lm generate --path {d / 'checkpoints' / 'checkpoint_last.pt'} --prompt '{corpus.words[0][0]}' "
+        "--sampling --sampling-topk 20"
+    )
+    print(f"  adaptive-lm plot {d / 'checkpoints'}")
+    return {"valid_ppl": ppl, "best_ppl": math.exp(h), "sample": sample}
+
+
+def make_corpus(out: str, tokens: int, vocab: int, seed: int) -> float:
+    """``adaptive-lm make-corpus``: train/valid/test text from the generator; returns the entropy rate (nats)."""
+    c = Corpus(vocab=vocab, seed=seed)
+    h = c.entropy_rate()
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    c.write(d / "train.txt", tokens)
+    c.write(d / "valid.txt", max(1000, tokens // 10))
+    c.write(d / "test.txt", max(1000, tokens // 10))
+    (d / "ENTROPY.txt").write_text(f"entropy rate {h:.6f} nats/token; best possible perplexity {math.exp(h):.4f}\n")
+    return h
