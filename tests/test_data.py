@@ -122,3 +122,16 @@ def test_batches_respect_max_tokens_multiple_of_8_and_depend_only_on_seed_and_ep
     shards = [EpochBatches(ds, 512, None, seed=3, num_shards=2, shard_id=r).epoch_batches(1) for r in range(2)]
     flat = [i for s in shards for b in s for i in b.tolist()]
     assert sorted(flat) == list(range(len(ds)))  # disjoint and complete
+
+
+def test_index_dtype_follows_fairseq_by_vocabulary_size(tmp_path):
+    from adaptive_lm.data import best_dtype
+
+    assert best_dtype(14152) == np.uint16 and best_dtype(65499) == np.uint16
+    assert best_dtype(65500) == np.uint32 and best_dtype(267_744) == np.uint32  # fairseq writes dtype code 9
+    words = " ".join(f"w{i}" for i in range(70_000))
+    (tmp_path / "big.txt").write_text(words + "\n")
+    preprocess(PreprocessConfig(trainpref=str(tmp_path / "big.txt"), destdir=str(tmp_path / "o"), progress=False))
+    assert (tmp_path / "o" / "train.idx").read_bytes()[17] == 9
+    ds = IndexedDataset(tmp_path / "o" / "train")
+    assert ds.dtype == np.uint32 and int(ds[0][-1]) == 2 and len(ds[0]) == 70_001

@@ -40,10 +40,13 @@ DTYPE_TO_CODE = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16)
 
 
 def best_dtype(vocab_size: int | None) -> np.dtype:
-    """fairseq's ``best_fitting_int_dtype``: uint16 below 65,500 symbols, else int32."""
+    """fairseq 0.12's ``best_fitting_int_dtype``: uint16 below 65,500 symbols, uint32 below 2^32 - 1, else int64
+    (checked against fairseq-preprocess on a 267k-type corpus: index dtype code 9 = uint32)."""
     if vocab_size is None:
         return np.dtype(np.uint32)
-    return np.dtype(np.uint16) if vocab_size < 65500 else np.dtype(np.int32)
+    if vocab_size < 65500:
+        return np.dtype(np.uint16)
+    return np.dtype(np.uint32) if vocab_size < 4294967295 else np.dtype(np.int64)
 
 
 # =====================================================================================================

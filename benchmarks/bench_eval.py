@@ -1,0 +1,103 @@
+"""Evaluation and generation speed: eval tokens/s with and without a context window, side by side with
+fairseq-eval-lm on the same model and data, and generation tokens/s with and without the key/value cache.
+
+    python benchmarks/bench_eval.py [--fairseq-bin ~/fairseq-venv/bin]
+
+Models: the shared fixture (fairseq-trained, 0.9M parameters, T=256) and a larger randomly initialised
+configuration of the wiki103 shape (8 layers, d=512, T=1024, same dictionary) written as a fairseq checkpoint so
+both tools load the same file. Data: the fixture's valid split (217,646 tokens; WikiText-2 valid). Perplexities
+are printed next to each other: they must agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import FIXTURE, machine, run, save, table
+
+LARGER = dict(decoder_layers=8, decoder_embed_dim=512, decoder_ffn_embed_dim=2048, decoder_attention_heads=8,
+              adaptive_input_cutoff=(2000, 8000), adaptive_softmax_cutoff=(2000, 8000), max_target_positions=1024)
+
+
+def larger_checkpoint(dest: Path) -> Path:
+    from adaptive_lm import build_model
+    from adaptive_lm.convert import to_fairseq_checkpoint
+    from adaptive_lm.dictionary import Dictionary
+    from adaptive_lm.hub import LanguageModel
+
+    path = dest / "model.pt"
+    if not path.exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        d = Dictionary.load(FIXTURE / "model" / "dict.txt")
+        torch.manual_seed(0)
+        lm = LanguageModel(build_model("transformer_lm_wiki103", len(d), **LARGER), d, "", 1024)
+        torch.save(to_fairseq_checkpoint(lm), path)
+        d.save(dest / "dict.txt")
+    return path
+
+
+def parse(text: str) -> tuple[int, float, float]:
+    n = int(re.search(r"Evaluated ([\d,]+) tokens", text).group(1).replace(",", ""))
+    secs = float(re.search(r"tokens in ([\d.]+)s", text).group(1))
+    ppl = float(re.search(r"Perplexity: ([\d.]+)", text).group(1))
+    return n, secs, ppl
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fairseq-bin", default=None)
+    ap.add_argument("--repeats", type=int, default=1)
+    args = ap.parse_args()
+    data = FIXTURE / "data-bin"
+    models = {"fixture": (FIXTURE / "model" / "checkpoint_best.pt", 256), "larger": (larger_checkpoint(
+        Path("/tmp/bench-eval-larger")), 1024)}
+    rows = []
+    for name, (path, tps) in models.items():
+        for cw in (0, tps // 2):
+            common = [str(data), "--path", str(path), "--gen-subset", "valid", "--cpu", "--batch-size", "8",
+                      "--tokens-per-sample", str(tps), "--context-window", str(cw)]
+            impls = [("adaptive-lm", [sys.executable, "-m", "adaptive_lm", "eval"], []),
+                     ("adaptive-lm bf16", [sys.executable, "-m", "adaptive_lm", "eval"], ["--bf16"])]
+            if args.fairseq_bin:
+                impls.append(("fairseq", [f"{args.fairseq_bin}/fairseq-eval-lm"], ["--num-workers", "0"]))
+            got = {}
+            for _ in range(args.repeats):
+                for label, exe, extra in impls:
+                    r = run(exe + common + extra, env={"OMP_NUM_THREADS": "2"})
+                    n, secs, ppl = parse(r["stdout"] + r["stderr"])
+                    if label not in got or r["wall"] < got[label]["process_s"]:
+                        got[label] = {"model": name, "context": cw, "impl": label, "tokens": n, "ppl": ppl,
+                                      "eval_tok_per_s": round(n / secs), "process_s": round(r["wall"], 1),
+                                      "peak_rss_mib": round(r["rss_mib"])}
+            for label, row in got.items():
+                if "fairseq" in got and label != "fairseq":
+                    row["speedup"] = round(row["eval_tok_per_s"] / got["fairseq"]["eval_tok_per_s"], 2)
+                rows.append(row)
+    print(table(rows, ["model", "context", "impl", "tokens", "ppl", "eval_tok_per_s", "process_s", "peak_rss_mib",
+                       "speedup"]))
+
+    # generation: 200 new tokens, greedy, with and without the cache
+    import adaptive_lm
+
+    gen_rows = []
+    for name, (path, _) in models.items():
+        lm = adaptive_lm.from_pretrained(path)
+        prompt = [lm.encode("the")]
+        for cache in (True, False):
+            lm.generate(prompt, beam=1, max_len_b=10, min_len=10, use_cache=cache)
+            t0 = time.time()
+            h = lm.generate(prompt, beam=1, max_len_b=201, min_len=201, use_cache=cache)[0][0]
+            dt = time.time() - t0
+            gen_rows.append({"model": name, "kv_cache": cache, "new_tokens": len(h["tokens"]) - 1,
+                             "tok_per_s": round((len(h["tokens"]) - 1) / dt, 1)})
+    print(table(gen_rows, ["model", "kv_cache", "new_tokens", "tok_per_s"]))
+    save("eval", {"machine": machine(), "eval": rows, "generation": gen_rows})
+
+
+if __name__ == "__main__":
+    main()
