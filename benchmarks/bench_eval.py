@@ -18,10 +18,18 @@ import time
 from pathlib import Path
 
 import torch
+
 from common import FIXTURE, machine, run, save, table
 
-LARGER = dict(decoder_layers=8, decoder_embed_dim=512, decoder_ffn_embed_dim=2048, decoder_attention_heads=8,
-              adaptive_input_cutoff=(2000, 8000), adaptive_softmax_cutoff=(2000, 8000), max_target_positions=1024)
+LARGER = dict(
+    decoder_layers=8,
+    decoder_embed_dim=512,
+    decoder_ffn_embed_dim=2048,
+    decoder_attention_heads=8,
+    adaptive_input_cutoff=(2000, 8000),
+    adaptive_softmax_cutoff=(2000, 8000),
+    max_target_positions=1024,
+)
 
 
 def larger_checkpoint(dest: Path) -> Path:
@@ -54,15 +62,31 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     args = ap.parse_args()
     data = FIXTURE / "data-bin"
-    models = {"fixture": (FIXTURE / "model" / "checkpoint_best.pt", 256), "larger": (larger_checkpoint(
-        Path("/tmp/bench-eval-larger")), 1024)}
+    models = {
+        "fixture": (FIXTURE / "model" / "checkpoint_best.pt", 256),
+        "larger": (larger_checkpoint(Path("/tmp/bench-eval-larger")), 1024),
+    }
     rows = []
     for name, (path, tps) in models.items():
         for cw in (0, tps // 2):
-            common = [str(data), "--path", str(path), "--gen-subset", "valid", "--cpu", "--batch-size", "8",
-                      "--tokens-per-sample", str(tps), "--context-window", str(cw)]
-            impls = [("adaptive-lm", [sys.executable, "-m", "adaptive_lm", "eval"], []),
-                     ("adaptive-lm bf16", [sys.executable, "-m", "adaptive_lm", "eval"], ["--bf16"])]
+            common = [
+                str(data),
+                "--path",
+                str(path),
+                "--gen-subset",
+                "valid",
+                "--cpu",
+                "--batch-size",
+                "8",
+                "--tokens-per-sample",
+                str(tps),
+                "--context-window",
+                str(cw),
+            ]
+            impls = [
+                ("adaptive-lm", [sys.executable, "-m", "adaptive_lm", "eval"], []),
+                ("adaptive-lm bf16", [sys.executable, "-m", "adaptive_lm", "eval"], ["--bf16"]),
+            ]
             if args.fairseq_bin:
                 impls.append(("fairseq", [f"{args.fairseq_bin}/fairseq-eval-lm"], ["--num-workers", "0"]))
             got = {}
@@ -71,15 +95,26 @@ def main() -> None:
                     r = run(exe + common + extra, env={"OMP_NUM_THREADS": "2"})
                     n, secs, ppl = parse(r["stdout"] + r["stderr"])
                     if label not in got or r["wall"] < got[label]["process_s"]:
-                        got[label] = {"model": name, "context": cw, "impl": label, "tokens": n, "ppl": ppl,
-                                      "eval_tok_per_s": round(n / secs), "process_s": round(r["wall"], 1),
-                                      "peak_rss_mib": round(r["rss_mib"])}
+                        got[label] = {
+                            "model": name,
+                            "context": cw,
+                            "impl": label,
+                            "tokens": n,
+                            "ppl": ppl,
+                            "eval_tok_per_s": round(n / secs),
+                            "process_s": round(r["wall"], 1),
+                            "peak_rss_mib": round(r["rss_mib"]),
+                        }
             for label, row in got.items():
                 if "fairseq" in got and label != "fairseq":
                     row["speedup"] = round(row["eval_tok_per_s"] / got["fairseq"]["eval_tok_per_s"], 2)
                 rows.append(row)
-    print(table(rows, ["model", "context", "impl", "tokens", "ppl", "eval_tok_per_s", "process_s", "peak_rss_mib",
-                       "speedup"]))
+    print(
+        table(
+            rows,
+            ["model", "context", "impl", "tokens", "ppl", "eval_tok_per_s", "process_s", "peak_rss_mib", "speedup"],
+        )
+    )
 
     # generation: 200 new tokens, greedy, with and without the cache
     import adaptive_lm
@@ -93,8 +128,14 @@ def main() -> None:
             t0 = time.time()
             h = lm.generate(prompt, beam=1, max_len_b=201, min_len=201, use_cache=cache)[0][0]
             dt = time.time() - t0
-            gen_rows.append({"model": name, "kv_cache": cache, "new_tokens": len(h["tokens"]) - 1,
-                             "tok_per_s": round((len(h["tokens"]) - 1) / dt, 1)})
+            gen_rows.append(
+                {
+                    "model": name,
+                    "kv_cache": cache,
+                    "new_tokens": len(h["tokens"]) - 1,
+                    "tok_per_s": round((len(h["tokens"]) - 1) / dt, 1),
+                }
+            )
     print(table(gen_rows, ["model", "kv_cache", "new_tokens", "tok_per_s"]))
     save("eval", {"machine": machine(), "eval": rows, "generation": gen_rows})
 

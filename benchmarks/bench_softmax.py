@@ -14,9 +14,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import machine, save, table
 
 from adaptive_lm import AdaptiveSoftmax
+from common import machine, save, table
 
 V, D, CUT = 267_744, 1024, [20000, 60000]
 
@@ -61,15 +61,27 @@ def main() -> None:
 
     rows = []
     base = None
-    for name, fn in (("full softmax", run_full), ("torch AdaptiveLogSoftmaxWithLoss", run_ref),
-                     ("adaptive_lm AdaptiveSoftmax", run_ours)):
+    for name, fn in (
+        ("full softmax", run_full),
+        ("torch AdaptiveLogSoftmaxWithLoss", run_ref),
+        ("adaptive_lm AdaptiveSoftmax", run_ours),
+    ):
         t = timeit(fn)
         base = base or t
-        rows.append({"layer": name, "tokens": N, "ms_fwd_bwd": round(1000 * t, 1), "tokens_per_s": round(N / t),
-                     "vs_full": round(base / t, 2)})
+        rows.append(
+            {
+                "layer": name,
+                "tokens": N,
+                "ms_fwd_bwd": round(1000 * t, 1),
+                "tokens_per_s": round(N / t),
+                "vs_full": round(base / t, 2),
+            }
+        )
     head = (target < CUT[0]).double().mean().item()
-    print(f"V={V:,} d={D} cutoffs {CUT} | {100 * head:.1f}% of targets in the head | "
-          f"{'bf16 autocast' if args.bf16 else 'fp32'}")
+    print(
+        f"V={V:,} d={D} cutoffs {CUT} | {100 * head:.1f}% of targets in the head | "
+        f"{'bf16 autocast' if args.bf16 else 'fp32'}"
+    )
     print(table(rows, ["layer", "tokens", "ms_fwd_bwd", "tokens_per_s", "vs_full"]))
     save("softmax" + ("_bf16" if args.bf16 else ""), {"machine": machine(), "rows": rows, "head_fraction": head})
 

@@ -50,7 +50,9 @@ def plot_run(run_dir, path) -> None:
         ax.plot(*zip(*valid), "o-", label="valid")
     ax.set_xlabel("update")
     ax.set_ylabel("loss (bits/token)")
-    sec = ax.secondary_yaxis("right", functions=(lambda b: 2**b, lambda p: __import__("numpy").log2(p)))
+    import numpy as np
+
+    sec = ax.secondary_yaxis("right", functions=(lambda b: 2**b, lambda p: np.log2(np.maximum(p, 1e-12))))
     sec.set_ylabel("perplexity")
     ax.grid(alpha=0.3)
     ax.legend()

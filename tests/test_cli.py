@@ -1,0 +1,179 @@
+"""The console script end to end: help, quickstart, make-corpus (its entropy rate), plots, interruption."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from adaptive_lm.cli import main
+from adaptive_lm.quickstart import Corpus, quickstart
+
+
+def test_console_script_and_module_list_subcommands():
+    for cmd in (["adaptive-lm", "--help"], [sys.executable, "-m", "adaptive_lm", "--help"]):
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        for sub in (
+            "train",
+            "preprocess",
+            "eval",
+            "score",
+            "generate",
+            "convert",
+            "download",
+            "quickstart",
+            "make-corpus",
+            "plot",
+        ):
+            assert sub in out
+
+
+def test_entropy_rate_is_the_sources_true_cross_entropy():
+    c = Corpus(vocab=2000, states=8, seed=3)
+    h = c.entropy_rate()
+    c.build()
+    rng = np.random.default_rng(0)
+    K, s, total, n = c.states, c.states, 0.0, 200_000
+    for _ in range(n):  # -log p of a long sample under the true source converges to the entropy rate
+        s2 = rng.choice(K + 1, p=c.P[s])
+        total -= math.log(c.P[s, s2])
+        if s2 < K:
+            w = rng.choice(len(c.emit[s2]), p=c.emit[s2])
+            total -= math.log(c.emit[s2][w])
+        s = s2
+    assert abs(total / n - h) / h < 0.01
+
+
+def test_quickstart_runs_end_to_end(tmp_path, capsys):
+    res = quickstart(str(tmp_path / "qs"), updates=20)
+    out = capsys.readouterr().out
+    assert (
+        "best possible" in out and "next:" in out and (tmp_path / "qs" / "checkpoints" / "checkpoint_last.pt").exists()
+    )
+    assert res["valid_ppl"] < 12000 and res["best_ppl"] < res["valid_ppl"]  # learned something, above the bound
+    assert (tmp_path / "qs" / "curves.png").stat().st_size > 1000
+    assert main(["plot", str(tmp_path / "qs" / "checkpoints"), "--output", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_make_corpus_cli(tmp_path, capsys):
+    assert main(["make-corpus", "--out", str(tmp_path / "c"), "--tokens", "5000", "--vocab", "500"]) == 0
+    assert "entropy rate" in capsys.readouterr().out
+    assert {p.name for p in (tmp_path / "c").iterdir()} >= {"train.txt", "valid.txt", "test.txt", "ENTROPY.txt"}
+
+
+def test_sigint_finishes_the_update_saves_and_the_same_command_resumes(tmp_path):
+    c = Corpus(vocab=300, states=6, seed=1)
+    c.write(tmp_path / "train.txt", 30_000)
+    assert (
+        main(
+            [
+                "preprocess",
+                "--trainpref",
+                str(tmp_path / "train.txt"),
+                "--destdir",
+                str(tmp_path / "bin"),
+                "--no-progress-bar",
+            ]
+        )
+        == 0
+    )
+    base = [
+        sys.executable,
+        "-m",
+        "adaptive_lm",
+        "train",
+        str(tmp_path / "bin"),
+        "--arch",
+        "tiny",
+        "--save-dir",
+        str(tmp_path / "run"),
+        "--max-tokens",
+        "256",
+        "--tokens-per-sample",
+        "32",
+        "--lr",
+        "0.1",
+        "--log-interval",
+        "1",
+        "--no-progress-bar",
+        "--log-format",
+        "json",
+    ]
+    cmd = base + ["--max-update", "100000"]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
+    seen = 0
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("{") and "train_inner" in line:
+            seen += 1
+            if seen == 5:
+                proc.send_signal(signal.SIGINT)
+                break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "finishing this update" in out
+    ck = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)
+    done = ck["train_state"]["num_updates"]
+    assert done >= 5
+    r = subprocess.run(base + ["--max-update", str(done + 2)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    updates = [json.loads(x)["update"] for x in r.stdout.splitlines() if x.startswith("{") and "train_inner" in x]
+    assert updates == [done + 1, done + 2]
+
+
+@pytest.mark.parametrize("flag", ["--bf16"])
+def test_mixed_precision_training_runs_and_learns(tmp_path, flag):
+    c = Corpus(vocab=300, states=6, seed=1)
+    c.write(tmp_path / "train.txt", 3000)
+    main(
+        [
+            "preprocess",
+            "--trainpref",
+            str(tmp_path / "train.txt"),
+            "--destdir",
+            str(tmp_path / "bin"),
+            "--no-progress-bar",
+        ]
+    )
+    assert (
+        main(
+            [
+                "train",
+                str(tmp_path / "bin"),
+                "--arch",
+                "tiny",
+                "--save-dir",
+                str(tmp_path / "run"),
+                "--max-tokens",
+                "256",
+                "--tokens-per-sample",
+                "32",
+                "--max-update",
+                "30",
+                "--lr",
+                "0.5",
+                "--clip-norm",
+                "0.1",
+                "--log-interval",
+                "5",
+                "--no-progress-bar",
+                flag,
+            ]
+        )
+        == 0
+    )
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    losses = [r["loss"] for r in rows if r["split"] == "train_inner"]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
