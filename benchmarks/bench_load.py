@@ -41,8 +41,11 @@ lm = adaptive_lm.from_pretrained(sys.argv[1], dtype=dtype)
 with torch.no_grad():
     out = lm.model.target_log_probs(torch.tensor([[2, 5, 70000, 700000]]), torch.tensor([[5, 70000, 700000, 9]]))
 assert torch.isfinite(out).all()
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+kib = lambda k: int(status[k].split()[0]) / 1024
 print(json.dumps({"seconds": time.time() - t0, "params": lm.model.num_parameters(),
-                  "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "anon_mib": kib("RssAnon"), "file_mib": kib("RssFile")}))
 """
 
 
@@ -99,9 +102,26 @@ def main() -> None:
                 "load_s": round(info["seconds"], 1),
                 "peak_rss_mib": round(info["maxrss_mib"]),
                 "rss/file": round(info["maxrss_mib"] / size, 2),
+                "anon_after_mib": round(info["anon_mib"]),
+                "mapped_file_after_mib": round(info["file_mib"]),
             }
         )
-    print(table(rows, ["dtype", "params", "file_mib", "load_s", "peak_rss_mib", "rss/file"]))
+    print(
+        table(
+            rows,
+            [
+                "dtype",
+                "params",
+                "file_mib",
+                "load_s",
+                "peak_rss_mib",
+                "rss/file",
+                "anon_after_mib",
+                "mapped_file_after_mib",
+            ],
+        )
+    )
+    print("peak RSS counts the memory-mapped checkpoint pages read (page cache, reclaimable), not only allocations")
     save("load", {"rows": rows, "shape": {**SHAPE, "vocab": VOCAB}})
 
 
