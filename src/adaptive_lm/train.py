@@ -372,7 +372,7 @@ class Trainer:
                 continue
             src, tgt = s["src_tokens"].to(self.device), s["target"].to(self.device)
             with self.autocast():
-                x = self.forward_model(src)
+                x = self.features(src)
                 loss = (
                     self.model.adaptive_softmax.loss(x, tgt, self.model.padding_idx, self.cfg.tail_ignore_quirk)
                     if self.model.adaptive_softmax is not None
@@ -414,6 +414,18 @@ class Trainer:
             "gnorm": gnorm_f,
             "clipped": float(self.cfg.clip_norm > 0 and gnorm_f > self.cfg.clip_norm),
         }
+
+    def features(self, src: torch.Tensor) -> torch.Tensor:
+        """The compiled model if ``--compile`` works here; on the first failure, a warning and eager mode."""
+        if self.forward_model is self.model:
+            return self.model(src)
+        try:
+            return self.forward_model(src)
+        except Exception as e:  # no C++ compiler, unsupported op, ...: never fatal
+            self.log.print(f"warning: --compile failed at run time ({type(e).__name__}: {str(e)[:200]}); "
+                           f"continuing without it")
+            self.forward_model = self.model
+            return self.model(src)
 
     def all_reduce_grads(self) -> None:
         """legacy_ddp: every parameter (a missing gradient is zero), packed into one flat buffer, summed."""
@@ -494,7 +506,9 @@ class Trainer:
                 break
             self.epoch += 1
             self.iterations_in_epoch = 0
-        self.log.print(f"done training: {self.num_updates} updates, epoch {self.epoch}, {self.train_seconds:.1f}s")
+        done_epochs = self.epoch - (1 if self.iterations_in_epoch == 0 else 0)
+        self.log.print(f"done training: {self.num_updates} updates, {done_epochs} epoch(s) completed or begun, "
+                       f"{self.train_seconds:.1f}s in updates")
         return {"num_updates": self.num_updates, "history": history, "valid_loss": last_val}
 
     def run_epoch(self, history: list[dict[str, Any]]) -> tuple[bool, float | None]:
