@@ -257,7 +257,7 @@ def test_two_processes_follow_one_process_with_update_freq_2(tmp_path, small_dat
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-6000:]
     assert "world 2" in proc.stdout
 
     def losses(run):

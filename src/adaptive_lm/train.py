@@ -638,7 +638,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training to completion (or interruption); returns per-update history and the last valid loss."""
     trainer = Trainer(cfg)
     try:
-        return trainer.run()
+        result = trainer.run()
+        if dist.is_initialized():
+            dist.barrier()  # no rank tears the group down while another still talks to it (gloo aborts then)
+        return result
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
