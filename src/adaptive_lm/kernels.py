@@ -4,10 +4,10 @@ Why: on CPU, PyTorch's dropout draws one Mersenne-Twister number per element (a 
 time) and ``scaled_dot_product_attention`` with dropout falls back to a math path that stores B x H x T x T
 probabilities and masks per layer (gigabytes at the recipe's T = 3072). Here:
 
-* ``dropout``: the keep-mask comes from 16-bit lanes of 64-bit random words (4 draws per word) and is never
-  stored: the backward pass regenerates it from the seed, which itself comes from the global torch RNG (so the
-  per-update seeding of the trainer makes resumed runs identical). Keep probability is quantised to 1/65536 and
-  the scale uses the exact quantised value, so the expectation is preserved.
+* ``dropout``: the keep-mask comes from 16-bit lanes of 64-bit random words (4 draws per word), seeded from the
+  global torch RNG (so the per-update seeding of the trainer makes resumed runs identical), and is kept as a 16-bit
+  0/1 mask for backward. Keep probability is quantised to 1/65536 and the scale uses the exact quantised
+  value, so the expectation is preserved.
 * ``causal_attention``: flash-attention-style on CPU: query blocks attend only to the keys at or before them
   (the masked upper triangle is skipped, about half the FLOPs at long T), softmax in fp32, attention dropout
   with regenerated masks; only q, k, v and one log-sum-exp per query are kept for backward.
@@ -24,7 +24,12 @@ from torch import Tensor
 _LANES = 65536
 # ADAPTIVE_LM_PLAIN_KERNELS=1 uses PyTorch's own dropout and attention everywhere (for comparisons)
 PLAIN = os.environ.get("ADAPTIVE_LM_PLAIN_KERNELS", "0") == "1"
-MATH_PATH_MAX_T = 256  # one block: nothing to skip, and recomputation would cost more
+MATH_PATH_MAX_SCORES = 16 << 20  # B*H*T*T up to this: store the probabilities (faster); above: recompute blocks
+
+
+def _apply(x: Tensor, keep: Tensor, p: float) -> Tensor:
+    """x * keep / (1 - p), with the 0/1 int16 mask converted once."""
+    return (x * keep.to(x.dtype)).mul_(_scale(p))
 
 
 def _keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int, device: torch.device) -> Tensor:
@@ -36,7 +41,9 @@ def _keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int, device:
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
     words.random_(-(2**63), 2**63 - 1, generator=g)
     lanes = words.view(torch.int16)[:n].view(shape)
-    return lanes >= (round(p * _LANES) - _LANES // 2)
+    # 1 where lane >= threshold (keep), else 0, as int16: cheaper to make and to apply than a bool mask
+    thr = round(p * _LANES) - _LANES // 2  # keep iff lane >= thr; clamping first avoids int16 overflow
+    return lanes.clamp(thr - 1, thr).sub_(thr - 1)
 
 
 def _scale(p: float) -> float:
@@ -53,16 +60,19 @@ def _new_seed() -> int:
 
 
 class _Dropout(torch.autograd.Function):
+    """The 0/1 int16 keep-mask is kept for backward (cheaper than drawing it again; half an fp32 activation)."""
+
     @staticmethod
     def forward(ctx, x: Tensor, p: float, seed: int) -> Tensor:  # type: ignore[override]
         keep = _keep_mask(x.shape, p, seed, x.device)
-        ctx.p, ctx.seed = p, seed
-        return torch.where(keep, x, 0.0).mul_(_scale(p))
+        ctx.save_for_backward(keep)
+        ctx.p = p
+        return _apply(x, keep, p)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        keep = _keep_mask(grad.shape, ctx.p, ctx.seed, grad.device)
-        return torch.where(keep, grad, 0.0).mul_(_scale(ctx.p)), None, None
+        (keep,) = ctx.saved_tensors
+        return _apply(grad, keep, ctx.p), None, None
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
@@ -109,7 +119,7 @@ class _CausalAttention(torch.autograd.Function):
             m = torch.logsumexp(s, dim=-1, keepdim=True)  # (BH, c, 1)
             pr = torch.exp(s - m)
             if p > 0:
-                pr = torch.where(_keep_mask(pr.shape, p, seed + i, q.device), pr, 0.0).mul_(_scale(p))
+                pr = _apply(pr, _keep_mask(pr.shape, p, seed + i, q.device), p)
             out[:, c0:c1] = torch.bmm(pr.to(v.dtype), v[:, :c1])  # (BH, c, hd)
             lse[:, c0:c1] = m.squeeze(-1)
         ctx.save_for_backward(q, k, v, lse)
@@ -137,9 +147,8 @@ class _CausalAttention(torch.autograd.Function):
             do = dout[:, c0:c1]
             dpd = torch.bmm(do, v[:, :c1].transpose(1, 2)).to(acc)  # d(dropped probs)
             if p > 0:
-                keep = _keep_mask(pr.shape, p, seed + i, q.device)
-                pd = torch.where(keep, pr, 0.0).mul_(_scale(p))
-                dp = torch.where(keep, dpd, 0.0).mul_(_scale(p))
+                keep = _keep_mask(pr.shape, p, seed + i, q.device).to(pr.dtype).mul_(_scale(p))
+                pd, dp = pr * keep, dpd * keep
             else:
                 pd, dp = pr, dpd
             dv[:, :c1] += torch.bmm(pd.to(do.dtype).transpose(1, 2), do).to(acc)
@@ -154,11 +163,15 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, training
     """(B, H, T, hd) x3 -> (B, H, T, hd), causal, with attention dropout when training."""
     p = dropout_p if training else 0.0
     B, H, T, hd = q.shape
-    # short sequences: PyTorch's math path is faster and its T x T storage is small; long ones: ours
-    if q.device.type != "cpu" or p == 0.0 or PLAIN or T <= MATH_PATH_MAX_T:
+    if q.device.type != "cpu" or p == 0.0 or PLAIN:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
     with torch.autocast("cpu", enabled=False):
-        qf, kf, vf = (t.to(dtype).reshape(B * H, T, hd).contiguous() for t in (q, k, v))
-        out = _CausalAttention.apply(qf, kf, vf, p, _new_seed())
+        qf, kf, vf = (t.to(dtype).reshape(B * H, T, hd) for t in (q, k, v))
+        if B * H * T * T <= MATH_PATH_MAX_SCORES:  # small: keep the T x T probabilities rather than recompute
+            s = torch.baddbmm(_bias(T, 0, T, q.device, dtype), qf, kf.transpose(1, 2), alpha=hd**-0.5)
+            pr = dropout(torch.softmax(s.to(_acc(dtype)), dim=-1), p, True)  # (BH, T, T)
+            out = torch.bmm(pr.to(dtype), vf)
+        else:
+            out = _CausalAttention.apply(qf.contiguous(), kf.contiguous(), vf.contiguous(), p, _new_seed())
     return out.view(B, H, T, hd)

@@ -422,8 +422,9 @@ class Trainer:
         try:
             return self.forward_model(src)
         except Exception as e:  # no C++ compiler, unsupported op, ...: never fatal
-            self.log.print(f"warning: --compile failed at run time ({type(e).__name__}: {str(e)[:200]}); "
-                           f"continuing without it")
+            self.log.print(
+                f"warning: --compile failed at run time ({type(e).__name__}: {str(e)[:200]}); continuing without it"
+            )
             self.forward_model = self.model
             return self.model(src)
 
@@ -507,8 +508,10 @@ class Trainer:
             self.epoch += 1
             self.iterations_in_epoch = 0
         done_epochs = self.epoch - (1 if self.iterations_in_epoch == 0 else 0)
-        self.log.print(f"done training: {self.num_updates} updates, {done_epochs} epoch(s) completed or begun, "
-                       f"{self.train_seconds:.1f}s in updates")
+        self.log.print(
+            f"done training: {self.num_updates} updates, {done_epochs} epoch(s) completed or begun, "
+            f"{self.train_seconds:.1f}s in updates"
+        )
         return {"num_updates": self.num_updates, "history": history, "valid_loss": last_val}
 
     def run_epoch(self, history: list[dict[str, Any]]) -> tuple[bool, float | None]:
