@@ -133,7 +133,7 @@ def test_sigint_finishes_the_update_saves_and_the_same_command_resumes(tmp_path)
     assert updates == [done + 1, done + 2]
 
 
-@pytest.mark.parametrize("flag", ["--bf16"])
+@pytest.mark.parametrize("flag", ["--bf16", "--fp16"])
 def test_mixed_precision_training_runs_and_learns(tmp_path, flag):
     c = Corpus(vocab=300, states=6, seed=1)
     c.write(tmp_path / "train.txt", 3000)
@@ -177,3 +177,26 @@ def test_mixed_precision_training_runs_and_learns(tmp_path, flag):
     rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     losses = [r["loss"] for r in rows if r["split"] == "train_inner"]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+def test_fp16_overflow_skips_the_update_and_lowers_the_scale(tmp_path, capsys):
+    from adaptive_lm.cli import build_parser, train_config
+    from adaptive_lm.train import Trainer
+
+    c = Corpus(vocab=300, states=6, seed=1)
+    c.write(tmp_path / "train.txt", 2000)
+    main(["preprocess", "--trainpref", str(tmp_path / "train.txt"), "--destdir", str(tmp_path / "bin"),
+          "--no-progress-bar"])
+    args = ["train", str(tmp_path / "bin"), "--arch", "tiny", "--save-dir", str(tmp_path / "run"), "--max-tokens",
+            "256", "--tokens-per-sample", "32", "--max-update", "5", "--fp16", "--no-progress-bar"]
+    trainer = Trainer(train_config(build_parser().parse_args(args)))
+    trainer.loss_scale = 3e38  # any real loss times this overflows float32
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    batch = trainer.train_data.collate(trainer.batches.epoch_batches(1)[0])
+    out = trainer.train_step([batch])
+    assert out.get("skipped") == 1.0 and trainer.num_updates == 0 and trainer.loss_scale == 1.5e38
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert "fp16 overflow at update 1: skipping it" in capsys.readouterr().out
+    trainer.loss_scale = 128.0
+    out = trainer.train_step([batch])
+    assert "skipped" not in out and trainer.num_updates == 1 and math.isfinite(out["loss"])

@@ -213,3 +213,18 @@ def test_download_resumes_verifies_and_caches(tmp_path, fixture_dir, monkeypatch
         server.shutdown()
     with pytest.raises(UserError, match="cannot reach .* no network"):
         fetch("gbw", tmp_path / "nonet", url, progress=False)
+
+
+def test_raw_text_through_the_moses_tokenizer(fixture_dir):
+    pytest.importorskip("sacremoses", reason="the [tokenize] extra (sacremoses) is part of the dev install")
+    path = fixture_dir / "model" / "checkpoint_best.pt"
+    raw = adaptive_lm.from_pretrained(path, tokenizer="moses")
+    plain = adaptive_lm.from_pretrained(path)
+    assert raw.tokenize("It cost 1,000.5 dollars for a state-of-the-art car.") == (
+        "It cost 1 @,@ 000 @.@ 5 dollars for a state @-@ of @-@ the @-@ art car ."
+    )
+    a = raw.score("Barack Obama was born in Hawaii.")
+    b = plain.score("Barack Obama was born in Hawaii .")
+    assert torch.equal(a["tokens"], b["tokens"])
+    torch.testing.assert_close(a["positional_scores"], b["positional_scores"], atol=0, rtol=0)
+    assert raw.decode(raw.encode("a state-of-the-art car.")) == "a state-of-the-art car."
