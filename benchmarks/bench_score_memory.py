@@ -45,9 +45,16 @@ def main() -> None:
     for mode in ("features only", "target", "full"):
         r = run([sys.executable, "-c", CODE, mode.split()[0]])
         info = json.loads(r["stdout"].strip().splitlines()[-1])
-        rows.append({"path": mode, "tokens": 3072, "seconds": round(info["seconds"], 1),
-                     "rss_after_model_mib": round(info["model_rss_mib"]), "peak_rss_mib": round(info["peak_rss_mib"]),
-                     "extra_over_model_mib": round(info["peak_rss_mib"] - info["model_rss_mib"])})
+        rows.append(
+            {
+                "path": mode,
+                "tokens": 3072,
+                "seconds": round(info["seconds"], 1),
+                "rss_after_model_mib": round(info["model_rss_mib"]),
+                "peak_rss_mib": round(info["peak_rss_mib"]),
+                "extra_over_model_mib": round(info["peak_rss_mib"] - info["model_rss_mib"]),
+            }
+        )
     print(table(rows, ["path", "tokens", "seconds", "rss_after_model_mib", "peak_rss_mib", "extra_over_model_mib"]))
     save("score_memory", {"rows": rows})
 

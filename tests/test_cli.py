@@ -185,10 +185,32 @@ def test_fp16_overflow_skips_the_update_and_lowers_the_scale(tmp_path, capsys):
 
     c = Corpus(vocab=300, states=6, seed=1)
     c.write(tmp_path / "train.txt", 2000)
-    main(["preprocess", "--trainpref", str(tmp_path / "train.txt"), "--destdir", str(tmp_path / "bin"),
-          "--no-progress-bar"])
-    args = ["train", str(tmp_path / "bin"), "--arch", "tiny", "--save-dir", str(tmp_path / "run"), "--max-tokens",
-            "256", "--tokens-per-sample", "32", "--max-update", "5", "--fp16", "--no-progress-bar"]
+    main(
+        [
+            "preprocess",
+            "--trainpref",
+            str(tmp_path / "train.txt"),
+            "--destdir",
+            str(tmp_path / "bin"),
+            "--no-progress-bar",
+        ]
+    )
+    args = [
+        "train",
+        str(tmp_path / "bin"),
+        "--arch",
+        "tiny",
+        "--save-dir",
+        str(tmp_path / "run"),
+        "--max-tokens",
+        "256",
+        "--tokens-per-sample",
+        "32",
+        "--max-update",
+        "5",
+        "--fp16",
+        "--no-progress-bar",
+    ]
     trainer = Trainer(train_config(build_parser().parse_args(args)))
     trainer.loss_scale = 3e38  # any real loss times this overflows float32
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}

@@ -250,3 +250,14 @@ def test_tiny_model_overfits_one_batch():
 def test_bad_configs_say_what_to_change(overrides, message):
     with pytest.raises(ConfigError, match=message):
         build_model("tiny", 64, **overrides)
+
+
+def test_target_path_in_small_chunks_equals_one_pass():
+    model = build_model("tiny", 64).eval()
+    x = torch.randint(4, 64, (3, 20))
+    y = torch.randint(4, 64, (3, 20))
+    with torch.no_grad():
+        feats = model(x)
+        whole = model.adaptive_softmax.target_log_prob(feats, y)
+        chunked = model.adaptive_softmax.target_log_prob(feats, y, chunk_elements=50)  # a couple of rows at a time
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)

@@ -254,20 +254,28 @@ class AdaptiveSoftmax(nn.Module):
             parts.append(tail + head[:, c0 + i : c0 + i + 1])
         return torch.cat(parts, dim=-1).view(*shape, self.vocab_size)  # (..., V)
 
-    def target_log_prob(self, hidden: Tensor, target: Tensor) -> Tensor:
-        """log p(target) for every position, computing each tail only for its own rows: never rows x V."""
+    def target_log_prob(self, hidden: Tensor, target: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
+        """log p(target) for every position, computing each tail only for its own rows, in row chunks of at most
+        ``chunk_elements`` logits: memory stays bounded whatever the number of tokens and the vocabulary size."""
         shape = target.shape
         x = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
         head_target, clusters = self.split_targets(target)
-        head = F.log_softmax(fp32(self.head_logits(x)), dim=-1)  # (N, c0 + nc)
-        out = head.gather(1, head_target.unsqueeze(1)).squeeze(1)  # (N,)
-        del head
-        for i, c in enumerate(clusters):
-            if c is None:
+        out = torch.empty(
+            x.shape[0], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device
+        )
+        step = max(1, chunk_elements // self.head_size)
+        for i in range(0, x.shape[0], step):
+            head = F.log_softmax(fp32(self.head_logits(x[i : i + step])), dim=-1)  # (n, c0 + nc)
+            out[i : i + step] = head.gather(1, head_target[i : i + step, None]).squeeze(1)
+        for c, cl in enumerate(clusters):
+            if cl is None:
                 continue
-            rows, local = c
-            tail = F.log_softmax(fp32(self.tail_logits(i, x.index_select(0, rows))), dim=-1)  # (N_i, size_i)
-            out = out.index_add(0, rows, tail.gather(1, local.unsqueeze(1)).squeeze(1))
+            rows, local = cl
+            step = max(1, chunk_elements // (self.cutoff[c + 1] - self.cutoff[c]))
+            for i in range(0, rows.numel(), step):
+                r = rows[i : i + step]
+                tail = F.log_softmax(fp32(self.tail_logits(c, x.index_select(0, r))), dim=-1)  # (n, size_c)
+                out.index_add_(0, r, tail.gather(1, local[i : i + step, None]).squeeze(1).to(out.dtype))
         return out.view(shape)
 
 
