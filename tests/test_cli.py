@@ -18,6 +18,25 @@ from adaptive_lm.cli import main
 from adaptive_lm.quickstart import Corpus, quickstart
 
 
+def small_bin(tmp_path, tokens: int):
+    """A generated corpus of ``tokens`` tokens, binarised into tmp_path/bin."""
+    Corpus(vocab=300, states=6, seed=1).write(tmp_path / "train.txt", tokens)
+    assert (
+        main(
+            [
+                "preprocess",
+                "--trainpref",
+                str(tmp_path / "train.txt"),
+                "--destdir",
+                str(tmp_path / "bin"),
+                "--no-progress-bar",
+            ]
+        )
+        == 0
+    )
+    return tmp_path / "bin"
+
+
 def test_console_script_and_module_list_subcommands():
     for cmd in (["adaptive-lm", "--help"], [sys.executable, "-m", "adaptive_lm", "--help"]):
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -71,21 +90,7 @@ def test_make_corpus_cli(tmp_path, capsys):
 
 
 def test_sigint_finishes_the_update_saves_and_the_same_command_resumes(tmp_path):
-    c = Corpus(vocab=300, states=6, seed=1)
-    c.write(tmp_path / "train.txt", 30_000)
-    assert (
-        main(
-            [
-                "preprocess",
-                "--trainpref",
-                str(tmp_path / "train.txt"),
-                "--destdir",
-                str(tmp_path / "bin"),
-                "--no-progress-bar",
-            ]
-        )
-        == 0
-    )
+    small_bin(tmp_path, 30_000)
     base = [
         sys.executable,
         "-m",
@@ -135,18 +140,7 @@ def test_sigint_finishes_the_update_saves_and_the_same_command_resumes(tmp_path)
 
 @pytest.mark.parametrize("flag", ["--bf16", "--fp16"])
 def test_mixed_precision_training_runs_and_learns(tmp_path, flag):
-    c = Corpus(vocab=300, states=6, seed=1)
-    c.write(tmp_path / "train.txt", 3000)
-    main(
-        [
-            "preprocess",
-            "--trainpref",
-            str(tmp_path / "train.txt"),
-            "--destdir",
-            str(tmp_path / "bin"),
-            "--no-progress-bar",
-        ]
-    )
+    small_bin(tmp_path, 3000)
     assert (
         main(
             [
@@ -183,18 +177,7 @@ def test_fp16_overflow_skips_the_update_and_lowers_the_scale(tmp_path, capsys):
     from adaptive_lm.cli import build_parser, train_config
     from adaptive_lm.train import Trainer
 
-    c = Corpus(vocab=300, states=6, seed=1)
-    c.write(tmp_path / "train.txt", 2000)
-    main(
-        [
-            "preprocess",
-            "--trainpref",
-            str(tmp_path / "train.txt"),
-            "--destdir",
-            str(tmp_path / "bin"),
-            "--no-progress-bar",
-        ]
-    )
+    small_bin(tmp_path, 2000)
     args = [
         "train",
         str(tmp_path / "bin"),

@@ -205,32 +205,24 @@ def test_seed_recipe_flags_parse_unchanged():
     assert (old.lr, old.min_lr, old.stop_min_lr) == (1.0, 1e-4, 1e-9)
 
 
+NO_DROPOUT = [
+    "--dropout",
+    "0",
+    "--attention-dropout",
+    "0",
+    "--activation-dropout",
+    "0",
+    "--adaptive-softmax-dropout",
+    "0",
+]
+
+
 @pytest.mark.slow
 def test_two_processes_follow_one_process_with_update_freq_2(tmp_path, small_data):
     one = tmp_path / "one"
-    assert (
-        main(
-            tiny_args(
-                small_data,
-                one,
-                "--max-update",
-                "6",
-                "--update-freq",
-                "2",
-                "--dropout",
-                "0",
-                "--attention-dropout",
-                "0",
-                "--activation-dropout",
-                "0",
-                "--adaptive-softmax-dropout",
-                "0",
-            )
-        )
-        == 0
-    )
+    assert main(tiny_args(small_data, one, "--max-update", "6", "--update-freq", "2", *NO_DROPOUT)) == 0
     two = tmp_path / "two"
-    cmd = [
+    torchrun = [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -238,23 +230,8 @@ def test_two_processes_follow_one_process_with_update_freq_2(tmp_path, small_dat
         "--nproc_per_node=2",
         "-m",
         "adaptive_lm",
-        *tiny_args(
-            small_data,
-            two,
-            "--max-update",
-            "6",
-            "--update-freq",
-            "1",
-            "--dropout",
-            "0",
-            "--attention-dropout",
-            "0",
-            "--activation-dropout",
-            "0",
-            "--adaptive-softmax-dropout",
-            "0",
-        ),
     ]
+    cmd = torchrun + tiny_args(small_data, two, "--max-update", "6", "--update-freq", "1", *NO_DROPOUT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-6000:]
