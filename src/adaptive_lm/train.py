@@ -186,6 +186,8 @@ class Trainer:
             self.train_data, cfg.max_tokens, cfg.batch_size, cfg.seed, True, self.world, self.rank
         )
         self.valid_batches: EpochBatches | None = None
+        if not cfg.disable_validation and not (data / f"{cfg.valid_subset}.idx").is_file():
+            self.log.print(f"note: {data}/{cfg.valid_subset}.idx not found: training without validation")
         if not cfg.disable_validation and (data / f"{cfg.valid_subset}.idx").is_file():
             vds = LMDataset.from_split(load_split(data, cfg.valid_subset), cfg.tokens_per_sample, cfg.sample_break_mode)
             if cfg.skip_invalid_size_inputs_valid_test:
@@ -209,16 +211,10 @@ class Trainer:
         self.model = TransformerLM(self.model_cfg).to(self.device)
         self.params = list(self.model.parameters())
         self.optimizer = NAG(self.params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        self.schedule = CosineSchedule(
-            max_lr=cfg.lr,
-            min_lr=cfg.min_lr,
-            warmup_updates=cfg.warmup_updates,
-            warmup_init_lr=cfg.warmup_init_lr,
-            period=cfg.lr_period_updates,
-            t_mult=cfg.t_mult,
-            lr_shrink=cfg.lr_shrink,
-            max_update=cfg.max_update,
-        )
+        try:
+            self.schedule = self._schedule()
+        except ValueError as e:
+            raise UserError(f"{e} (the recipe passes --max-update 286000)") from None
         self.forward_model: Any = self.model
         if cfg.compile:
             try:
@@ -239,6 +235,19 @@ class Trainer:
         self.stop_requested = False
 
     # ---- lr ----
+    def _schedule(self) -> CosineSchedule:
+        cfg = self.cfg
+        return CosineSchedule(
+            max_lr=cfg.lr,
+            min_lr=cfg.min_lr,
+            warmup_updates=cfg.warmup_updates,
+            warmup_init_lr=cfg.warmup_init_lr,
+            period=cfg.lr_period_updates,
+            t_mult=cfg.t_mult,
+            lr_shrink=cfg.lr_shrink,
+            max_update=cfg.max_update,
+        )
+
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
