@@ -38,6 +38,19 @@ def complete_cutoff(cutoff: tuple[int, ...] | list[int], vocab_size: int) -> lis
     return cut
 
 
+ROW_BUCKET = 64
+
+
+def bucket_rows(rows: Tensor, local: Tensor, fill: int) -> tuple[Tensor, Tensor]:
+    """Pad a tail's row list to a multiple of ``ROW_BUCKET`` (repeating its first row, target ``fill``, which
+    the loss ignores): the matmul shapes then repeat across steps and CPU bf16 kernels are reused."""
+    n = rows.numel()
+    extra = -n % ROW_BUCKET
+    if extra == 0 or n == 0:
+        return rows, local
+    return torch.cat([rows, rows[:1].expand(extra)]), torch.cat([local, local.new_full((extra,), fill)])
+
+
 def fp32(t: Tensor) -> Tensor:
     """Softmax and loss in at least fp32 (bf16/fp16 logits are upcast; fp64 stays fp64 for gradient checks)."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
@@ -238,7 +251,8 @@ class AdaptiveSoftmax(nn.Module):
             if c is None:
                 continue
             rows, local = c
-            logits = fp32(self.tail_logits(i, x.index_select(0, rows)))  # (N_i, size_i)
+            rows, local = bucket_rows(rows, local, tail_ignore)  # fewer distinct shapes for oneDNN's cache
+            logits = fp32(self.tail_logits(i, x.index_select(0, rows)))  # (N_i', size_i)
             loss = loss + F.cross_entropy(logits, local, ignore_index=tail_ignore, reduction="sum")
         return loss
 
