@@ -101,7 +101,9 @@ def flags(c: dict, updates: int, save_dir: str) -> list[str]:
 
 
 def last_losses(text: str) -> list[float]:
-    return [float(x) for x in re.findall(r"loss[ =]([\d.]+)", text)]
+    """Per-interval training losses (fairseq's epoch-summary "train" line, an epoch average, is left out)."""
+    lines = [line for line in text.splitlines() if "train_inner" in line]
+    return [float(x) for line in lines for x in re.findall(r"loss[ =]([\d.]+)", line)]
 
 
 def flops_per_update(c: dict, bf16: bool) -> float:
