@@ -37,6 +37,24 @@ def small_bin(tmp_path, tokens: int):
     return tmp_path / "bin"
 
 
+def tiny_train_args(tmp_path, *extra: str) -> list[str]:
+    """`adaptive-lm train` on small_bin's data with the tiny preset, plus ``extra`` flags."""
+    return [
+        "train",
+        str(tmp_path / "bin"),
+        "--arch",
+        "tiny",
+        "--save-dir",
+        str(tmp_path / "run"),
+        "--max-tokens",
+        "256",
+        "--tokens-per-sample",
+        "32",
+        "--no-progress-bar",
+        *extra,
+    ]
+
+
 def test_console_script_and_module_list_subcommands():
     for cmd in (["adaptive-lm", "--help"], [sys.executable, "-m", "adaptive_lm", "--help"]):
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -141,33 +159,8 @@ def test_sigint_finishes_the_update_saves_and_the_same_command_resumes(tmp_path)
 @pytest.mark.parametrize("flag", ["--bf16", "--fp16"])
 def test_mixed_precision_training_runs_and_learns(tmp_path, flag):
     small_bin(tmp_path, 3000)
-    assert (
-        main(
-            [
-                "train",
-                str(tmp_path / "bin"),
-                "--arch",
-                "tiny",
-                "--save-dir",
-                str(tmp_path / "run"),
-                "--max-tokens",
-                "256",
-                "--tokens-per-sample",
-                "32",
-                "--max-update",
-                "30",
-                "--lr",
-                "0.5",
-                "--clip-norm",
-                "0.1",
-                "--log-interval",
-                "5",
-                "--no-progress-bar",
-                flag,
-            ]
-        )
-        == 0
-    )
+    extra = ["--max-update", "30", "--lr", "0.5", "--clip-norm", "0.1", "--log-interval", "5", flag]
+    assert main(tiny_train_args(tmp_path, *extra)) == 0
     rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     losses = [r["loss"] for r in rows if r["split"] == "train_inner"]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
@@ -178,22 +171,7 @@ def test_fp16_overflow_skips_the_update_and_lowers_the_scale(tmp_path, capsys):
     from adaptive_lm.train import Trainer
 
     small_bin(tmp_path, 2000)
-    args = [
-        "train",
-        str(tmp_path / "bin"),
-        "--arch",
-        "tiny",
-        "--save-dir",
-        str(tmp_path / "run"),
-        "--max-tokens",
-        "256",
-        "--tokens-per-sample",
-        "32",
-        "--max-update",
-        "5",
-        "--fp16",
-        "--no-progress-bar",
-    ]
+    args = tiny_train_args(tmp_path, "--max-update", "5", "--fp16")
     trainer = Trainer(train_config(build_parser().parse_args(args)))
     trainer.loss_scale = 3e38  # any real loss times this overflows float32
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}

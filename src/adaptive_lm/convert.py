@@ -13,11 +13,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import unique_state_dict
+from .checkpoint import FORMAT, unique_state_dict
 from .config import ModelConfig
 from .hub import LanguageModel, from_pretrained
-
-FORMAT = "adaptive-lm/1"
 
 
 def export_folder(lm: LanguageModel, dst: str | os.PathLike) -> Path:

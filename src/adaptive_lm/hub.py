@@ -15,13 +15,12 @@ from typing import Any
 
 import torch
 
+from .checkpoint import FORMAT
 from .config import ModelConfig
 from .dictionary import Dictionary
 from .errors import UserError
 from .fairseq_io import config_from_fairseq, load_into, safe_load, state_dict_from_fairseq, stored_settings
 from .model import TransformerLM
-
-CHECKPOINT_FORMAT = "adaptive-lm/1"
 
 
 @dataclass
@@ -238,7 +237,7 @@ def from_pretrained(
     ckpt = safe_load(p)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"{p}: not a model checkpoint (no 'model' entry)")
-    if ckpt.get("format") == CHECKPOINT_FORMAT:  # ours: config and dictionary travel inside
+    if ckpt.get("format") == FORMAT:  # ours: config and dictionary travel inside
         d = Dictionary.load(dictionary) if dictionary else _dictionary_from_checkpoint(ckpt)
         model = _build(ModelConfig.from_dict(ckpt["config"]["model"]), ckpt["model"], str(p), dtype)
         tps = ckpt["config"].get("tokens_per_sample")

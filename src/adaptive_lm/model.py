@@ -541,7 +541,10 @@ class TransformerLM(nn.Module):
 
     def loss(self, src_tokens: Tensor, target: Tensor, tail_ignore_quirk: bool = True) -> Tensor:
         """Summed NLL (nats) over non-pad targets: fairseq's ``adaptive_loss`` (or cross-entropy without it)."""
-        x = self(src_tokens)
+        return self.loss_from_features(self(src_tokens), target, tail_ignore_quirk)
+
+    def loss_from_features(self, x: Tensor, target: Tensor, tail_ignore_quirk: bool = True) -> Tensor:
+        """``loss`` on features already computed (the trainer runs the forward pass itself, maybe compiled)."""
         if self.adaptive_softmax is not None:
             return self.adaptive_softmax.loss(x, target, self.padding_idx, tail_ignore_quirk)
         logits = fp32(self.output_projection(x))  # type: ignore[misc]

@@ -382,11 +382,7 @@ class Trainer:
             src, tgt = s["src_tokens"].to(self.device), s["target"].to(self.device)
             with self.autocast():
                 x = self.features(src)
-                loss = (
-                    self.model.adaptive_softmax.loss(x, tgt, self.model.padding_idx, self.cfg.tail_ignore_quirk)
-                    if self.model.adaptive_softmax is not None
-                    else self.model.loss(src, tgt)
-                )
+                loss = self.model.loss_from_features(x, tgt, self.cfg.tail_ignore_quirk)
             (loss * self.loss_scale).backward() if self.loss_scale != 1.0 else loss.backward()
             loss_sum += loss.detach().double().cpu()
             ntokens += s["ntokens"]
