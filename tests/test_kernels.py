@@ -54,3 +54,27 @@ def test_dropout_gradient_mask_statistics_and_reproducibility():
     b = K.dropout(y, 0.3, True)
     assert torch.equal(a, b)  # masks follow the global torch seed (exact resume)
     assert K.dropout(y, 0.3, False) is y
+
+
+def test_stored_attention_matches_same_mask_reference_gradcheck_and_bf16():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(5, 300, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert K._chunk(5, 300, 300) == 2  # three chunks, the last one short
+    out = K._StoredAttention.apply(q, k, v, 0.25, 7)
+    s = (q @ k.transpose(1, 2)) * 8**-0.5
+    s = s.masked_fill(torch.ones(300, 300, dtype=torch.bool).triu(1), float("-inf"))
+    keep = K._keep_mask((5, 300, 300), 0.25, 7, q.device).double()
+    ref = (s.softmax(-1) * keep * K._scale(0.25)) @ v
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: K._StoredAttention.apply(a, b, c, 0.3, 11), (q, k, v), fast_mode=True
+    )
+    # bf16: probabilities kept in bf16 with fp32 softmax inside; close to the fp32 result at bf16 precision
+    qb, kb, vb = (t.detach().float() for t in (q, k, v))
+    o32 = K._StoredAttention.apply(qb, kb, vb, 0.25, 7)
+    o16 = K._StoredAttention.apply(qb.bfloat16(), kb.bfloat16(), vb.bfloat16(), 0.25, 7)
+    assert o16.dtype == torch.bfloat16
+    torch.testing.assert_close(o16.float(), o32, atol=0.05, rtol=0.02)
