@@ -162,6 +162,30 @@ def test_loss_equals_minus_sum_log_prob_without_quirk_and_quirk_drops_cutoff_plu
     torch.testing.assert_close(quirk, exact + dropped, atol=1e-4, rtol=1e-6)
 
 
+def test_row_bucketing_changes_neither_loss_nor_gradients():
+    """Training pads adaptive-input bands and softmax tails to ``bucket`` sizes; eval does not pad the bands."""
+    assert [adaptive_lm.model.bucket(n) for n in (1, 64, 65, 129, 200, 257, 513)] == [64, 64, 128, 192, 256, 384, 768]
+    torch.manual_seed(0)
+    model = build_model(
+        "tiny", 300, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, adaptive_softmax_dropout=0.0
+    ).double()
+    x, y = torch.randint(2, 300, (3, 50)), torch.randint(2, 300, (3, 50))
+    results = []
+    for train in (True, False):
+        model.train(train)
+        model.zero_grad()
+        loss = model.loss(x, y, tail_ignore_quirk=False)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (l_train, g_train), (l_eval, g_eval) = results
+    with torch.no_grad():
+        exact = -model.target_log_probs(x, y).sum()
+    torch.testing.assert_close(l_train, exact, atol=1e-10, rtol=0)
+    torch.testing.assert_close(l_eval, exact, atol=1e-10, rtol=0)
+    for a, b in zip(g_train, g_eval):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
 def test_tied_weights_get_gradient_from_both_sides():
     model = build_model(
         "tiny", 64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, adaptive_softmax_dropout=0.0

@@ -523,9 +523,10 @@ def _tune_malloc() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Adaptive-softmax tails see a different number of rows every step; oneDNN (bf16 matmuls on CPU) caches a
-    # primitive per shape, which held ~1 GB on the 14M benchmark; 32 keeps most of the speed (8 was 25% slower).
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
+    # oneDNN (CPU bf16 matmuls) builds and caches a kernel per shape. Adaptive tails and bands change their row
+    # counts every step; ``model.bucket`` rounds them to a few sizes, which fit in 128 entries (the default 1024
+    # once held ~1 GB when every row count was its own shape; too small a cache rebuilds kernels every step).
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
     _tune_malloc()
     parser = build_parser()
     ns = parser.parse_args(argv)

@@ -38,14 +38,24 @@ def complete_cutoff(cutoff: tuple[int, ...] | list[int], vocab_size: int) -> lis
     return cut
 
 
-ROW_BUCKET = 64
+def bucket(n: int) -> int:
+    """``n`` rounded up to a coarse size: a multiple of 64 up to 128, then of half the power of two below ``n``
+    (128, 192, 256, 384, 512, 768, ...; at most 50% padding, a handful of sizes per octave).
+
+    Why: the rows of an adaptive-softmax tail or an adaptive-input band change with every batch, and CPU bf16
+    matmuls (oneDNN) build and cache a kernel per shape; with rounded sizes the few shapes repeat across steps.
+    """
+    if n <= 128:
+        return -(-n // 64) * 64
+    step = 1 << (n.bit_length() - 2)  # half of the power of two at or below n
+    return -(-n // step) * step
 
 
 def bucket_rows(rows: Tensor, local: Tensor, fill: int) -> tuple[Tensor, Tensor]:
-    """Pad a tail's row list to a multiple of ``ROW_BUCKET`` (repeating its first row, target ``fill``, which
-    the loss ignores): the matmul shapes then repeat across steps and CPU bf16 kernels are reused."""
+    """Pad a tail's row list to ``bucket(len)`` rows (repeating its first row, with target ``fill``, which the loss
+    ignores), so the tail's matmul shapes repeat across steps."""
     n = rows.numel()
-    extra = -n % ROW_BUCKET
+    extra = bucket(n) - n
     if extra == 0 or n == 0:
         return rows, local
     return torch.cat([rows, rows[:1].expand(extra)]), torch.cat([local, local.new_full((extra,), fill)])
@@ -111,8 +121,12 @@ class AdaptiveInput(nn.Module):
         prev = 0
         for i, end in enumerate(self.cutoff):
             idx = ((flat >= prev) & (flat < end)).nonzero().squeeze(1)  # (N_i,)
-            if idx.numel() > 0:
-                band = self.projections[i](self.embeddings[i](flat.index_select(0, idx) - prev))  # (N_i, d)
+            n = idx.numel()
+            if n > 0:
+                ids = flat.index_select(0, idx) - prev  # (N_i,)
+                if self.training and bucket(n) > n:  # repeating matmul shapes (see ``bucket``); pad rows dropped
+                    ids = torch.cat([ids, ids[:1].expand(bucket(n) - n)])
+                band = self.projections[i](self.embeddings[i](ids))[:n]  # (N_i, d)
                 if out is None:
                     out = band.new_zeros(flat.shape[0], self.embedding_dim)
                 out = out.index_copy(0, idx, band.to(out.dtype))
