@@ -5,12 +5,14 @@ time) and ``scaled_dot_product_attention`` with dropout falls back to a math pat
 probabilities and masks per layer (gigabytes at the recipe's T = 3072). Here:
 
 * ``dropout``: the keep-mask comes from 16-bit lanes of 64-bit random words (4 draws per word, numpy's
-  PCG64-DXSM), seeded from the global torch RNG (so the per-update seeding of the trainer makes resumed runs identical), and is kept as a 16-bit
-  0/1 mask for backward. Keep probability is quantised to 1/65536 and the scale uses the exact quantised
-  value, so the expectation is preserved.
-* ``causal_attention``: flash-attention-style on CPU: query blocks attend only to the keys at or before them
-  (the masked upper triangle is skipped, about half the FLOPs at long T), softmax in fp32, attention dropout
-  with regenerated masks; only q, k, v and one log-sum-exp per query are kept for backward.
+  PCG64-DXSM), seeded from the global torch RNG (so the trainer's per-update seeding makes resumed runs
+  identical), and is kept as a 16-bit 0/1 mask for backward. Keep probability is quantised to 1/65536 and the
+  scale uses the exact quantised value, so the expectation is preserved.
+* ``causal_attention``: at T x T small enough to keep, the probabilities are stored (``_StoredAttention``, a
+  few heads at a time so that every pass over the scores stays in cache); above that, flash-attention-style
+  (``_CausalAttention``): query blocks attend only to the keys at or before them (the masked upper triangle
+  is skipped, about half the FLOPs at long T), softmax in fp32, attention dropout with regenerated masks;
+  only q, k, v and one log-sum-exp per query are kept for backward.
 """
 
 from __future__ import annotations
