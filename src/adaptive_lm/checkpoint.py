@@ -20,6 +20,7 @@ import torch
 from .errors import UserError
 from .fairseq_io import safe_load, state_dict_from_fairseq
 from .model import TransformerLM
+from .optim import NAG
 
 FORMAT = "adaptive-lm/1"
 
@@ -45,7 +46,7 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def optimizer_to_plain(opt: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, Any]:
+def optimizer_to_plain(opt: NAG, model: torch.nn.Module) -> dict[str, Any]:
     """Momentum buffers keyed by parameter *name* (robust to parameter order), plus the group's lr/lr_old."""
     names = {id(p): n for n, p in model.named_parameters()}
     state = {names[id(p)]: {k: v for k, v in s.items()} for p, s in opt.state.items()}
@@ -53,7 +54,7 @@ def optimizer_to_plain(opt: torch.optim.Optimizer, model: torch.nn.Module) -> di
     return {"state": state, "group": group}
 
 
-def optimizer_from_plain(opt: torch.optim.Optimizer, model: torch.nn.Module, plain: dict[str, Any]) -> None:
+def optimizer_from_plain(opt: NAG, model: torch.nn.Module, plain: dict[str, Any]) -> None:
     params = dict(model.named_parameters())
     opt.state.clear()
     for name, s in plain["state"].items():
