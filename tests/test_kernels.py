@@ -58,12 +58,12 @@ def test_dropout_gradient_mask_statistics_and_reproducibility():
 
 def test_stored_attention_matches_same_mask_reference_gradcheck_and_bf16():
     torch.manual_seed(0)
-    q, k, v = (torch.randn(5, 300, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    assert K._chunk(5, 300, 300) == 2  # three chunks, the last one short
+    q, k, v = (torch.randn(5, 600, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert K._chunk(5, 600, 600) == 2  # three chunks, the last one short
     out = K._StoredAttention.apply(q, k, v, 0.25, 7)
     s = (q @ k.transpose(1, 2)) * 8**-0.5
-    s = s.masked_fill(torch.ones(300, 300, dtype=torch.bool).triu(1), float("-inf"))
-    keep = K._keep_mask((5, 300, 300), 0.25, 7, q.device).double()
+    s = s.masked_fill(torch.ones(600, 600, dtype=torch.bool).triu(1), float("-inf"))
+    keep = K._keep_mask((5, 600, 600), 0.25, 7, q.device).double()
     ref = (s.softmax(-1) * keep * K._scale(0.25)) @ v
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
     g = torch.randn_like(out)
