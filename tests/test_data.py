@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import filecmp
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from adaptive_lm.data import EpochBatches, IndexedDataset, LMDataset, batch_by_size, block_spans
+from adaptive_lm.data import EpochBatches, IndexedDataset, LMDataset, batch_by_size, block_spans, load_split
 from adaptive_lm.dictionary import Dictionary
 from adaptive_lm.errors import UserError
 from adaptive_lm.preprocess import PreprocessConfig, preprocess
@@ -109,11 +111,11 @@ def test_source_is_target_shifted_and_every_token_is_a_target_once():
     assert seen == tokens.tolist()
 
 
-def test_batches_respect_max_tokens_multiple_of_8_and_depend_only_on_seed_and_epoch():
+def test_batches_respect_max_tokens_and_depend_only_on_seed_and_epoch():
     sizes = np.array([256] * 37 + [100])
-    batches = batch_by_size(np.argsort(sizes, kind="stable"), sizes, 2048, None)
+    batches = batch_by_size(np.argsort(sizes, kind="stable"), sizes, 2048, None, bsz_mult=1)
     assert all(len(b) * sizes[b].max() <= 2048 for b in batches)
-    assert sorted(np.concatenate(batches).tolist()) == list(range(38))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(38))  # multiple 1: every sample
     ds = LMDataset(np.arange(38 * 256), block_spans(np.array([38 * 256]), 256), 2, 1)
     a = EpochBatches(ds, 512, None, seed=3)
     b = EpochBatches(ds, 512, None, seed=3)
@@ -121,7 +123,29 @@ def test_batches_respect_max_tokens_multiple_of_8_and_depend_only_on_seed_and_ep
     assert [x.tolist() for x in a.epoch_batches(1)] != [x.tolist() for x in a.epoch_batches(2)]
     shards = [EpochBatches(ds, 512, None, seed=3, num_shards=2, shard_id=r).epoch_batches(1) for r in range(2)]
     flat = [i for s in shards for b in s for i in b.tolist()]
-    assert sorted(flat) == list(range(len(ds)))  # disjoint and complete
+    assert sorted(flat) == sorted(np.concatenate(a.batches).tolist())  # disjoint and complete
+
+
+def test_batch_by_size_equals_fairseq_including_the_dropped_last_batch():
+    ref = json.loads((Path(__file__).parent / "fixtures" / "fairseq_batches.json").read_text())
+    dropped = 0
+    for c in ref["batch_by_size"]:
+        ms = None if c["max_sentences"] < 0 else c["max_sentences"]
+        ours = batch_by_size(np.array(c["indices"]), np.array(c["sizes"]), c["max_tokens"], ms, c["mult"])
+        assert [b.tolist() for b in ours] == c["batches"], c
+        dropped += sum(map(len, c["batches"])) < len(c["sizes"])
+    assert dropped > 10  # the fairseq rule (last batch not a multiple of 8 is dropped) is exercised
+
+
+def test_epoch_order_equals_fairseq_train(fixture_dir):
+    ref = json.loads((Path(__file__).parent / "fixtures" / "fairseq_batches.json").read_text())["epoch_order"]
+    split = load_split(fixture_dir / "data-bin", "train")
+    for key, epochs in ref.items():
+        tps, seed = (int(x) for x in key.removeprefix("tps").split("_seed"))
+        eb = EpochBatches(LMDataset.from_split(split, tps, "none"), 2048, None, seed=seed)
+        for epoch, expected in enumerate(epochs, start=1):
+            assert [b.tolist() for b in eb.epoch_batches(epoch)] == expected, (key, epoch)
+    assert len(ref["tps512_seed1"][0]) == 119  # 480 blocks in batches of 4: fairseq drops the last one
 
 
 def test_index_dtype_follows_fairseq_by_vocabulary_size(tmp_path):

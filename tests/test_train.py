@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,6 +70,26 @@ def test_continuing_fairseq_checkpoint_matches_fairseq(tmp_path, fixture_dir, mo
     own = ours.model.state_dict()
     worst = max((own[k] - v).abs().max().item() for k, v in expected.items())
     assert worst < 1e-5, worst
+
+
+def test_multibatch_continuation_and_validation_match_fairseq(tmp_path, fixture_dir):
+    """120 shuffled batches (fairseq's order) and validation with fairseq's dropped last batch: every logged
+    number equal to fairseq's printed one."""
+    flags = " ".join(FAIRSEQ_CONTINUE.split()).replace("--disable-validation", "").split()
+    extra = "--reset-optimizer --reset-lr-scheduler --lr 0.5 --warmup-updates 2 --lr-period-updates 20 --max-update 12"
+    args = ["train", str(fixture_dir / "data-bin"), *flags, *extra.split(), "--validate-interval-updates", "6"]
+    args += ["--seed", "2", "--restore-file", str(fixture_dir / "model" / "checkpoint_best.pt")]
+    args += ["--save-dir", str(tmp_path), "--no-save"]
+    result = train(train_config(build_parser().parse_args(args)))
+    lines = (Path(__file__).parent / "fixtures" / "fairseq_multibatch.log").read_text().splitlines()
+    ref = [dict(re.findall(r"(\w+)=([-\d.e]+)", x)) for x in lines if x.startswith("train_inner")]
+    ref_valid = [float(re.search(r"\| loss ([\d.]+)", x).group(1)) for x in lines if x.startswith("valid")]
+    assert len(result["history"]) == len(ref) == 12 and len(ref_valid) == 2
+    for ours, theirs in zip(result["history"], ref):
+        assert abs(ours["loss"] - float(theirs["loss"])) < 6e-4
+        assert abs(ours["gnorm"] - float(theirs["gnorm"])) < 6e-4
+        assert abs(ours["lr"] - float(theirs["lr"])) < 1e-6
+    assert [round(v, 3) for v in result["valid_losses"]] == ref_valid
 
 
 # ---- a small generated corpus ---------------------------------------------------------------------------

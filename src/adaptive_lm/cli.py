@@ -91,6 +91,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", "--max-sentences", type=int, default=None)
     p.add_argument("--max-tokens-valid", type=int, default=None)
     p.add_argument("--batch-size-valid", type=int, default=None)
+    p.add_argument(
+        "--required-batch-size-multiple",
+        type=int,
+        default=8,
+        help="fairseq's batch rounding; like fairseq, a last batch whose size is not a multiple is dropped "
+        "(pass 1 to keep every sample)",
+    )
     p.add_argument("--tokens-per-sample", type=int, default=1024)
     p.add_argument("--sample-break-mode", default="none", choices=["none", "complete", "complete_doc", "eos"])
     p.add_argument("--seed", type=int, default=1)
@@ -170,6 +177,7 @@ def train_config(ns: argparse.Namespace):
         valid_subset=ns.valid_subset,
         max_tokens_valid=ns.max_tokens_valid,
         batch_size_valid=ns.batch_size_valid,
+        required_batch_size_multiple=ns.required_batch_size_multiple,
         skip_invalid_size_inputs_valid_test=ns.skip_invalid_size_inputs_valid_test,
         save_interval=ns.save_interval,
         save_interval_updates=ns.save_interval_updates,

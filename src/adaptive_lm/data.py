@@ -5,7 +5,8 @@
 * ``block_spans``: ``TokenBlockDataset``'s cuts for ``--sample-break-mode none|complete|complete_doc|eos``.
 * ``LMDataset``: (source, target) per block, source = the stream shifted right by one (``</s>`` first).
 * ``batch_by_size`` / ``EpochBatches``: size-sorted batches bounded by ``--max-tokens`` / ``--batch-size``,
-  shuffled per epoch from ``seed + epoch`` only, sharded over ranks, resumable at any batch.
+  shuffled per epoch from ``seed + epoch`` only, sharded over ranks, resumable at any batch; the same batches in
+  the same order as fairseq-train (tested against batches fairseq produced).
 """
 
 from __future__ import annotations
@@ -232,42 +233,58 @@ def ordered_indices(sizes: np.ndarray, shuffle: bool, seed: int) -> np.ndarray:
 def batch_by_size(
     indices: np.ndarray, sizes: np.ndarray, max_tokens: int | None, max_sentences: int | None, bsz_mult: int = 8
 ) -> list[np.ndarray]:
-    """fairseq's batch_by_size: grow a batch until (n+1) * longest > max_tokens or n == max_sentences,
-    then keep a multiple of ``bsz_mult`` (the rest starts the next batch)."""
-    max_tokens = max_tokens or -1
-    max_sentences = max_sentences or -1
-    batches: list[np.ndarray] = []
-    batch: list[int] = []
-    lens: list[int] = []
-    longest = 0
-    for idx in indices.tolist():
-        n = int(sizes[idx])
-        if max_tokens > 0 and n > max_tokens:
-            raise UserError(
-                f"a sample of {n} tokens exceeds --max-tokens {max_tokens}: raise --max-tokens to at least "
-                f"--tokens-per-sample"
-            )
-        lens.append(n)
-        longest = max(longest, n)
-        full = len(batch) > 0 and (
-            (max_sentences > 0 and len(batch) == max_sentences)
-            or (max_tokens > 0 and (len(batch) + 1) * longest > max_tokens)
+    """fairseq 0.12's ``batch_by_size`` (vectorised version), then its rule for the last batch.
+
+    Scanning the size-sorted indices, the running batch absorbs the not-yet-committed tail whenever the result
+    still fits (``n * longest <= max_tokens``, ``n <= max_sentences``) and ``n`` is below ``bsz_mult`` or a
+    multiple of it; when it no longer fits the batch is closed and the tail starts the next one (if the tail alone
+    does not fit, it is closed as a batch of its own). Finally fairseq **drops the last batch when its size is not
+    a multiple of** ``bsz_mult`` (``--required-batch-size-multiple``, default 8): with the recipe's one 3072-token
+    block per batch, one block per epoch is never trained on, and a partial last validation batch is not scored.
+    Reproduced so that batch order and logged losses are fairseq's; ``bsz_mult=1`` keeps every sample.
+    """
+    n = len(indices)
+    if n == 0:
+        return []
+    lens = np.asarray(sizes)[indices].astype(np.int64)
+    if max_tokens and max_tokens > 0 and int(lens.max()) > max_tokens:
+        raise UserError(
+            f"a sample of {int(lens.max())} tokens exceeds --max-tokens {max_tokens}: raise --max-tokens to at "
+            f"least --tokens-per-sample"
         )
-        if full:
-            keep = max(bsz_mult * (len(batch) // bsz_mult), len(batch) % bsz_mult)
-            batches.append(np.asarray(batch[:keep], dtype=np.int64))
-            batch, lens = batch[keep:], lens[keep:]
-            longest = max(lens) if lens else 0
-        batch.append(idx)
-    if batch:
-        batches.append(np.asarray(batch, dtype=np.int64))
+    mt = max_tokens if max_tokens and max_tokens > 0 else 0
+    ms = max_sentences if max_sentences and max_sentences > 0 else 0
+    ends = [0]  # ends[-1]: end of the running batch; earlier entries: ends of closed batches
+    start = 0  # start of the running batch
+    batch_max = tail_max = 0
+    for pos in range(n):
+        tail_max = max(tail_max, int(lens[pos]))
+        new_max = max(batch_max, tail_max)
+        count = pos + 1 - start
+        overflow = (ms and count > ms) or (mt and count * new_max > mt)
+        if overflow:
+            if mt and tail_max * (pos + 1 - ends[-1]) > mt:  # the tail alone is too big: close it by itself
+                ends.append(pos)
+                tail_max = int(lens[pos])
+            start = ends[-1]
+            ends.append(0)
+            new_max = tail_max
+        if overflow or count < bsz_mult or count % bsz_mult == 0:
+            ends[-1] = pos + 1
+            batch_max = new_max
+            tail_max = 0
+    cuts = ends if ends[-1] != n else ends[:-1]
+    batches = np.split(np.asarray(indices, dtype=np.int64), cuts)
+    if bsz_mult > 1 and len(batches[-1]) % bsz_mult != 0:
+        batches = batches[:-1]
     return batches
 
 
 @dataclass
 class EpochBatches:
-    """The batches of one split, fixed once (sorted by size), reshuffled per epoch from ``seed + epoch`` and
-    sharded over ranks; a position (epoch, batches done) is all a checkpoint needs to resume exactly."""
+    """The batches of one split, fixed once (sorted by size), reshuffled per epoch from ``seed + epoch`` (when
+    ``shuffle``: training) and sharded over ranks; a position (epoch, batches done) is all a checkpoint needs to
+    resume exactly."""
 
     dataset: LMDataset
     max_tokens: int | None
@@ -276,10 +293,16 @@ class EpochBatches:
     shuffle: bool = True
     num_shards: int = 1
     shard_id: int = 0
+    bsz_mult: int = 8
 
     def __post_init__(self) -> None:
-        order = ordered_indices(self.dataset.sizes, self.shuffle, self.seed)
-        self.batches = batch_by_size(order, self.dataset.sizes, self.max_tokens, self.max_sentences)
+        # fairseq sorts under numpy seed ``seed + epoch`` with the epoch the process *starts* in; a fresh run
+        # starts in epoch 1. (fairseq resumed in epoch k re-sorts with seed + k, so its own resumed runs see other
+        # batches than uninterrupted ones; here the batches are fixed for the whole run, so resuming is exact.)
+        # The language_modeling task's datasets always sort from a random permutation (validation too: with the
+        # last-batch rule the permutation decides which samples a partial last batch would hold).
+        order = ordered_indices(self.dataset.sizes, True, self.seed + 1)
+        self.batches = batch_by_size(order, self.dataset.sizes, self.max_tokens, self.max_sentences, self.bsz_mult)
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         batches = list(self.batches)

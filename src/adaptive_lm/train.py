@@ -68,6 +68,7 @@ class TrainConfig:
     valid_subset: str = "valid"
     max_tokens_valid: int | None = None
     batch_size_valid: int | None = None
+    required_batch_size_multiple: int = 8  # fairseq's; it also drops a last batch whose size is not a multiple
     skip_invalid_size_inputs_valid_test: bool = False
     # checkpoints
     save_interval: int = 1
@@ -183,7 +184,14 @@ class Trainer:
                 f"(break mode {cfg.sample_break_mode}); raise --tokens-per-sample or use --sample-break-mode none"
             )
         self.batches = EpochBatches(
-            self.train_data, cfg.max_tokens, cfg.batch_size, cfg.seed, True, self.world, self.rank
+            self.train_data,
+            cfg.max_tokens,
+            cfg.batch_size,
+            cfg.seed,
+            True,
+            self.world,
+            self.rank,
+            cfg.required_batch_size_multiple,
         )
         self.valid_batches: EpochBatches | None = None
         if not cfg.disable_validation and not (data / f"{cfg.valid_subset}.idx").is_file():
@@ -201,6 +209,7 @@ class Trainer:
                 False,
                 self.world,
                 self.rank,
+                cfg.required_batch_size_multiple,
             )
 
         # ---- model / optimiser / schedule ----
@@ -233,6 +242,7 @@ class Trainer:
         self.train_seconds = 0.0
         self.set_lr(self.schedule.lr_at(0))  # fairseq calls step_update(0) right after building
         self.stop_requested = False
+        self.valid_history: list[float] = []  # every validation loss of this process (bits per token)
 
     # ---- lr ----
     def _schedule(self) -> CosineSchedule:
@@ -465,6 +475,7 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(stats)
         val = float(stats[0] / max(stats[1], 1) / math.log(2))
+        self.valid_history.append(val)
         self.log.log(
             "valid",
             {
@@ -517,7 +528,12 @@ class Trainer:
             f"done training: {self.num_updates} updates, {done_epochs} epoch(s) completed or begun, "
             f"{self.train_seconds:.1f}s in updates"
         )
-        return {"num_updates": self.num_updates, "history": history, "valid_loss": last_val}
+        return {
+            "num_updates": self.num_updates,
+            "history": history,
+            "valid_loss": last_val,
+            "valid_losses": self.valid_history,
+        }
 
     def run_epoch(self, history: list[dict[str, Any]]) -> tuple[bool, float | None]:
         cfg = self.cfg
