@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
+import gc
 import os
 import platform
 import sys
@@ -539,7 +540,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
-        return int(ns.func(ns) or 0)
+        rc = int(ns.func(ns) or 0)
+        gc.freeze()  # interpreter shutdown then skips walking torch's objects (0.2 s of every command's exit)
+        return rc
     except (UserError, ConfigError) as e:
         print(f"adaptive-lm {ns.command}: error: {e}", file=sys.stderr)
         return 2

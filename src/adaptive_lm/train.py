@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -504,6 +505,9 @@ class Trainer:
         self.report_start()
         self.install_signal_handlers()
         self.updates_this_run = 0
+        # Everything alive now (torch's modules, the model, the data) lives until the end: exempt it from the
+        # cyclic garbage collector, whose full passes would otherwise walk it again and again during training.
+        gc.freeze()
         last_val = None
         history: list[dict[str, Any]] = []
         while True:
