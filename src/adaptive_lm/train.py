@@ -465,14 +465,14 @@ class Trainer:
         if self.valid_batches is None:
             return None
         self.model.eval()
-        stats = torch.zeros(2, dtype=torch.float64)
+        stats = torch.zeros(3, dtype=torch.float64)  # loss sum (nats), tokens, batches
         for s in self.valid_batches.iterate(epoch=1):
             if s["ntokens"] == 0:
                 continue
             src, tgt = s["src_tokens"].to(self.device), s["target"].to(self.device)
             with self.autocast():
                 loss = self.model.loss(src, tgt, self.cfg.tail_ignore_quirk)
-            stats += torch.tensor([float(loss), s["ntokens"]], dtype=torch.float64)
+            stats += torch.tensor([float(loss), s["ntokens"], 1.0], dtype=torch.float64)
         if self.world > 1:
             dist.all_reduce(stats)
         val = float(stats[0] / max(stats[1], 1) / math.log(2))
@@ -484,7 +484,8 @@ class Trainer:
                 "loss": round(val, 3),
                 "ppl": round(2**val, 2),
                 "num_updates": self.num_updates,
-                "wpb": int(stats[1]),
+                "wpb": round(float(stats[1] / max(stats[2], 1))),  # per batch, as fairseq logs it
+                "tokens": int(stats[1]),
             },
             self.num_updates,
         )
