@@ -269,6 +269,7 @@ def test_tiny_model_overfits_one_batch():
         (dict(adaptive_softmax_cutoff=(20, 30)), "identical cutoffs"),
         (dict(adaptive_softmax_factor=2.0), "equal factors"),
         (dict(decoder_attention_heads=5), "not divisible"),
+        (dict(adaptive_input_factor=8.0, adaptive_softmax_factor=8.0), r"bands would be \[32, 4, 0\] wide"),
     ],
 )
 def test_bad_configs_say_what_to_change(overrides, message):

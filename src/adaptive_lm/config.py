@@ -129,6 +129,29 @@ class ModelConfig:
                     f"tied adaptive weights need decoder_input_dim == decoder_output_dim "
                     f"({self.decoder_input_dim} != {self.decoder_output_dim})"
                 )
+        for on, name, dim, factor, cut in (
+            (
+                self.adaptive_input,
+                "input",
+                self.decoder_input_dim,
+                self.adaptive_input_factor,
+                self.adaptive_input_cutoff,
+            ),
+            (
+                self.adaptive_softmax_cutoff is not None,
+                "softmax",
+                self.decoder_output_dim,
+                self.adaptive_softmax_factor,
+                self.adaptive_softmax_cutoff,
+            ),
+        ):
+            if on and cut is not None:
+                dims = band_dims(dim, factor, len(tuple(cut)) + 1)
+                if min(dims) < 1:
+                    raise ConfigError(
+                        f"adaptive {name} bands would be {dims} wide ({dim} divided by {factor:g} per band): raise "
+                        f"the model width, lower --adaptive-{name}-factor, or use fewer --adaptive-{name}-cutoff values"
+                    )
         if self.share_decoder_input_output_embed and self.adaptive_softmax_cutoff is not None:
             raise ConfigError("share_decoder_input_output_embed cannot be used with an adaptive softmax")
         for name in ("dropout", "attention_dropout", "activation_dropout", "relu_dropout", "adaptive_softmax_dropout"):
