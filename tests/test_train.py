@@ -266,3 +266,25 @@ def test_two_processes_follow_one_process_with_update_freq_2(tmp_path, small_dat
     assert max(abs(a - b) for a, b in zip(l1, l2)) < 2e-3  # logged rounded to 3 decimals
     w1, w2 = weights(one / "checkpoint_last.pt"), weights(two / "checkpoint_last.pt")
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
+
+
+def test_compile_gives_the_eager_losses_or_falls_back_with_a_warning(tmp_path, small_data, capsys):
+    """``--compile`` must never change the numbers (the dropout masks come from the same seeds) nor crash: where
+    no C++ compiler exists the trainer says so and continues eagerly."""
+    eager = train(train_config(build_parser().parse_args(tiny_args(small_data, tmp_path / "e", "--max-update", "4"))))
+    capsys.readouterr()
+    args = tiny_args(small_data, tmp_path / "c", "--max-update", "4", "--compile")
+    compiled = train(train_config(build_parser().parse_args(args)))
+    out = capsys.readouterr()
+    fell_back = "--compile failed" in out.out + out.err or "--compile unavailable" in out.out + out.err
+    for a, b in zip(eager["history"], compiled["history"], strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b, fell_back)
+
+
+def test_cosine_schedule_ending_within_the_warmup_keeps_the_peak_lr():
+    """--max-update equal to --warmup-updates (no --lr-period-updates) leaves no cosine period: fairseq divides
+    0 by 0 after the last update; here the lr after it is the warmup's peak."""
+    from adaptive_lm.optim import CosineSchedule
+
+    s = CosineSchedule(max_lr=0.5, min_lr=1e-4, warmup_updates=3, warmup_init_lr=1e-7, t_mult=2, max_update=3)
+    assert [round(s.lr_at(i), 6) for i in range(4)] == [0.0, 0.166667, 0.333333, 0.5]

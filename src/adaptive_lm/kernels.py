@@ -45,6 +45,14 @@ def _lanes(shape: torch.Size | tuple[int, ...], seed: int, device: torch.device)
     return torch.from_numpy(words.view(np.int16)[:n]).view(shape).to(device)
 
 
+def prepare_for_compile() -> None:
+    """Keep TorchDynamo out of the numpy mask generator (it mis-traces the uint64 -> int16 view); called by the
+    trainer under ``--compile`` only, because ``torch.compiler.disable`` imports TorchDynamo (0.7 s)."""
+    global _lanes, _new_seed
+    _lanes = torch.compiler.disable(_lanes)
+    _new_seed = torch.compiler.disable(_new_seed)
+
+
 def _threshold(p: float) -> int:
     """Keep a lane iff lane >= this (P = 1 - round(p * 65536) / 65536)."""
     return round(p * _LANES) - _LANES // 2

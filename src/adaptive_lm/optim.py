@@ -98,7 +98,7 @@ class CosineSchedule:
         if self.period <= 0:
             if self.max_update <= 0:
                 raise ValueError("--lr-period-updates or --max-update is needed for the cosine schedule")
-            self.period = self.max_update - self.warmup_updates
+            self.period = self.max_update - self.warmup_updates  # <= 0: training ends within the warmup
         self.lr_step = (self.max_lr - self.warmup_init_lr) / self.warmup_updates if self.warmup_updates > 0 else 1
 
     def initial_lr(self) -> float:
@@ -109,6 +109,8 @@ class CosineSchedule:
         if num_updates < self.warmup_updates:
             return self.warmup_init_lr + num_updates * self.lr_step
         t = num_updates - self.warmup_updates
+        if self.period <= 0:  # --max-update <= --warmup-updates: the lr after the last update (fairseq: 0 / 0)
+            return self.max_lr
         if self.t_mult != 1:
             i = math.floor(math.log(1 - t / self.period * (1 - self.t_mult), self.t_mult))
             t_i = self.t_mult**i * self.period

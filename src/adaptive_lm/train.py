@@ -32,6 +32,7 @@ from .data import EpochBatches, LMDataset, load_split
 from .dictionary import Dictionary
 from .errors import UserError
 from .fairseq_io import load_into, state_dict_from_fairseq
+from .kernels import prepare_for_compile
 from .model import TransformerLM
 from .optim import NAG, CosineSchedule, clip_grad_norm_
 
@@ -228,6 +229,7 @@ class Trainer:
         self.forward_model: Any = self.model
         if cfg.compile:
             try:
+                prepare_for_compile()
                 self.forward_model = torch.compile(self.model, dynamic=True)
             except Exception as e:  # pragma: no cover - depends on the toolchain
                 self.log.print(f"warning: --compile unavailable ({type(e).__name__}: {e}); running eagerly")
@@ -435,9 +437,11 @@ class Trainer:
         """The compiled model if ``--compile`` works here; on the first failure, a warning and eager mode."""
         if self.forward_model is self.model:
             return self.model(src)
+        rng = torch.get_rng_state()  # a failed attempt may have drawn dropout seeds: retry with the same ones
         try:
             return self.forward_model(src)
         except Exception as e:  # no C++ compiler, unsupported op, ...: never fatal
+            torch.set_rng_state(rng)
             self.log.print(
                 f"warning: --compile failed at run time ({type(e).__name__}: {str(e)[:200]}); continuing without it"
             )
