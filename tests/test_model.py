@@ -162,9 +162,16 @@ def test_loss_equals_minus_sum_log_prob_without_quirk_and_quirk_drops_cutoff_plu
     torch.testing.assert_close(quirk, exact + dropped, atol=1e-4, rtol=1e-6)
 
 
-def test_row_bucketing_changes_neither_loss_nor_gradients():
-    """Training pads adaptive-input bands and softmax tails to ``bucket`` sizes; eval does not pad the bands."""
+def test_row_bucketing_changes_neither_loss_nor_gradients(monkeypatch):
+    """Training pads adaptive-input bands and softmax tails to ``bucket`` sizes on CPU in half precision; eval
+    does not pad the bands. Forced on here (fp64) to compare exactly."""
     assert [adaptive_lm.model.bucket(n) for n in (1, 64, 65, 129, 200, 257, 513)] == [64, 64, 128, 192, 256, 384, 768]
+    cpu = torch.device("cpu")
+    assert not adaptive_lm.model.wants_buckets(cpu, torch.float32)
+    assert adaptive_lm.model.wants_buckets(cpu, torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert adaptive_lm.model.wants_buckets(cpu, torch.float32)
+    monkeypatch.setattr(adaptive_lm.model, "wants_buckets", lambda device, dtype: True)
     torch.manual_seed(0)
     model = build_model(
         "tiny", 300, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, adaptive_softmax_dropout=0.0

@@ -51,6 +51,12 @@ def bucket(n: int) -> int:
     return -(-n // step) * step
 
 
+def wants_buckets(device: torch.device, dtype: torch.dtype) -> bool:
+    """Row bucketing pays only where oneDNN runs the matmuls: CPU in bf16/fp16 (autocast or half weights). fp32
+    on CPU goes to MKL, which caches nothing per shape; there the padding was pure cost (3% of a small step)."""
+    return device.type == "cpu" and (dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(device.type))
+
+
 def bucket_rows(rows: Tensor, local: Tensor, fill: int) -> tuple[Tensor, Tensor]:
     """Pad a tail's row list to ``bucket(len)`` rows (repeating its first row, with target ``fill``, which the loss
     ignores), so the tail's matmul shapes repeat across steps."""
@@ -124,7 +130,8 @@ class AdaptiveInput(nn.Module):
             n = idx.numel()
             if n > 0:
                 ids = flat.index_select(0, idx) - prev  # (N_i,)
-                if self.training and bucket(n) > n:  # repeating matmul shapes (see ``bucket``); pad rows dropped
+                w = self.projections[i].weight
+                if self.training and bucket(n) > n and wants_buckets(w.device, w.dtype):  # pad rows dropped below
                     ids = torch.cat([ids, ids[:1].expand(bucket(n) - n)])
                 band = self.projections[i](self.embeddings[i](ids))[:n]  # (N_i, d)
                 if out is None:
@@ -265,7 +272,8 @@ class AdaptiveSoftmax(nn.Module):
             if c is None:
                 continue
             rows, local = c
-            rows, local = bucket_rows(rows, local, tail_ignore)  # fewer distinct shapes for oneDNN's cache
+            if wants_buckets(x.device, x.dtype):
+                rows, local = bucket_rows(rows, local, tail_ignore)  # fewer distinct shapes for oneDNN's cache
             logits = fp32(self.tail_logits(i, x.index_select(0, rows)))  # (N_i', size_i)
             loss = loss + F.cross_entropy(logits, local, ignore_index=tail_ignore, reduction="sum")
         return loss
