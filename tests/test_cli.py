@@ -109,28 +109,8 @@ def test_make_corpus_cli(tmp_path, capsys):
 
 def test_sigint_finishes_the_update_saves_and_the_same_command_resumes(tmp_path):
     small_bin(tmp_path, 30_000)
-    base = [
-        sys.executable,
-        "-m",
-        "adaptive_lm",
-        "train",
-        str(tmp_path / "bin"),
-        "--arch",
-        "tiny",
-        "--save-dir",
-        str(tmp_path / "run"),
-        "--max-tokens",
-        "256",
-        "--tokens-per-sample",
-        "32",
-        "--lr",
-        "0.1",
-        "--log-interval",
-        "1",
-        "--no-progress-bar",
-        "--log-format",
-        "json",
-    ]
+    base = [sys.executable, "-m", "adaptive_lm"]
+    base += tiny_train_args(tmp_path, "--lr", "0.1", "--log-interval", "1", "--log-format", "json")
     cmd = base + ["--max-update", "100000"]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1")
