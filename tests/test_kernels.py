@@ -78,3 +78,48 @@ def test_stored_attention_matches_same_mask_reference_gradcheck_and_bf16():
     o16 = K._StoredAttention.apply(qb.bfloat16(), kb.bfloat16(), vb.bfloat16(), 0.25, 7)
     assert o16.dtype == torch.bfloat16
     torch.testing.assert_close(o16.float(), o32, atol=0.05, rtol=0.02)
+    # bf16 backward (the path that keeps the 0/1 mask) against the fp32 one (the path that does without it)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    q16, k16, v16 = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
+    g32 = torch.autograd.grad(K._StoredAttention.apply(q32, k32, v32, 0.25, 7), (q32, k32, v32), g.float())
+    g16 = torch.autograd.grad(K._StoredAttention.apply(q16, k16, v16, 0.25, 7), (q16, k16, v16), g.bfloat16())
+    for a, b in zip(g16, g32):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b, atol=0.05 * float(b.abs().max()), rtol=0.02)
+
+
+def test_summed_cross_entropy_equals_torch_with_ignored_rows_and_scaled_gradient():
+    torch.manual_seed(0)
+    x = torch.randn(300, 50, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 50, (300,))
+    t[::7] = 1  # ignored rows
+    assert torch.autograd.gradcheck(lambda a: K.cross_entropy_sum(a, t, 1), (x,))
+    x32 = x.detach().float().requires_grad_()
+    for weight in (1.0, 3.5):  # 1: the unscaled fast path; 3.5: loss scaling
+        ours = K.cross_entropy_sum(x32, t, 1)
+        ref = F.cross_entropy(x32, t, ignore_index=1, reduction="sum")
+        torch.testing.assert_close(ours, ref, atol=0, rtol=1e-6)
+        (g,) = torch.autograd.grad(ours * weight, x32)
+        (gr,) = torch.autograd.grad(ref * weight, x32)
+        torch.testing.assert_close(g, gr, atol=1e-7, rtol=1e-6)
+        assert g[::7].abs().max() == 0  # ignored rows get no gradient
+    none_ignored = K.cross_entropy_sum(x32, t, -100)  # an ignore index no target has
+    torch.testing.assert_close(none_ignored, F.cross_entropy(x32, t, reduction="sum"), atol=0, rtol=1e-6)
+
+
+def test_fused_residual_dropout_and_relu_dropout_equal_the_unfused_ops():
+    x = torch.randn(6, 50, 16, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(6, 50, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: K._DropoutAdd.apply(a, b, 0.3, 5), (x, h))
+    xf, hf = x.detach().float(), h.detach().float()
+    torch.manual_seed(3)
+    fused = K.add_dropout(xf, hf, 0.3, True)
+    torch.manual_seed(3)
+    dropped = K.dropout(hf, 0.3, True)
+    assert torch.equal(fused == xf, dropped == 0)  # the same mask
+    torch.testing.assert_close(fused, xf + dropped, atol=1e-6, rtol=1e-6)  # addcmul may fuse the multiply-add
+    # the decoder layer applies relu after the activation dropout (equal, since the mask is >= 0)
+    torch.manual_seed(4)
+    a = F.relu(K.dropout(hf, 0.1, True))
+    torch.manual_seed(4)
+    assert torch.equal(a, K.dropout(F.relu(hf), 0.1, True))

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig, band_dims
-from .kernels import causal_attention, dropout
+from .kernels import add_dropout, causal_attention, cross_entropy_sum, dropout
 
 KVCache = list[dict[str, Tensor]]
 
@@ -266,7 +266,7 @@ class AdaptiveSoftmax(nn.Module):
         x = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
         x = dropout(x, self.dropout, self.training)
         head_target, clusters = self.split_targets(target)
-        loss = F.cross_entropy(fp32(self.head_logits(x)), head_target, ignore_index=ignore_index, reduction="sum")
+        loss = cross_entropy_sum(fp32(self.head_logits(x)), head_target, ignore_index)
         tail_ignore = ignore_index if tail_ignore_quirk else -100
         for i, c in enumerate(clusters):
             if c is None:
@@ -275,7 +275,7 @@ class AdaptiveSoftmax(nn.Module):
             if wants_buckets(x.device, x.dtype):
                 rows, local = bucket_rows(rows, local, tail_ignore)  # fewer distinct shapes for oneDNN's cache
             logits = fp32(self.tail_logits(i, x.index_select(0, rows)))  # (N_i', size_i)
-            loss = loss + F.cross_entropy(logits, local, ignore_index=tail_ignore, reduction="sum")
+            loss = loss + cross_entropy_sum(logits, local, tail_ignore)
         return loss
 
     def log_prob(self, hidden: Tensor) -> Tensor:
@@ -422,9 +422,13 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, cache: dict[str, Tensor] | None = None) -> Tensor:
         h = self.self_attn(self.self_attn_layer_norm(x), cache)  # (B, T, d)
-        x = x + dropout(h, self.dropout, self.training)
-        h = dropout(self.act(self.fc1(self.final_layer_norm(x))), self.act_dropout, self.training)  # (B, T, ffn)
-        return x + dropout(self.fc2(h), self.dropout, self.training)  # (B, T, d)
+        x = add_dropout(x, h, self.dropout, self.training)
+        h = self.fc1(self.final_layer_norm(x))  # (B, T, ffn)
+        if self.act is F.relu:  # relu(h) * keep == relu(h * keep) (keep >= 0): relu in place, one tensor fewer
+            h = F.relu(dropout(h, self.act_dropout, self.training), inplace=self.training and self.act_dropout > 0)
+        else:
+            h = dropout(self.act(h), self.act_dropout, self.training)
+        return add_dropout(x, self.fc2(h), self.dropout, self.training)  # (B, T, d)
 
 
 # =====================================================================================================
@@ -570,9 +574,7 @@ class TransformerLM(nn.Module):
         if self.adaptive_softmax is not None:
             return self.adaptive_softmax.loss(x, target, self.padding_idx, tail_ignore_quirk)
         logits = fp32(self.output_projection(x))  # type: ignore[misc]
-        return F.cross_entropy(
-            logits.view(-1, logits.shape[-1]), target.reshape(-1), ignore_index=self.padding_idx, reduction="sum"
-        )
+        return cross_entropy_sum(logits.view(-1, logits.shape[-1]), target.reshape(-1), self.padding_idx)
 
     def num_parameters(self) -> int:
         """Unique parameters (tied tensors once), the way fairseq and the paper count them."""
