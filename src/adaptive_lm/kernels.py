@@ -303,20 +303,24 @@ class _SummedCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:  # type: ignore[override]
         logp = torch.log_softmax(logits, dim=-1)  # (N, V)
         valid = target.ne(ignore_index)  # (N,)
-        safe = target.masked_fill(~valid, 0)  # (N,) ignored rows point at column 0, zeroed below
+        safe = target.masked_fill(~valid, 0)  # (N,) ignored rows point at column 0, zeroed in backward
         picked = logp.gather(1, safe.unsqueeze(1)).squeeze(1)  # (N,)
-        ignored = (~valid).nonzero().squeeze(1)  # (n_ignored,) usually empty
-        ctx.save_for_backward(logp, safe, ignored)
+        ctx.on_cpu = logits.device.type == "cpu"
+        # CPU: the (usually empty) list of ignored rows; elsewhere the mask (a list would cost a host sync)
+        rows = (~valid).nonzero().squeeze(1) if ctx.on_cpu else valid  # (n_ignored,) or (N,)
+        ctx.save_for_backward(logp, safe, rows)
         return -picked.masked_fill(~valid, 0).sum()
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        logp, safe, ignored = ctx.saved_tensors
+        logp, safe, rows = ctx.saved_tensors
         grad = torch.exp(logp)  # (N, V) softmax
         grad.scatter_add_(1, safe.unsqueeze(1), grad.new_full((safe.numel(), 1), -1.0))  # - onehot
-        if ignored.numel():
-            grad.index_fill_(0, ignored, 0.0)
-        if g.device.type != "cpu" or float(g) != 1.0:  # loss scaling or a weighted loss; skipped for 1 (no sync)
+        if not ctx.on_cpu:
+            return grad.mul_(rows.unsqueeze(1).to(grad.dtype) * g), None, None
+        if rows.numel():
+            grad.index_fill_(0, rows, 0.0)
+        if float(g) != 1.0:  # loss scaling or a weighted loss; plain loss.backward() skips this pass
             grad.mul_(g)
         return grad, None, None
 
