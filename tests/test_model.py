@@ -293,3 +293,22 @@ def test_target_path_in_small_chunks_equals_one_pass():
         whole = model.adaptive_softmax.target_log_prob(feats, y)
         chunked = model.adaptive_softmax.target_log_prob(feats, y, chunk_elements=50)  # a couple of rows at a time
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["wiki103_tied", "tied_emb_only", "untied", "plain", "plain_shared"])
+def test_a_seed_gives_fairseqs_initial_weights_exactly(variant):
+    """The same seed gives fairseq's initial weights bit for bit (tests/fixtures/fairseq_init.pt, made by
+    tests/fixtures/make_fairseq_init.py with fairseq itself): the same random draws, in the same order."""
+    from pathlib import Path
+
+    fx = torch.load(Path(__file__).parent / "fixtures" / "fairseq_init.pt", weights_only=True)
+    cfg = config_from_fairseq(fx["settings"][variant], 300)
+    prefix = f"{variant}/"
+    theirs = state_dict_from_fairseq(
+        {k[len(prefix) :]: v for k, v in fx["weights"].items() if k.startswith(prefix)}, cfg
+    )
+    torch.manual_seed(7)  # fairseq-train: set_torch_seed(seed), then build the model
+    ours = TransformerLM(cfg).state_dict()
+    assert set(theirs) == set(ours)
+    for k, v in theirs.items():
+        assert torch.equal(ours[k], v), k

@@ -67,6 +67,11 @@ def bucket_rows(rows: Tensor, local: Tensor, fill: int) -> tuple[Tensor, Tensor]
     return torch.cat([rows, rows[:1].expand(extra)]), torch.cat([local, local.new_full((extra,), fill)])
 
 
+def _linear_init_draw(out_features: int, in_features: int) -> None:
+    """Consume the random numbers that building a bias-free ``nn.Linear(in_features, out_features)`` draws."""
+    nn.init.kaiming_uniform_(torch.empty(out_features, in_features), a=math.sqrt(5))
+
+
 def fp32(t: Tensor) -> Tensor:
     """Softmax and loss in at least fp32 (bf16/fp16 logits are upcast; fp64 stays fp64 for gradient checks)."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
@@ -186,6 +191,10 @@ class AdaptiveSoftmax(nn.Module):
         else:
             self.word_weight = nn.Parameter(torch.empty(c0, input_dim))
         self.class_weight = nn.Parameter(torch.empty(self.n_clusters, input_dim))
+        # fairseq builds an nn.Linear for the head (or the tied head's class part) and for every untied tail
+        # matrix, each drawing its default init, before re-initialising them all; the same draws here, in the same
+        # order, so that a given seed gives fairseq's initial weights exactly (only the count and order matter)
+        _linear_init_draw(self.head_size - c0 if self.tied else self.head_size, input_dim)
 
         self.tail_proj = nn.ParameterList()
         self.tail_out = nn.ParameterList()
@@ -194,16 +203,23 @@ class AdaptiveSoftmax(nn.Module):
             size = self.cutoff[i + 1] - self.cutoff[i]
             if adaptive_input is not None:
                 emb, proj = adaptive_input.weights_for_band(i + 1)
+                if not self.tie_proj:
+                    _linear_init_draw(proj.shape[1], proj.shape[0])  # fairseq: Linear(proj.size(0), proj.size(1))
                 self.tail_proj.append(proj if self.tie_proj else nn.Parameter(torch.empty(input_dim, dim)))
                 self.tail_out.append(emb)
             else:
+                _linear_init_draw(dim, input_dim)
+                _linear_init_draw(size, dim)
                 self.tail_proj.append(nn.Parameter(torch.empty(input_dim, dim)))
                 self.tail_out.append(nn.Parameter(torch.empty(size, dim)))
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """xavier_uniform on every untied matrix, with fairseq's fan shapes (the untied head is one matrix)."""
+        """xavier_uniform on every untied matrix, with fairseq's fan shapes (the untied head is one matrix), in the
+        order of fairseq's ``self.apply(init_weights)``: head in-projection, head, then each tail."""
+        if self.head_in_proj is not None:
+            nn.init.xavier_uniform_(self.head_in_proj.weight)
         if not self.tied:
             head = torch.empty(self.head_size, self.word_weight.shape[1])
             nn.init.xavier_uniform_(head)
@@ -211,11 +227,9 @@ class AdaptiveSoftmax(nn.Module):
             self.class_weight.copy_(head[self.cutoff[0] :])
         else:
             nn.init.xavier_uniform_(self.class_weight)
-        if self.head_in_proj is not None:
-            nn.init.xavier_uniform_(self.head_in_proj.weight)
         for i in range(self.n_clusters):
-            if not self.tie_proj:
-                nn.init.xavier_uniform_(self.tail_proj[i].T)  # fan shape of fairseq's Linear(d -> dim)
+            if not self.tie_proj:  # drawn as fairseq's Linear(d -> dim) weight [dim, d], in its element order
+                self.tail_proj[i].copy_(nn.init.xavier_uniform_(torch.empty(self.tail_proj[i].T.shape)).T)
             if not self.tied:
                 nn.init.xavier_uniform_(self.tail_out[i])
 
@@ -361,14 +375,19 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
         self.dim, self.heads, self.head_dim, self.dropout = dim, heads, dim // heads, dropout
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.utils.skip_init(nn.Linear, dim, 3 * dim)
+        with torch.no_grad():  # fairseq builds k, v, q (default Linear init each), then out: same draws, same order
+            for i in (1, 2, 0):  # rows of k, v, q in the fused [q; k; v] matrix
+                nn.init.kaiming_uniform_(self.qkv.weight[i * dim : (i + 1) * dim], a=math.sqrt(5))  # redrawn below
+                nn.init.uniform_(self.qkv.bias[i * dim : (i + 1) * dim], -(dim**-0.5), dim**-0.5)
         self.out_proj = nn.Linear(dim, dim)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """fairseq: xavier(gain 1/sqrt 2) on each of q, k, v; xavier on out; out bias 0; q/k/v biases default."""
-        for i in range(3):
+        """fairseq: xavier(gain 1/sqrt 2) on k, v, q in that order; xavier on out; out bias 0; q/k/v biases default.
+        With the constructor's draws, a given seed gives fairseq's initial weights exactly."""
+        for i in (1, 2, 0):
             nn.init.xavier_uniform_(self.qkv.weight[i * self.dim : (i + 1) * self.dim], gain=1 / math.sqrt(2))
         nn.init.xavier_uniform_(self.out_proj.weight)
         nn.init.zeros_(self.out_proj.bias)
