@@ -387,7 +387,7 @@ class Trainer:
         torch.manual_seed(self.cfg.seed + self.num_updates)  # fairseq's per-update seed
         for p in self.params:
             p.grad = None
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on the device: no sync here
         ntokens = 0
         for s in samples:
             if s["ntokens"] == 0:
@@ -397,13 +397,13 @@ class Trainer:
                 x = self.features(src)
                 loss = self.model.loss_from_features(x, tgt, self.cfg.tail_ignore_quirk)
             (loss * self.loss_scale).backward() if self.loss_scale != 1.0 else loss.backward()
-            loss_sum += loss.detach().double().cpu()
+            loss_sum += loss.detach().double()
             ntokens += s["ntokens"]
-        stats = torch.tensor([float(loss_sum), float(ntokens)], dtype=torch.float64)
+        stats = torch.stack([loss_sum, loss_sum.new_tensor(float(ntokens))])  # on the device (NCCL needs that)
         if self.world > 1:
             self.all_reduce_grads()
             dist.all_reduce(stats)
-        total_loss, total_tokens = float(stats[0]), float(stats[1])
+        total_loss, total_tokens = stats.tolist()  # one host sync per update (and one for the gradient norm)
         scale = 1.0 / (total_tokens or 1.0) / self.loss_scale
         for p in self.params:
             if p.grad is not None:
@@ -478,7 +478,9 @@ class Trainer:
                 loss = self.model.loss(src, tgt, self.cfg.tail_ignore_quirk)
             stats += torch.tensor([float(loss), s["ntokens"], 1.0], dtype=torch.float64)
         if self.world > 1:
+            stats = stats.to(self.device)  # NCCL reduces device tensors only
             dist.all_reduce(stats)
+            stats = stats.cpu()
         val = float(stats[0] / max(stats[1], 1) / math.log(2))
         self.valid_history.append(val)
         self.log.log(
