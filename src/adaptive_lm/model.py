@@ -136,7 +136,7 @@ class AdaptiveInput(nn.Module):
             if n > 0:
                 ids = flat.index_select(0, idx) - prev  # (N_i,)
                 w = self.projections[i].weight
-                if self.training and bucket(n) > n and wants_buckets(w.device, w.dtype):  # pad rows dropped below
+                if bucket(n) > n and wants_buckets(w.device, w.dtype):  # pad rows, dropped below
                     ids = torch.cat([ids, ids[:1].expand(bucket(n) - n)])
                 band = self.projections[i](self.embeddings[i](ids))[:n]  # (N_i, d)
                 if out is None:
@@ -324,7 +324,11 @@ class AdaptiveSoftmax(nn.Module):
             step = max(1, chunk_elements // (self.cutoff[c + 1] - self.cutoff[c]))
             for i in range(0, rows.numel(), step):
                 r = rows[i : i + step]
-                tail = F.log_softmax(fp32(self.tail_logits(c, x.index_select(0, r))), dim=-1)  # (n, size_c)
+                n = r.numel()
+                r_in = r
+                if bucket(n) > n and wants_buckets(x.device, x.dtype):  # repeating shapes for oneDNN's cache
+                    r_in = torch.cat([r, r[:1].expand(bucket(n) - n)])
+                tail = F.log_softmax(fp32(self.tail_logits(c, x.index_select(0, r_in))[:n]), dim=-1)  # (n, size_c)
                 out.index_add_(0, r, tail.gather(1, local[i : i + step, None]).squeeze(1).to(out.dtype))
         return out.view(shape)
 
