@@ -33,11 +33,6 @@ PLAIN = os.environ.get("ADAPTIVE_LM_PLAIN_KERNELS", "0") == "1"
 MATH_PATH_MAX_SCORES = 16 << 20  # B*H*T*T up to this: store the probabilities (faster); above: recompute blocks
 
 
-def _apply(x: Tensor, keep: Tensor, p: float) -> Tensor:
-    """x * keep / (1 - p), with the 0/1 int16 mask converted once."""
-    return (x * keep.to(x.dtype)).mul_(_scale(p))
-
-
 def _lanes(shape: torch.Size | tuple[int, ...], seed: int, device: torch.device) -> Tensor:
     """Uniform random int16 values of ``shape``: the 16-bit lanes of 64-bit words from numpy's PCG64-DXSM (which
     fills words 2.4x faster than torch's CPU Mersenne Twister; masks were a tenth of a bf16 step)."""
@@ -71,6 +66,11 @@ def _scale(p: float) -> float:
     return 1.0 / (1.0 - round(p * _LANES) / _LANES)
 
 
+def _scaled_keep(x: Tensor, p: float, seed: int) -> Tensor:
+    """The keep-mask for ``x``, in its dtype, already scaled: 0 or 1 / (1 - p)."""
+    return _keep_mask(x.shape, p, seed, x.device).to(x.dtype).mul_(_scale(p))
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     """Softmax/accumulation dtype: fp32 for half types, the input's own otherwise (fp64 stays exact)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -86,7 +86,7 @@ class _Dropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, p: float, seed: int) -> Tensor:  # type: ignore[override]
-        keep = _keep_mask(x.shape, p, seed, x.device).to(x.dtype).mul_(_scale(p))  # 0 or 1 / (1 - p)
+        keep = _scaled_keep(x, p, seed)
         ctx.save_for_backward(keep)
         return x * keep
 
@@ -101,7 +101,7 @@ class _DropoutAdd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, h: Tensor, p: float, seed: int) -> Tensor:  # type: ignore[override]
-        keep = _keep_mask(h.shape, p, seed, h.device).to(h.dtype).mul_(_scale(p))  # 0 or 1 / (1 - p)
+        keep = _scaled_keep(h, p, seed)
         ctx.save_for_backward(keep)
         return torch.addcmul(x, h, keep)
 
@@ -232,7 +232,7 @@ class _CausalAttention(torch.autograd.Function):
             m = torch.logsumexp(s, dim=-1, keepdim=True)  # (BH, c, 1)
             pr = torch.exp(s - m)
             if p > 0:
-                pr = _apply(pr, _keep_mask(pr.shape, p, seed + i, q.device), p)
+                pr = pr * _scaled_keep(pr, p, seed + i)
             out[:, c0:c1] = torch.bmm(pr.to(v.dtype), v[:, :c1])  # (BH, c, hd)
             lse[:, c0:c1] = m.squeeze(-1)
         ctx.save_for_backward(q, k, v, lse)
@@ -260,7 +260,7 @@ class _CausalAttention(torch.autograd.Function):
             do = dout[:, c0:c1]
             dpd = torch.bmm(do, v[:, :c1].transpose(1, 2)).to(acc)  # d(dropped probs)
             if p > 0:
-                keep = _keep_mask(pr.shape, p, seed + i, q.device).to(pr.dtype).mul_(_scale(p))
+                keep = _scaled_keep(pr, p, seed + i)
                 pd, dp = pr * keep, dpd * keep
             else:
                 pd, dp = pr, dpd

@@ -57,14 +57,20 @@ def wants_buckets(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and (dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(device.type))
 
 
-def bucket_rows(rows: Tensor, local: Tensor, fill: int) -> tuple[Tensor, Tensor]:
-    """Pad a tail's row list to ``bucket(len)`` rows (repeating its first row, with target ``fill``, which the loss
-    ignores), so the tail's matmul shapes repeat across steps."""
+def pad_to_bucket(rows: Tensor) -> Tensor:
+    """``rows`` (a 1-D index list) extended to ``bucket(len)`` entries by repeating its first one; callers drop
+    the results of the extra entries, so only the matmul shapes change (they repeat across batches)."""
     n = rows.numel()
-    extra = bucket(n) - n
-    if extra == 0 or n == 0:
-        return rows, local
-    return torch.cat([rows, rows[:1].expand(extra)]), torch.cat([local, local.new_full((extra,), fill)])
+    if n == 0 or bucket(n) == n:
+        return rows
+    return torch.cat([rows, rows[:1].expand(bucket(n) - n)])
+
+
+def bucket_rows(rows: Tensor, local: Tensor, fill: int) -> tuple[Tensor, Tensor]:
+    """A tail's rows padded by ``pad_to_bucket``, the extra rows with target ``fill``, which the loss ignores."""
+    padded = pad_to_bucket(rows)
+    extra = padded.numel() - rows.numel()
+    return padded, (torch.cat([local, local.new_full((extra,), fill)]) if extra else local)
 
 
 def _linear_init_draw(out_features: int, in_features: int) -> None:
@@ -136,8 +142,8 @@ class AdaptiveInput(nn.Module):
             if n > 0:
                 ids = flat.index_select(0, idx) - prev  # (N_i,)
                 w = self.projections[i].weight
-                if bucket(n) > n and wants_buckets(w.device, w.dtype):  # pad rows, dropped below
-                    ids = torch.cat([ids, ids[:1].expand(bucket(n) - n)])
+                if wants_buckets(w.device, w.dtype):  # pad rows, dropped below
+                    ids = pad_to_bucket(ids)
                 band = self.projections[i](self.embeddings[i](ids))[:n]  # (N_i, d)
                 if out is None:
                     out = band.new_zeros(flat.shape[0], self.embedding_dim)
@@ -324,11 +330,9 @@ class AdaptiveSoftmax(nn.Module):
             step = max(1, chunk_elements // (self.cutoff[c + 1] - self.cutoff[c]))
             for i in range(0, rows.numel(), step):
                 r = rows[i : i + step]
-                n = r.numel()
-                r_in = r
-                if bucket(n) > n and wants_buckets(x.device, x.dtype):  # repeating shapes for oneDNN's cache
-                    r_in = torch.cat([r, r[:1].expand(bucket(n) - n)])
-                tail = F.log_softmax(fp32(self.tail_logits(c, x.index_select(0, r_in))[:n]), dim=-1)  # (n, size_c)
+                r_in = pad_to_bucket(r) if wants_buckets(x.device, x.dtype) else r  # shapes oneDNN has cached
+                logits = self.tail_logits(c, x.index_select(0, r_in))[: r.numel()]  # (n, size_c)
+                tail = F.log_softmax(fp32(logits), dim=-1)
                 out.index_add_(0, r, tail.gather(1, local[i : i + step, None]).squeeze(1).to(out.dtype))
         return out.view(shape)
 
