@@ -302,14 +302,14 @@ class _SummedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:  # type: ignore[override]
         logp = torch.log_softmax(logits, dim=-1)  # (N, V)
-        valid = target.ne(ignore_index)  # (N,)
-        safe = target.masked_fill(~valid, 0)  # (N,) ignored rows point at column 0, zeroed in backward
+        ignored = target.eq(ignore_index)  # (N,)
+        safe = target.masked_fill(ignored, 0)  # (N,) ignored rows point at column 0, zeroed in backward
         picked = logp.gather(1, safe.unsqueeze(1)).squeeze(1)  # (N,)
         ctx.on_cpu = logits.device.type == "cpu"
-        # CPU: the (usually empty) list of ignored rows; elsewhere the mask (a list would cost a host sync)
-        rows = (~valid).nonzero().squeeze(1) if ctx.on_cpu else valid  # (n_ignored,) or (N,)
+        # CPU: the (usually empty) list of ignored rows; elsewhere the mask of kept rows (a list costs a host sync)
+        rows = ignored.nonzero().squeeze(1) if ctx.on_cpu else ~ignored  # (n_ignored,) or (N,)
         ctx.save_for_backward(logp, safe, rows)
-        return -picked.masked_fill(~valid, 0).sum()
+        return -picked.masked_fill(ignored, 0).sum()
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]

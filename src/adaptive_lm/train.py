@@ -385,8 +385,7 @@ class Trainer:
     def train_step(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         self.model.train()
         torch.manual_seed(self.cfg.seed + self.num_updates)  # fairseq's per-update seed
-        for p in self.params:
-            p.grad = None
+        self.optimizer.zero_grad()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on the device: no sync here
         ntokens = 0
         for s in samples:
