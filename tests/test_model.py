@@ -165,12 +165,12 @@ def test_loss_equals_minus_sum_log_prob_without_quirk_and_quirk_drops_cutoff_plu
 def test_row_bucketing_changes_neither_loss_nor_gradients(monkeypatch):
     """Training and evaluation pad adaptive-input bands and softmax tails to ``bucket`` sizes on CPU in half
     precision. Forced on here (fp64) to compare exactly with the unpadded computation."""
-    assert [adaptive_lm.model.bucket(n) for n in (1, 64, 65, 129, 200, 257, 513)] == [64, 64, 128, 192, 256, 384, 768]
+    assert [adaptive_lm.kernels.bucket(n) for n in (1, 64, 65, 129, 200, 257, 513)] == [64, 64, 128, 192, 256, 384, 768]
     cpu = torch.device("cpu")
-    assert not adaptive_lm.model.wants_buckets(cpu, torch.float32)
-    assert adaptive_lm.model.wants_buckets(cpu, torch.bfloat16)
+    assert not adaptive_lm.kernels.wants_buckets(cpu, torch.float32)
+    assert adaptive_lm.kernels.wants_buckets(cpu, torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert adaptive_lm.model.wants_buckets(cpu, torch.float32)
+        assert adaptive_lm.kernels.wants_buckets(cpu, torch.float32)
     torch.manual_seed(0)
     model = build_model(
         "tiny", 300, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, adaptive_softmax_dropout=0.0
@@ -179,7 +179,7 @@ def test_row_bucketing_changes_neither_loss_nor_gradients(monkeypatch):
     model.eval()
     with torch.no_grad():
         unpadded = model.target_log_probs(x, y)  # fp64: no padding
-    monkeypatch.setattr(adaptive_lm.model, "wants_buckets", lambda device, dtype: True)
+    monkeypatch.setattr(adaptive_lm.kernels, "wants_buckets", lambda device, dtype: True)
     with torch.no_grad():
         torch.testing.assert_close(model.target_log_probs(x, y), unpadded, atol=1e-12, rtol=0)
     results = []

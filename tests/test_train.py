@@ -13,11 +13,12 @@ import pytest
 import torch
 
 import adaptive_lm
-from adaptive_lm.cli import build_parser, main, train_config
+from adaptive_lm.cli import build_parser, main
 from adaptive_lm.fairseq_io import safe_load, state_dict_from_fairseq
 from adaptive_lm.preprocess import PreprocessConfig, preprocess
 from adaptive_lm.quickstart import Corpus
 from adaptive_lm.train import train
+from adaptive_lm.train_config import TrainConfig
 
 FAIRSEQ_CONTINUE = """--cpu --num-workers 0 --arch transformer_lm_wiki103
   --decoder-layers 2 --decoder-embed-dim 128 --decoder-ffn-embed-dim 512 --decoder-attention-heads 4
@@ -56,7 +57,7 @@ def test_continuing_fairseq_checkpoint_matches_fairseq(tmp_path, fixture_dir, mo
         "--save-dir",
         str(tmp_path),
     ]
-    result = train(train_config(build_parser().parse_args(args)))
+    result = train(TrainConfig.from_args(build_parser().parse_args(args)))
     ref = fairseq_log(fixture_dir / "continue" / mode / "train.log")
     assert len(result["history"]) == len(ref) == 6
     for ours, theirs in zip(result["history"], ref):
@@ -80,7 +81,7 @@ def test_multibatch_continuation_and_validation_match_fairseq(tmp_path, fixture_
     args = ["train", str(fixture_dir / "data-bin"), *flags, *extra.split(), "--validate-interval-updates", "6"]
     args += ["--seed", "2", "--restore-file", str(fixture_dir / "model" / "checkpoint_best.pt")]
     args += ["--save-dir", str(tmp_path), "--no-save"]
-    result = train(train_config(build_parser().parse_args(args)))
+    result = train(TrainConfig.from_args(build_parser().parse_args(args)))
     lines = (Path(__file__).parent / "fixtures" / "fairseq_multibatch.log").read_text().splitlines()
     ref = [dict(re.findall(r"(\w+)=([-\d.e]+)", x)) for x in lines if x.startswith("train_inner")]
     ref_valid = [float(re.search(r"\| loss ([\d.]+)", x).group(1)) for x in lines if x.startswith("valid")]
@@ -216,9 +217,9 @@ def test_seed_recipe_flags_parse_unchanged():
       --optimizer nag --min-lr 0.0001 --clip-norm 0.1 --criterion adaptive_loss --max-tokens 3072
       --update-freq 3 --tokens-per-sample 3072 --seed 1 --sample-break-mode none
       --skip-invalid-size-inputs-valid-test --ddp-backend=legacy_ddp"""
-    cfg = train_config(build_parser().parse_args(recipe.split()))
+    cfg = TrainConfig.from_args(build_parser().parse_args(recipe.split()))
     assert (cfg.lr, cfg.min_lr, cfg.stop_min_lr, cfg.update_freq, cfg.max_tokens) == (1.0, 1e-4, 1e-9, 3, 3072)
-    old = train_config(
+    old = TrainConfig.from_args(
         build_parser().parse_args(
             ["train", "d", "--max-lr", "1.0", "--lr", "0.0001", "--min-lr", "1e-09", "--max-tokens", "10"]
         )
@@ -271,10 +272,12 @@ def test_two_processes_follow_one_process_with_update_freq_2(tmp_path, small_dat
 def test_compile_gives_the_eager_losses_or_falls_back_with_a_warning(tmp_path, small_data, capsys):
     """``--compile`` must never change the numbers (the dropout masks come from the same seeds) nor crash: where
     no C++ compiler exists the trainer says so and continues eagerly."""
-    eager = train(train_config(build_parser().parse_args(tiny_args(small_data, tmp_path / "e", "--max-update", "4"))))
+    eager = train(
+        TrainConfig.from_args(build_parser().parse_args(tiny_args(small_data, tmp_path / "e", "--max-update", "4")))
+    )
     capsys.readouterr()
     args = tiny_args(small_data, tmp_path / "c", "--max-update", "4", "--compile")
-    compiled = train(train_config(build_parser().parse_args(args)))
+    compiled = train(TrainConfig.from_args(build_parser().parse_args(args)))
     out = capsys.readouterr()
     fell_back = "--compile failed" in out.out + out.err or "--compile unavailable" in out.out + out.err
     for a, b in zip(eager["history"], compiled["history"], strict=True):

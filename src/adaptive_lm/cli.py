@@ -1,22 +1,30 @@
-"""``adaptive-lm``: one console script, thin subcommands over importable functions.
+"""``adaptive-lm``: one console script; each subcommand parses its flags, calls a library function, prints the result.
 
 Flag names are fairseq's wherever the meaning is the same, so published fairseq recipes run unchanged with
-``fairseq-train`` replaced by ``adaptive-lm train``. Errors a user can fix print as one line, not a traceback.
+``fairseq-train`` replaced by ``adaptive-lm train``. Every flag is checked when parsed (argparse's one-line
+error); everything a user can fix (a file, a mismatch) is one ``error:`` line too, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import ctypes
-import dataclasses
 import gc
+import json
+import math
 import os
 import platform
+import signal
 import sys
+from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError
 from .errors import UserError
+from .train_config import add_train_args, nonneg, positive, probability
+
+UNK_WARN_RATE = 0.05  # report the unknown-word rate above this
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -26,212 +34,99 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _bool(s: str) -> bool:
-    return s.lower() in ("1", "true", "yes", "on")
+# ---- argument types: paths ---------------------------------------------------------------------------------
+def existing_file(s: str) -> str:
+    if not os.path.isfile(s):
+        raise argparse.ArgumentTypeError(f"{s}: no such file")
+    return s
 
 
-# ---- model flags, generated from ModelConfig (fairseq's names) -----------------------------------------------
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model (fairseq transformer_lm options; unset ones come from --arch)")
-    for f in dataclasses.fields(ModelConfig):
-        if f.name in ("vocab_size", "padding_idx"):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            g.add_argument(flag, action="store_const", const=True, default=None)
-        elif "tuple" in str(f.type):
-            g.add_argument(flag, default=None, metavar="N,N")
-        elif "float" in str(f.type):
-            g.add_argument(flag, type=float, default=None)
-        elif "int" in str(f.type):
-            g.add_argument(flag, type=int, default=None)
-        else:
-            g.add_argument(flag, default=None)
+def existing_dir(s: str) -> str:
+    if not os.path.isdir(s):
+        raise argparse.ArgumentTypeError(f"{s}: no such folder")
+    return s
 
 
-def model_overrides(ns: argparse.Namespace) -> dict[str, Any]:
-    out = {}
-    for f in dataclasses.fields(ModelConfig):
-        v = getattr(ns, f.name, None)
-        if v is not None and f.name not in ("vocab_size", "padding_idx"):
-            out[f.name] = v
-    return out
+def creatable_dir(s: str) -> str:
+    """A folder that exists or can be created (its nearest existing parent is a writable folder)."""
+    p = Path(s).absolute()
+    if p.exists() and not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{s}: exists and is not a folder")
+    q = p
+    while not q.exists():
+        q = q.parent
+    if not q.is_dir() or not os.access(q, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{s}: cannot write there ({q} is not a writable folder)")
+    return s
+
+
+def model_path(s: str) -> str:
+    from .pretrained import RELEASED
+
+    if not os.path.exists(s) and s not in RELEASED:
+        raise argparse.ArgumentTypeError(f"{s}: no such file or folder (or a released model: {', '.join(RELEASED)})")
+    return s
+
+
+def overrides_dict(s: str) -> dict[str, Any]:
+    """fairseq's ``--model-overrides "{'decoder_layers_to_keep': '0,2'}"``: a Python literal dict, never eval'd."""
+    try:
+        d = ast.literal_eval(s)
+    except (ValueError, SyntaxError):
+        d = None
+    if not isinstance(d, dict):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a dict literal such as \"{{'decoder_layers_to_keep': '0,2'}}\"")
+    return d
+
+
+def topk(s: str) -> int:
+    v = int(float(s)) if s.lstrip("-").replace(".", "", 1).isdigit() else None
+    if v is None or (v != -1 and v < 1):
+        raise argparse.ArgumentTypeError(f"{s!r} must be a positive integer (or -1: off)")
+    return v
+
+
+def topp(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if v != -1 and not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"{s!r} must be in (0, 1] (or -1: off)")
+    return v
+
+
+def integer(s: str) -> int:
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
 
 
 # ---- train ---------------------------------------------------------------------------------------------------
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", help="binarised data folder (dict.txt, train.bin/.idx, valid.bin/.idx)")
-    p.add_argument("--task", default="language_modeling", choices=["language_modeling"])
-    p.add_argument("--arch", "-a", default="transformer_lm")
-    p.add_argument("--save-dir", default="checkpoints")
-    p.add_argument("--criterion", default="adaptive_loss", choices=["adaptive_loss", "cross_entropy"])
-    p.add_argument("--optimizer", default="nag", choices=["nag"])
-    p.add_argument("--lr-scheduler", default="cosine", choices=["cosine"])
-    p.add_argument(
-        "--ddp-backend",
-        default="legacy_ddp",
-        choices=["legacy_ddp", "no_c10d", "c10d", "pytorch_ddp"],
-        help="accepted for compatibility: gradients are always reduced the legacy_ddp way",
-    )
-    p.add_argument("--lr", default="0.25", help="peak learning rate (fairseq: --lr; before 2021 --max-lr)")
-    p.add_argument("--max-lr", type=float, default=None, help="old name of the peak lr; then --lr is the floor")
-    p.add_argument("--min-lr", type=float, default=None)
-    p.add_argument("--stop-min-lr", type=float, default=-1.0)
-    p.add_argument("--warmup-updates", type=int, default=0)
-    p.add_argument("--warmup-init-lr", type=float, default=-1.0)
-    p.add_argument("--lr-period-updates", type=float, default=-1)
-    p.add_argument("--t-mult", type=float, default=1.0)
-    p.add_argument("--lr-shrink", type=float, default=0.1)
-    p.add_argument("--momentum", type=float, default=0.99)
-    p.add_argument("--weight-decay", "--wd", type=float, default=0.0)
-    p.add_argument("--clip-norm", type=float, default=0.0)
-    p.add_argument("--update-freq", default="1")
-    p.add_argument("--max-update", type=int, default=0)
-    p.add_argument("--max-epoch", type=int, default=0)
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--batch-size", "--max-sentences", type=int, default=None)
-    p.add_argument("--max-tokens-valid", type=int, default=None)
-    p.add_argument("--batch-size-valid", type=int, default=None)
-    p.add_argument(
-        "--required-batch-size-multiple",
-        type=int,
-        default=8,
-        help="fairseq's batch rounding; like fairseq, a last batch whose size is not a multiple is dropped "
-        "(pass 1 to keep every sample)",
-    )
-    p.add_argument("--tokens-per-sample", type=int, default=1024)
-    p.add_argument("--sample-break-mode", default="none", choices=["none", "complete", "complete_doc", "eos"])
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--valid-subset", default="valid")
-    p.add_argument("--skip-invalid-size-inputs-valid-test", action="store_true")
-    p.add_argument("--save-interval", type=int, default=1)
-    p.add_argument("--save-interval-updates", type=int, default=0)
-    p.add_argument("--keep-last-epochs", type=int, default=-1)
-    p.add_argument("--keep-interval-updates", type=int, default=-1)
-    p.add_argument("--no-epoch-checkpoints", action="store_true")
-    p.add_argument("--no-save", action="store_true")
-    p.add_argument("--restore-file", default="checkpoint_last.pt")
-    p.add_argument("--reset-optimizer", action="store_true")
-    p.add_argument("--reset-lr-scheduler", action="store_true")
-    p.add_argument("--reset-dataloader", action="store_true")
-    p.add_argument("--reset-meters", action="store_true")
-    p.add_argument("--disable-validation", action="store_true")
-    p.add_argument("--validate-interval", type=int, default=1)
-    p.add_argument("--validate-interval-updates", type=int, default=0)
-    p.add_argument("--patience", type=int, default=-1)
-    p.add_argument("--log-interval", type=int, default=100)
-    p.add_argument("--log-format", default="simple", choices=["simple", "json", "none", "tqdm"])
-    p.add_argument("--no-progress-bar", action="store_true")
-    p.add_argument("--tensorboard-logdir", default=None)
-    p.add_argument("--cpu", action="store_true")
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--fp16", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (falls back with a warning)")
-    p.add_argument("--num-workers", type=int, default=0, help="accepted; batches are built in-process")
-    p.add_argument(
-        "--tail-ignore-quirk",
-        type=_bool,
-        default=True,
-        metavar="BOOL",
-        help="reproduce fairseq's adaptive_loss ignore_index on tail targets (default true; see docs)",
-    )
-    p.add_argument("--stop-after-updates", type=int, default=0, help=argparse.SUPPRESS)
-    add_model_args(p)
-
-
-def train_config(ns: argparse.Namespace):
-    from .train import TrainConfig
-
-    lr_list = [float(x) for x in str(ns.lr).split(",")]
-    if len(lr_list) != 1:
-        raise UserError("--lr takes one value with the cosine schedule (fairseq rejects a list too)")
-    lr, min_lr, stop_min_lr = lr_list[0], ns.min_lr, ns.stop_min_lr
-    if ns.max_lr is not None:  # pre-2021 names: --max-lr peak, --lr floor, --min-lr stop threshold
-        lr, min_lr, stop_min_lr = ns.max_lr, lr_list[0], (ns.min_lr if ns.min_lr is not None else stop_min_lr)
-    update_freq = [int(x) for x in str(ns.update_freq).split(",")]
-    overrides = model_overrides(ns)
-    return TrainConfig(
-        data=ns.data,
-        save_dir=ns.save_dir,
-        arch=ns.arch,
-        model_overrides=overrides,
-        max_update=ns.max_update,
-        max_epoch=ns.max_epoch,
-        lr=lr,
-        momentum=ns.momentum,
-        weight_decay=ns.weight_decay,
-        min_lr=min_lr if min_lr is not None else 0.0,
-        stop_min_lr=stop_min_lr,
-        warmup_updates=ns.warmup_updates,
-        warmup_init_lr=ns.warmup_init_lr,
-        lr_period_updates=ns.lr_period_updates,
-        t_mult=ns.t_mult,
-        lr_shrink=ns.lr_shrink,
-        clip_norm=ns.clip_norm,
-        update_freq=update_freq[0],
-        tail_ignore_quirk=ns.tail_ignore_quirk and ns.criterion == "adaptive_loss",
-        max_tokens=ns.max_tokens,
-        batch_size=ns.batch_size,
-        tokens_per_sample=ns.tokens_per_sample,
-        sample_break_mode=ns.sample_break_mode,
-        seed=ns.seed,
-        valid_subset=ns.valid_subset,
-        max_tokens_valid=ns.max_tokens_valid,
-        batch_size_valid=ns.batch_size_valid,
-        required_batch_size_multiple=ns.required_batch_size_multiple,
-        skip_invalid_size_inputs_valid_test=ns.skip_invalid_size_inputs_valid_test,
-        save_interval=ns.save_interval,
-        save_interval_updates=ns.save_interval_updates,
-        keep_last_epochs=ns.keep_last_epochs,
-        keep_interval_updates=ns.keep_interval_updates,
-        no_epoch_checkpoints=ns.no_epoch_checkpoints,
-        no_save=ns.no_save,
-        restore_file=ns.restore_file,
-        reset_optimizer=ns.reset_optimizer,
-        reset_lr_scheduler=ns.reset_lr_scheduler,
-        reset_dataloader=ns.reset_dataloader,
-        reset_meters=ns.reset_meters,
-        disable_validation=ns.disable_validation,
-        validate_interval=ns.validate_interval,
-        validate_interval_updates=ns.validate_interval_updates,
-        patience=ns.patience,
-        log_interval=ns.log_interval,
-        log_format=ns.log_format,
-        tensorboard_logdir=ns.tensorboard_logdir,
-        progress_bar=not ns.no_progress_bar,
-        cpu=ns.cpu,
-        bf16=ns.bf16,
-        fp16=ns.fp16,
-        compile=ns.compile,
-        num_workers=ns.num_workers,
-        stop_after_updates=ns.stop_after_updates,
-    )
-
-
 def cmd_train(ns: argparse.Namespace) -> int:
     from .train import train
+    from .train_config import TrainConfig
 
-    if ns.max_tokens is None and ns.batch_size is None:
-        raise UserError("give --max-tokens (as in the recipe) or --batch-size")
-    train(train_config(ns))
-    return 0
+    result = train(TrainConfig.from_args(ns))
+    return 128 + result["signal"] if result["signal"] else 0
 
 
 # ---- preprocess -------------------------------------------------------------------------------------------
 def add_preprocess_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only-source", action="store_true", help="accepted (language modelling is always source-only)")
-    p.add_argument("--trainpref")
-    p.add_argument("--validpref", help="comma-separated list allowed: valid, valid1, ...")
-    p.add_argument("--testpref", help="comma-separated list allowed: test, test1, ...")
-    p.add_argument("--destdir", default="data-bin")
-    p.add_argument("--srcdict")
-    p.add_argument("--thresholdsrc", type=int, default=0)
-    p.add_argument("--nwordssrc", type=int, default=-1)
-    p.add_argument("--padding-factor", type=int, default=8)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--dataset-impl", default="mmap")
+    p.add_argument("--trainpref", type=existing_file, help="training text (builds the dictionary)")
+    p.add_argument("--validpref", help="validation text; comma-separated list allowed: valid, valid1, ...")
+    p.add_argument("--testpref", help="test text; comma-separated list allowed: test, test1, ...")
+    p.add_argument("--destdir", default="data-bin", type=creatable_dir, help="output folder (default: data-bin)")
+    p.add_argument("--srcdict", type=existing_file, help="reuse this dict.txt instead of building one")
+    p.add_argument("--thresholdsrc", type=nonneg, default=0, help="drop words seen at most this often")
+    p.add_argument("--nwordssrc", type=integer, default=-1, help="keep at most this many words (-1: all)")
+    p.add_argument("--padding-factor", type=positive, default=8, help="pad the dictionary to a multiple of this")
+    p.add_argument("--workers", type=positive, default=1, help="processes")
+    p.add_argument("--dataset-impl", default="mmap", choices=["mmap"], help="fairseq's mmap format")
     p.add_argument("--task", default="language_modeling", choices=["language_modeling"])
-    p.add_argument("--no-progress-bar", action="store_true")
+    p.add_argument("--no-progress-bar", action="store_true", help="no progress output")
 
 
 def cmd_preprocess(ns: argparse.Namespace) -> int:
@@ -250,12 +145,11 @@ def cmd_preprocess(ns: argparse.Namespace) -> int:
         dataset_impl=ns.dataset_impl,
         progress=not ns.no_progress_bar,
     )
-    preprocess(cfg)
-    print("\n".join(cfg.log))
+    print("\n".join(preprocess(cfg)))
     return 0
 
 
-# ---- quickstart ---------------------------------------------------------------------------------------------
+# ---- quickstart / corpus / plots ----------------------------------------------------------------------------
 def cmd_quickstart(ns: argparse.Namespace) -> int:
     from .quickstart import quickstart
 
@@ -263,151 +157,7 @@ def cmd_quickstart(ns: argparse.Namespace) -> int:
     return 0
 
 
-# ---- eval / score / generate ------------------------------------------------------------------------------------
-def _load(ns: argparse.Namespace):
-    import torch
-
-    from .hub import from_pretrained
-
-    device = "cpu" if ns.cpu or not torch.cuda.is_available() else "cuda"
-    return from_pretrained(ns.path, dictionary=getattr(ns, "dict", None), device=device)
-
-
-def cmd_eval(ns: argparse.Namespace) -> int:
-    from .evaluate import EvalConfig, evaluate, frequency_bins, summary_lines, word_stats
-
-    lm = _load(ns)
-    cfg = EvalConfig(
-        data=ns.data,
-        gen_subset=ns.gen_subset,
-        context_window=ns.context_window,
-        tokens_per_sample=ns.tokens_per_sample,
-        sample_break_mode=ns.sample_break_mode,
-        max_tokens=ns.max_tokens,
-        batch_size=ns.batch_size,
-        softmax_batch=ns.softmax_batch,
-        output_word_probs=ns.output_word_probs,
-        output_word_stats=ns.output_word_stats,
-        freq_bins=ns.freq_bins or bool(ns.plot),
-        plot=ns.plot,
-        bf16=ns.bf16,
-        fp16=ns.fp16,
-    )
-    print(f"model {ns.path}: {lm.model.num_parameters():,} parameters, vocabulary {len(lm.dictionary)}")
-    res = evaluate(lm, cfg)
-    for line in cfg.log:
-        print(line)
-    if ns.output_word_stats:
-        print("word\tcount\tsum ln p\tmean ln p")
-        print("\n".join(word_stats(res, lm.dictionary)))
-    if cfg.freq_bins:
-        bins = frequency_bins(res, lm)
-        print("loss by frequency band (ids are sorted by training frequency):")
-        for name, n, loss in bins:
-            print(f"  {name:>24}: {n:>9,} tokens, loss (base 2) {loss:.4f}, ppl {2**loss:.2f}")
-        if ns.plot:
-            from .plots import plot_bins
-
-            plot_bins(bins, ns.plot)
-            print(f"wrote {ns.plot}")
-    print("\n".join(summary_lines(res)))
-    return 0
-
-
-def cmd_score(ns: argparse.Namespace) -> int:
-    import json
-    import math
-
-    lm = _load(ns)
-    out = open(ns.output, "w", encoding="utf-8") if ns.output else sys.stdout
-    try:
-        with open(ns.file, encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f]
-    except FileNotFoundError:
-        raise UserError(f"{ns.file}: file not found") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{ns.file}: not valid UTF-8 ({e.reason}); convert it to UTF-8") from None
-    for b in range(0, len(lines), ns.batch_size):
-        for line, r in zip(lines[b : b + ns.batch_size], lm.score(lines[b : b + ns.batch_size])):
-            ps = r["positional_scores"].tolist()
-            total = float(sum(ps))
-            mean = total / len(ps) if ps else 0.0
-            out.write(
-                json.dumps(
-                    {
-                        "text": line,
-                        "tokens": [lm.dictionary[i] for i in r["tokens"].tolist()],
-                        "logprobs": [round(x, 6) for x in ps],
-                        "sum": total,
-                        "mean": mean,
-                        "ppl": math.exp(-mean),
-                    }
-                )
-                + "\n"
-            )
-    if out is not sys.stdout:
-        out.close()
-    return 0
-
-
-def cmd_generate(ns: argparse.Namespace) -> int:
-    lm = _load(ns)
-    kw = dict(
-        sampling=ns.sampling,
-        sampling_topk=ns.sampling_topk,
-        sampling_topp=ns.sampling_topp,
-        temperature=ns.temperature,
-        max_len_b=ns.max_len_b,
-        min_len=ns.min_len,
-        unkpen=ns.unkpen,
-        nbest=ns.nbest,
-        seed=ns.seed,
-        no_repeat_ngram_size=ns.no_repeat_ngram_size,
-        lenpen=ns.lenpen,
-    )
-    prompts = ns.prompt or []
-    interactive = not prompts
-    if interactive and sys.stdin.isatty():
-        print("type a prompt per line (Ctrl-D to quit)", file=sys.stderr)
-    source = prompts if prompts else (line.rstrip("\n") for line in sys.stdin)
-    for prompt in source:
-        hyps = lm.generate([lm.encode(prompt)], beam=ns.beam, **kw)[0]
-        for h in hyps:
-            print(
-                lm.decode(h["tokens"]) if not ns.show_scores else f"{h['score']:.4f}\t{lm.decode(h['tokens'])}",
-                flush=True,
-            )
-    return 0
-
-
-def cmd_convert(ns: argparse.Namespace) -> int:
-    from .convert import convert
-
-    out = convert(ns.src, ns.dst, to=ns.to, dictionary=ns.dict)
-    print(f"wrote {out}")
-    return 0
-
-
-def cmd_download(ns: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .pretrained import fetch
-
-    folder = fetch(ns.model, Path(ns.dir) if ns.dir else None, ns.url)
-    print(f"{ns.model}: {folder}")
-    print(f"next: adaptive-lm eval {folder}/data-bin --path {folder}/model.pt --gen-subset test ...")
-    return 0
-
-
-def add_model_path(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--path", required=True, help="fairseq checkpoint, our checkpoint, or exported model folder")
-    p.add_argument("--dict", default=None, help="dictionary (default: the model's own)")
-    p.add_argument("--cpu", action="store_true")
-
-
 def cmd_make_corpus(ns: argparse.Namespace) -> int:
-    import math
-
     from .quickstart import make_corpus
 
     h = make_corpus(ns.out, ns.tokens, ns.vocab, ns.seed)
@@ -427,86 +177,364 @@ def cmd_plot(ns: argparse.Namespace) -> int:
     return 0
 
 
+# ---- eval / score / generate ------------------------------------------------------------------------------------
+def add_model_path(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--path",
+        required=True,
+        type=model_path,
+        help="fairseq checkpoint, our checkpoint, exported model folder, or wiki103/gbw",
+    )
+    p.add_argument("--dict", default=None, type=existing_file, help="dictionary (default: the model's own)")
+    p.add_argument(
+        "--model-overrides",
+        type=overrides_dict,
+        default=None,
+        help="model settings to change at load, e.g. \"{'decoder_layers_to_keep': '0,2'}\"",
+    )
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    p.add_argument(
+        "--kernels",
+        default="auto",
+        choices=["auto", "plain"],
+        help="plain: PyTorch's kernels everywhere (what CUDA runs)",
+    )
+
+
+def _load(ns: argparse.Namespace, dtype: Any = None):
+    import torch
+
+    from .hub import from_pretrained
+    from .kernels import use_plain_kernels
+
+    if ns.kernels == "plain":
+        use_plain_kernels(True)
+    device = "cpu" if ns.cpu or not torch.cuda.is_available() else "cuda"
+    return from_pretrained(
+        ns.path,
+        dictionary=ns.dict,
+        device=device,
+        dtype=dtype,
+        tokenizer=getattr(ns, "tokenizer", None),
+        overrides=ns.model_overrides,
+    )
+
+
+def _half_notice(ns: argparse.Namespace, lm: Any) -> None:
+    import torch
+
+    from .hardware import half_precision_notice
+
+    for flag, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if getattr(ns, flag, False) and lm.device.type == "cpu":
+            note = half_precision_notice(dt)
+            if note:
+                print(note, file=sys.stderr)
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from .evaluate import EvalConfig, evaluate, frequency_bins, summary_lines, word_prob_lines, word_stats
+
+    lm = _load(ns)
+    _half_notice(ns, lm)
+    cfg = EvalConfig(
+        data=ns.data,
+        gen_subset=ns.gen_subset,
+        context_window=ns.context_window,
+        tokens_per_sample=ns.tokens_per_sample,
+        sample_break_mode=ns.sample_break_mode,
+        max_tokens=ns.max_tokens,
+        batch_size=ns.batch_size,
+        softmax_batch=ns.softmax_batch,
+        bf16=ns.bf16,
+        fp16=ns.fp16,
+        progress=not ns.no_progress_bar,
+    )
+    details = ns.output_word_probs or ns.output_word_stats or ns.freq_bins or ns.plot
+    lines = [f"model {ns.path}: {lm.model.num_parameters():,} parameters, vocabulary {len(lm.dictionary)}"]
+    if ns.knn:
+        from .knn import knn_evaluate, knn_summary_lines
+
+        kres = knn_evaluate(
+            lm,
+            cfg,
+            ns.knn,
+            k=ns.k,
+            lmbda=ns.lmbda,
+            temperature=ns.knn_temp,
+            sim=ns.knn_sim,
+            approximate=ns.knn_approx_dists,
+            nprobe=ns.nprobe,
+        )
+        lines += knn_summary_lines(kres)
+        return _emit(ns, lines)
+    res = evaluate(lm, cfg, keep_scores=bool(details))
+    lines.append(res.plan)
+    if ns.output_word_probs:
+        lines += word_prob_lines(res, lm.dictionary)
+    if ns.output_word_stats:
+        lines += ["word\tcount\tsum ln p\tmean ln p", *word_stats(res, lm.dictionary)]
+    if ns.freq_bins or ns.plot:
+        bins = frequency_bins(res, lm)
+        lines.append("loss by frequency band (ids are sorted by training frequency):")
+        lines += [
+            f"  {name:>24}: {n:>9,} tokens, loss (base 2) {loss:.4f}, ppl {2**loss:.2f}" for name, n, loss in bins
+        ]
+        if ns.plot:
+            from .plots import plot_bins
+
+            plot_bins(bins, ns.plot)
+            lines.append(f"wrote {ns.plot}")
+    unk = _unk_line(res.n_unk, res.n_tokens, lm, f"{ns.data}/{ns.gen_subset}")
+    lines += ([unk] if unk else []) + summary_lines(res)
+    return _emit(ns, lines)
+
+
+def _emit(ns: argparse.Namespace, lines: list[str]) -> int:
+    """Print (all lines, or with --quiet the closing ones) and, with --results-path, write them to a file."""
+    shown = lines[-2:] if ns.quiet else lines
+    print("\n".join(shown))
+    if ns.results_path:
+        Path(ns.results_path).mkdir(parents=True, exist_ok=True)
+        out = Path(ns.results_path) / f"eval-{ns.gen_subset}.txt"
+        out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return 0
+
+
+def _unk_line(n_unk: int, n: int, lm: Any, what: str) -> str | None:
+    """The unknown-word rate, when it is high enough to distort scores (unknown words score as ``<unk>``)."""
+    rate = n_unk / max(n, 1)
+    if rate <= UNK_WARN_RATE:
+        return None
+    hint = (
+        ""
+        if lm.tokenizer is not None
+        else "; raw text needs --tokenizer moses (punctuation attached to words makes them unknown)"
+    )
+    share = f"{100 * rate:.1f}% of the tokens of {what}"
+    return f"note: {share} are <unk> (scored as one symbol, which flatters the score){hint}"
+
+
+def cmd_score(ns: argparse.Namespace) -> int:
+    import numpy as np
+
+    lm = _load(ns)
+    try:
+        with open(ns.file, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{ns.file}: not valid UTF-8 ({e.reason}); convert it to UTF-8") from None
+    out = open(ns.output, "w", encoding="utf-8") if ns.output else sys.stdout
+    all_tokens = []
+    try:
+        for b in range(0, len(lines), ns.batch_size):
+            for line, r in zip(lines[b : b + ns.batch_size], lm.score(lines[b : b + ns.batch_size])):
+                ps = r["positional_scores"].tolist()
+                all_tokens.append(r["tokens"].numpy())
+                total = float(sum(ps))
+                mean = total / len(ps) if ps else 0.0
+                row = {
+                    "text": line,
+                    "tokens": [lm.dictionary[i] for i in r["tokens"].tolist()],
+                    "logprobs": [round(x, 6) for x in ps],
+                    "sum": total,
+                    "mean": mean,
+                    "ppl": math.exp(-mean),
+                }
+                out.write(json.dumps(row) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    ids = np.concatenate(all_tokens) if all_tokens else np.zeros(0)
+    unk = _unk_line(int((ids == lm.dictionary.unk()).sum()), len(ids), lm, ns.file)
+    if unk:
+        print(unk, file=sys.stderr)
+    return 0
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    import torch
+
+    if ns.nbest > ns.beam and not ns.sampling:
+        raise UserError(f"--nbest {ns.nbest} exceeds --beam {ns.beam}: a beam holds at most that many hypotheses")
+    lm = _load(ns, torch.bfloat16 if ns.bf16 else None)
+    _half_notice(ns, lm)
+    kw = dict(
+        sampling=ns.sampling,
+        sampling_topk=ns.sampling_topk,
+        sampling_topp=ns.sampling_topp,
+        temperature=ns.temperature,
+        max_len_a=ns.max_len_a,
+        max_len_b=ns.max_len_b,
+        min_len=ns.min_len,
+        unkpen=ns.unkpen,
+        nbest=ns.nbest,
+        seed=ns.seed,
+        no_repeat_ngram_size=ns.no_repeat_ngram_size,
+        lenpen=ns.lenpen,
+    )
+    prompts = ns.prompt or []
+    if not prompts and sys.stdin.isatty():
+        print("type a prompt per line (Ctrl-D to quit)", file=sys.stderr)
+    source = prompts if prompts else (line.rstrip("\n") for line in sys.stdin)
+    batch: list[str] = []
+
+    def flush() -> None:
+        for hyps in lm.generate([lm.encode(p) for p in batch], beam=ns.beam, **kw):
+            for h in hyps:
+                text = lm.decode(h["tokens"])
+                print(f"{h['score']:.4f}\t{text}" if ns.show_scores else text, flush=True)
+        batch.clear()
+
+    for prompt in source:
+        batch.append(prompt)
+        if len(batch) >= ns.batch_size:
+            flush()
+    if batch:
+        flush()
+    return 0
+
+
+def cmd_convert(ns: argparse.Namespace) -> int:
+    from .convert import convert
+
+    print(f"wrote {convert(ns.src, ns.dst, to=ns.to, dictionary=ns.dict)}")
+    return 0
+
+
+def cmd_download(ns: argparse.Namespace) -> int:
+    from .pretrained import fetch
+
+    folder = fetch(ns.model, Path(ns.dir) if ns.dir else None, ns.url)
+    print(f"{ns.model}: {folder}")
+    print(f"next: adaptive-lm eval {folder}/data-bin --path {folder}/model.pt --gen-subset test ...")
+    return 0
+
+
+# ---- the parser ---------------------------------------------------------------------------------------------
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", type=existing_dir, help="binarised data folder (with the model's dict.txt)")
+    add_model_path(p)
+    p.add_argument("--gen-subset", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--context-window", type=nonneg, default=0, help="tokens of earlier text in front of each block")
+    p.add_argument("--tokens-per-sample", type=positive, default=None, help="default: the model's training value")
+    p.add_argument("--sample-break-mode", default="none", choices=["none", "complete", "complete_doc", "eos"])
+    p.add_argument(
+        "--max-tokens", type=positive, default=None, help="tokens per batch (default: 8192 on CPU, 98304 on a GPU)"
+    )
+    p.add_argument("--batch-size", "--max-sentences", type=positive, default=None, help="blocks per batch")
+    p.add_argument(
+        "--softmax-batch", type=nonneg, default=0, help="positions per softmax chunk (0: automatic, memory-bounded)"
+    )
+    p.add_argument("--output-word-probs", action="store_true", help="every token's ln p, per block")
+    p.add_argument("--output-word-stats", action="store_true", help="per-word counts and mean ln p")
+    p.add_argument("--freq-bins", action="store_true", help="loss per word-frequency band")
+    p.add_argument("--plot", default=None, help="PNG of the frequency-band losses (needs matplotlib)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--fp16", action="store_true", help="float16 autocast")
+    p.add_argument("--num-workers", type=nonneg, default=0, help="accepted for compatibility")
+    p.add_argument(
+        "--results-path", type=creatable_dir, default=None, help="also write the output to RESULTS_PATH/eval-SUBSET.txt"
+    )
+    p.add_argument("--quiet", action="store_true", help="print only the closing lines")
+    p.add_argument("--no-progress-bar", action="store_true", help="no progress output")
+    g = p.add_argument_group("kNN-LM (Khandelwal et al. 2020; see adaptive-lm knn-store)")
+    g.add_argument("--knn", type=existing_dir, default=None, metavar="DSTORE", help="interpolate with this datastore")
+    g.add_argument("--k", type=positive, default=1024, help="neighbours per token (default: 1024)")
+    g.add_argument("--lmbda", type=probability, default=0.25, help="weight of the kNN distribution (default: 0.25)")
+    g.add_argument("--knn-temp", type=positive, default=1.0, help="softmax temperature over -distances")
+    g.add_argument("--knn-sim", default="l2", choices=["l2", "ip"], help="similarity: -squared L2 or inner product")
+    g.add_argument("--knn-approx-dists", action="store_true", help="use the index's approximate distances")
+    g.add_argument("--nprobe", type=positive, default=32, help="IVF lists searched (default: 32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="adaptive-lm", description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    p = sub.add_parser("train", help="train a language model (fairseq-train's flags)", allow_abbrev=False)
-    add_train_args(p)
-    p.set_defaults(func=cmd_train)
-    p = sub.add_parser(
-        "preprocess", help="text -> dict.txt + binarised splits (fairseq-preprocess)", allow_abbrev=False
+
+    def command(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, allow_abbrev=False)
+        p.set_defaults(func=fn)
+        return p
+
+    add_train_args(command("train", cmd_train, "train a language model (fairseq-train's flags)"))
+    add_preprocess_args(
+        command("preprocess", cmd_preprocess, "text -> dict.txt + binarised splits (fairseq-preprocess)")
     )
-    add_preprocess_args(p)
-    p.set_defaults(func=cmd_preprocess)
-    p = sub.add_parser("eval", help="perplexity of a binarised split (fairseq-eval-lm)", allow_abbrev=False)
-    p.add_argument("data")
+    _eval_args(command("eval", cmd_eval, "perplexity of a binarised split (fairseq-eval-lm), optionally with kNN-LM"))
+
+    p = command("score", cmd_score, "one JSON line of log-probs per input line")
+    p.add_argument("file", type=existing_file, help="text, one sentence per line")
     add_model_path(p)
-    p.add_argument("--gen-subset", default="test")
-    p.add_argument("--context-window", type=int, default=0)
-    p.add_argument("--tokens-per-sample", type=int, default=None, help="default: the model's training value")
-    p.add_argument("--sample-break-mode", default="none", choices=["none", "complete", "complete_doc", "eos"])
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--batch-size", "--max-sentences", type=int, default=None)
-    p.add_argument("--softmax-batch", type=int, default=0)
-    p.add_argument("--output-word-probs", action="store_true")
-    p.add_argument("--output-word-stats", action="store_true")
-    p.add_argument("--freq-bins", action="store_true", help="loss per word-frequency band")
-    p.add_argument("--plot", default=None, help="PNG of the frequency-band losses (needs matplotlib)")
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--fp16", action="store_true")
-    p.add_argument("--num-workers", type=int, default=0)
-    p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("score", help="one JSON line of log-probs per input line", allow_abbrev=False)
-    p.add_argument("file")
-    add_model_path(p)
-    p.add_argument("--output", default=None)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.set_defaults(func=cmd_score)
-    p = sub.add_parser("generate", help="continue prompts (from --prompt or stdin)", allow_abbrev=False)
+    p.add_argument("--output", default=None, help="write the JSON lines here instead of standard output")
+    p.add_argument("--batch-size", type=positive, default=16, help="sentences per batch")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        choices=["space", "moses"],
+        help="moses: raw text (needs the [tokenize] extra); default: already tokenised",
+    )
+
+    p = command("generate", cmd_generate, "continue prompts (from --prompt or stdin)")
     add_model_path(p)
     p.add_argument("--prompt", action="append", help="repeatable; without it prompts are read from stdin")
-    p.add_argument("--beam", type=int, default=1)
-    p.add_argument("--sampling", action="store_true")
-    p.add_argument("--sampling-topk", type=int, default=-1)
-    p.add_argument("--sampling-topp", type=float, default=-1.0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-len-b", type=int, default=200)
-    p.add_argument("--min-len", type=int, default=1)
-    p.add_argument("--unkpen", type=float, default=0.0)
-    p.add_argument("--lenpen", type=float, default=1.0)
-    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
-    p.add_argument("--nbest", type=int, default=1)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--show-scores", action="store_true")
-    p.set_defaults(func=cmd_generate)
-    p = sub.add_parser("convert", help="fairseq model -> our folder (safetensors), or back (--to fairseq)")
-    p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("--beam", type=positive, default=1, help="beam size (default: 1)")
+    p.add_argument("--sampling", action="store_true", help="sample instead of searching")
+    p.add_argument("--sampling-topk", type=topk, default=-1, help="sample from the k most likely words")
+    p.add_argument("--sampling-topp", type=topp, default=-1.0, help="sample from the smallest set with mass p")
+    p.add_argument("--temperature", type=positive, default=1.0, help="divides the logits (default: 1)")
+    p.add_argument("--max-len-a", type=nonneg, default=0.0, help="length limit a * prompt length + b")
+    p.add_argument("--max-len-b", type=positive, default=200, help="length limit, prompt included (default: 200)")
+    p.add_argument("--min-len", type=nonneg, default=1, help="no </s> before this length")
+    p.add_argument("--unkpen", type=float, default=0.0, help="subtracted from <unk>'s score")
+    p.add_argument("--lenpen", type=float, default=1.0, help="length penalty exponent of beam scores")
+    p.add_argument("--no-repeat-ngram-size", type=nonneg, default=0, help="forbid repeating n-grams of this size")
+    p.add_argument("--nbest", type=positive, default=1, help="hypotheses per prompt")
+    p.add_argument("--seed", type=integer, default=None, help="sampling seed")
+    p.add_argument("--batch-size", type=positive, default=8, help="prompts per batch")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 weights")
+    p.add_argument("--show-scores", action="store_true", help="prefix each line with its mean ln p")
+    p.add_argument("--tokenizer", default=None, choices=["space", "moses"], help="moses: raw-text prompts")
+
+    p = command("convert", cmd_convert, "fairseq model -> our folder (safetensors), or back (--to fairseq)")
+    p.add_argument("src", type=model_path, help="model to convert")
+    p.add_argument("dst", help="output folder (or .pt file with --to fairseq)")
     p.add_argument("--to", default="folder", choices=["folder", "fairseq"])
-    p.add_argument("--dict", default=None)
-    p.set_defaults(func=cmd_convert)
-    p = sub.add_parser("download", help="download a released fairseq model (wiki103, gbw) into the cache")
+    p.add_argument("--dict", default=None, type=existing_file, help="dictionary (default: the model's own)")
+
+    p = command("download", cmd_download, "download a released fairseq model (wiki103, gbw) into the cache")
     p.add_argument("model", choices=["wiki103", "gbw"])
-    p.add_argument("--dir", default=None, help="where to keep the archive (default ~/.cache/adaptive-lm)")
+    p.add_argument("--dir", default=None, type=creatable_dir, help="where to keep the archive (default ~/.cache)")
     p.add_argument("--url", default=None, help="base URL of a mirror")
-    p.set_defaults(func=cmd_download)
-    p = sub.add_parser("make-corpus", help="generate a corpus with a known entropy rate")
-    p.add_argument("--out", default="corpus")
-    p.add_argument("--tokens", type=int, default=1_000_000)
-    p.add_argument("--vocab", type=int, default=12000)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_make_corpus)
-    p = sub.add_parser("plot", help="training/validation curves of a run as a PNG (needs matplotlib)")
-    p.add_argument("run_dir")
+
+    p = command("make-corpus", cmd_make_corpus, "generate a corpus with a known entropy rate")
+    p.add_argument("--out", default="corpus", type=creatable_dir)
+    p.add_argument("--tokens", type=positive, default=1_000_000)
+    p.add_argument("--vocab", type=positive, default=12000)
+    p.add_argument("--seed", type=integer, default=0)
+
+    p = command("plot", cmd_plot, "training/validation curves of a run as a PNG (needs matplotlib)")
+    p.add_argument("run_dir", type=existing_dir)
     p.add_argument("--output", default=None)
-    p.set_defaults(func=cmd_plot)
-    p = sub.add_parser(
-        "quickstart", help="generate a corpus, preprocess, train a small model, evaluate it", allow_abbrev=False
-    )
-    p.add_argument("--dir", default="quickstart-run")
-    p.add_argument("--updates", type=int, default=300)
-    p.set_defaults(func=cmd_quickstart)
+
+    p = command("quickstart", cmd_quickstart, "generate a corpus, preprocess, train a small model, evaluate it")
+    p.add_argument("--dir", default="quickstart-run", type=creatable_dir)
+    p.add_argument("--updates", type=positive, default=300)
+
     return parser
+
+
+def _knn_commands(command: Any) -> None:
+    from .knn import add_knn_index_args, add_knn_store_args, cmd_knn_index, cmd_knn_store
+
+    add_knn_store_args(command("knn-store", cmd_knn_store, "write a kNN-LM datastore (keys and next tokens)"))
+    add_knn_index_args(command("knn-index", cmd_knn_index, "build a FAISS index over a datastore's keys"))
+
+
+def _rescore_command(command: Any) -> None:
+    from .rescore import add_rescore_args, cmd_rescore
+
+    add_rescore_args(command("rescore", cmd_rescore, "add LM scores to n-best lists; pick the best; tune weights"))
 
 
 def _tune_malloc() -> None:
@@ -533,7 +561,7 @@ def _tune_malloc() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     # oneDNN (CPU bf16 matmuls) builds and caches a kernel per shape. Adaptive tails and bands change their row
-    # counts every step; ``model.bucket`` rounds them to a few sizes, which fit in 128 entries (the default 1024
+    # counts every step; ``kernels.pad_rows`` rounds them to a few sizes, which fit in 128 entries (the default 1024
     # once held ~1 GB when every row count was its own shape; too small a cache rebuilds kernels every step).
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
     _tune_malloc()
@@ -548,4 +576,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"adaptive-lm {ns.command}: interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
+    except BrokenPipeError:  # `adaptive-lm score ... | head`
+        return 0

@@ -1,20 +1,31 @@
-"""Model configuration and architecture presets.
+"""Model configuration and architecture presets, field for field fairseq 0.12's ``TransformerLanguageModelConfig``.
 
-`ModelConfig` holds the architecture only, with fairseq's field names (``decoder_embed_dim``,
-``adaptive_input_cutoff``, ...) so that a fairseq checkpoint's stored ``cfg["model"]`` or ``args``
-maps onto it field by field. Presets mirror fairseq's architecture functions in
-``fairseq/models/transformer_lm.py`` (reference doc section 1): each one only fills what the user did
-not set, then defers to its parent. They are plain data here: a dict of values per preset, applied in
-parent-to-child order, with user overrides last.
+``ModelConfig`` has every field of that dataclass (``fairseq/models/transformer_lm.py``) under fairseq's name and
+with fairseq's default, so a checkpoint's stored ``cfg["model"]`` or ``args`` maps onto it field by field, and
+the plain ``--arch transformer_lm`` gets what fairseq 0.12 gives it: the dataclass defaults, which mean a
+**post-LN** decoder (``decoder_normalize_before=False``) with 512-wide input and output dimensions.
+
+Presets mirror fairseq's architecture functions (``transformer_lm_big``, ``transformer_lm_baevski_wiki103``, ...,
+``base_lm_architecture``): each fills only what the user left unset, then defers to its parent; some values are
+*forced* whatever the user says (``base_lm_architecture`` forces pre-LN, ``base_gpt3_architecture`` forces the
+input/output widths and shared embeddings). They are plain data here: (parent, defaults, forced) per preset, a
+callable where fairseq derives a value from another one.
+
+Every field is either reproduced exactly or refused by name in ``ModelConfig.validate`` (``REFUSED``); the
+option table in ``docs/fairseq-options.md`` says which test proves which.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-ACTIVATIONS = ("relu", "gelu", "gelu_accurate", "gelu_fast", "tanh", "linear", "swish", "silu")
+# fairseq 0.12's --activation-fn choices (``utils.get_available_activation_fns``) plus relu_squared, which its
+# ``get_activation_fn`` accepts from a stored config. ("swish" is refused: fairseq returns the SiLU *class*.)
+ACTIVATIONS = ("relu", "gelu", "gelu_fast", "gelu_accurate", "tanh", "linear", "relu_squared")
+DEFAULT_CHARACTER_FILTERS = "[(1, 64), (2, 128), (3, 192), (4, 256), (5, 256), (6, 256), (7, 256)]"
 
 
 class ConfigError(ValueError):
@@ -31,40 +42,87 @@ def parse_cutoff(value: Any) -> tuple[int, ...] | None:
     return tuple(int(v) for v in value)
 
 
+def parse_character_filters(value: str) -> list[tuple[int, int]]:
+    """fairseq ``eval``s this string; we only read a literal list of (width, channels) pairs."""
+    try:
+        filters = ast.literal_eval(value) if isinstance(value, str) else value
+        out = [(int(w), int(c)) for w, c in filters]
+    except (ValueError, SyntaxError, TypeError) as e:
+        raise ConfigError(
+            f"character_filters {value!r} is not a list of (width, channels) pairs such as "
+            f"{DEFAULT_CHARACTER_FILTERS!r} ({e})"
+        ) from None
+    if not out or any(w < 1 or c < 1 for w, c in out):
+        raise ConfigError(f"character_filters {value!r}: every (width, channels) pair must be positive")
+    return out
+
+
+def parse_layers_to_keep(value: str | None) -> list[int] | None:
+    """fairseq's ``decoder_layers_to_keep`` ("0,2"): sorted layer numbers of the stored model to keep."""
+    if value is None or str(value).strip() in ("", "None"):
+        return None
+    try:
+        return sorted(int(v) for v in str(value).split(","))
+    except ValueError:
+        raise ConfigError(f"decoder_layers_to_keep {value!r} must be comma-separated layer numbers, e.g. 0,2") from None
+
+
 @dataclass
 class ModelConfig:
-    """Architecture of a fairseq ``transformer_lm`` (decoder-only, pre-LN) with optional adaptive I/O."""
+    """fairseq 0.12's ``TransformerLanguageModelConfig``: same names, same defaults (so: post-LN, 512-wide input and
+    output dims), plus the two values fairseq takes from the task/dictionary (``vocab_size``, ``padding_idx``)."""
 
     vocab_size: int = 0
     padding_idx: int = 1
-    decoder_embed_dim: int = 512
-    decoder_input_dim: int | None = None  # None -> decoder_embed_dim (fairseq default)
-    decoder_output_dim: int | None = None  # None -> decoder_embed_dim
-    decoder_ffn_embed_dim: int = 2048
-    decoder_layers: int = 6
-    decoder_attention_heads: int = 8
     activation_fn: str = "relu"
     dropout: float = 0.1
     attention_dropout: float = 0.0
     activation_dropout: float = 0.0
     relu_dropout: float = 0.0  # old name of activation_dropout; used when activation_dropout == 0
-    decoder_normalize_before: bool = True  # fairseq's base_lm_architecture forces True
+    decoder_embed_dim: int = 512
+    decoder_output_dim: int | None = 512  # None -> decoder_embed_dim (what base_lm_architecture does)
+    decoder_input_dim: int | None = 512  # None -> decoder_embed_dim
+    decoder_ffn_embed_dim: int = 2048
+    decoder_layers: int = 6
+    decoder_attention_heads: int = 8
+    decoder_normalize_before: bool = False  # the dataclass default; every named arch forces True
     no_decoder_final_norm: bool = False
+    adaptive_softmax_cutoff: tuple[int, ...] | None = None
+    adaptive_softmax_dropout: float = 0.0
+    adaptive_softmax_factor: float = 4.0
+    no_token_positional_embeddings: bool = False
+    share_decoder_input_output_embed: bool = False
+    character_embeddings: bool = False
+    character_filters: str = DEFAULT_CHARACTER_FILTERS
+    character_embedding_dim: int = 4
+    char_embedder_highway_layers: int = 2
     adaptive_input: bool = False
     adaptive_input_factor: float = 4.0
     adaptive_input_cutoff: tuple[int, ...] | None = None
-    adaptive_softmax_cutoff: tuple[int, ...] | None = None
-    adaptive_softmax_factor: float = 4.0
-    adaptive_softmax_dropout: float = 0.0
     tie_adaptive_weights: bool = False
     tie_adaptive_proj: bool = False
-    share_decoder_input_output_embed: bool = False
     decoder_learned_pos: bool = False
-    no_token_positional_embeddings: bool = False
-    no_scale_embedding: bool = False
     layernorm_embedding: bool = False
-    max_target_positions: int = 1024
+    no_scale_embedding: bool = False
+    checkpoint_activations: bool = False
+    offload_activations: bool = False
+    decoder_layerdrop: float = 0.0
+    decoder_layers_to_keep: str | None = None
+    quant_noise_pq: float = 0.0
+    quant_noise_pq_block_size: int = 8
+    quant_noise_scalar: float = 0.0
+    min_params_to_wrap: int = 100_000_000  # FSDP wrapping only: no effect on the numbers
+    base_layers: int = 0
+    base_sublayers: int = 1
+    base_shuffle: int = 1
+    scale_fc: bool = False
+    scale_attn: bool = False
+    scale_heads: bool = False
+    scale_resids: bool = False
+    decoder_xformers_att_config: str | None = None
     add_bos_token: bool = False
+    max_target_positions: int = 1024
+    tpu: bool = False  # where fairseq ran; no effect on the model (refused for training, see train.py)
 
     def __post_init__(self) -> None:
         self.adaptive_input_cutoff = parse_cutoff(self.adaptive_input_cutoff)
@@ -73,6 +131,8 @@ class ModelConfig:
             self.decoder_input_dim = self.decoder_embed_dim
         if self.decoder_output_dim is None:
             self.decoder_output_dim = self.decoder_embed_dim
+        if self.offload_activations:  # base_lm_architecture: offloading implies checkpointing
+            self.checkpoint_activations = True
 
     # ---- derived values -------------------------------------------------------------------------
     @property
@@ -80,8 +140,29 @@ class ModelConfig:
         """fairseq falls back to relu_dropout when activation_dropout is 0 (backward compatibility)."""
         return self.activation_dropout if self.activation_dropout > 0 else self.relu_dropout
 
+    @property
+    def layers_to_keep(self) -> list[int] | None:
+        return parse_layers_to_keep(self.decoder_layers_to_keep)
+
+    @property
+    def num_layers(self) -> int:
+        """fairseq's ``build_model``: with ``decoder_layers_to_keep`` only those layers are built."""
+        keep = self.layers_to_keep
+        return len(keep) if keep is not None else self.decoder_layers
+
+    @property
+    def input_embed_dim(self) -> int:
+        """Width of what the token embedder returns (the char CNN and adaptive input return decoder_embed_dim)."""
+        if self.character_embeddings or self.adaptive_input:
+            return self.decoder_embed_dim
+        return int(self.decoder_input_dim)  # type: ignore[arg-type]
+
     def validate(self) -> None:
-        """The checks fairseq makes in ``build_model`` and in the adaptive modules, with actionable messages."""
+        """The checks fairseq makes in ``build_model`` and in its modules, plus the options we refuse by name; every
+        message says what to change."""
+        for name, why in REFUSED.items():
+            if refused_value(name, getattr(self, name)):
+                raise ConfigError(f"{name} = {getattr(self, name)!r}: {why}")
         if self.vocab_size <= 0:
             raise ConfigError("vocab_size must be positive: pass the size of the dictionary (len(dict))")
         if self.decoder_embed_dim % self.decoder_attention_heads != 0:
@@ -90,7 +171,12 @@ class ModelConfig:
                 f"{self.decoder_attention_heads}: choose a head count that divides the width"
             )
         if self.activation_fn not in ACTIVATIONS:
-            raise ConfigError(f"unknown activation_fn {self.activation_fn!r}: use one of {', '.join(ACTIVATIONS)}")
+            hint = (
+                " (fairseq 0.12's swish is broken: it returns the SiLU class)" if self.activation_fn == "swish" else ""
+            )
+            raise ConfigError(
+                f"unknown activation_fn {self.activation_fn!r}{hint}: use one of {', '.join(ACTIVATIONS)}"
+            )
         for name in ("adaptive_input_cutoff", "adaptive_softmax_cutoff"):
             cut = getattr(self, name)
             if cut is None:
@@ -105,6 +191,13 @@ class ModelConfig:
                 )
             if cut[-1] == self.vocab_size and len(cut) == 1:
                 raise ConfigError(f"{name} {cut[0]} equals the vocabulary size: leave at least one tail band")
+        if self.character_embeddings:
+            parse_character_filters(self.character_filters)
+            if self.tie_adaptive_weights:
+                raise ConfigError(
+                    "tie_adaptive_weights needs the adaptive input's bands, but character_embeddings replaces the "
+                    "adaptive input (fairseq crashes on this combination): drop one of the two"
+                )
         if self.adaptive_input and self.adaptive_input_cutoff is None:
             raise ConfigError("adaptive_input needs adaptive_input_cutoff (e.g. 20000,60000)")
         if self.tie_adaptive_weights:
@@ -146,18 +239,77 @@ class ModelConfig:
             ),
         ):
             if on and cut is not None:
-                dims = band_dims(dim, factor, len(tuple(cut)) + 1)
+                dims = band_dims(dim, factor, n_bands(cut, self.vocab_size))
                 if min(dims) < 1:
                     raise ConfigError(
                         f"adaptive {name} bands would be {dims} wide ({dim} divided by {factor:g} per band): raise "
                         f"the model width, lower --adaptive-{name}-factor, or use fewer --adaptive-{name}-cutoff values"
                     )
-        if self.share_decoder_input_output_embed and self.adaptive_softmax_cutoff is not None:
-            raise ConfigError("share_decoder_input_output_embed cannot be used with an adaptive softmax")
-        for name in ("dropout", "attention_dropout", "activation_dropout", "relu_dropout", "adaptive_softmax_dropout"):
+        shared = self.share_decoder_input_output_embed and self.adaptive_softmax_cutoff is None
+        if shared and (self.input_embed_dim != self.decoder_output_dim or self.character_embeddings):
+            raise ConfigError(
+                "share_decoder_input_output_embed needs a word embedding as wide as decoder_output_dim "
+                f"({self.input_embed_dim} != {self.decoder_output_dim}); set --decoder-input-dim equal to "
+                "--decoder-output-dim"
+            )
+        for name in (
+            "dropout",
+            "attention_dropout",
+            "activation_dropout",
+            "relu_dropout",
+            "adaptive_softmax_dropout",
+            "decoder_layerdrop",
+            "quant_noise_pq",
+        ):
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:
                 raise ConfigError(f"{name} {p} must be in [0, 1)")
+        keep = self.layers_to_keep
+        if keep is not None and (len(set(keep)) != len(keep) or keep[0] < 0):
+            raise ConfigError(f"decoder_layers_to_keep {self.decoder_layers_to_keep}: distinct layer numbers >= 0")
+        if self.quant_noise_pq > 0:
+            self._check_quant_noise_blocks()
+
+    def _check_quant_noise_blocks(self) -> None:
+        """fairseq asserts, when building each noised Linear, that its input width is a multiple of the block size."""
+        bs = self.quant_noise_pq_block_size
+        if bs < 1:
+            raise ConfigError(f"quant_noise_pq_block_size {bs} must be positive")
+        d = self.decoder_embed_dim
+        widths = {"decoder_embed_dim (attention, fc1)": d, "decoder_ffn_embed_dim (fc2)": self.decoder_ffn_embed_dim}
+        if not self.adaptive_input:
+            if self.input_embed_dim != d:
+                raise ConfigError(
+                    "quant_noise_pq with a plain or character embedding applies fairseq's extra "
+                    f"Linear({d}, {d}) to the embeddings, so decoder_input_dim must equal decoder_embed_dim "
+                    f"({self.input_embed_dim} != {d}); fairseq fails at the first forward otherwise"
+                )
+        else:
+            cut = self.adaptive_input_cutoff or ()
+            dims = band_dims(self.decoder_input_dim, self.adaptive_input_factor, n_bands(cut, self.vocab_size))
+            for i, w in enumerate(dims):
+                widths[f"adaptive input band {i} width"] = w
+        if self.adaptive_softmax_cutoff is not None:
+            d_out = int(self.decoder_output_dim)  # type: ignore[arg-type]
+            widths["decoder_output_dim (adaptive softmax head)"] = d_out
+            dims = band_dims(
+                d_out, self.adaptive_softmax_factor, n_bands(self.adaptive_softmax_cutoff, self.vocab_size)
+            )
+            for i, w in enumerate(dims[1:]):
+                widths[f"adaptive softmax tail {i} width"] = w
+            if self.tie_adaptive_weights:
+                widths["adaptive input band 0 width (tied head)"] = int(self.decoder_input_dim)  # type: ignore
+        for what, w in widths.items():
+            if w % bs:
+                raise ConfigError(
+                    f"quant_noise_pq_block_size {bs} does not divide the {what} {w} (fairseq asserts it): choose a "
+                    f"block size that divides every noised layer's input width"
+                )
+
+    def as_built(self) -> ModelConfig:
+        """The config of the model as built, for saving next to its weights: a ``decoder_layers_to_keep`` model has
+        that many layers, stored as ``decoder_layers`` (loading it again must not prune it a second time)."""
+        return dataclasses.replace(self, decoder_layers=self.num_layers, decoder_layers_to_keep=None)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (lists, numbers, strings) for JSON and ``torch.load(weights_only=True)``."""
@@ -172,6 +324,29 @@ class ModelConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+# Options fairseq accepts that we do not reproduce: refused by name, with what to do instead.
+REFUSED: dict[str, str] = {
+    "quant_noise_scalar": (
+        "fairseq then swaps every Linear/Embedding for an int8-emulating module (fairseq/modules/quantization/scalar,"
+        " CUDA only) whose evaluation uses 8-bit weights and activations; not reproduced: train without "
+        "--quant-noise-scalar"
+    ),
+    "base_layers": (
+        "BASE layers (fairseq's routed expert layers, fairseq/modules/base_layer.py, which need an all-to-all across "
+        "GPUs) are not reproduced: use a model without --base-layers"
+    ),
+    "decoder_xformers_att_config": (
+        "xFormers attention variants are not reproduced (plain causal attention only): drop "
+        "--decoder-xformers-att-config"
+    ),
+}
+
+
+def refused_value(name: str, value: Any) -> bool:
+    """Whether ``value`` switches the refused option ``name`` on (0 / None / False / "" keep it off)."""
+    return value not in (None, "", "None", 0, 0.0, False)
+
+
 def suggest_cutoffs(vocab_size: int) -> str:
     """Roughly the paper's proportions (20k/60k of 268k), rounded, for error messages."""
     a = max(1, int(round(vocab_size * 0.075, -1)) or vocab_size // 13)
@@ -182,43 +357,57 @@ def suggest_cutoffs(vocab_size: int) -> str:
 
 
 # ---- presets: fairseq's architecture functions as data ------------------------------------------
-# Each entry: (parent, values). Values apply only to fields the user left unset, child before parent,
-# exactly as fairseq's safe_getattr chain does.
-PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
-    "transformer_lm": (
-        None,
+Value = Any  # a value, or a callable of the values resolved so far (fairseq derives some from others)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One fairseq architecture function: ``defaults`` fill unset fields, ``forced`` overwrite, then ``parent``."""
+
+    parent: str | None
+    defaults: dict[str, Value] = dataclasses.field(default_factory=dict)
+    forced: dict[str, Value] = dataclasses.field(default_factory=dict)
+    public: bool = True  # False: a shared base (base_lm_architecture), not an --arch choice
+
+
+def _embed_dim(v: dict[str, Any]) -> int:
+    return v["decoder_embed_dim"]
+
+
+def _gpt(d: int, ffn: int, layers: int, heads: int) -> Preset:
+    return Preset(
+        "base_lm",
         dict(
-            decoder_embed_dim=512,
-            decoder_ffn_embed_dim=2048,
-            decoder_layers=6,
-            decoder_attention_heads=8,
-            activation_fn="relu",
+            decoder_embed_dim=d,
+            decoder_ffn_embed_dim=ffn,
+            decoder_layers=layers,
+            decoder_attention_heads=heads,
             dropout=0.1,
-            attention_dropout=0.0,
-            activation_dropout=0.0,
-            relu_dropout=0.0,
-            no_decoder_final_norm=False,
-            adaptive_input=False,
-            adaptive_input_factor=4.0,
-            adaptive_input_cutoff=None,
-            adaptive_softmax_cutoff=None,
-            adaptive_softmax_factor=4.0,
-            adaptive_softmax_dropout=0.0,
-            tie_adaptive_weights=False,
-            tie_adaptive_proj=False,
-            share_decoder_input_output_embed=False,
-            decoder_learned_pos=False,
-            no_token_positional_embeddings=False,
-            no_scale_embedding=False,
-            layernorm_embedding=False,
-            add_bos_token=False,
+            attention_dropout=0.1,
+            activation_fn="gelu",
         ),
+    )
+
+
+def _gpt3(layers: int, d: int, heads: int) -> Preset:
+    return Preset("base_gpt3", dict(decoder_layers=layers, decoder_embed_dim=d, decoder_attention_heads=heads))
+
+
+PRESETS: dict[str, Preset] = {
+    # --arch transformer_lm: fairseq 0.12 builds it from the dataclass defaults (ModelConfig's), no arch function
+    "transformer_lm": Preset(None),
+    # base_lm_architecture: fills the rest, forces pre-LN ("training is not stable without this")
+    "base_lm": Preset(
+        None,
+        defaults=dict(decoder_output_dim=_embed_dim, decoder_input_dim=_embed_dim),
+        forced=dict(decoder_normalize_before=True),
+        public=False,
     ),
-    "transformer_lm_big": (
-        "transformer_lm",
+    "transformer_lm_big": Preset(
+        "base_lm",
         dict(decoder_layers=12, decoder_embed_dim=1024, decoder_ffn_embed_dim=4096, decoder_attention_heads=16),
     ),
-    "transformer_lm_wiki103": (
+    "transformer_lm_wiki103": Preset(
         "transformer_lm_big",
         dict(
             decoder_layers=16,
@@ -235,18 +424,40 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any]]] = {
             tie_adaptive_proj=True,
         ),
     ),
-    "transformer_lm_gbw": (
+    "transformer_lm_gbw": Preset(
         "transformer_lm_big",
-        dict(
-            decoder_embed_dim=512,
-            dropout=0.1,
-            attention_dropout=0.1,
-            activation_dropout=0.0,
-            no_decoder_final_norm=True,
-        ),
+        dict(decoder_embed_dim=512, dropout=0.1, attention_dropout=0.1, no_decoder_final_norm=True),
     ),
+    "transformer_lm_gpt": _gpt(768, 3072, 12, 12),
+    "transformer_lm_gpt2_small": _gpt(1024, 4096, 24, 16),
+    "transformer_lm_gpt2_tiny": _gpt(64, 64, 2, 1),
+    "transformer_lm_gpt2_medium": _gpt(1280, 5120, 36, 20),
+    "transformer_lm_gpt2_big": _gpt(1600, 6400, 48, 25),
+    "transformer_lm_gpt2_big_wide": _gpt(2048, 8192, 24, 32),
+    "transformer_lm_gpt2_bigger": _gpt(2048, 8192, 48, 32),
+    # base_gpt3_architecture: widths forced to the embedding's, learned positions, no dropout, shared embeddings
+    "base_gpt3": Preset(
+        "base_lm",
+        defaults=dict(
+            decoder_ffn_embed_dim=lambda v: 4 * v["decoder_embed_dim"],
+            decoder_learned_pos=True,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_fn="gelu",
+        ),
+        forced=dict(decoder_input_dim=_embed_dim, decoder_output_dim=_embed_dim, share_decoder_input_output_embed=True),
+        public=False,
+    ),
+    "transformer_lm_gpt3_small": _gpt3(12, 768, 12),
+    "transformer_lm_gpt3_medium": _gpt3(24, 1024, 16),
+    "transformer_lm_gpt3_large": _gpt3(24, 1536, 16),
+    "transformer_lm_gpt3_xl": _gpt3(24, 2048, 32),
+    "transformer_lm_gpt3_2_7": _gpt3(32, 2560, 32),
+    "transformer_lm_gpt3_6_7": _gpt3(32, 4096, 32),
+    "transformer_lm_gpt3_13": _gpt3(40, 5120, 40),
+    "transformer_lm_gpt3_175": _gpt3(96, 12288, 96),
     # Not in fairseq: a few-thousand-parameter model of the wiki103 shape for tests and smoke runs.
-    "tiny": (
+    "tiny": Preset(
         "transformer_lm_wiki103",
         dict(
             decoder_layers=2,
@@ -267,55 +478,70 @@ ALIASES = {
     "base": "transformer_lm",
     "big": "transformer_lm_big",
 }
+ARCH_CHOICES = [n for n, p in PRESETS.items() if p.public] + list(ALIASES)
 
 
 def resolve_arch(arch: str) -> str:
     name = ALIASES.get(arch, arch)
-    if name not in PRESETS:
-        known = sorted(set(PRESETS) | set(ALIASES))
-        raise ConfigError(f"unknown architecture {arch!r}: choose one of {', '.join(known)}")
+    if name not in PRESETS or not PRESETS[name].public:
+        raise ConfigError(f"unknown architecture {arch!r}: choose one of {', '.join(sorted(ARCH_CHOICES))}")
     return name
 
 
-def preset_values(arch: str) -> dict[str, Any]:
-    """All values an architecture sets, parents first, children overriding."""
-    chain = []
+def apply_preset(arch: str, given: dict[str, Any]) -> dict[str, Any]:
+    """fairseq's arch-function chain on ``given`` (the values set by the user or stored in a checkpoint): each
+    preset, child first, fills what is still unset and overwrites its forced fields; a ``None`` counts as unset,
+    as fairseq's ``safe_getattr`` does for a loaded config."""
+    values = {k: v for k, v in given.items() if v is not None}
     name: str | None = resolve_arch(arch)
     while name is not None:
-        parent, values = PRESETS[name]
-        chain.append(values)
-        name = parent
-    out: dict[str, Any] = {}
-    for values in reversed(chain):
-        out.update(values)
-    return out
+        preset = PRESETS[name]
+        for k, v in preset.defaults.items():
+            if k not in values:
+                values[k] = v(values) if callable(v) else v
+        for k, v in preset.forced.items():
+            values[k] = v(values) if callable(v) else v
+        name = preset.parent
+    return values
 
 
 def make_config(arch: str, vocab_size: int, **overrides: Any) -> ModelConfig:
-    """Preset values, then explicit overrides (``None`` means "not set", as in fairseq)."""
+    """The config ``fairseq-train --arch ARCH`` builds for these flags (``None`` means "not set", as in fairseq)."""
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ConfigError(f"unknown model option(s): {', '.join(unknown)}")
-    values = preset_values(arch)
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values = apply_preset(arch, overrides)
     values["vocab_size"] = vocab_size
-    values["decoder_normalize_before"] = True  # fairseq forces pre-LN for every transformer_lm arch
     cfg = ModelConfig(**values)
     cfg.validate()
     return cfg
 
 
-def band_dims(dim: int, factor: float, n_bands: int) -> list[int]:
+def preset_values(arch: str) -> dict[str, Any]:
+    """Every value an architecture sets by itself (no user flags), resolved like ``make_config``."""
+    return apply_preset(arch, {})
+
+
+def band_dims(dim: int, factor: float, bands: int) -> list[int]:
     """fairseq's ``int(dim // factor**i)`` per band (a float factor gives float floor division)."""
-    return [int(dim // (factor**i)) for i in range(n_bands)]
+    return [int(dim // (factor**i)) for i in range(bands)]
+
+
+def n_bands(cutoff: tuple[int, ...] | list[int], vocab_size: int) -> int:
+    """Bands of an adaptive input/softmax: the cutoffs, plus [last cutoff, V) unless the last cutoff is V."""
+    return len(cutoff) + (1 if not cutoff or vocab_size > cutoff[-1] else 0)
 
 
 __all__ = [
+    "ACTIVATIONS",
+    "ARCH_CHOICES",
     "ConfigError",
     "ModelConfig",
     "PRESETS",
     "ALIASES",
+    "REFUSED",
+    "apply_preset",
     "make_config",
     "preset_values",
     "resolve_arch",

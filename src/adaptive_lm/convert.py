@@ -68,6 +68,8 @@ def to_fairseq_state_dict(lm: LanguageModel) -> dict[str, torch.Tensor]:
             out[f"decoder.adaptive_softmax.tail.{k.split('.')[-1]}.0.weight"] = v if tied_proj else v.t().contiguous()
         elif k.startswith("adaptive_softmax.tail_out."):
             out[f"decoder.adaptive_softmax.tail.{k.split('.')[-1]}.2.weight"] = v
+        elif k.startswith("embed_tokens.highway."):  # fairseq's Highway keeps its layers in .layers
+            out["decoder.embed_tokens.highway.layers." + k[len("embed_tokens.highway.") :]] = v
         else:
             out[f"decoder.{k}"] = v
     if "decoder.adaptive_softmax.head.word_proj.0.weight" in out:  # word_proj became a Sequential
@@ -83,18 +85,14 @@ def to_fairseq_state_dict(lm: LanguageModel) -> dict[str, torch.Tensor]:
 
 
 def fairseq_model_cfg(cfg: ModelConfig, tokens_per_sample: int) -> dict[str, Any]:
+    """Every field of fairseq's TransformerLanguageModelConfig, as built: ``_name`` is the plain ``transformer_lm``
+    (fairseq then honours every stored value, decoder_normalize_before included), a pruned model is stored with
+    its layer count and no ``decoder_layers_to_keep`` (fairseq would prune it again)."""
     m: dict[str, Any] = {k: v for k, v in cfg.to_dict().items() if k not in ("vocab_size", "padding_idx")}
     for k in ("adaptive_input_cutoff", "adaptive_softmax_cutoff"):
         m[k] = ",".join(map(str, m[k])) if m[k] is not None else None
-    m.update(
-        _name="transformer_lm",
-        tokens_per_sample=tokens_per_sample,
-        character_embeddings=False,
-        decoder_layerdrop=0.0,
-        quant_noise_pq=0.0,
-        quant_noise_pq_block_size=8,
-        quant_noise_scalar=0.0,
-    )
+    m.update(_name="transformer_lm", tokens_per_sample=tokens_per_sample, decoder_layers=cfg.num_layers,
+             decoder_layers_to_keep=None)  # fmt: skip
     return m
 
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from collections.abc import Iterator
@@ -35,9 +36,17 @@ CODE_TO_DTYPE = {
     9: np.uint32,
     10: np.uint64,
 }
-DTYPE_TO_CODE = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16): 3, np.dtype(np.int32): 4,
-                 np.dtype(np.int64): 5, np.dtype(np.float64): 7, np.dtype(np.uint16): 8, np.dtype(np.uint32): 9,
-                 np.dtype(np.uint64): 10}  # fmt: skip
+DTYPE_TO_CODE = {
+    np.dtype(np.uint8): 1,
+    np.dtype(np.int8): 2,
+    np.dtype(np.int16): 3,
+    np.dtype(np.int32): 4,
+    np.dtype(np.int64): 5,
+    np.dtype(np.float64): 7,
+    np.dtype(np.uint16): 8,
+    np.dtype(np.uint32): 9,
+    np.dtype(np.uint64): 10,
+}
 
 
 def best_dtype(vocab_size: int | None) -> np.dtype:
@@ -107,8 +116,10 @@ class IndexedDataset:
         for p in (idx_path, bin_path):
             if not os.path.isfile(p):
                 raise UserError(f"{p}: not found; run `adaptive-lm preprocess` (or fairseq-preprocess) first")
-        raw = np.memmap(idx_path, dtype=np.uint8, mode="r")
         what = "run preprocess again to rebuild it"
+        if os.path.getsize(idx_path) == 0:
+            raise UserError(f"{idx_path}: empty file (an interrupted preprocess?); {what}")
+        raw = np.memmap(idx_path, dtype=np.uint8, mode="r")
         if len(raw) < 26 or bytes(raw[:9]) != MAGIC:
             raise UserError(f"{idx_path}: not a fairseq mmap index (bad magic/too short); {what}")
         (version,) = struct.unpack("<Q", bytes(raw[9:17]))
@@ -139,6 +150,22 @@ class IndexedDataset:
 
     def __getitem__(self, i: int) -> np.ndarray:
         return np.asarray(self.tokens[self.offsets[i] : self.offsets[i + 1]])
+
+    def max_id(self) -> int:
+        """The largest token id, computed once per ``.bin`` version and cached beside it (``.bin.maxid``: size,
+        mtime, max); 0.1 s per 100M tokens otherwise. An unwritable folder just skips the cache."""
+        bin_path = self.prefix + ".bin"
+        st = os.stat(bin_path)
+        key = f"{st.st_size} {st.st_mtime_ns}"
+        cache = Path(bin_path + ".maxid")
+        with contextlib.suppress(OSError, ValueError):
+            k1, k2, value = cache.read_text().split()
+            if f"{k1} {k2}" == key:
+                return int(value)
+        top = int(self.tokens.max()) if len(self.tokens) else 0
+        with contextlib.suppress(OSError):
+            cache.write_text(f"{key} {top}\n")
+        return top
 
 
 # =====================================================================================================
@@ -179,15 +206,27 @@ def block_spans(sizes: np.ndarray, block_size: int, break_mode: str = "none") ->
 
 
 class LMDataset:
-    """Blocks of a token stream with targets = the block and source = the block shifted right by one."""
+    """Blocks of a token stream with targets = the block and source = the block shifted right by one.
 
-    def __init__(self, tokens: np.ndarray, spans: np.ndarray, eos: int, pad: int) -> None:
+    ``add_bos`` (fairseq's ``--add-bos-token``): ``<s>`` is prepended to both (MonolingualDataset), so position 0
+    learns to predict ``<s>`` from ``<s>``; training counts that target, evaluation drops its score."""
+
+    def __init__(
+        self, tokens: np.ndarray, spans: np.ndarray, eos: int, pad: int, add_bos: bool = False, bos: int = 0
+    ) -> None:
         self.tokens, self.spans, self.eos, self.pad = tokens, spans, eos, pad
-        self.sizes = (spans[:, 1] - spans[:, 0]).astype(np.int64)
+        self.add_bos, self.bos = add_bos, bos
+        self.sizes = (spans[:, 1] - spans[:, 0]).astype(np.int64)  # batching ignores the <s> (as fairseq's)
 
     @classmethod
-    def from_split(cls, ds: IndexedDataset, block_size: int, break_mode: str, eos: int = 2, pad: int = 1) -> LMDataset:
-        return cls(ds.tokens, block_spans(ds.sizes, block_size, break_mode), eos, pad)
+    def from_split(
+        cls, ds: IndexedDataset, block_size: int, break_mode: str, eos: int = 2, pad: int = 1, add_bos: bool = False
+    ) -> LMDataset:
+        return cls(ds.tokens, block_spans(ds.sizes, block_size, break_mode), eos, pad, add_bos)
+
+    def subset(self, keep: np.ndarray) -> LMDataset:
+        """The blocks selected by a boolean mask (e.g. those that fit the model)."""
+        return LMDataset(self.tokens, self.spans[keep], self.eos, self.pad, self.add_bos, self.bos)
 
     def __len__(self) -> int:
         return len(self.spans)
@@ -199,6 +238,8 @@ class LMDataset:
             source = np.concatenate([[self.eos], np.asarray(self.tokens[0 : e - 1], dtype=np.int64)])
         else:
             source = np.asarray(self.tokens[s - 1 : e - 1], dtype=np.int64)
+        if self.add_bos:
+            source, target = np.concatenate([[self.bos], source]), np.concatenate([[self.bos], target])
         return source, target
 
     def collate(self, indices: list[int] | np.ndarray) -> dict[str, torch.Tensor]:
@@ -317,12 +358,22 @@ class EpochBatches:
     def __len__(self) -> int:
         return -(-len(self.batches) // self.num_shards)
 
-    def iterate(self, epoch: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """Collated batches of ``epoch`` from batch ``start`` on (empty padding batches yield ntokens 0)."""
-        for b in self.epoch_batches(epoch)[start:]:
+    def iterate(self, epoch: int, start: int = 0, stop: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Collated batches ``start:stop`` of ``epoch`` (empty padding batches yield ntokens 0)."""
+        for b in self.epoch_batches(epoch)[start:stop]:
             yield self.dataset.collate(b)
 
 
-def load_split(data_dir: str | os.PathLike, split: str) -> IndexedDataset:
-    path = Path(data_dir) / split
-    return IndexedDataset(path)
+def load_split(data_dir: str | os.PathLike, split: str, vocab_size: int | None = None) -> IndexedDataset:
+    """An indexed split; with ``vocab_size``, its largest token id is checked against the dictionary (a ``.bin``
+    made with another dictionary, or damaged, fails here with its name instead of deep inside the model)."""
+    ds = IndexedDataset(Path(data_dir) / split)
+    if vocab_size is not None:
+        top = ds.max_id()
+        if top >= vocab_size:
+            raise UserError(
+                f"{ds.prefix}.bin: token id {top} is not in the dictionary ({vocab_size} symbols in "
+                f"{Path(data_dir) / 'dict.txt'}); the split was binarised with another dictionary or is damaged: "
+                f"run preprocess again with this dict.txt (--srcdict)"
+            )
+    return ds

@@ -1,31 +1,35 @@
-"""``adaptive-lm eval``: fairseq-eval-lm's perplexity, with its context-window semantics (reference section 8).
+"""``adaptive-lm eval``: fairseq-eval-lm's perplexity, with its context-window semantics (``fairseq_cli/eval_lm.py``,
+``fairseq/data/lm_context_window_dataset.py``).
 
 With ``--context-window C`` the split is cut into blocks of ``tokens_per_sample - C`` new tokens; every block is
 fed with up to ``C`` tokens of the preceding text in front (taken, as in ``LMContextWindowDataset``, from the
 inputs of the blocks before it) and only its own tokens are scored, so every token is scored exactly once.
 Scores go through the adaptive softmax's target-only path in chunks of ``--softmax-batch`` positions, so the
 V-way distribution never exists for a whole batch. Loss is the mean natural-log NLL over all scored tokens
-(``</s>`` included), reported in base 2, perplexity = 2^loss.
+(``</s>`` included), reported in base 2, perplexity = 2^loss. With ``add_bos_token`` models every block starts
+with ``<s>`` and the score of that ``<s>`` is dropped, as eval-lm does.
+
+``scored_batches`` is the loop itself, yielding per batch what was scored (and, on request, the features at the
+scored positions): the kNN-LM datastore (``knn.py``) walks the same blocks through it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm  # noqa: E402
 
 from .data import LMDataset, load_split
 from .dictionary import Dictionary
 from .errors import UserError
 from .hub import LanguageModel
+from .progress import Progress
 
 
 @dataclass
@@ -37,14 +41,39 @@ class EvalConfig:
     sample_break_mode: str = "none"
     max_tokens: int | None = None
     batch_size: int | None = None
-    softmax_batch: int = 0
-    output_word_probs: bool = False
-    output_word_stats: bool = False
-    freq_bins: bool = False
-    plot: str | None = None
+    softmax_batch: int = 0  # 0: all scored positions of a batch at once (the target-only path bounds memory)
     bf16: bool = False
     fp16: bool = False
-    log: list[str] = field(default_factory=list)
+    full_blocks_only: bool = False  # score only blocks of the full block size (knnlm's datastores do this)
+    progress: bool = True
+
+
+@dataclass
+class EvalPlan:
+    """How a split is cut and batched: what ``evaluate`` logs before it starts."""
+
+    dataset: LMDataset
+    split: str
+    block: int  # new (scored) tokens per block
+    tokens_per_sample: int
+    context: int
+    rows: int  # blocks per batch
+    n_tokens: int  # tokens to score
+
+    def describe(self) -> str:
+        return (
+            f"{self.split}: {len(self.dataset)} blocks of {self.block} new tokens, context window {self.context} "
+            f"(tokens per sample {self.tokens_per_sample}), {self.n_tokens} tokens to score, "
+            f"{self.rows} blocks per batch"
+        )
+
+
+@dataclass
+class ScoredBatch:
+    targets: np.ndarray  # (N,) int64 ids of the scored tokens, stream order
+    logprobs: np.ndarray  # (N,) float64 ln p(target)
+    block_lengths: list[int]  # scored tokens per block of this batch
+    features: torch.Tensor | None = None  # (N, k) what ``feature_fn`` returned at the scored positions
 
 
 @dataclass
@@ -55,8 +84,11 @@ class EvalResult:
     seconds: float
     n_blocks: int
     block_size: int
+    plan: str = ""
+    n_unk: int = 0  # scored tokens that are <unk>
     scores: np.ndarray | None = None  # per scored token (ln p), stream order
     targets: np.ndarray | None = None
+    block_lengths: list[int] = field(default_factory=list)
 
 
 def context_windows(ds: LMDataset, context: int, block: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
@@ -74,19 +106,21 @@ def context_windows(ds: LMDataset, context: int, block: int) -> Iterator[tuple[n
         prev = inp[-context:] if context > 0 else prev[:0]
 
 
-def evaluate(
-    lm: LanguageModel, cfg: EvalConfig, dictionary_check: bool = True, keep_scores: bool = False
-) -> EvalResult:
-    """Score a binarised split the way fairseq-eval-lm does; returns N, loss (base 2) and perplexity."""
+def check_dictionary(lm: LanguageModel, data: Path) -> None:
+    """Scores of data binarised with another dictionary are meaningless (fairseq#2124): refuse, naming the first
+    difference."""
+    d = Dictionary.load(data / "dict.txt")
+    how = lm.dictionary.diff(d)
+    if how is not None:
+        raise UserError(
+            f"{data / 'dict.txt'} differs from the model's dictionary ({how}); binarise the text with the "
+            f"model's dict.txt (preprocess --srcdict) or the perplexity is meaningless"
+        )
+
+
+def plan(lm: LanguageModel, cfg: EvalConfig) -> EvalPlan:
+    """Blocks and batch size for ``cfg``; refuses a window that leaves no new tokens per block."""
     data = Path(cfg.data)
-    if dictionary_check:
-        d = Dictionary.load(data / "dict.txt")
-        how = lm.dictionary.diff(d)
-        if how is not None:
-            raise UserError(
-                f"{data / 'dict.txt'} differs from the model's dictionary ({how}); binarise the text with the "
-                f"model's dict.txt (preprocess --srcdict) or the perplexity is meaningless"
-            )
     tps = cfg.tokens_per_sample or lm.tokens_per_sample or lm.cfg.max_target_positions
     C = cfg.context_window
     if C < 0 or (C > 0 and tps <= C):
@@ -95,76 +129,109 @@ def evaluate(
             f"minus the window); e.g. --tokens-per-sample {tps} --context-window {max(0, tps // 2)}"
         )
     block = tps - C
-    ds = LMDataset.from_split(load_split(data, cfg.gen_subset), block, cfg.sample_break_mode)
-    width = int(ds.sizes.max(initial=0)) + C
+    ds = LMDataset.from_split(
+        load_split(data, cfg.gen_subset), block, cfg.sample_break_mode, add_bos=lm.cfg.add_bos_token
+    )
+    if cfg.full_blocks_only:
+        ds = ds.subset(ds.sizes == block)
+    width = int(ds.sizes.max(initial=0)) + C + int(lm.cfg.add_bos_token)
     if cfg.batch_size:
         rows = cfg.batch_size
     elif cfg.max_tokens:
         rows = max(1, cfg.max_tokens // max(1, width))
     else:
         rows = max(1, 8192 // max(1, width))
-    cfg.log.append(
-        f"{cfg.gen_subset}: {len(ds)} blocks of {block} new tokens, context window {C} "
-        f"(tokens per sample {tps}), {int(ds.sizes.sum())} tokens to score, {rows} blocks per batch"
-    )
+    return EvalPlan(ds, cfg.gen_subset, block, tps, C, rows, int(ds.sizes.sum()))
+
+
+def scored_batches(
+    lm: LanguageModel,
+    cfg: EvalConfig,
+    p: EvalPlan,
+    feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    start_block: int = 0,
+) -> Iterator[ScoredBatch]:
+    """Run the blocks of ``p`` (from ``start_block``) through the model, ``p.rows`` at a time, and yield the scores
+    of the scored positions. ``feature_fn(src)`` (B, W) -> (B, W, k), called inside the same forward context
+    after the model ran, supplies per-position features to keep (kNN-LM keys)."""
     model = lm.model.eval()
     device = lm.device
     amp = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
     ctx = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
     pad = lm.dictionary.pad()
-    score_sum, count = 0.0, 0
-    all_scores: list[np.ndarray] = []
-    all_targets: list[np.ndarray] = []
-    t0 = time.time()
-    windows = context_windows(ds, C, block)
-    bar = tqdm(total=len(ds), desc=f"eval {cfg.gen_subset}", disable=not sys.stderr.isatty(), leave=False)
+    skip_bos = lm.cfg.add_bos_token
+    windows = context_windows(p.dataset, p.context, p.block)
+    for _ in range(start_block):
+        next(windows)
     with torch.no_grad(), ctx:
         while True:
-            chunk = [w for _, w in zip(range(rows), windows)]
+            chunk = [w for _, w in zip(range(p.rows), windows)]
             if not chunk:
                 break
             W = max(len(x) for x, _, _ in chunk)
             src = np.full((len(chunk), W), pad, dtype=np.int64)
             tgt = np.full((len(chunk), W), pad, dtype=np.int64)
+            lengths = []
             for r, (x, t, s) in enumerate(chunk):
                 src[r, : len(x)] = x
-                tgt[r, s : s + len(t)] = t
+                first = s + int(skip_bos)  # eval-lm drops the score of the leading <s>
+                tgt[r, first : s + len(t)] = t[int(skip_bos) :]
+                lengths.append(len(t) - int(skip_bos))
             src_t, tgt_t = torch.from_numpy(src).to(device), torch.from_numpy(tgt).to(device)
             feats = model(src_t)  # (B, W, d)
             mask = tgt_t != pad
             rows_f, rows_t = feats[mask], tgt_t[mask]  # (N, d), (N,): only scored positions
-            step = cfg.softmax_batch if cfg.softmax_batch > 0 else len(rows_t)
-            lp = (
-                torch.cat(
-                    [
-                        model.target_log_probs_from_features(rows_f[i : i + step], rows_t[i : i + step])
-                        for i in range(0, len(rows_t), max(1, step))
-                    ]
-                )
-                if len(rows_t)
-                else rows_f.new_zeros(0)
-            )
-            lp64 = lp.double().cpu().numpy()
-            finite = np.isfinite(lp64)
-            score_sum += float(lp64[finite].sum())
+            step = max(1, cfg.softmax_batch if cfg.softmax_batch > 0 else len(rows_t))
+            parts = [
+                model.target_log_probs_from_features(rows_f[i : i + step], rows_t[i : i + step])
+                for i in range(0, len(rows_t), step)
+            ]
+            lp = torch.cat(parts) if parts else rows_f.new_zeros(0)
+            keys = feature_fn(src_t)[mask] if feature_fn is not None else None
+            yield ScoredBatch(rows_t.cpu().numpy(), lp.double().cpu().numpy(), lengths, keys)
+
+
+def evaluate(
+    lm: LanguageModel, cfg: EvalConfig, dictionary_check: bool = True, keep_scores: bool = False
+) -> EvalResult:
+    """Score a binarised split the way fairseq-eval-lm does; returns N, loss (base 2), perplexity and (with
+    ``keep_scores``) every token's score in stream order."""
+    if dictionary_check:
+        check_dictionary(lm, Path(cfg.data))
+    p = plan(lm, cfg)
+    score_sum, count, n_unk = 0.0, 0, 0
+    unk = lm.dictionary.unk()
+    scores: list[np.ndarray] = []
+    targets: list[np.ndarray] = []
+    lengths: list[int] = []
+    t0 = time.time()
+    with Progress(len(p.dataset), f"eval {cfg.gen_subset}", cfg.progress, unit="blocks") as bar:
+        for b in scored_batches(lm, cfg, p):
+            finite = np.isfinite(b.logprobs)  # eval-lm skips tokens whose score is +-inf
+            score_sum += float(b.logprobs[finite].sum())
             count += int(finite.sum())
-            if keep_scores or cfg.output_word_probs or cfg.output_word_stats or cfg.freq_bins:
-                all_scores.append(lp64)
-                all_targets.append(rows_t.cpu().numpy())
-            if cfg.output_word_probs:
-                off = 0
-                for _, t, _ in chunk:
-                    words = "\t".join(f"{lm.dictionary[int(w)]} [{s:2f}]" for w, s in zip(t, lp64[off : off + len(t)]))
-                    cfg.log.append(words)
-                    off += len(t)
-            bar.update(len(chunk))
-    bar.close()
+            n_unk += int((b.targets == unk).sum())
+            if keep_scores:
+                scores.append(b.logprobs)
+                targets.append(b.targets)
+                lengths += b.block_lengths
+            bar.update(len(b.block_lengths))
     seconds = time.time() - t0
     loss = -score_sum / max(count, 1) / math.log(2)
-    res = EvalResult(count, loss, 2**loss, seconds, len(ds), block)
-    if all_scores:
-        res.scores, res.targets = np.concatenate(all_scores), np.concatenate(all_targets)
+    res = EvalResult(count, loss, perplexity(loss), seconds, len(p.dataset), p.block, p.describe(), n_unk)
+    if keep_scores:
+        res.scores = np.concatenate(scores) if scores else np.zeros(0)
+        res.targets = np.concatenate(targets) if targets else np.zeros(0, dtype=np.int64)
+        res.block_lengths = lengths
     return res
+
+
+def perplexity(loss_base2: float) -> float:
+    """2 ** loss, or inf where that overflows (a diverged model), instead of an OverflowError."""
+    try:
+        return 2.0**loss_base2
+    except OverflowError:
+        return math.inf
 
 
 def summary_lines(res: EvalResult) -> list[str]:
@@ -174,6 +241,17 @@ def summary_lines(res: EvalResult) -> list[str]:
         f"Evaluated {res.n_tokens:,} tokens in {res.seconds:.1f}s ({rate:.2f} tokens/s)",
         f"Loss (base 2): {res.loss_base2:.4f}, Perplexity: {res.ppl:.2f}",
     ]
+
+
+def word_prob_lines(res: EvalResult, d: Dictionary) -> list[str]:
+    """fairseq's ``--output-word-probs``: per block, tab-separated ``word [ln p]``."""
+    assert res.scores is not None and res.targets is not None
+    out, off = [], 0
+    for n in res.block_lengths:
+        ids, lp = res.targets[off : off + n], res.scores[off : off + n]
+        out.append("\t".join(f"{d[int(w)]} [{s:2f}]" for w, s in zip(ids, lp)))
+        off += n
+    return out
 
 
 def word_stats(res: EvalResult, d: Dictionary, top: int = 50) -> list[str]:

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import ALIASES, PRESETS, ModelConfig, preset_values
+from .config import ALIASES, PRESETS, ModelConfig, apply_preset
 from .errors import UserError
+from .model import prune_layers
 
 # What a fairseq checkpoint really holds besides tensors and builtin containers.
 SAFE_GLOBALS: list[Any] = [argparse.Namespace]
@@ -86,11 +87,18 @@ def stored_settings(ckpt: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
-def config_from_fairseq(settings: dict[str, Any], vocab_size: int) -> ModelConfig:
-    """fairseq settings -> ModelConfig, applying base_lm_architecture's compatibility rules."""
+def config_from_fairseq(
+    settings: dict[str, Any], vocab_size: int, overrides: dict[str, Any] | None = None
+) -> ModelConfig:
+    """fairseq settings (+ load-time overrides, fairseq's ``arg_overrides``) -> the ModelConfig fairseq 0.12 builds.
+
+    As ``fairseq/models/__init__.py::build_model`` does: a plain ``transformer_lm`` takes the stored values over
+    the dataclass defaults (so it is post-LN unless ``decoder_normalize_before`` was stored true); a named arch
+    (``transformer_lm_wiki103``, ...) runs its architecture function over the stored values, which fills what is
+    unset (``None``) and forces pre-LN. Old option names follow ``base_lm_architecture``'s compatibility rules.
+    """
     s = dict(settings)
-    if s.get("character_embeddings"):
-        raise UserError("character-CNN input embeddings are not supported (only adaptive or plain word inputs)")
+    s.update(overrides or {})
     if "no_tie_adaptive_proj" in s:  # pre-2020 option name
         s["no_decoder_final_norm"] = True
         if s["no_tie_adaptive_proj"] is False:
@@ -99,16 +107,17 @@ def config_from_fairseq(settings: dict[str, Any], vocab_size: int) -> ModelConfi
         s["no_decoder_final_norm"] = not s["decoder_final_norm"]
     if s.get("max_target_positions") in (None, 0):
         s["max_target_positions"] = s.get("tokens_per_sample") or 1024
+    fields = set(ModelConfig.__dataclass_fields__) - {"vocab_size", "padding_idx"}
+    given = {k: s[k] for k in fields if k in s}
     arch = str(s.get("arch", "transformer_lm"))
-    arch = arch if (arch in PRESETS or arch in ALIASES) else "transformer_lm"
-    values = preset_values(arch)  # the arch's defaults fill only what the file does not say
-    for k in set(ModelConfig.__dataclass_fields__) - {"vocab_size", "padding_idx"}:
-        if k in s and (s[k] is not None or k.endswith("_cutoff")):
-            values[k] = s[k]
+    if ALIASES.get(arch, arch) in PRESETS and ALIASES.get(arch, arch) != "transformer_lm":
+        values = apply_preset(arch, given)
+    else:  # the dataclass path (also for arch names we do not know: their stored values are complete)
+        values = given
     for k in ("adaptive_input_factor", "adaptive_softmax_factor"):
-        values[k] = float(values[k])
+        if values.get(k) is not None:
+            values[k] = float(values[k])
     values["vocab_size"] = vocab_size
-    values["decoder_normalize_before"] = True  # forced by fairseq's base_lm_architecture
     cfg = ModelConfig.from_dict(values)
     cfg.validate()
     return cfg
@@ -118,7 +127,9 @@ _DROP = re.compile(r"(^version$|_float_tensor$|^embed_positions\.weights$|^adapt
 
 
 def state_dict_from_fairseq(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """Rename fairseq's decoder keys to ours; fuse q/k/v; transpose untied tail projections."""
+    """Rename fairseq's decoder keys to ours; fuse q/k/v; transpose untied tail projections; keep only
+    ``decoder_layers_to_keep`` (fairseq's ``prune_state_dict``)."""
+    sd = prune_layers(sd, cfg.decoder_layers_to_keep)
     src = {k[len("decoder.") :] if k.startswith("decoder.") else k: v for k, v in sd.items()}
     out: dict[str, Tensor] = {}
     qkv: dict[str, dict[str, Tensor]] = {}
@@ -169,6 +180,9 @@ def state_dict_from_fairseq(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str
             continue
         if k == "embed_out":
             out["output_projection.weight"] = v
+            continue
+        if k.startswith("embed_tokens.highway.layers."):  # char CNN: fairseq's Highway module holds a ModuleList
+            out["embed_tokens.highway." + k[len("embed_tokens.highway.layers.") :]] = v
             continue
         if k == "output_projection.weight" and cfg.adaptive_softmax_cutoff is not None:
             continue  # fairseq#3545: an unused output projection next to an adaptive softmax

@@ -20,7 +20,7 @@ from .config import ModelConfig
 from .dictionary import Dictionary
 from .errors import UserError
 from .fairseq_io import config_from_fairseq, load_into, safe_load, state_dict_from_fairseq, stored_settings
-from .model import TransformerLM
+from .model import TransformerLM, prune_layers
 
 
 @dataclass
@@ -162,22 +162,39 @@ def _pick_file(folder: Path) -> Path:
 
 
 def load_fairseq(
-    path: Path, dictionary: Dictionary, ckpt: dict[str, Any] | None = None, dtype: torch.dtype | None = None
+    path: Path,
+    dictionary: Dictionary,
+    ckpt: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> TransformerLM:
-    """Build from the checkpoint's stored settings (never the arch name alone) and load its weights."""
+    """Build from the checkpoint's stored settings (never the arch name alone), with fairseq-style load-time
+    ``overrides`` (e.g. ``decoder_layers_to_keep``), and load its weights."""
     ckpt = ckpt if ckpt is not None else safe_load(path)
-    cfg = config_from_fairseq(stored_settings(ckpt), len(dictionary))
-    with torch.device("meta"):  # no random init, no second copy: the weights are assigned from the file
-        model = TransformerLM(cfg)
-    load_into(model, state_dict_from_fairseq(ckpt["model"], cfg), source=str(path), dtype=dtype)
-    return model
+    cfg = config_from_fairseq(stored_settings(ckpt), len(dictionary), overrides)
+    return _build(cfg, state_dict_from_fairseq(ckpt["model"], cfg), str(path), dtype, dictionary)
 
 
-def _build(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str, dtype: torch.dtype | None) -> TransformerLM:
+def _build(
+    cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str, dtype: torch.dtype | None, dictionary: Dictionary
+) -> TransformerLM:
     with torch.device("meta"):  # no random init, no second copy: the weights are assigned from the file
-        model = TransformerLM(cfg)
+        model = TransformerLM(cfg, dictionary.symbols)
     load_into(model, sd, source=source, dtype=dtype)
+    model.materialize_buffers(symbols=dictionary.symbols)
     return model
+
+
+def _with_overrides(cfg: ModelConfig, overrides: dict[str, Any] | None) -> ModelConfig:
+    """Our stored config with load-time overrides (the fields of ModelConfig, as fairseq's ``arg_overrides``)."""
+    if not overrides:
+        return cfg
+    unknown = sorted(set(overrides) - set(ModelConfig.__dataclass_fields__))
+    if unknown:
+        raise UserError(f"unknown model override(s): {', '.join(unknown)} (use ModelConfig field names)")
+    out = ModelConfig.from_dict({**cfg.to_dict(), **overrides})
+    out.validate()
+    return out
 
 
 def _dictionary_from_checkpoint(ckpt: dict[str, Any]) -> Dictionary:
@@ -206,6 +223,7 @@ def from_pretrained(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     tokenizer: str | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> LanguageModel:
     """Load a model and its dictionary from any supported layout; returns it in eval mode.
 
@@ -213,6 +231,9 @@ def from_pretrained(
     (extracted safely into the cache), one of our training checkpoints, an exported model folder, a folder
     holding one of these, or a released model's name (``wiki103``, ``gbw``: downloaded once, then cached).
     ``dtype`` loads straight into that dtype; ``tokenizer="moses"`` lets ``score``/``sample`` take raw text.
+    ``overrides``: model settings to change at load, as fairseq's ``arg_overrides`` / ``--model-overrides`` (for
+    example ``{"decoder_layers_to_keep": "0,2"}`` to evaluate a LayerDrop-trained model with fewer layers, or
+    dropout values for further training).
     """
     from .pretrained import RELEASED, fetch, open_archive
 
@@ -230,8 +251,10 @@ def from_pretrained(
         meta = json.loads((p / "config.json").read_text())
         from safetensors.torch import load_file
 
-        model = _build(ModelConfig.from_dict(meta["model"]), load_file(str(p / "model.safetensors")), str(p), dtype)
         d = Dictionary.load(Path(dictionary) if dictionary else p / "dict.txt")
+        cfg = _with_overrides(ModelConfig.from_dict(meta["model"]), overrides)
+        sd = prune_layers(load_file(str(p / "model.safetensors")), cfg.decoder_layers_to_keep)
+        model = _build(cfg, sd, str(p), dtype, d)
         lm = LanguageModel(model, d, str(p), meta.get("tokens_per_sample"), tok)
         return lm.to(device).eval()
     ckpt = safe_load(p)
@@ -239,10 +262,11 @@ def from_pretrained(
         raise UserError(f"{p}: not a model checkpoint (no 'model' entry)")
     if ckpt.get("format") == FORMAT:  # ours: config and dictionary travel inside
         d = Dictionary.load(dictionary) if dictionary else _dictionary_from_checkpoint(ckpt)
-        model = _build(ModelConfig.from_dict(ckpt["config"]["model"]), ckpt["model"], str(p), dtype)
+        cfg = _with_overrides(ModelConfig.from_dict(ckpt["config"]["model"]), overrides)
+        model = _build(cfg, prune_layers(ckpt["model"], cfg.decoder_layers_to_keep), str(p), dtype, d)
         tps = ckpt["config"].get("tokens_per_sample")
         return LanguageModel(model, d, str(p), tps, tok).to(device).eval()
     d = Dictionary.load(Path(dictionary) if dictionary else find_dictionary(p))
-    model = load_fairseq(p, d, ckpt, dtype)
+    model = load_fairseq(p, d, ckpt, dtype, overrides)
     tps = stored_settings(ckpt).get("tokens_per_sample")
     return LanguageModel(model, d, str(p), tps, tok).to(device).eval()

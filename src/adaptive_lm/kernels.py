@@ -16,11 +16,17 @@ probabilities and masks per layer (gigabytes at the recipe's T = 3072). Here:
   only q, k, v and one log-sum-exp per query are kept for backward.
 * ``add_dropout``: a residual ``x + dropout(h)`` in one ``addcmul`` pass.
 * ``cross_entropy_sum``: summed cross-entropy whose backward is softmax - onehot in one pass (any device).
+* ``pad_rows``: row counts rounded to a few sizes where oneDNN builds a kernel per shape (CPU half precision).
+
+Which kernels run is an explicit setting, ``use_plain_kernels(True)`` (``--kernels plain`` on the command line):
+then CPU runs exactly what CUDA runs (PyTorch's dropout, ``F.scaled_dot_product_attention(is_causal=True)``, no
+row padding, the sync-free branch of ``cross_entropy_sum``), which is how the GPU path is tested on CPU.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -28,14 +34,50 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _LANES = 65536
-# ADAPTIVE_LM_PLAIN_KERNELS=1 uses PyTorch's own dropout and attention everywhere (for comparisons)
-PLAIN = os.environ.get("ADAPTIVE_LM_PLAIN_KERNELS", "0") == "1"
 MATH_PATH_MAX_SCORES = 16 << 20  # B*H*T*T up to this: store the probabilities (faster); above: recompute blocks
+
+
+class _Settings:
+    """The kernel choice: ``plain`` = PyTorch's own kernels on every device; ``compile_safe`` = the random-number
+    helpers are hidden from TorchDynamo (set by ``prepare_for_compile``)."""
+
+    plain: bool = False
+    compile_safe: bool = False
+
+
+SETTINGS = _Settings()
+
+
+def use_plain_kernels(on: bool = True) -> None:
+    """Run PyTorch's kernels (what CUDA runs) on every device, CPU included; ``False`` restores ours on CPU."""
+    SETTINGS.plain = bool(on)
+
+
+@contextlib.contextmanager
+def plain_kernels(on: bool = True) -> Iterator[None]:
+    """``use_plain_kernels`` for the duration of a ``with`` block."""
+    before = SETTINGS.plain
+    SETTINGS.plain = bool(on)
+    try:
+        yield
+    finally:
+        SETTINGS.plain = before
+
+
+def ours(t: Tensor) -> bool:
+    """Whether our CPU kernels handle ``t`` (a CPU tensor, plain kernels off)."""
+    return t.device.type == "cpu" and not SETTINGS.plain
 
 
 def _lanes(shape: torch.Size | tuple[int, ...], seed: int, device: torch.device) -> Tensor:
     """Uniform random int16 values of ``shape``: the 16-bit lanes of 64-bit words from numpy's PCG64-DXSM (which
     fills words 2.4x faster than torch's CPU Mersenne Twister; masks were a tenth of a bf16 step)."""
+    if SETTINGS.compile_safe:
+        return _COMPILE_SAFE["lanes"](shape, seed, device)
+    return _lanes_impl(shape, seed, device)
+
+
+def _lanes_impl(shape: torch.Size | tuple[int, ...], seed: int, device: torch.device) -> Tensor:
     n = 1
     for s in shape:
         n *= s
@@ -43,12 +85,46 @@ def _lanes(shape: torch.Size | tuple[int, ...], seed: int, device: torch.device)
     return torch.from_numpy(words.view(np.int16)[:n]).view(shape).to(device)
 
 
+_COMPILE_SAFE: dict = {}
+
+
 def prepare_for_compile() -> None:
     """Keep TorchDynamo out of the numpy mask generator (it mis-traces the uint64 -> int16 view); called by the
     trainer under ``--compile`` only, because ``torch.compiler.disable`` imports TorchDynamo (0.7 s)."""
-    global _lanes, _new_seed
-    _lanes = torch.compiler.disable(_lanes)
-    _new_seed = torch.compiler.disable(_new_seed)
+    _COMPILE_SAFE.update(lanes=torch.compiler.disable(_lanes_impl), seed=torch.compiler.disable(_new_seed_impl))
+    SETTINGS.compile_safe = True
+
+
+# ---- row padding for oneDNN ------------------------------------------------------------------------------------
+def bucket(n: int) -> int:
+    """``n`` rounded up to a coarse size: a multiple of 64 up to 128, then of half the power of two below ``n``
+    (128, 192, 256, 384, 512, 768, ...; at most 50% padding, a handful of sizes per octave).
+
+    Why: the rows of an adaptive-softmax tail or an adaptive-input band change with every batch, and CPU bf16
+    matmuls (oneDNN) build and cache a kernel per shape; with rounded sizes the few shapes repeat across steps.
+    """
+    if n <= 128:
+        return -(-n // 64) * 64
+    step = 1 << (n.bit_length() - 2)  # half of the power of two at or below n
+    return -(-n // step) * step
+
+
+def wants_buckets(device: torch.device, dtype: torch.dtype) -> bool:
+    """Row bucketing pays only where oneDNN runs the matmuls: CPU in bf16/fp16 (autocast or half weights). fp32
+    on CPU goes to MKL, which caches nothing per shape; there the padding was pure cost (3% of a small step)."""
+    if device.type != "cpu" or SETTINGS.plain:
+        return False
+    return dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(device.type)
+
+
+def pad_rows(rows: Tensor, weight: Tensor) -> Tensor:
+    """``rows`` (a 1-D index list) extended to ``bucket(len)`` entries by repeating its first one where the
+    matmuls with ``weight`` run on oneDNN (see ``wants_buckets``); callers keep the first ``len(rows)`` results,
+    so only the matmul shapes change (and repeat across batches). Elsewhere ``rows`` unchanged."""
+    n = rows.numel()
+    if n == 0 or not wants_buckets(weight.device, weight.dtype) or bucket(n) == n:
+        return rows
+    return torch.cat([rows, rows[:1].expand(bucket(n) - n)])
 
 
 def _threshold(p: float) -> int:
@@ -77,6 +153,13 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 def _new_seed() -> int:
+    """A mask seed from the global torch RNG (so seeding torch, as the trainer does per update, fixes the masks)."""
+    if SETTINGS.compile_safe:
+        return _COMPILE_SAFE["seed"]()
+    return _new_seed_impl()
+
+
+def _new_seed_impl() -> int:
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
@@ -113,7 +196,7 @@ class _DropoutAdd(torch.autograd.Function):
 
 def add_dropout(x: Tensor, h: Tensor, p: float, training: bool) -> Tensor:
     """``x + F.dropout(h, p, training)`` (same mask as ``dropout(h, ...)`` would draw)."""
-    if not training or p == 0.0 or h.device.type != "cpu" or PLAIN or x.shape != h.shape or x.dtype != h.dtype:
+    if not training or p == 0.0 or not ours(h) or x.shape != h.shape or x.dtype != h.dtype:
         return x + dropout(h, p, training)
     return _DropoutAdd.apply(x, h, p, _new_seed())
 
@@ -122,7 +205,7 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """``F.dropout`` semantics; the fast regenerated mask on CPU, PyTorch's kernel elsewhere."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or PLAIN:
+    if not ours(x):
         return F.dropout(x, p, True)
     return _Dropout.apply(x, p, _new_seed())
 
@@ -276,7 +359,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, training
     """(B, H, T, hd) x3 -> (B, H, T, hd), causal, with attention dropout when training."""
     p = dropout_p if training else 0.0
     B, H, T, hd = q.shape
-    if q.device.type != "cpu" or p == 0.0 or PLAIN:
+    if not ours(q) or p == 0.0:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
     with torch.autocast("cpu", enabled=False):
@@ -305,8 +388,9 @@ class _SummedCrossEntropy(torch.autograd.Function):
         ignored = target.eq(ignore_index)  # (N,)
         safe = target.masked_fill(ignored, 0)  # (N,) ignored rows point at column 0, zeroed in backward
         picked = logp.gather(1, safe.unsqueeze(1)).squeeze(1)  # (N,)
-        ctx.on_cpu = logits.device.type == "cpu"
-        # CPU: the (usually empty) list of ignored rows; elsewhere the mask of kept rows (a list costs a host sync)
+        ctx.on_cpu = ours(logits)
+        # CPU: the (usually empty) list of ignored rows; CUDA (and plain kernels): the mask of kept rows (a list
+        # costs a host sync there)
         rows = ignored.nonzero().squeeze(1) if ctx.on_cpu else ~ignored  # (n_ignored,) or (N,)
         ctx.save_for_backward(logp, safe, rows)
         return -picked.masked_fill(ignored, 0).sum()
@@ -327,6 +411,4 @@ class _SummedCrossEntropy(torch.autograd.Function):
 
 def cross_entropy_sum(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
     """``F.cross_entropy(logits, target, ignore_index=..., reduction="sum")`` for (N, V) logits, faster backward."""
-    if PLAIN:
-        return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
     return _SummedCrossEntropy.apply(logits, target, ignore_index)

@@ -1,29 +1,34 @@
-"""The network, top to bottom: adaptive input, adaptive softmax, the pre-LN decoder layer, the LM.
+"""The network, top to bottom: token embedders (adaptive input, character CNN), adaptive softmax, the decoder layer
+(pre- or post-LN, NormFormer options), the language model.
 
-Numerically this is fairseq's ``transformer_lm`` (``fairseq/models/transformer_lm.py``,
+Numerically this is fairseq 0.12's ``transformer_lm`` (``fairseq/models/transformer_lm.py``,
 ``fairseq/models/transformer/transformer_decoder.py``, ``fairseq/modules/{adaptive_input,adaptive_softmax,
-transformer_layer,multihead_attention,sinusoidal_positional_embedding}.py``; reference doc sections 1-3),
-written for speed and reuse rather than as a port:
+character_token_embedder,transformer_layer,multihead_attention,layer_drop,quant_noise}.py``) for every option of
+its config (``config.py``), written for speed and reuse rather than as a port:
 
-* attention runs through ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels, no stored
-  T x T maps) with one fused q/k/v projection; fairseq's separate q/k/v tensors are split/concatenated at
-  load time (``fairseq_io.py``);
-* tied tensors are *the same* ``nn.Parameter`` in both modules, so ``model.parameters()`` counts them once
-  and both sides' gradients accumulate into one ``.grad``;
+* one fused q/k/v projection (fairseq's separate q/k/v tensors are split/concatenated at load time, in
+  ``fairseq_io.py``); the attention, dropout and cross-entropy kernels are in ``kernels.py``;
+* tied tensors are *the same* ``nn.Parameter`` in both modules, so ``model.parameters()`` counts them once and
+  both sides' gradients accumulate into one ``.grad``;
 * the adaptive softmax has three entry points: ``loss`` (training; each tail sees only its own rows),
-  ``log_prob`` (the full V-way distribution) and ``target_log_prob`` (log p(target) with no rows x V tensor).
+  ``log_prob`` (the full V-way distribution) and ``target_log_prob`` (log p(target) with no rows x V tensor);
+* random draws happen in fairseq's order, so a seed gives fairseq's initial weights, layer-drop choices and
+  quant-noise masks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig, band_dims
-from .kernels import add_dropout, causal_attention, cross_entropy_sum, dropout
+from .config import ConfigError, ModelConfig, band_dims, parse_character_filters, parse_layers_to_keep
+from .kernels import add_dropout, causal_attention, cross_entropy_sum, dropout, pad_rows
 
 KVCache = list[dict[str, Tensor]]
 
@@ -38,44 +43,19 @@ def complete_cutoff(cutoff: tuple[int, ...] | list[int], vocab_size: int) -> lis
     return cut
 
 
-def bucket(n: int) -> int:
-    """``n`` rounded up to a coarse size: a multiple of 64 up to 128, then of half the power of two below ``n``
-    (128, 192, 256, 384, 512, 768, ...; at most 50% padding, a handful of sizes per octave).
-
-    Why: the rows of an adaptive-softmax tail or an adaptive-input band change with every batch, and CPU bf16
-    matmuls (oneDNN) build and cache a kernel per shape; with rounded sizes the few shapes repeat across steps.
-    """
-    if n <= 128:
-        return -(-n // 64) * 64
-    step = 1 << (n.bit_length() - 2)  # half of the power of two at or below n
-    return -(-n // step) * step
-
-
-def wants_buckets(device: torch.device, dtype: torch.dtype) -> bool:
-    """Row bucketing pays only where oneDNN runs the matmuls: CPU in bf16/fp16 (autocast or half weights). fp32
-    on CPU goes to MKL, which caches nothing per shape; there the padding was pure cost (3% of a small step)."""
-    return device.type == "cpu" and (dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(device.type))
-
-
-def pad_to_bucket(rows: Tensor) -> Tensor:
-    """``rows`` (a 1-D index list) extended to ``bucket(len)`` entries by repeating its first one; callers drop
-    the results of the extra entries, so only the matmul shapes change (they repeat across batches)."""
-    n = rows.numel()
-    if n == 0 or bucket(n) == n:
-        return rows
-    return torch.cat([rows, rows[:1].expand(bucket(n) - n)])
-
-
-def bucket_rows(rows: Tensor, local: Tensor, fill: int) -> tuple[Tensor, Tensor]:
-    """A tail's rows padded by ``pad_to_bucket``, the extra rows with target ``fill``, which the loss ignores."""
-    padded = pad_to_bucket(rows)
-    extra = padded.numel() - rows.numel()
-    return padded, (torch.cat([local, local.new_full((extra,), fill)]) if extra else local)
-
-
 def _linear_init_draw(out_features: int, in_features: int) -> None:
     """Consume the random numbers that building a bias-free ``nn.Linear(in_features, out_features)`` draws."""
     nn.init.kaiming_uniform_(torch.empty(out_features, in_features), a=math.sqrt(5))
+
+
+def fairseq_linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
+    """fairseq's ``transformer_decoder.Linear``: an ``nn.Linear`` (its default init draws), re-drawn xavier_uniform,
+    bias 0 (``project_in_dim`` / ``project_out_dim``)."""
+    m = nn.Linear(in_features, out_features, bias)
+    nn.init.xavier_uniform_(m.weight)
+    if bias:
+        nn.init.zeros_(m.bias)
+    return m
 
 
 def fp32(t: Tensor) -> Tensor:
@@ -83,15 +63,48 @@ def fp32(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+@torch.no_grad()
+def quant_noise_(params: Sequence[Tensor], p: float, block_size: int, transposed: bool = False) -> None:
+    """fairseq's iPQ quant-noise (``fairseq/modules/quant_noise.py``) on one weight matrix.
+
+    ``params`` are the row blocks of the matrix in fairseq's ``(out_features, in_features)`` orientation (the
+    untied head is two of our tensors), ``transposed`` when we store the matrix the other way round. In each row,
+    blocks of ``block_size`` input weights are dropped with probability ``p`` and the rest scaled by 1 / (1 - p),
+    the mask drawn as fairseq draws it. Like fairseq's forward pre-hook this **replaces the parameters' data**
+    (``param.data = ...``, at every training forward): the weights keep the noised values, the optimizer updates
+    those, and a tensor saved earlier in the same forward sees the new values in backward, as in fairseq.
+    """
+    ws = [w.data.T if transposed else w.data for w in params]
+    rows, in_f = sum(w.shape[0] for w in ws), ws[0].shape[1]
+    mask = torch.zeros(in_f // block_size * rows, device=ws[0].device).bernoulli_(p)
+    mask = mask.repeat_interleave(block_size, -1).view(-1, in_f).bool()  # (rows, in)
+    start = 0
+    for param, w in zip(params, ws):
+        new = w.masked_fill(mask[start : start + w.shape[0]], 0) * (1 / (1 - p))
+        param.data = new.T.contiguous() if transposed else new
+        start += w.shape[0]
+
+
+def char_table(symbols: Sequence[str], max_chars: int = 50, nspecial: int = 4) -> Tensor:
+    """(V, max_chars) long: each word's UTF-8 bytes + 1, zero-padded and cut at ``max_chars``; specials all zero
+    (fairseq's ``CharacterTokenEmbedder.set_vocab``)."""
+    table = torch.zeros(len(symbols), max_chars, dtype=torch.long)
+    for i, word in enumerate(symbols):
+        if i >= nspecial:
+            b = list(word.encode("utf-8"))[:max_chars]
+            table[i, : len(b)] = torch.tensor(b, dtype=torch.long) + 1
+    return table
+
+
 # =====================================================================================================
-# Adaptive input (Baevski & Auli 2018, section 3)
+# Token embedders: adaptive input (Baevski & Auli 2018, section 3) and fairseq's character CNN
 # =====================================================================================================
 class AdaptiveInput(nn.Module):
     """Word embeddings whose width shrinks by ``factor`` per frequency band, each projected up to ``output_dim``.
 
     Band i covers ids [c_{i-1}, c_i) with an ``Embedding(size_i, initial_dim // factor**i)`` and a bias-free
     ``Linear(dim_i -> output_dim)``. Only band 0 has a padding row (fairseq >= Jan 2020); no scaling happens
-    here (the decoder multiplies by sqrt(d)).
+    here (the decoder multiplies by sqrt(d)). ``q_noise`` > 0: fairseq's quant-noise on the projections (training).
     """
 
     def __init__(
@@ -102,12 +115,15 @@ class AdaptiveInput(nn.Module):
         factor: float,
         output_dim: int,
         cutoff: tuple[int, ...] | list[int],
+        q_noise: float = 0.0,
+        qn_block_size: int = 8,
     ) -> None:
         super().__init__()
         self.cutoff = complete_cutoff(cutoff, vocab_size)
         self.vocab_size = vocab_size
         self.padding_idx = padding_idx
         self.embedding_dim = output_dim
+        self.q_noise, self.qn_block_size = q_noise, qn_block_size
         self.dims = band_dims(initial_dim, factor, len(self.cutoff))
         self.embeddings = nn.ModuleList()
         self.projections = nn.ModuleList()
@@ -140,10 +156,10 @@ class AdaptiveInput(nn.Module):
             idx = ((flat >= prev) & (flat < end)).nonzero().squeeze(1)  # (N_i,)
             n = idx.numel()
             if n > 0:
-                ids = flat.index_select(0, idx) - prev  # (N_i,)
                 w = self.projections[i].weight
-                if wants_buckets(w.device, w.dtype):  # pad rows, dropped below
-                    ids = pad_to_bucket(ids)
+                if self.training and self.q_noise > 0:
+                    quant_noise_([w], self.q_noise, self.qn_block_size)
+                ids = pad_rows(flat.index_select(0, idx) - prev, w)  # (N_i',) maybe padded for the kernel
                 band = self.projections[i](self.embeddings[i](ids))[:n]  # (N_i, d)
                 if out is None:
                     out = band.new_zeros(flat.shape[0], self.embedding_dim)
@@ -152,6 +168,56 @@ class AdaptiveInput(nn.Module):
         if out is None:  # empty input
             out = self.projections[0].weight.new_zeros(flat.shape[0], self.embedding_dim)
         return out.view(*tokens.shape, self.embedding_dim)  # (*tokens.shape, d)
+
+
+class CharacterEmbedder(nn.Module):
+    """fairseq's ``CharacterTokenEmbedder`` (the char-CNN input the paper compares adaptive input against): each
+    word's UTF-8 bytes (+1, at most 50, zero-padded) are embedded, convolved by each (width, channels) filter,
+    max-pooled over time, relu'd, concatenated, passed through highway layers and projected to ``word_dim``.
+    ``<pad>`` gives zeros, ``</s>`` and ``<unk>`` learned vectors; other specials read as an empty word."""
+
+    MAX_CHARS = 50
+
+    def __init__(
+        self, symbols: Sequence[str], filters: list[tuple[int, int]], char_dim: int, word_dim: int, highway: int
+    ) -> None:
+        super().__init__()
+        self.embedding_dim = word_dim
+        self.pad, self.eos, self.unk, nspecial = 1, 2, 3, 4  # fairseq's Dictionary specials
+        # modules in fairseq's construction order, so their default init draws come in fairseq's order
+        self.char_embeddings = nn.Embedding(257, char_dim, padding_idx=0)
+        self.symbol_embeddings = nn.Parameter(torch.empty(2, word_dim))  # </s>, <unk>
+        self.convolutions = nn.ModuleList(nn.Conv1d(char_dim, c, kernel_size=w) for w, c in filters)
+        width = sum(c for _, c in filters)
+        self.highway = nn.ModuleList(nn.Linear(width, 2 * width) for _ in range(highway))
+        with torch.no_grad():  # fairseq's Highway.reset_parameters (in its constructor)
+            for layer in self.highway:
+                layer.bias[width:].fill_(1.0)  # bias the gate towards carrying the input
+                layer.bias[:width].zero_()
+                nn.init.xavier_normal_(layer.weight)
+        self.projection = nn.Linear(width, word_dim)
+        self.register_buffer("word_to_char", char_table(symbols, self.MAX_CHARS, nspecial), persistent=False)
+        with torch.no_grad():  # fairseq's CharacterTokenEmbedder.reset_parameters
+            nn.init.xavier_normal_(self.char_embeddings.weight)
+            nn.init.xavier_normal_(self.symbol_embeddings)
+            nn.init.xavier_uniform_(self.projection.weight)
+            self.char_embeddings.weight[0].zero_()
+            self.projection.bias.zero_()
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        flat = tokens.reshape(-1)  # (N,)
+        chars = self.char_embeddings(self.word_to_char[flat]).transpose(1, 2)  # (N, char_dim, 50)
+        pooled = [F.relu(conv(chars).max(dim=-1).values) for conv in self.convolutions]  # (N, c_j) each
+        x = torch.cat(pooled, dim=-1)  # (N, width)
+        for layer in self.highway:
+            h, gate = layer(x).chunk(2, dim=-1)
+            gate = torch.sigmoid(gate)
+            x = gate * x + (1 - gate) * F.relu(h)
+        x = self.projection(x)  # (N, word_dim)
+        x = torch.where(flat.eq(self.pad)[:, None], torch.zeros_like(x), x)
+        x = torch.where(flat.eq(self.eos)[:, None], self.symbol_embeddings[0].to(x.dtype), x)
+        x = torch.where(flat.eq(self.unk)[:, None], self.symbol_embeddings[1].to(x.dtype), x)
+        return x.view(*tokens.shape, -1)  # (*tokens.shape, word_dim)
 
 
 # =====================================================================================================
@@ -175,6 +241,8 @@ class AdaptiveSoftmax(nn.Module):
         factor: float = 4.0,
         adaptive_input: AdaptiveInput | None = None,
         tie_proj: bool = False,
+        q_noise: float = 0.0,
+        qn_block_size: int = 8,
     ) -> None:
         super().__init__()
         self.cutoff = complete_cutoff(cutoff, vocab_size)
@@ -184,6 +252,7 @@ class AdaptiveSoftmax(nn.Module):
         self.dropout = dropout
         self.tied = adaptive_input is not None
         self.tie_proj = tie_proj and self.tied
+        self.q_noise, self.qn_block_size = q_noise, qn_block_size
         c0 = self.cutoff[0]
 
         # head: word part [c0, dim0] (+ optional in-projection when tied with dim0 != input_dim), class part
@@ -249,6 +318,23 @@ class AdaptiveSoftmax(nn.Module):
             if self.tie_proj:
                 self.tail_proj[i] = adaptive_input.projections[i + 1].weight
 
+    # ---- quant-noise, in the order fairseq's forward hooks fire --------------------------------------------
+    def _noise_head(self) -> None:
+        p, bs = self.q_noise, self.qn_block_size
+        if not self.tied:  # one Linear [c0 + nc, d]
+            quant_noise_([self.word_weight, self.class_weight], p, bs)  # type: ignore[list-item]
+            return
+        if self.head_in_proj is not None:
+            quant_noise_([self.head_in_proj.weight], p, bs)
+        quant_noise_([self.word_weight], p, bs)
+        quant_noise_([self.class_weight], p, bs)
+
+    def _noise_tail(self, i: int) -> None:
+        # tied projections are the adaptive input's [d, dim] tensors, used transposed, as fairseq's TiedLinear;
+        # untied ones are fairseq Linear(d, dim) weights [dim, d], which we store transposed
+        quant_noise_([self.tail_proj[i]], self.q_noise, self.qn_block_size, transposed=not self.tie_proj)
+        quant_noise_([self.tail_out[i]], self.q_noise, self.qn_block_size)
+
     # ---- pieces --------------------------------------------------------------------------------------
     def head_logits(self, x: Tensor) -> Tensor:
         """(N, d) -> (N, c0 + n_clusters): frequent-word logits, then one logit per tail cluster."""
@@ -261,6 +347,11 @@ class AdaptiveSoftmax(nn.Module):
         """(N_i, d) -> (N_i, size_i) for tail cluster i (dropout between projection and output, as fairseq)."""
         h = dropout(x @ self.tail_proj[i], self.dropout, self.training)  # (N_i, dim_i)
         return F.linear(h, self.tail_out[i])  # (N_i, size_i)
+
+    def _tail_rows(self, i: int, x: Tensor, rows: Tensor) -> Tensor:
+        """Tail i's logits for ``rows`` of x, with the row count padded as the matmul kernels like it."""
+        padded = pad_rows(rows, self.tail_out[i])
+        return self.tail_logits(i, x.index_select(0, padded))[: rows.numel()]  # (n, size_i)
 
     def split_targets(self, target: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor] | None]]:
         """fairseq's ``adapt_target``: head target (word or c0 + cluster) and per cluster (rows, local targets)."""
@@ -281,21 +372,23 @@ class AdaptiveSoftmax(nn.Module):
 
         Dropout is applied to the input first (training mode only). ``tail_ignore_quirk`` reproduces fairseq's
         use of ``ignore_index`` on the *local* tail targets, which drops the within-cluster term of the words
-        with id ``cutoff[i] + ignore_index`` (reference section 4); False gives the exact NLL.
+        with id ``cutoff[i] + ignore_index`` (fairseq/criterions/adaptive_loss.py); False gives the exact NLL.
         """
+        noise = self.training and self.q_noise > 0
         x = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
         x = dropout(x, self.dropout, self.training)
         head_target, clusters = self.split_targets(target)
+        if noise:
+            self._noise_head()
         loss = cross_entropy_sum(fp32(self.head_logits(x)), head_target, ignore_index)
         tail_ignore = ignore_index if tail_ignore_quirk else -100
         for i, c in enumerate(clusters):
             if c is None:
                 continue
             rows, local = c
-            if wants_buckets(x.device, x.dtype):
-                rows, local = bucket_rows(rows, local, tail_ignore)  # fewer distinct shapes for oneDNN's cache
-            logits = fp32(self.tail_logits(i, x.index_select(0, rows)))  # (N_i', size_i)
-            loss = loss + cross_entropy_sum(logits, local, tail_ignore)
+            if noise:
+                self._noise_tail(i)
+            loss = loss + cross_entropy_sum(fp32(self._tail_rows(i, x, rows)), local, tail_ignore)
         return loss
 
     def log_prob(self, hidden: Tensor) -> Tensor:
@@ -330,9 +423,7 @@ class AdaptiveSoftmax(nn.Module):
             step = max(1, chunk_elements // (self.cutoff[c + 1] - self.cutoff[c]))
             for i in range(0, rows.numel(), step):
                 r = rows[i : i + step]
-                r_in = pad_to_bucket(r) if wants_buckets(x.device, x.dtype) else r  # shapes oneDNN has cached
-                logits = self.tail_logits(c, x.index_select(0, r_in))[: r.numel()]  # (n, size_c)
-                tail = F.log_softmax(fp32(logits), dim=-1)
+                tail = F.log_softmax(fp32(self._tail_rows(c, x, r)), dim=-1)  # (n, size_c)
                 out.index_add_(0, r, tail.gather(1, local[i : i + step, None]).squeeze(1).to(out.dtype))
         return out.view(shape)
 
@@ -375,7 +466,7 @@ class SinusoidalPositions(nn.Module):
 
 
 # =====================================================================================================
-# Decoder layer (pre-LN)
+# Decoder layer
 # =====================================================================================================
 class SelfAttention(nn.Module):
     """Causal multi-head self-attention with a fused q/k/v projection (fairseq's four projections, with bias)."""
@@ -420,71 +511,128 @@ class SelfAttention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
 
-def activation(name: str):
-    return {
-        "relu": F.relu,
-        "gelu": F.gelu,
-        "gelu_accurate": lambda x: F.gelu(x, approximate="tanh"),
-        "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-        "tanh": torch.tanh,
-        "linear": lambda x: x,
-        "swish": F.silu,
-        "silu": F.silu,
-    }[name]
+_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+
+
+def _gelu(x: Tensor) -> Tensor:
+    """fairseq's ``gelu``: the exact erf form, computed in fp32."""
+    return F.gelu(x.float()).type_as(x)
+
+
+def _gelu_accurate(x: Tensor) -> Tensor:
+    """fairseq's ``gelu_accurate`` (also its deprecated ``gelu_fast``): the tanh approximation, fairseq's arithmetic."""
+    return 0.5 * x * (1 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3))))
+
+
+ACTIVATION_FNS = {
+    "relu": F.relu,
+    "gelu": _gelu,
+    "gelu_fast": _gelu_accurate,
+    "gelu_accurate": _gelu_accurate,
+    "tanh": torch.tanh,
+    "linear": lambda x: x,
+    "relu_squared": lambda x: F.relu(x).pow(2),
+}
 
 
 class DecoderLayer(nn.Module):
-    """x + Drop(Attn(LN(x))); x + Drop(FC2(ActDrop(act(FC1(LN(x)))))) — fairseq's pre-LN decoder layer."""
+    """fairseq's ``TransformerDecoderLayerBase`` without encoder attention.
+
+    pre-LN (``decoder_normalize_before``):  x + Drop(Attn(LN(x)));  x + Drop(FC2(ActDrop(act(FC1(LN(x))))))
+    post-LN (fairseq 0.12's plain ``transformer_lm``): LN(x + Drop(Attn(x)));  LN(x + Drop(FC2(...(x))))
+    NormFormer options: ``scale_heads`` scales each head's slice of the attention output, ``scale_attn`` adds a
+    LayerNorm after attention, ``scale_fc`` one after the activation (dropout), ``scale_resids`` scales the FFN
+    residual per channel. ``quant_noise_pq``: fairseq's quant-noise on fc1 and fc2 when training.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         d = cfg.decoder_embed_dim
+        self.pre_ln = cfg.decoder_normalize_before
+        self.heads = cfg.decoder_attention_heads
         self.self_attn = SelfAttention(d, cfg.decoder_attention_heads, cfg.attention_dropout)
+        self.attn_ln = nn.LayerNorm(d) if cfg.scale_attn else None
+        self.c_attn = nn.Parameter(torch.ones(self.heads)) if cfg.scale_heads else None
         self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.ffn_layernorm = nn.LayerNorm(cfg.decoder_ffn_embed_dim) if cfg.scale_fc else None
+        self.w_resid = nn.Parameter(torch.ones(d)) if cfg.scale_resids else None
         self.fc1 = nn.Linear(d, cfg.decoder_ffn_embed_dim)
         self.fc2 = nn.Linear(cfg.decoder_ffn_embed_dim, d)
         self.final_layer_norm = nn.LayerNorm(d)
-        self.act = activation(cfg.activation_fn)
+        self.act_name = cfg.activation_fn
+        self.act = ACTIVATION_FNS[cfg.activation_fn]
         self.dropout, self.act_dropout = cfg.dropout, cfg.act_dropout
+        self.q_noise, self.qn_block_size = cfg.quant_noise_pq, cfg.quant_noise_pq_block_size
 
     def forward(self, x: Tensor, cache: dict[str, Tensor] | None = None) -> Tensor:
-        h = self.self_attn(self.self_attn_layer_norm(x), cache)  # (B, T, d)
+        h = self.self_attn(self.self_attn_layer_norm(x) if self.pre_ln else x, cache)  # (B, T, d)
+        if self.c_attn is not None:
+            h = (h.unflatten(-1, (self.heads, -1)) * self.c_attn[:, None]).flatten(-2)  # (B, T, H, hd) -> (B, T, d)
+        if self.attn_ln is not None:
+            h = self.attn_ln(h)
         x = add_dropout(x, h, self.dropout, self.training)
-        h = self.fc1(self.final_layer_norm(x))  # (B, T, ffn)
-        if self.act is F.relu:  # relu(h) * keep == relu(h * keep) (keep >= 0): relu in place, one tensor fewer
+        if not self.pre_ln:
+            x = self.self_attn_layer_norm(x)
+        noise = self.training and self.q_noise > 0
+        if noise:
+            quant_noise_([self.fc1.weight], self.q_noise, self.qn_block_size)
+        h = self.fc1(self.final_layer_norm(x) if self.pre_ln else x)  # (B, T, ffn)
+        if self.act_name == "relu":  # relu(h) * keep == relu(h * keep) (keep >= 0): relu in place, one tensor fewer
             h = F.relu(dropout(h, self.act_dropout, self.training), inplace=self.training and self.act_dropout > 0)
         else:
             h = dropout(self.act(h), self.act_dropout, self.training)
-        return add_dropout(x, self.fc2(h), self.dropout, self.training)  # (B, T, d)
+        if self.ffn_layernorm is not None:
+            h = self.ffn_layernorm(h)
+        if noise:
+            quant_noise_([self.fc2.weight], self.q_noise, self.qn_block_size)
+        residual = x if self.w_resid is None else self.w_resid * x
+        x = add_dropout(residual, self.fc2(h), self.dropout, self.training)  # (B, T, d)
+        return x if self.pre_ln else self.final_layer_norm(x)
 
 
 # =====================================================================================================
 # The language model
 # =====================================================================================================
 class TransformerLM(nn.Module):
-    """fairseq's ``TransformerLanguageModel`` decoder. ``model(tokens)`` gives the features before the softmax."""
+    """fairseq's ``TransformerLanguageModel`` decoder. ``model(tokens)`` gives the features before the softmax.
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    ``symbols`` (the dictionary's words, in id order) is needed only by the character-CNN embedder, which reads
+    the words' bytes.
+    """
+
+    def __init__(self, cfg: ModelConfig, symbols: Sequence[str] | None = None) -> None:
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         V, pad = cfg.vocab_size, cfg.padding_idx
         d, d_in, d_out = cfg.decoder_embed_dim, cfg.decoder_input_dim, cfg.decoder_output_dim
         self.padding_idx = pad
+        qn, qn_bs = cfg.quant_noise_pq, cfg.quant_noise_pq_block_size
 
-        if cfg.adaptive_input:
-            self.embed_tokens: nn.Module = AdaptiveInput(
-                V, pad, d_in, cfg.adaptive_input_factor, d, cfg.adaptive_input_cutoff
+        if cfg.character_embeddings:
+            if symbols is None or len(symbols) != V:
+                raise ConfigError("character_embeddings needs the dictionary's words (TransformerLM(cfg, symbols))")
+            self.embed_tokens: nn.Module = CharacterEmbedder(
+                symbols,
+                parse_character_filters(cfg.character_filters),
+                cfg.character_embedding_dim,
+                d,
+                cfg.char_embedder_highway_layers,
             )
-            input_embed_dim = d
+        elif cfg.adaptive_input:
+            self.embed_tokens = AdaptiveInput(
+                V, pad, d_in, cfg.adaptive_input_factor, d, cfg.adaptive_input_cutoff, qn, qn_bs
+            )
         else:
             self.embed_tokens = nn.Embedding(V, d_in, padding_idx=pad)
             with torch.no_grad():
                 nn.init.normal_(self.embed_tokens.weight, mean=0.0, std=d_in**-0.5)
                 self.embed_tokens.weight[pad].zero_()
-            input_embed_dim = d_in
         self.embed_scale = 1.0 if cfg.no_scale_embedding else math.sqrt(d)
-        self.project_in_dim = nn.Linear(input_embed_dim, d, bias=False) if input_embed_dim != d else None
+        # fairseq: with quant-noise and no adaptive input, an extra (noised) Linear(d, d) after the embedding scale
+        self.quant_noise = nn.Linear(d, d, bias=False) if qn > 0 and not cfg.adaptive_input else None
+        in_dim = cfg.input_embed_dim
+        self.project_in_dim = fairseq_linear(in_dim, d, bias=False) if in_dim != d else None
 
         self.embed_positions: nn.Module | None = None
         if not cfg.no_token_positional_embeddings:
@@ -498,9 +646,12 @@ class TransformerLM(nn.Module):
                 self.embed_positions = SinusoidalPositions(d, pad, n_pos)
         self.layernorm_embedding = nn.LayerNorm(d) if cfg.layernorm_embedding else None
 
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
-        self.layer_norm = nn.LayerNorm(d) if not cfg.no_decoder_final_norm else None
-        self.project_out_dim = nn.Linear(d, d_out, bias=False) if d != d_out and not cfg.tie_adaptive_weights else None
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        final_norm = cfg.decoder_normalize_before and not cfg.no_decoder_final_norm
+        self.layer_norm = nn.LayerNorm(d) if final_norm else None
+        self.project_out_dim = (
+            fairseq_linear(d, d_out, bias=False) if d != d_out and not cfg.tie_adaptive_weights else None
+        )
 
         self.adaptive_softmax: AdaptiveSoftmax | None = None
         self.output_projection: nn.Linear | None = None
@@ -513,14 +664,15 @@ class TransformerLM(nn.Module):
                 factor=cfg.adaptive_softmax_factor,
                 adaptive_input=self.embed_tokens if cfg.tie_adaptive_weights else None,  # type: ignore[arg-type]
                 tie_proj=cfg.tie_adaptive_proj,
+                q_noise=qn,
+                qn_block_size=qn_bs,
             )
+        elif cfg.share_decoder_input_output_embed:
+            self.output_projection = nn.Linear(self.embed_tokens.weight.shape[1], V, bias=False)
+            self.output_projection.weight = self.embed_tokens.weight
         else:
-            if cfg.share_decoder_input_output_embed:
-                self.output_projection = nn.Linear(self.embed_tokens.weight.shape[1], V, bias=False)
-                self.output_projection.weight = self.embed_tokens.weight
-            else:
-                self.output_projection = nn.Linear(d_out, V, bias=False)
-                nn.init.normal_(self.output_projection.weight, mean=0.0, std=d_out**-0.5)
+            self.output_projection = nn.Linear(d_out, V, bias=False)
+            nn.init.normal_(self.output_projection.weight, mean=0.0, std=d_out**-0.5)
 
     # ---- features --------------------------------------------------------------------------------------
     def forward(
@@ -538,23 +690,46 @@ class TransformerLM(nn.Module):
         """
         if positions is None:
             positions = make_positions(src_tokens, self.padding_idx)  # (B, T)
-        x = self.embed_scale * self.embed_tokens(src_tokens)  # (B, T, d)
+        x = self.embed_scale * self.embed_tokens(src_tokens)  # (B, T, d_in)
+        if self.quant_noise is not None:
+            if self.training:
+                quant_noise_([self.quant_noise.weight], self.cfg.quant_noise_pq, self.cfg.quant_noise_pq_block_size)
+            x = self.quant_noise(x)
         if self.project_in_dim is not None:
-            x = self.project_in_dim(x)
+            x = self.project_in_dim(x)  # (B, T, d)
         if self.embed_positions is not None:
             x = x + self.embed_positions(positions).to(x.dtype)
         if self.layernorm_embedding is not None:
             x = self.layernorm_embedding(x)
         x = dropout(x, self.cfg.dropout, self.training)
         states = [x]
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cache[i] if cache is not None else None)  # (B, T, d)
+        for i, layer in self.active_layers():
+            x = self.run_layer(layer, x, cache[i] if cache is not None else None)  # (B, T, d)
             states.append(x)
         if self.layer_norm is not None:
             x = self.layer_norm(x)
         if self.project_out_dim is not None:
             x = self.project_out_dim(x)  # (B, T, d_out)
         return (x, states) if return_all_hiddens else x
+
+    def active_layers(self) -> list[tuple[int, DecoderLayer]]:
+        """All layers, or in training with ``decoder_layerdrop`` p the ones whose fresh uniform draw exceeds p
+        (fairseq's ``LayerDropModuleList``: one draw per layer when the loop starts)."""
+        layers = list(enumerate(self.layers))
+        if self.cfg.decoder_layerdrop > 0 and self.training:
+            u = torch.empty(len(layers)).uniform_()
+            layers = [pair for pair, ui in zip(layers, u.tolist()) if ui > self.cfg.decoder_layerdrop]
+        return layers  # type: ignore[return-value]
+
+    def run_layer(self, layer: DecoderLayer, x: Tensor, cache: dict[str, Tensor] | None) -> Tensor:
+        """One layer; with ``checkpoint_activations`` (training) its activations are recomputed in backward
+        instead of kept (the RNG state is restored, so dropout draws the same masks), and with
+        ``offload_activations`` the layer inputs it keeps wait in CPU memory."""
+        if not (self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled()):
+            return layer(x, cache)
+        offload = self.cfg.offload_activations and x.device.type != "cpu"
+        with torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext():
+            return checkpoint(layer, x, cache, use_reentrant=False)
 
     def tie_weights(self) -> None:
         """Make tied tensors one Parameter again (loading with ``assign=True`` replaces each name separately)."""
@@ -563,11 +738,14 @@ class TransformerLM(nn.Module):
         if self.output_projection is not None and self.cfg.share_decoder_input_output_embed:
             self.output_projection.weight = self.embed_tokens.weight
 
-    def materialize_buffers(self, device: torch.device | str = "cpu") -> None:
-        """Rebuild non-persistent buffers (the sinusoidal table) after building on the meta device."""
+    def materialize_buffers(self, device: torch.device | str = "cpu", symbols: Sequence[str] | None = None) -> None:
+        """Rebuild non-persistent buffers (the sinusoidal table, the char CNN's byte table) after building on the
+        meta device."""
         if isinstance(self.embed_positions, SinusoidalPositions):
             e = self.embed_positions
             e.weights = sinusoidal_table(e.weights.shape[0], e.dim, e.padding_idx).to(device)
+        if isinstance(self.embed_tokens, CharacterEmbedder) and self.embed_tokens.word_to_char.is_meta and symbols:
+            self.embed_tokens.word_to_char = char_table(symbols, CharacterEmbedder.MAX_CHARS).to(device)
 
     def new_cache(self) -> KVCache:
         return [{} for _ in self.layers]
@@ -606,3 +784,23 @@ class TransformerLM(nn.Module):
     def num_parameters(self) -> int:
         """Unique parameters (tied tensors once), the way fairseq and the paper count them."""
         return sum(p.numel() for p in self.parameters())
+
+
+def prune_layers(state_dict: dict[str, Tensor], layers_to_keep: str | None) -> dict[str, Tensor]:
+    """fairseq's ``checkpoint_utils.prune_state_dict``: keep only the listed layers of a stored model, renumbered
+    0, 1, ... in order (a LayerDrop-trained model evaluated with fewer layers); other keys pass unchanged."""
+    keep = parse_layers_to_keep(layers_to_keep)
+    if keep is None:
+        return state_dict
+    mapping = {str(old): str(new) for new, old in enumerate(keep)}
+    out = {}
+    for k, v in state_dict.items():
+        parts = k.split(".")
+        if "layers" not in parts[:-1]:
+            out[k] = v
+            continue
+        i = parts.index("layers") + 1
+        if parts[i] in mapping:
+            parts[i] = mapping[parts[i]]
+            out[".".join(parts)] = v
+    return out

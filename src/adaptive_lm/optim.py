@@ -126,12 +126,65 @@ class CosineSchedule:
 
 @torch.no_grad()
 def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """fairseq's ``clip_grad_norm_``: total L2 norm (fp32) over existing grads, scaled by min(1, max/(norm+1e-6))."""
+    """fairseq's ``clip_grad_norm_``: total L2 norm (fp32) over existing grads, scaled by min(1, max/(norm+1e-6)).
+    One ``_foreach`` kernel per step, no host sync (the norm stays a device tensor)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
+    norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads])
+    total = torch.linalg.vector_norm(torch.stack(norms))
     if max_norm > 0:
         coef = (max_norm / (total + 1e-6)).clamp_(max=1)
         torch._foreach_mul_(grads, coef.to(grads[0].dtype))
     return total
+
+
+class LossScaler:
+    """fairseq's ``DynamicLossScaler`` (``fairseq/optim/dynamic_loss_scaler.py``) for ``--fp16``/``--amp``: the loss
+    is multiplied by ``scale`` before backward; an update whose gradient norm is not finite is skipped and the scale
+    halved; after ``window`` updates without overflow it doubles. Below ``min_scale`` training stops (the loss is
+    exploding, not underflowing). ``scale`` 1 with ``enabled=False``: a no-op for fp32 and bf16."""
+
+    def __init__(self, enabled: bool, init_scale: float = 128.0, window: int = 2000, min_scale: float = 1e-4) -> None:
+        self.enabled = enabled
+        self.scale = init_scale if enabled else 1.0
+        self.window, self.min_scale = window, min_scale
+        self.iter, self.last_overflow, self.last_rescale = 0, -1, -1
+
+    def step_ok(self) -> None:
+        """After an update that went through: maybe raise the scale (fairseq's ``update``)."""
+        if not self.enabled:
+            return
+        if (self.iter - self.last_overflow) % self.window == 0:
+            self.scale *= 2.0
+            self.last_rescale = self.iter
+        self.iter += 1
+
+    def overflow(self) -> None:
+        """After a non-finite gradient norm: halve the scale (fairseq's ``check_overflow``, tolerance 0)."""
+        prev = self.scale
+        self.last_overflow = self.iter
+        self.scale /= 2.0
+        self.last_rescale = self.iter
+        if self.scale <= self.min_scale:
+            self.scale = prev
+            raise FloatingPointError(
+                f"minimum loss scale reached ({self.min_scale:g}): the loss is exploding; lower --lr, use "
+                f"--clip-norm or a larger batch"
+            )
+        self.iter += 1
+
+    def state(self) -> dict[str, float | int]:
+        return dict(
+            loss_scale=self.scale,
+            scaler_iter=self.iter,
+            scaler_last_rescale=self.last_rescale,
+            scaler_last_overflow=self.last_overflow,
+        )
+
+    def load(self, d: dict[str, float | int]) -> None:
+        if self.enabled:
+            self.scale = float(d.get("loss_scale", self.scale))
+        self.iter = int(d.get("scaler_iter", 0))
+        self.last_rescale = int(d.get("scaler_last_rescale", -1))
+        self.last_overflow = int(d.get("scaler_last_overflow", -1))

@@ -3,16 +3,19 @@
 
 The text is cut into ~8 MB line-aligned byte ranges that ``--workers`` processes count and encode in parallel;
 results come back in order and are streamed to disk, so memory stays bounded whatever the corpus size.
-Every output is written under a temporary name and renamed only when complete.
+The whole set (dict.txt and every split) is written into a temporary folder beside ``--destdir`` and moved into
+place only when complete, so a failure leaves a previous data-bin untouched; a previous split that this run does
+not rebuild and whose dictionary no longer matches is moved aside rather than left to mix with the new set.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,7 @@ import numpy as np
 from .data import IndexedWriter, best_dtype
 from .dictionary import Dictionary
 from .errors import UserError
+from .progress import Progress
 
 CHUNK_BYTES = 8 << 20
 
@@ -38,7 +42,6 @@ class PreprocessConfig:
     only_source: bool = True
     dataset_impl: str = "mmap"
     progress: bool = True
-    log: list[str] = field(default_factory=list)
 
 
 # ---- reading text in line-aligned byte ranges ---------------------------------------------------------
@@ -139,13 +142,8 @@ def _pool(workers: int, lookup: _Lookup | None = None):
     return ctx.Pool(workers, initializer=_init_worker, initargs=(lookup,))
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    import sys
-
-    from tqdm.auto import tqdm
-
-    on = enabled and sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not on, leave=False)
+def _progress(total: int, desc: str, enabled: bool) -> Progress:
+    return Progress(total, desc, enabled, unit="B")
 
 
 # ---- the two passes ----------------------------------------------------------------------------------------
@@ -212,8 +210,9 @@ def binarize(path: str, prefix: str, d: Dictionary, workers: int = 1, progress: 
     return stats
 
 
-def preprocess(cfg: PreprocessConfig) -> Dictionary:
-    """fairseq-preprocess --only-source: dictionary from the training text (or --srcdict), then every split."""
+def preprocess(cfg: PreprocessConfig) -> list[str]:
+    """fairseq-preprocess --only-source: dictionary from the training text (or --srcdict), then every split.
+    Returns the log lines (also written to DESTDIR/preprocess.log)."""
     if cfg.dataset_impl != "mmap":
         raise UserError(f"--dataset-impl {cfg.dataset_impl} is not supported; only mmap (fairseq's default)")
     if not cfg.trainpref and not cfg.srcdict:
@@ -228,18 +227,49 @@ def preprocess(cfg: PreprocessConfig) -> Dictionary:
     for _, p in splits:
         check_text_file(p)
     dest = Path(cfg.destdir)
-    dest.mkdir(parents=True, exist_ok=True)
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"--destdir {dest}: exists and is not a folder; choose another --destdir")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    log: list[str] = []
     t0 = time.time()
-    if cfg.srcdict:
-        d = Dictionary.load(cfg.srcdict)
-    else:
-        d = build_dictionary(cfg.trainpref, cfg)  # type: ignore[arg-type]
-    d.save(dest / "dict.txt")
-    cfg.log.append(f"dictionary: {len(d)} types (written to {dest / 'dict.txt'})")
-    for split, path in splits:
-        st = binarize(path, str(dest / split), d, cfg.workers, cfg.progress)
-        rate = 100.0 * st["unk"] / max(1, st["tokens"])
-        cfg.log.append(f"{split} ({path}): {st['lines']} lines, {st['tokens']} tokens, {rate:.2f}% replaced by <unk>")
-    cfg.log.append(f"wrote {dest} in {time.time() - t0:.1f}s")
-    (dest / "preprocess.log").write_text("\n".join(cfg.log) + "\n")
-    return d
+    try:
+        d = Dictionary.load(cfg.srcdict) if cfg.srcdict else build_dictionary(cfg.trainpref, cfg)  # type: ignore[arg-type]
+        d.save(tmp / "dict.txt")
+        log.append(f"dictionary: {len(d)} types (written to {dest / 'dict.txt'})")
+        for split, path in splits:
+            st = binarize(path, str(tmp / split), d, cfg.workers, cfg.progress)
+            rate = 100.0 * st["unk"] / max(1, st["tokens"])
+            log.append(f"{split} ({path}): {st['lines']} lines, {st['tokens']} tokens, {rate:.2f}% replaced by <unk>")
+        log.append(f"wrote {dest} in {time.time() - t0:.1f}s")
+        (tmp / "preprocess.log").write_text("\n".join(log) + "\n")
+        log += _move_into_place(tmp, dest, d, {name for name, _ in splits})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return log
+
+
+def _move_into_place(tmp: Path, dest: Path, d: Dictionary, built: set[str]) -> list[str]:
+    """The finished set replaces its namesakes in ``dest`` (each file by one rename); earlier splits that were not
+    rebuilt and were binarised with another dictionary move to ``dest/stale-TIME/``. Returns notices."""
+    notes: list[str] = []
+    if not dest.exists():
+        os.replace(tmp, dest)
+        return notes
+    old_dict = dest / "dict.txt"
+    changed = old_dict.is_file() and Dictionary.load(old_dict).symbols != d.symbols
+    leftovers = sorted({p.name.split(".")[0] for p in dest.glob("*.idx")} - built)
+    if changed and leftovers:
+        aside = dest / time.strftime("stale-%Y%m%d-%H%M%S")
+        aside.mkdir()
+        for split in leftovers:
+            for p in dest.glob(f"{split}.*"):
+                os.replace(p, aside / p.name)
+        notes.append(f"note: {', '.join(leftovers)} were binarised with the previous dictionary: moved to {aside}")
+    for p in tmp.iterdir():
+        os.replace(p, dest / p.name)
+    for p in dest.glob("*.bin.maxid"):  # checks cached for the replaced files
+        p.unlink(missing_ok=True)
+    return notes

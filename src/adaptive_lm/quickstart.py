@@ -98,8 +98,7 @@ def quickstart(run_dir: str = "quickstart-run", updates: int = 300) -> dict:
     corpus.write(d / "valid.txt", 20_000)
     print("[2/3] preprocessing")
     pc = PreprocessConfig(trainpref=str(d / "train.txt"), validpref=str(d / "valid.txt"), destdir=str(d / "data-bin"))
-    preprocess(pc)
-    print("      " + "\n      ".join(pc.log))
+    print("      " + "\n      ".join(preprocess(pc)))
     print(f"[3/3] training a small adaptive-input model for {updates} updates (NAG, cosine, clip 0.1)")
     cfg = TrainConfig(
         data=str(d / "data-bin"),
