@@ -128,6 +128,14 @@ def plan(lm: LanguageModel, cfg: EvalConfig) -> EvalPlan:
             f"--context-window {C} must be smaller than --tokens-per-sample {tps} (the block is tokens-per-sample "
             f"minus the window); e.g. --tokens-per-sample {tps} --context-window {max(0, tps // 2)}"
         )
+    limit = lm.cfg.max_target_positions
+    over = tps > limit or (lm.cfg.decoder_learned_pos and tps + int(lm.cfg.add_bos_token) > limit)
+    if over and not lm.cfg.no_token_positional_embeddings:
+        raise UserError(
+            f"--tokens-per-sample {tps} exceeds the model's {limit} positions (it was trained with blocks of "
+            f"{limit}); fairseq refuses this too: pass --tokens-per-sample {limit} or less (with --context-window for "
+            f"more context)"
+        )
     block = tps - C
     ds = LMDataset.from_split(
         load_split(data, cfg.gen_subset), block, cfg.sample_break_mode, add_bos=lm.cfg.add_bos_token

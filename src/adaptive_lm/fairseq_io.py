@@ -37,29 +37,65 @@ except Exception:  # pragma: no cover - numpy is a dependency, but never fail lo
     pass
 
 
+def _file_kind(path: Path) -> str:
+    """What the first bytes say: a zip archive (torch.save since 1.6), a legacy pickle, or something else."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        return "empty"
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if head[:3] == b"BZh" or head[:2] == b"\x1f\x8b":
+        return "archive"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    return "other"
+
+
 def safe_load(path: str | os.PathLike, mmap: bool = True) -> Any:
-    """``torch.load`` that only accepts tensors, containers and the allow-listed types; memory-maps when it can."""
+    """``torch.load`` that only accepts tensors, containers and the allow-listed types; memory-maps when it can.
+
+    Every failure is one line naming the file and what is wrong with it (empty, truncated, not a checkpoint, an
+    archive, a refused type). PyTorch's own hint to retry with ``weights_only=False`` is never passed on: that load
+    runs whatever code the file contains, which is what this loader exists to avoid.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
-    with open(path, "rb") as f:
-        head = f.read(6)
-    if head[:3] == b"BZh":
-        raise UserError(f"{path}: this is a .tar.bz2 archive, not a checkpoint; extract it (tar xjf) or use convert")
+    kind = _file_kind(path)
+    if kind == "empty":
+        raise UserError(f"{path}: empty file (an interrupted copy or save?); use an intact checkpoint")
+    if kind == "archive":
+        raise UserError(
+            f"{path}: this is a .tar.bz2/.tar.gz archive, not a checkpoint; extract it (tar xf) or pass "
+            f"the archive to from_pretrained/convert"
+        )
+    if kind == "other":
+        raise UserError(
+            f"{path}: not a PyTorch checkpoint (neither a zip nor a pickle file); pass a model.pt or "
+            f"checkpoint*.pt written by fairseq or adaptive-lm"
+        )
     with torch.serialization.safe_globals(SAFE_GLOBALS):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError as e:
-            if mmap and "mmap" in str(e).lower():  # legacy (pre-zip) format cannot be memory-mapped
-                return torch.load(path, map_location="cpu", weights_only=True)
-            raise UserError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0]})") from None
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and kind == "zip")
         except pickle.UnpicklingError as e:
             m = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(e))
-            what = m.group(1) if m else str(e).splitlines()[0]
+            if m:
+                raise UserError(
+                    f"{path}: refused to load: the file pickles {m.group(1)}, which is not on the allow-list of "
+                    f"types fairseq checkpoints contain (loading it could run code); if you trust the file, re-save "
+                    f"its tensors and settings as plain data"
+                ) from None
             raise UserError(
-                f"{path}: refused to load: the file pickles {what}, which is not on the allow-list of types "
-                f"fairseq checkpoints contain (it could run code); if you trust the file, re-save it with plain data"
+                f"{path}: damaged checkpoint (its pickled data cannot be read); use an intact copy"
             ) from None
+        except (RuntimeError, EOFError, ValueError, OSError) as e:
+            text = str(e)
+            if "central directory" in text or "zip archive" in text or isinstance(e, EOFError):
+                raise UserError(
+                    f"{path}: truncated or damaged checkpoint (the zip archive is incomplete); use an intact copy"
+                ) from None
+            raise UserError(f"{path}: cannot read checkpoint ({text.splitlines()[0][:120]})") from None
 
 
 def _as_dict(obj: Any) -> dict[str, Any]:

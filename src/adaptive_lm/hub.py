@@ -185,6 +185,26 @@ def _build(
     return model
 
 
+def stored_vocab_size(sd: dict[str, torch.Tensor]) -> int | None:
+    """The vocabulary size a fairseq state dict was trained with (None if its layout does not say)."""
+    for k in ("decoder.embed_tokens.weight", "decoder.output_projection.weight", "decoder.embed_out"):
+        if k in sd:
+            return int(sd[k].shape[0])
+    bands = [k for k in sd if k.startswith("decoder.embed_tokens.embeddings.") and k.endswith(".0.weight")]
+    if bands:
+        return sum(int(sd[k].shape[0]) for k in bands)
+    return None
+
+
+def _check_vocab(d: Dictionary, vocab: int | None, model: Path, given: Any) -> None:
+    """A dictionary of another size than the model's output would give ids the model never learned."""
+    if vocab is not None and len(d) != vocab:
+        where = f"--dict {given}" if given else f"the dictionary found for {model}"
+        raise UserError(
+            f"{where} has {len(d)} symbols but the model was trained with {vocab}: use the model's own dict.txt"
+        )
+
+
 def _with_overrides(cfg: ModelConfig, overrides: dict[str, Any] | None) -> ModelConfig:
     """Our stored config with load-time overrides (the fields of ModelConfig, as fairseq's ``arg_overrides``)."""
     if not overrides:
@@ -248,10 +268,16 @@ def from_pretrained(
         p = _pick_file(p)
     tok = make_tokenizer(tokenizer)
     if p.is_dir():  # exported model folder
+        if not (p / "config.json").is_file():
+            raise UserError(
+                f"{p}: an exported model folder needs config.json beside model.safetensors (written by "
+                f"adaptive-lm convert); it is missing"
+            )
         meta = json.loads((p / "config.json").read_text())
         from safetensors.torch import load_file
 
         d = Dictionary.load(Path(dictionary) if dictionary else p / "dict.txt")
+        _check_vocab(d, meta["model"]["vocab_size"], p, dictionary)
         cfg = _with_overrides(ModelConfig.from_dict(meta["model"]), overrides)
         sd = prune_layers(load_file(str(p / "model.safetensors")), cfg.decoder_layers_to_keep)
         model = _build(cfg, sd, str(p), dtype, d)
@@ -262,11 +288,13 @@ def from_pretrained(
         raise UserError(f"{p}: not a model checkpoint (no 'model' entry)")
     if ckpt.get("format") == FORMAT:  # ours: config and dictionary travel inside
         d = Dictionary.load(dictionary) if dictionary else _dictionary_from_checkpoint(ckpt)
+        _check_vocab(d, ckpt["config"]["model"]["vocab_size"], p, dictionary)
         cfg = _with_overrides(ModelConfig.from_dict(ckpt["config"]["model"]), overrides)
         model = _build(cfg, prune_layers(ckpt["model"], cfg.decoder_layers_to_keep), str(p), dtype, d)
         tps = ckpt["config"].get("tokens_per_sample")
         return LanguageModel(model, d, str(p), tps, tok).to(device).eval()
     d = Dictionary.load(Path(dictionary) if dictionary else find_dictionary(p))
+    _check_vocab(d, stored_vocab_size(ckpt["model"]), p, dictionary)
     model = load_fairseq(p, d, ckpt, dtype, overrides)
     tps = stored_settings(ckpt).get("tokens_per_sample")
     return LanguageModel(model, d, str(p), tps, tok).to(device).eval()

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ConfigError, ModelConfig, band_dims, parse_character_filters, parse_layers_to_keep
-from .kernels import add_dropout, causal_attention, cross_entropy_sum, dropout, pad_rows
+from .kernels import add_dropout, causal_attention, cross_entropy_sum, dropout, linear_cross_entropy_sum, pad_rows
 
 KVCache = list[dict[str, Tensor]]
 
@@ -96,6 +96,36 @@ def char_table(symbols: Sequence[str], max_chars: int = 50, nspecial: int = 4) -
     return table
 
 
+def route(ids: Tensor, cutoff: Sequence[int]) -> list[Tensor]:
+    """Per band [c_{i-1}, c_i) of ``cutoff``, the positions of ``ids`` (flattened) that fall in it, in order.
+
+    Why: the adaptive modules compute each band or tail only for its own rows, and finding those rows on a GPU
+    (``nonzero``) makes the host wait for the device, once per band and micro-batch. The trainer calls this on the
+    CPU copy of a batch while the previous update runs and passes the results (``Routes``), so nothing waits."""
+    flat = ids.reshape(-1)
+    band = torch.bucketize(flat, torch.tensor(list(cutoff), dtype=flat.dtype), right=True)  # (N,) band of each id
+    order = torch.argsort(band, stable=True)
+    counts = torch.bincount(band, minlength=len(cutoff)).tolist()
+    return list(torch.split(order, counts[: len(cutoff)]))
+
+
+class Routes:
+    """Precomputed ``route``s of a batch's source tokens (adaptive input) and targets (adaptive softmax)."""
+
+    def __init__(self, src: Tensor, target: Tensor, cfg: ModelConfig) -> None:
+        V = cfg.vocab_size
+        self.input = route(src, complete_cutoff(cfg.adaptive_input_cutoff, V)) if cfg.adaptive_input else None
+        cut = cfg.adaptive_softmax_cutoff
+        self.target = route(target, complete_cutoff(cut, V)) if cut is not None else None
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Routes:
+        for name in ("input", "target"):
+            rows = getattr(self, name)
+            if rows is not None:
+                setattr(self, name, [r.to(device, non_blocking=non_blocking) for r in rows])
+        return self
+
+
 # =====================================================================================================
 # Token embedders: adaptive input (Baevski & Auli 2018, section 3) and fairseq's character CNN
 # =====================================================================================================
@@ -148,12 +178,13 @@ class AdaptiveInput(nn.Module):
         """(embedding [size, dim], projection [output_dim, dim]) of a band: what the adaptive softmax ties to."""
         return self.embeddings[band].weight, self.projections[band].weight
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, rows: list[Tensor] | None = None) -> Tensor:
+        """``rows``: each band's positions (``route``), if already known; found here otherwise."""
         flat = tokens.reshape(-1)  # (N,)
         out: Tensor | None = None
         prev = 0
         for i, end in enumerate(self.cutoff):
-            idx = ((flat >= prev) & (flat < end)).nonzero().squeeze(1)  # (N_i,)
+            idx = rows[i] if rows is not None else ((flat >= prev) & (flat < end)).nonzero().squeeze(1)  # (N_i,)
             n = idx.numel()
             if n > 0:
                 w = self.projections[i].weight
@@ -353,21 +384,40 @@ class AdaptiveSoftmax(nn.Module):
         padded = pad_rows(rows, self.tail_out[i])
         return self.tail_logits(i, x.index_select(0, padded))[: rows.numel()]  # (n, size_i)
 
-    def split_targets(self, target: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor] | None]]:
-        """fairseq's ``adapt_target``: head target (word or c0 + cluster) and per cluster (rows, local targets)."""
+    def split_targets(
+        self, target: Tensor, routes: list[Tensor] | None = None
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor] | None]]:
+        """fairseq's ``adapt_target``: head target (word or c0 + cluster) and per cluster (rows, local targets).
+        ``routes``: each band's rows of ``target`` (``route``), if already known (no host sync then)."""
         target = target.reshape(-1)
-        head_target = target.clone()
+        c0 = self.cutoff[0]
+        head_target = torch.where(
+            target < c0, target, c0 - 1 + torch.bucketize(target, self._bounds(target), right=True)
+        )
         clusters: list[tuple[Tensor, Tensor] | None] = []
         for i in range(self.n_clusters):
             lo, hi = self.cutoff[i], self.cutoff[i + 1]
-            mask = (target >= lo) & (target < hi)
-            head_target[mask] = self.cutoff[0] + i
-            rows = mask.nonzero().squeeze(1)
+            rows = routes[i + 1] if routes is not None else ((target >= lo) & (target < hi)).nonzero().squeeze(1)
             clusters.append((rows, target.index_select(0, rows) - lo) if rows.numel() > 0 else None)
         return head_target, clusters
 
+    def _bounds(self, like: Tensor) -> Tensor:
+        """Tail cluster starts (c_0 .. c_{n-1}) as a tensor on ``like``'s device, cached."""
+        key = (like.device, like.dtype)
+        cache = self.__dict__.setdefault("_bounds_cache", {})
+        if key not in cache:
+            cache[key] = torch.tensor(self.cutoff[:-1], dtype=like.dtype, device=like.device)
+        return cache[key]
+
     # ---- entry points --------------------------------------------------------------------------------
-    def loss(self, hidden: Tensor, target: Tensor, ignore_index: int = 1, tail_ignore_quirk: bool = True) -> Tensor:
+    def loss(
+        self,
+        hidden: Tensor,
+        target: Tensor,
+        ignore_index: int = 1,
+        tail_ignore_quirk: bool = True,
+        routes: list[Tensor] | None = None,
+    ) -> Tensor:
         """Summed NLL in nats over non-``ignore_index`` targets (fairseq's ``adaptive_loss``).
 
         Dropout is applied to the input first (training mode only). ``tail_ignore_quirk`` reproduces fairseq's
@@ -377,7 +427,7 @@ class AdaptiveSoftmax(nn.Module):
         noise = self.training and self.q_noise > 0
         x = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
         x = dropout(x, self.dropout, self.training)
-        head_target, clusters = self.split_targets(target)
+        head_target, clusters = self.split_targets(target, routes)
         if noise:
             self._noise_head()
         loss = cross_entropy_sum(fp32(self.head_logits(x)), head_target, ignore_index)
@@ -458,8 +508,11 @@ class SinusoidalPositions(nn.Module):
         self.dim, self.padding_idx = dim, padding_idx
         self.register_buffer("weights", sinusoidal_table(init_size, dim, padding_idx), persistent=False)
 
-    def forward(self, positions: Tensor) -> Tensor:
-        need = int(positions.max()) + 1 if positions.numel() else 0
+    def forward(self, positions: Tensor, max_position: int | None = None) -> Tensor:
+        """``max_position``: an upper bound of ``positions`` known on the host (else it is read from the device)."""
+        if max_position is None:
+            max_position = int(positions.max()) if positions.numel() else 0
+        need = max_position + 1
         if need > self.weights.shape[0]:
             self.weights = sinusoidal_table(need, self.dim, self.padding_idx).to(self.weights.device)
         return self.weights.index_select(0, positions.reshape(-1)).view(*positions.shape, self.dim)
@@ -681,23 +734,32 @@ class TransformerLM(nn.Module):
         cache: KVCache | None = None,
         positions: Tensor | None = None,
         return_all_hiddens: bool = False,
+        routes: Routes | None = None,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """(B, T) token ids -> (B, T, d_out) features before the softmax.
 
         ``cache`` (one dict per layer, filled in place) makes each new call attend to the keys and values of
         the previous ones; ``positions`` then gives the new tokens' position ids. With ``return_all_hiddens``
         the states after the embedding and after every layer are returned too (fairseq's ``inner_states``).
+        ``routes``: the batch's band positions computed in advance (``Routes``; the trainer does it on the CPU).
         """
+        max_position = None
         if positions is None:
             positions = make_positions(src_tokens, self.padding_idx)  # (B, T)
-        x = self.embed_scale * self.embed_tokens(src_tokens)  # (B, T, d_in)
+            max_position = self.padding_idx + src_tokens.shape[-1]  # known without reading the device
+        if routes is not None and routes.input is not None:
+            x = self.embed_scale * self.embed_tokens(src_tokens, routes.input)  # (B, T, d)
+        else:
+            x = self.embed_scale * self.embed_tokens(src_tokens)  # (B, T, d_in)
         if self.quant_noise is not None:
             if self.training:
                 quant_noise_([self.quant_noise.weight], self.cfg.quant_noise_pq, self.cfg.quant_noise_pq_block_size)
             x = self.quant_noise(x)
         if self.project_in_dim is not None:
             x = self.project_in_dim(x)  # (B, T, d)
-        if self.embed_positions is not None:
+        if isinstance(self.embed_positions, SinusoidalPositions):
+            x = x + self.embed_positions(positions, max_position).to(x.dtype)
+        elif self.embed_positions is not None:
             x = x + self.embed_positions(positions).to(x.dtype)
         if self.layernorm_embedding is not None:
             x = self.layernorm_embedding(x)
@@ -756,11 +818,19 @@ class TransformerLM(nn.Module):
             return self.adaptive_softmax.log_prob(x)
         return F.log_softmax(fp32(self.output_projection(x)), dim=-1)  # type: ignore[misc]
 
-    def target_log_probs_from_features(self, x: Tensor, target: Tensor) -> Tensor:
+    def target_log_probs_from_features(self, x: Tensor, target: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
+        """log p(target) at every position, the full softmax in row chunks of at most ``chunk_elements`` logits."""
         if self.adaptive_softmax is not None:
-            return self.adaptive_softmax.target_log_prob(x, target)
-        lp = F.log_softmax(fp32(self.output_projection(x)), dim=-1)  # type: ignore[misc]
-        return lp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            return self.adaptive_softmax.target_log_prob(x, target, chunk_elements)
+        flat, t = x.reshape(-1, x.shape[-1]), target.reshape(-1)
+        step = max(1, chunk_elements // self.cfg.vocab_size)
+        out = [
+            F.log_softmax(fp32(self.output_projection(flat[i : i + step])), dim=-1)  # type: ignore[misc]
+            .gather(1, t[i : i + step, None])
+            .squeeze(1)
+            for i in range(0, flat.shape[0], step)
+        ]
+        return (torch.cat(out) if out else flat.new_zeros(0)).view(target.shape)
 
     def log_probs(self, src_tokens: Tensor) -> Tensor:
         """(B, T) -> (B, T, V) natural-log next-token distribution at every position."""
@@ -774,12 +844,15 @@ class TransformerLM(nn.Module):
         """Summed NLL (nats) over non-pad targets: fairseq's ``adaptive_loss`` (or cross-entropy without it)."""
         return self.loss_from_features(self(src_tokens), target, tail_ignore_quirk)
 
-    def loss_from_features(self, x: Tensor, target: Tensor, tail_ignore_quirk: bool = True) -> Tensor:
+    def loss_from_features(
+        self, x: Tensor, target: Tensor, tail_ignore_quirk: bool = True, routes: Routes | None = None
+    ) -> Tensor:
         """``loss`` on features already computed (the trainer runs the forward pass itself, maybe compiled)."""
         if self.adaptive_softmax is not None:
-            return self.adaptive_softmax.loss(x, target, self.padding_idx, tail_ignore_quirk)
-        logits = fp32(self.output_projection(x))  # type: ignore[misc]
-        return cross_entropy_sum(logits.view(-1, logits.shape[-1]), target.reshape(-1), self.padding_idx)
+            rows = routes.target if routes is not None else None
+            return self.adaptive_softmax.loss(x, target, self.padding_idx, tail_ignore_quirk, rows)
+        w = self.output_projection.weight  # type: ignore[union-attr]
+        return linear_cross_entropy_sum(x.reshape(-1, x.shape[-1]), w, target.reshape(-1), self.padding_idx)
 
     def num_parameters(self) -> int:
         """Unique parameters (tied tensors once), the way fairseq and the paper count them."""

@@ -38,7 +38,7 @@ from .evaluate import perplexity
 from .fairseq_io import load_into
 from .hardware import half_precision_notice
 from .kernels import plain_kernels, prepare_for_compile, use_plain_kernels
-from .model import TransformerLM
+from .model import Routes, TransformerLM
 from .optim import NAG, CosineSchedule, LossScaler, clip_grad_norm_
 from .progress import Progress
 from .train_config import TrainConfig
@@ -174,11 +174,14 @@ def load_datasets(cfg: TrainConfig, world: int, rank: int, add_bos: bool, log: L
 
 class Prefetcher:
     """Collates the next update's batches in a background thread (pinned memory and a non-blocking copy on CUDA)
-    while the current update runs; on CPU it collates in line (a second thread only competes for the cores)."""
+    while the current update runs; on CPU it collates in line (a second thread only competes for the cores).
+    With ``routes_for`` (the GPU path) it also finds each adaptive band's rows on the CPU (``model.Routes``), so
+    the device never has to report them back to the host."""
 
-    def __init__(self, data: LMDataset, groups: list[list], device: torch.device, background: bool) -> None:
+    def __init__(self, data: LMDataset, groups: list[list], device: torch.device, background: bool,
+                 routes_for: ModelConfig | None = None) -> None:  # fmt: skip
         self.data, self.groups, self.device = data, groups, device
-        self.background = background
+        self.background, self.routes_for = background, routes_for
         self._next: Any = None
         self._thread: threading.Thread | None = None
 
@@ -186,9 +189,13 @@ class Prefetcher:
         out = []
         for b in group:
             s = self.data.collate(b)
+            if self.routes_for is not None and s["ntokens"]:
+                s["routes"] = Routes(s["src_tokens"], s["target"], self.routes_for)
             if self.device.type == "cuda":
                 for k in ("src_tokens", "target"):
                     s[k] = s[k].pin_memory().to(self.device, non_blocking=True)
+                if "routes" in s:
+                    s["routes"].to(self.device, non_blocking=True)
             out.append(s)
         return out
 
@@ -393,18 +400,19 @@ class Trainer:
             self.forward_model = self.model
             _set_rng_state(rng, self.device)
             loss_sum, ntokens = self._accumulate(samples)
-        stats = torch.stack(
-            [loss_sum, loss_sum.new_tensor(float(ntokens)), loss_sum.new_tensor(float(self.stop_requested))]
-        )
+        stop_flag = loss_sum.new_tensor(float(self.stop_requested))
+        stats = torch.stack([loss_sum, loss_sum.new_tensor(float(ntokens)), stop_flag])  # on the device (NCCL)
         if self.reducer is not None:
             self.reducer.finish()
-        total_loss, total_tokens, stop = all_reduce_sum(stats).tolist()  # one host sync per update (+ the norm)
+        stats = all_reduce_sum(stats)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:  # sum -> mean over the update's tokens, and the fp16 loss scale undone, on the device
+            torch._foreach_mul_(grads, (stats[1].clamp(min=1).reciprocal() / self.scaler.scale).float())
+        gnorm_t = clip_grad_norm_(self.params, self.cfg.clip_norm)
+        # the one host sync of the update: statistics, stop flag and gradient norm together
+        total_loss, total_tokens, stop, gnorm = torch.cat([stats, gnorm_t.double().reshape(1)]).tolist()
         if stop and not self.stop_requested:
             self.stop_requested = -1  # another process was signalled: stop at this same update
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, 1.0 / (total_tokens or 1.0) / self.scaler.scale)
-        gnorm = float(clip_grad_norm_(self.params, self.cfg.clip_norm))
         loss = total_loss / (total_tokens or 1.0) / math.log(2)
         if not math.isfinite(gnorm) and self.scaler.enabled:  # fp16: skip the update, lower the scale
             self.scaler.overflow()
@@ -439,9 +447,10 @@ class Trainer:
                 continue
             src = s["src_tokens"].to(self.device, non_blocking=True)
             tgt = s["target"].to(self.device, non_blocking=True)
+            routes = s.get("routes")
             with self.autocast():
-                x = self.forward_model(src)
-                loss = self.model.loss_from_features(x, tgt, self.cfg.tail_ignore_quirk)
+                x = self.forward_model(src, routes=routes) if routes is not None else self.forward_model(src)
+                loss = self.model.loss_from_features(x, tgt, self.cfg.tail_ignore_quirk, routes)
             (loss * self.scaler.scale).backward() if self.scaler.enabled else loss.backward()
             loss_sum += loss.detach().double()
             ntokens += s["ntokens"]
@@ -595,7 +604,14 @@ class Run:
             unit="batches",
         )
         with bar:
-            for group, samples in zip(groups, Prefetcher(t.train_data, groups, t.device, t.device.type == "cuda")):
+            gpu_path = t.device.type != "cpu" or self.cfg.kernels == "plain"
+            routes = (
+                t.model_cfg
+                if gpu_path and (t.model_cfg.adaptive_input or t.model_cfg.adaptive_softmax_cutoff)
+                else None
+            )
+            loader = Prefetcher(t.train_data, groups, t.device, t.device.type == "cuda", routes)
+            for group, samples in zip(groups, loader):
                 out = self.update(samples, len(group))
                 if "skipped" not in out:
                     meter.add(out)
