@@ -289,16 +289,6 @@ class ModelConfig:
             dims = band_dims(self.decoder_input_dim, self.adaptive_input_factor, n_bands(cut, self.vocab_size))
             for i, w in enumerate(dims):
                 widths[f"adaptive input band {i} width"] = w
-        if self.adaptive_softmax_cutoff is not None:
-            d_out = int(self.decoder_output_dim)  # type: ignore[arg-type]
-            widths["decoder_output_dim (adaptive softmax head)"] = d_out
-            dims = band_dims(
-                d_out, self.adaptive_softmax_factor, n_bands(self.adaptive_softmax_cutoff, self.vocab_size)
-            )
-            for i, w in enumerate(dims[1:]):
-                widths[f"adaptive softmax tail {i} width"] = w
-            if self.tie_adaptive_weights:
-                widths["adaptive input band 0 width (tied head)"] = int(self.decoder_input_dim)  # type: ignore
         for what, w in widths.items():
             if w % bs:
                 raise ConfigError(
@@ -340,6 +330,14 @@ REFUSED: dict[str, str] = {
         "--decoder-xformers-att-config"
     ),
 }
+
+
+# NormFormer's options are in fairseq 0.12's TransformerLanguageModelConfig, but its decoder reads them from a
+# TransformerConfig built from the model's DictConfig (fairseq/models/transformer/transformer_config.py,
+# ``from_namespace``), which has no such fields: fairseq-train 0.12 silently builds these models *without* the
+# NormFormer layers. A checkpoint from a fairseq version where they worked holds their weights; the weights say.
+NORMFORMER = {"scale_attn": "attn_ln.weight", "scale_fc": "ffn_layernorm.weight", "scale_heads": "c_attn",
+              "scale_resids": "w_resid"}  # fmt: skip
 
 
 def refused_value(name: str, value: Any) -> bool:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import ALIASES, PRESETS, ModelConfig, apply_preset
+from .config import ALIASES, NORMFORMER, PRESETS, ModelConfig, apply_preset
 from .errors import UserError
 from .model import prune_layers
 
@@ -124,7 +124,10 @@ def stored_settings(ckpt: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_from_fairseq(
-    settings: dict[str, Any], vocab_size: int, overrides: dict[str, Any] | None = None
+    settings: dict[str, Any],
+    vocab_size: int,
+    overrides: dict[str, Any] | None = None,
+    state_keys: Any = None,
 ) -> ModelConfig:
     """fairseq settings (+ load-time overrides, fairseq's ``arg_overrides``) -> the ModelConfig fairseq 0.12 builds.
 
@@ -132,6 +135,8 @@ def config_from_fairseq(
     the dataclass defaults (so it is post-LN unless ``decoder_normalize_before`` was stored true); a named arch
     (``transformer_lm_wiki103``, ...) runs its architecture function over the stored values, which fills what is
     unset (``None``) and forces pre-LN. Old option names follow ``base_lm_architecture``'s compatibility rules.
+    With ``state_keys`` (the checkpoint's weight names), NormFormer layers exist exactly when their weights do:
+    fairseq 0.12 builds none whatever its config says (``config.NORMFORMER``), older versions did.
     """
     s = dict(settings)
     s.update(overrides or {})
@@ -154,6 +159,9 @@ def config_from_fairseq(
         if values.get(k) is not None:
             values[k] = float(values[k])
     values["vocab_size"] = vocab_size
+    if state_keys is not None:
+        for k, param in NORMFORMER.items():
+            values[k] = any(name.endswith(param) for name in state_keys)
     cfg = ModelConfig.from_dict(values)
     cfg.validate()
     return cfg

@@ -171,7 +171,7 @@ def load_fairseq(
     """Build from the checkpoint's stored settings (never the arch name alone), with fairseq-style load-time
     ``overrides`` (e.g. ``decoder_layers_to_keep``), and load its weights."""
     ckpt = ckpt if ckpt is not None else safe_load(path)
-    cfg = config_from_fairseq(stored_settings(ckpt), len(dictionary), overrides)
+    cfg = config_from_fairseq(stored_settings(ckpt), len(dictionary), overrides, state_keys=ckpt["model"].keys())
     return _build(cfg, state_dict_from_fairseq(ckpt["model"], cfg), str(path), dtype, dictionary)
 
 

@@ -64,25 +64,19 @@ def fp32(t: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def quant_noise_(params: Sequence[Tensor], p: float, block_size: int, transposed: bool = False) -> None:
-    """fairseq's iPQ quant-noise (``fairseq/modules/quant_noise.py``) on one weight matrix.
+def quant_noise_(weight: Tensor, p: float, block_size: int) -> None:
+    """fairseq's iPQ quant-noise (``fairseq/modules/quant_noise.py``) on an ``(out, in)`` weight matrix.
 
-    ``params`` are the row blocks of the matrix in fairseq's ``(out_features, in_features)`` orientation (the
-    untied head is two of our tensors), ``transposed`` when we store the matrix the other way round. In each row,
-    blocks of ``block_size`` input weights are dropped with probability ``p`` and the rest scaled by 1 / (1 - p),
-    the mask drawn as fairseq draws it. Like fairseq's forward pre-hook this **replaces the parameters' data**
-    (``param.data = ...``, at every training forward): the weights keep the noised values, the optimizer updates
-    those, and a tensor saved earlier in the same forward sees the new values in backward, as in fairseq.
+    In each row, blocks of ``block_size`` input weights are dropped with probability ``p`` and the rest scaled by
+    1 / (1 - p), the mask drawn as fairseq draws it. Like fairseq's forward pre-hook this **replaces the
+    parameter's data** (``weight.data = ...``, at every training forward): the weights keep the noised values and
+    the optimizer updates those. fairseq applies it to the feed-forward layers, the adaptive-input projections and
+    the extra embedding Linear; its attention (fast path) and its adaptive softmax (never given the setting) escape.
     """
-    ws = [w.data.T if transposed else w.data for w in params]
-    rows, in_f = sum(w.shape[0] for w in ws), ws[0].shape[1]
-    mask = torch.zeros(in_f // block_size * rows, device=ws[0].device).bernoulli_(p)
-    mask = mask.repeat_interleave(block_size, -1).view(-1, in_f).bool()  # (rows, in)
-    start = 0
-    for param, w in zip(params, ws):
-        new = w.masked_fill(mask[start : start + w.shape[0]], 0) * (1 / (1 - p))
-        param.data = new.T.contiguous() if transposed else new
-        start += w.shape[0]
+    out_f, in_f = weight.shape
+    mask = torch.zeros(in_f // block_size * out_f, device=weight.device).bernoulli_(p)
+    mask = mask.repeat_interleave(block_size, -1).view(-1, in_f).bool()  # (out, in)
+    weight.data = weight.data.masked_fill(mask, 0) * (1 / (1 - p))
 
 
 def char_table(symbols: Sequence[str], max_chars: int = 50, nspecial: int = 4) -> Tensor:
@@ -189,7 +183,7 @@ class AdaptiveInput(nn.Module):
             if n > 0:
                 w = self.projections[i].weight
                 if self.training and self.q_noise > 0:
-                    quant_noise_([w], self.q_noise, self.qn_block_size)
+                    quant_noise_(w, self.q_noise, self.qn_block_size)
                 ids = pad_rows(flat.index_select(0, idx) - prev, w)  # (N_i',) maybe padded for the kernel
                 band = self.projections[i](self.embeddings[i](ids))[:n]  # (N_i, d)
                 if out is None:
@@ -272,8 +266,6 @@ class AdaptiveSoftmax(nn.Module):
         factor: float = 4.0,
         adaptive_input: AdaptiveInput | None = None,
         tie_proj: bool = False,
-        q_noise: float = 0.0,
-        qn_block_size: int = 8,
     ) -> None:
         super().__init__()
         self.cutoff = complete_cutoff(cutoff, vocab_size)
@@ -283,7 +275,6 @@ class AdaptiveSoftmax(nn.Module):
         self.dropout = dropout
         self.tied = adaptive_input is not None
         self.tie_proj = tie_proj and self.tied
-        self.q_noise, self.qn_block_size = q_noise, qn_block_size
         c0 = self.cutoff[0]
 
         # head: word part [c0, dim0] (+ optional in-projection when tied with dim0 != input_dim), class part
@@ -349,23 +340,6 @@ class AdaptiveSoftmax(nn.Module):
             if self.tie_proj:
                 self.tail_proj[i] = adaptive_input.projections[i + 1].weight
 
-    # ---- quant-noise, in the order fairseq's forward hooks fire --------------------------------------------
-    def _noise_head(self) -> None:
-        p, bs = self.q_noise, self.qn_block_size
-        if not self.tied:  # one Linear [c0 + nc, d]
-            quant_noise_([self.word_weight, self.class_weight], p, bs)  # type: ignore[list-item]
-            return
-        if self.head_in_proj is not None:
-            quant_noise_([self.head_in_proj.weight], p, bs)
-        quant_noise_([self.word_weight], p, bs)
-        quant_noise_([self.class_weight], p, bs)
-
-    def _noise_tail(self, i: int) -> None:
-        # tied projections are the adaptive input's [d, dim] tensors, used transposed, as fairseq's TiedLinear;
-        # untied ones are fairseq Linear(d, dim) weights [dim, d], which we store transposed
-        quant_noise_([self.tail_proj[i]], self.q_noise, self.qn_block_size, transposed=not self.tie_proj)
-        quant_noise_([self.tail_out[i]], self.q_noise, self.qn_block_size)
-
     # ---- pieces --------------------------------------------------------------------------------------
     def head_logits(self, x: Tensor) -> Tensor:
         """(N, d) -> (N, c0 + n_clusters): frequent-word logits, then one logit per tail cluster."""
@@ -424,20 +398,15 @@ class AdaptiveSoftmax(nn.Module):
         use of ``ignore_index`` on the *local* tail targets, which drops the within-cluster term of the words
         with id ``cutoff[i] + ignore_index`` (fairseq/criterions/adaptive_loss.py); False gives the exact NLL.
         """
-        noise = self.training and self.q_noise > 0
         x = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
         x = dropout(x, self.dropout, self.training)
         head_target, clusters = self.split_targets(target, routes)
-        if noise:
-            self._noise_head()
         loss = cross_entropy_sum(fp32(self.head_logits(x)), head_target, ignore_index)
         tail_ignore = ignore_index if tail_ignore_quirk else -100
         for i, c in enumerate(clusters):
             if c is None:
                 continue
             rows, local = c
-            if noise:
-                self._noise_tail(i)
             loss = loss + cross_entropy_sum(fp32(self._tail_rows(i, x, rows)), local, tail_ignore)
         return loss
 
@@ -628,7 +597,7 @@ class DecoderLayer(nn.Module):
             x = self.self_attn_layer_norm(x)
         noise = self.training and self.q_noise > 0
         if noise:
-            quant_noise_([self.fc1.weight], self.q_noise, self.qn_block_size)
+            quant_noise_(self.fc1.weight, self.q_noise, self.qn_block_size)
         h = self.fc1(self.final_layer_norm(x) if self.pre_ln else x)  # (B, T, ffn)
         if self.act_name == "relu":  # relu(h) * keep == relu(h * keep) (keep >= 0): relu in place, one tensor fewer
             h = F.relu(dropout(h, self.act_dropout, self.training), inplace=self.training and self.act_dropout > 0)
@@ -637,7 +606,7 @@ class DecoderLayer(nn.Module):
         if self.ffn_layernorm is not None:
             h = self.ffn_layernorm(h)
         if noise:
-            quant_noise_([self.fc2.weight], self.q_noise, self.qn_block_size)
+            quant_noise_(self.fc2.weight, self.q_noise, self.qn_block_size)
         residual = x if self.w_resid is None else self.w_resid * x
         x = add_dropout(residual, self.fc2(h), self.dropout, self.training)  # (B, T, d)
         return x if self.pre_ln else self.final_layer_norm(x)
@@ -717,9 +686,7 @@ class TransformerLM(nn.Module):
                 factor=cfg.adaptive_softmax_factor,
                 adaptive_input=self.embed_tokens if cfg.tie_adaptive_weights else None,  # type: ignore[arg-type]
                 tie_proj=cfg.tie_adaptive_proj,
-                q_noise=qn,
-                qn_block_size=qn_bs,
-            )
+            )  # no quant-noise: fairseq's decoder does not pass it to its adaptive softmax
         elif cfg.share_decoder_input_output_embed:
             self.output_projection = nn.Linear(self.embed_tokens.weight.shape[1], V, bias=False)
             self.output_projection.weight = self.embed_tokens.weight
@@ -753,7 +720,7 @@ class TransformerLM(nn.Module):
             x = self.embed_scale * self.embed_tokens(src_tokens)  # (B, T, d_in)
         if self.quant_noise is not None:
             if self.training:
-                quant_noise_([self.quant_noise.weight], self.cfg.quant_noise_pq, self.cfg.quant_noise_pq_block_size)
+                quant_noise_(self.quant_noise.weight, self.cfg.quant_noise_pq, self.cfg.quant_noise_pq_block_size)
             x = self.quant_noise(x)
         if self.project_in_dim is not None:
             x = self.project_in_dim(x)  # (B, T, d)

@@ -131,7 +131,7 @@ def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch.
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads])
+    norms = torch._foreach_norm([g.float() if g.dtype in (torch.float16, torch.bfloat16) else g for g in grads])
     total = torch.linalg.vector_norm(torch.stack(norms))
     if max_norm > 0:
         coef = (max_norm / (total + 1e-6)).clamp_(max=1)

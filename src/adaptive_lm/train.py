@@ -29,7 +29,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .checkpoint import TrainState
-from .config import ModelConfig, make_config
+from .config import NORMFORMER, ModelConfig, make_config
 from .data import EpochBatches, LMDataset, load_split
 from .dictionary import Dictionary
 from .distributed import GradReducer, all_gather_ints, all_reduce_sum, setup_distributed
@@ -124,6 +124,37 @@ class Meter:
             "clip": round(100 * self.clipped / max(self.n, 1), 1),
             "wall": round(state.train_seconds),
         }
+
+
+# ---- model ---------------------------------------------------------------------------------------------------
+def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    """The model ``fairseq-train --arch ARCH <model flags>`` builds: the preset filled by the flags, with
+    ``max_target_positions`` defaulting to ``--tokens-per-sample`` (fairseq's ``build_model``), and NormFormer's
+    ``--scale-*`` flags without effect, as in fairseq 0.12 (see ``config.NORMFORMER``)."""
+    overrides = dict(cfg.model_overrides)
+    overrides.setdefault("max_target_positions", cfg.tokens_per_sample)
+    for k in NORMFORMER:
+        overrides.pop(k, None)
+    return make_config(cfg.arch, vocab_size, **overrides)
+
+
+def ignored_flags(cfg: TrainConfig) -> str | None:
+    """The notice for flags fairseq-train 0.12 accepts and ignores (the model is built without them, as there)."""
+    given = [k for k in NORMFORMER if cfg.model_overrides.get(k)]
+    if not given:
+        return None
+    flags = ", ".join("--" + k.replace("_", "-") for k in given)
+    return (
+        f"note: fairseq 0.12 ignores {flags} for transformer_lm models (its TransformerConfig drops NormFormer's "
+        f"options), so fairseq-train builds no NormFormer layers; built the same way here (the Python API's "
+        f"build_model(..., scale_attn=True) has them)"
+    )
+
+
+def build_model(model_cfg: ModelConfig, dictionary: Dictionary, seed: int) -> TransformerLM:
+    """fairseq-train seeds torch, then builds the model: with the same draws in the same order, the same weights."""
+    torch.manual_seed(seed)
+    return TransformerLM(model_cfg, dictionary.symbols)
 
 
 # ---- data ----------------------------------------------------------------------------------------------------
@@ -242,15 +273,15 @@ class Trainer:
             note = half_precision_notice(self.amp_dtype)
             if note:
                 self.log.print(note)
-        overrides = dict(cfg.model_overrides)
-        overrides.setdefault("max_target_positions", cfg.tokens_per_sample)
-        add_bos = bool(overrides.get("add_bos_token", False))
+        add_bos = bool(cfg.model_overrides.get("add_bos_token", False))
         self.dictionary, self.train_data, self.batches, self.valid_batches = load_datasets(
             cfg, self.world, self.rank, add_bos, self.log
         )
-        torch.manual_seed(cfg.seed)  # fairseq-train seeds, then builds the model: the same initial weights
-        self.model_cfg: ModelConfig = make_config(cfg.arch, len(self.dictionary), **overrides)
-        self.model = TransformerLM(self.model_cfg, self.dictionary.symbols).to(self.device)
+        self.model_cfg: ModelConfig = model_config(cfg, len(self.dictionary))
+        note = ignored_flags(cfg)
+        if note:
+            self.log.print(note)
+        self.model = build_model(self.model_cfg, self.dictionary, cfg.seed).to(self.device)
         self.params = list(self.model.parameters())
         self.optimizer = NAG(self.params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.schedule = CosineSchedule(
