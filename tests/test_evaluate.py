@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 
 import numpy as np
 import pytest
@@ -155,3 +157,40 @@ def test_cli_eval_score_generate(fixture_dir, tmp_path, capsys):
     assert len(rows) == 2 and len(rows[1]["logprobs"]) == 3 and abs(rows[1]["sum"] - sum(rows[1]["logprobs"])) < 1e-4
     assert main(["generate", "--path", path, "--prompt", "the", "--max-len-b", "8", "--beam", "2"]) == 0
     assert capsys.readouterr().out.startswith("the")
+
+
+def test_post_ln_fairseq_checkpoint_on_every_entry_point(fixture_dir, tmp_path):
+    """A post-LN model made by ``fairseq-train --arch transformer_lm`` (tests/fixtures/fairseq_postln): loaded post-LN
+    from its stored cfg, evaluated to fairseq-eval-lm's numbers, scored, generated from (the cache changes nothing)
+    and converted both ways without a change."""
+    from pathlib import Path
+
+    from adaptive_lm.convert import convert
+
+    postln = Path(__file__).parent / "fixtures" / "fairseq_postln"
+    lm = adaptive_lm.from_pretrained(postln / "checkpoint.pt")
+    assert not lm.cfg.decoder_normalize_before and lm.model.layer_norm is None
+    for cw in (0, 128):
+        res = evaluate(lm, EvalConfig(data=str(fixture_dir / "data-bin"), gen_subset="valid", context_window=cw,
+                                      batch_size=8, progress=False))  # fmt: skip
+        lines = (postln / f"eval_cw{cw}.log").read_text().splitlines()
+        n = int(lines[0].split()[1].replace(",", ""))
+        loss, ppl = (float(x) for x in re.findall(r"[\d.]+", lines[1].split(":", 1)[1]))
+        assert res.n_tokens == n == 217_646
+        assert abs(res.loss_base2 - loss) <= 5e-5 + 1e-5  # fairseq prints 4 decimals (+ its float32 sum)
+        assert abs(res.ppl - ppl) <= 5e-3 + ppl * 1e-5 * math.log(2)
+    x = torch.tensor([[2, 5, 30, 4, 11, 3, 40, 9]])
+    with torch.no_grad():
+        ref = lm.model.log_probs(x)
+    r = lm.score("the game was played")
+    assert len(r["positional_scores"]) == 4 and torch.isfinite(r["positional_scores"]).all()
+    a = lm.generate([lm.encode("the game")], beam=2, max_len_b=10, use_cache=True)[0][0]["tokens"]
+    b = lm.generate([lm.encode("the game")], beam=2, max_len_b=10, use_cache=False)[0][0]["tokens"]
+    assert torch.equal(a, b)
+    folder = convert(str(postln / "checkpoint.pt"), str(tmp_path / "folder"))
+    back = convert(str(folder), str(tmp_path / "fs" / "model.pt"), to="fairseq")
+    for path in (folder, back):
+        other = adaptive_lm.from_pretrained(path)
+        assert not other.cfg.decoder_normalize_before
+        with torch.no_grad():
+            torch.testing.assert_close(other.model.log_probs(x), ref, atol=1e-6, rtol=0)

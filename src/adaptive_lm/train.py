@@ -21,7 +21,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -709,9 +709,10 @@ class Run:
             signal.signal(signal.SIGTERM, handler)
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
+def train(cfg: TrainConfig, on_start: Callable[[Trainer], None] | None = None) -> dict[str, Any]:
     """Run training to completion, a stop condition or a signal. Returns the per-update history, the validation
-    losses and ``signal`` (the number of the signal that stopped it, 0 if none)."""
+    losses and ``signal`` (the number of the signal that stopped it, 0 if none). ``on_start(trainer)`` runs after
+    the restore, before the first update (experiments and tests: e.g. perturbing the weights)."""
     trainer = Trainer(cfg)
     lock = ckpt.SaveDirLock(cfg.save_dir) if trainer.rank == 0 and not cfg.no_save else None
     run = Run(trainer)
@@ -722,6 +723,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 trainer.log.print(lock.notice)
         with plain_kernels(True) if cfg.kernels == "plain" else contextlib.nullcontext():
             trainer.restore()
+            if on_start is not None:
+                on_start(trainer)
             trainer.report_start()
             run.install_signal_handlers()
             # Everything alive now (torch's modules, the model, the data) lives until the end: exempt it from the
