@@ -117,7 +117,7 @@ def checkpoint_names(
         names.append("checkpoint_best.pt")
     if val_loss is not None and cfg.keep_best_checkpoints > 0:
         kept = _numbered(cfg.save_dir, rf"checkpoint\.best_{cfg.best_checkpoint_metric}_(\d+\.?\d*)\.pt")
-        worst = prev_best
+        worst = None  # fairseq compares with the best so far *including* this one: no kept file means saving
         if kept:
             worst = kept[-1][0] if cfg.maximize_best_checkpoint_metric else kept[0][0]
         # fairseq's tie-breaking digit: numpy seeded from hash((epoch, updates, val_loss))

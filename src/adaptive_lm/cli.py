@@ -125,7 +125,7 @@ def add_preprocess_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--padding-factor", type=positive, default=8, help="pad the dictionary to a multiple of this")
     p.add_argument("--workers", type=positive, default=1, help="processes")
     p.add_argument("--dataset-impl", default="mmap", choices=["mmap"], help="fairseq's mmap format")
-    p.add_argument("--task", default="language_modeling", choices=["language_modeling"])
+    p.add_argument("--task", default="language_modeling", choices=["language_modeling"], help="fairseq's task")
     p.add_argument("--no-progress-bar", action="store_true", help="no progress output")
 
 
@@ -418,7 +418,12 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-subset", default="test", help="split to evaluate (default: test)")
     p.add_argument("--context-window", type=nonneg, default=0, help="tokens of earlier text in front of each block")
     p.add_argument("--tokens-per-sample", type=positive, default=None, help="default: the model's training value")
-    p.add_argument("--sample-break-mode", default="none", choices=["none", "complete", "complete_doc", "eos"])
+    p.add_argument(
+        "--sample-break-mode",
+        default="none",
+        choices=["none", "complete", "complete_doc", "eos"],
+        help="how the split is cut into blocks (none: fixed-size blocks across lines)",
+    )
     p.add_argument(
         "--max-tokens", type=positive, default=None, help="tokens per batch (default: 8192 on CPU, 98304 on a GPU)"
     )
@@ -499,27 +504,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("convert", cmd_convert, "fairseq model -> our folder (safetensors), or back (--to fairseq)")
     p.add_argument("src", type=model_path, help="model to convert")
     p.add_argument("dst", help="output folder (or .pt file with --to fairseq)")
-    p.add_argument("--to", default="folder", choices=["folder", "fairseq"])
+    p.add_argument(
+        "--to",
+        default="folder",
+        choices=["folder", "fairseq"],
+        help="folder: config.json + model.safetensors + dict.txt; fairseq: a model.pt fairseq loads",
+    )
     p.add_argument("--dict", default=None, type=existing_file, help="dictionary (default: the model's own)")
 
     p = command("download", cmd_download, "download a released fairseq model (wiki103, gbw) into the cache")
-    p.add_argument("model", choices=["wiki103", "gbw"])
+    p.add_argument("model", choices=["wiki103", "gbw"], help="which released model")
     p.add_argument("--dir", default=None, type=creatable_dir, help="where to keep the archive (default ~/.cache)")
     p.add_argument("--url", default=None, help="base URL of a mirror")
 
     p = command("make-corpus", cmd_make_corpus, "generate a corpus with a known entropy rate")
-    p.add_argument("--out", default="corpus", type=creatable_dir)
-    p.add_argument("--tokens", type=positive, default=1_000_000)
-    p.add_argument("--vocab", type=positive, default=12000)
-    p.add_argument("--seed", type=integer, default=0)
+    p.add_argument("--out", default="corpus", type=creatable_dir, help="output folder (default: corpus)")
+    p.add_argument("--tokens", type=positive, default=1_000_000, help="training tokens (default: 1,000,000)")
+    p.add_argument("--vocab", type=positive, default=12000, help="word types (default: 12,000)")
+    p.add_argument("--seed", type=integer, default=0, help="random seed")
 
     p = command("plot", cmd_plot, "training/validation curves of a run as a PNG (needs matplotlib)")
-    p.add_argument("run_dir", type=existing_dir)
-    p.add_argument("--output", default=None)
+    p.add_argument("run_dir", type=existing_dir, help="a --save-dir (with metrics.jsonl)")
+    p.add_argument("--output", default=None, help="PNG path (default: RUN_DIR/curves.png)")
 
     p = command("quickstart", cmd_quickstart, "generate a corpus, preprocess, train a small model, evaluate it")
-    p.add_argument("--dir", default="quickstart-run", type=creatable_dir)
-    p.add_argument("--updates", type=positive, default=300)
+    p.add_argument("--dir", default="quickstart-run", type=creatable_dir, help="working folder")
+    p.add_argument("--updates", type=positive, default=300, help="training updates (default: 300)")
 
     return parser
 

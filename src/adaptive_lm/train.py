@@ -344,10 +344,10 @@ class Trainer:
         cfg = self.cfg
         if cfg.no_save or self.rank != 0:
             return
+        metric = perplexity if cfg.best_checkpoint_metric == "ppl" else (lambda v: v)  # same order as the loss
+        score, prev = (metric(v) if v is not None else None for v in (val_loss, prev_best))
         names = (
-            ["checkpoint_last.pt"]
-            if last_only
-            else ckpt.checkpoint_names(cfg, self.state, end_of_epoch, val_loss, prev_best)
+            ["checkpoint_last.pt"] if last_only else ckpt.checkpoint_names(cfg, self.state, end_of_epoch, score, prev)
         )
         if not names:
             return
@@ -361,7 +361,7 @@ class Trainer:
             self.critical = critical
         self.log.print(
             f"saved checkpoint {paths[0]} (epoch {self.state.epoch} @ {self.state.num_updates} updates, "
-            f"score {val_loss if val_loss is None else round(val_loss, 3)}) in {time.time() - t0:.1f}s"
+            f"score {score if score is None else round(score, 3)}) in {time.time() - t0:.1f}s"
             + (f"; also {', '.join(names[1:])}" if len(names) > 1 else "")
         )
 
@@ -684,8 +684,10 @@ class Run:
         prev_best = s.best_val
         if val is not None:
             self.last_val = val
-            s.bad_valid = 0 if prev_best is None or val < prev_best else s.bad_valid + 1
-            s.best_val = val if prev_best is None else min(val, prev_best)
+            better = max if self.cfg.maximize_best_checkpoint_metric else min
+            improved = prev_best is None or (val != prev_best and better(val, prev_best) == val)
+            s.bad_valid = 0 if improved else s.bad_valid + 1
+            s.best_val = val if prev_best is None else better(val, prev_best)
             if self.cfg.patience > 0 and s.bad_valid >= self.cfg.patience:
                 t.log.print(f"stopping: validation did not improve for {self.cfg.patience} validations (--patience)")
                 self.patience_out = True

@@ -247,7 +247,7 @@ class TrainConfig:
             self.reset_optimizer or self.reset_lr_scheduler or self.reset_meters or self.reset_dataloader
         ):
             raise UserError("--finetune-from-model already resets the optimizer, schedule, meters and data position")
-        if self.max_update == 0 and self.max_epoch == 0 and self.lr_period_updates <= 0:
+        if self.max_update == 0 and self.lr_period_updates <= 0:  # fairseq's cosine scheduler asserts the same
             raise UserError(
                 "the cosine schedule needs --max-update or --lr-period-updates (the recipe passes --max-update 286000)"
             )

@@ -1,0 +1,162 @@
+"""The fairseq flags a fairseq user reaches for, with fairseq's meaning, and what the training log tells them."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaptive_lm.cli import build_parser, main
+from adaptive_lm.quickstart import Corpus
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("flags")
+    c = Corpus(vocab=300, states=6, seed=2)
+    c.write(d / "train.txt", 4000)
+    c.write(d / "valid.txt", 1200)
+    assert main(["preprocess", "--trainpref", str(d / "train.txt"), "--validpref", str(d / "valid.txt"),
+                 "--destdir", str(d / "bin"), "--no-progress-bar"]) == 0  # fmt: skip
+    return d
+
+
+def args(data: Path, save: Path, *extra: str) -> list[str]:
+    fixed = ["--max-tokens", "256", "--clip-norm", "0.5", "--tokens-per-sample", "32", "--lr", "0.2"]
+    return ["train", str(data / "bin"), "--arch", "tiny", "--save-dir", str(save), *fixed, "--no-progress-bar",
+            "--log-interval", "1", *extra]  # fmt: skip
+
+
+def metrics(save: Path) -> list[dict]:
+    return [json.loads(x) for x in open(save / "metrics.jsonl")]
+
+
+def test_every_flag_of_every_command_has_help():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, p in sub.choices.items():
+        for a in p._actions:
+            if a.help == "==SUPPRESS==" or a.dest in ("help",):
+                continue
+            assert a.help, f"{name} {a.option_strings or a.dest}"
+
+
+def test_log_has_save_epoch_and_best_lines_and_progress_in_logs(data, tmp_path, capsys):
+    save = tmp_path / "s"
+    assert (
+        main(args(data, save, "--max-epoch", "2", "--lr-period-updates", "50", "--log-file", str(tmp_path / "log.txt")))
+        == 0
+    )
+    out = capsys.readouterr()
+    assert re.search(r"saved checkpoint \S+checkpoint1\.pt \(epoch 1 @ \d+ updates, score [\d.]+\)", out.out)
+    assert "end_of_epoch 1" in out.out and "best_loss" in out.out  # the epoch summary and the best so far
+    logged = (tmp_path / "log.txt").read_text()
+    assert "saved checkpoint" in logged and "train_inner" in logged  # --log-file keeps the same lines
+    with_progress = [a for a in args(data, tmp_path / "p", "--max-update", "3") if a != "--no-progress-bar"]
+    assert main(with_progress) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"epoch 001: \d+0% \(\d+/\d+ batches", err)  # not a terminal: a line per 10%
+    assert re.search(r"valid on 'valid': \d+0%", err) or "valid" in err
+
+
+def test_keep_best_checkpoints_and_metric(data, tmp_path):
+    save = tmp_path / "s"
+    assert main(args(data, save, "--max-update", "12", "--validate-interval-updates", "2", "--save-interval-updates",
+                     "2", "--keep-best-checkpoints", "2", "--best-checkpoint-metric", "ppl")) == 0  # fmt: skip
+    best = sorted(p.name for p in save.glob("checkpoint.best_ppl_*.pt"))
+    assert len(best) == 2, best
+    assert (save / "checkpoint_best.pt").exists()
+
+
+def test_no_last_checkpoints_and_no_epoch_checkpoints(data, tmp_path):
+    save = tmp_path / "s"
+    assert (
+        main(
+            args(
+                data,
+                save,
+                "--max-epoch",
+                "1",
+                "--lr-period-updates",
+                "50",
+                "--no-last-checkpoints",
+                "--no-epoch-checkpoints",
+            )
+        )
+        == 0
+    )
+    assert not (save / "checkpoint_last.pt").exists() and not (save / "checkpoint1.pt").exists()
+    assert (save / "checkpoint_best.pt").exists()
+
+
+def test_validate_after_updates_and_max_valid_steps(data, tmp_path):
+    save = tmp_path / "s"
+    assert main(args(data, save, "--max-update", "6", "--validate-interval-updates", "1", "--validate-after-updates",
+                     "4", "--max-valid-steps", "1", "--batch-size-valid", "2")) == 0  # fmt: skip
+    valid = [m for m in metrics(save) if m["split"] == "valid"]
+    assert [m["num_updates"] for m in valid] == [4, 5, 6]
+    assert all(m["tokens"] <= 2 * 32 for m in valid)  # one batch of two 32-token blocks
+
+
+def test_stop_time_hours(data, tmp_path):
+    save = tmp_path / "s"
+    assert main(args(data, save, "--max-update", "1000", "--stop-time-hours", "1e-9")) == 0
+    ck = torch.load(save / "checkpoint_last.pt", weights_only=True)
+    assert ck["train_state"]["num_updates"] == 1
+
+
+def test_train_subset(data, tmp_path, capsys):
+    assert main(args(data, tmp_path / "a", "--max-update", "1")) == 0
+    a = int(re.search(r"(\d+) training blocks", capsys.readouterr().out).group(1))
+    assert main(args(data, tmp_path / "b", "--max-update", "1", "--train-subset", "valid")) == 0
+    b = int(re.search(r"(\d+) training blocks", capsys.readouterr().out).group(1))
+    assert b < a  # the validation split is the smaller one
+
+
+@pytest.mark.parametrize("flag", ["--fp16", "--amp"])
+def test_fp16_init_scale_and_amp(data, tmp_path, flag):
+    save = tmp_path / "s"
+    assert main(args(data, save, "--max-update", "2", flag, "--fp16-init-scale", "4")) == 0
+    ck = torch.load(save / "checkpoint_last.pt", weights_only=True)
+    assert ck["train_state"]["loss_scale"] == 4.0
+
+
+def test_finetune_from_model(data, tmp_path, capsys):
+    assert main(args(data, tmp_path / "a", "--max-update", "3")) == 0
+    base = tmp_path / "a" / "checkpoint_last.pt"
+    save = tmp_path / "b"
+    assert main(args(data, save, "--max-update", "2", "--finetune-from-model", str(base))) == 0
+    assert "fine-tuning from" in capsys.readouterr().out
+    ck = torch.load(save / "checkpoint_last.pt", weights_only=True)
+    assert ck["train_state"]["num_updates"] == 2  # the update count (and optimizer) started again
+    assert main(args(data, save, "--max-update", "3", "--finetune-from-model", str(base))) == 0
+    assert "restored" in capsys.readouterr().out  # a save dir with checkpoint_last.pt continues it instead
+
+
+def test_eval_results_path_and_quiet(data, tmp_path, capsys):
+    assert main(args(data, tmp_path / "a", "--max-update", "2")) == 0
+    capsys.readouterr()
+    model = str(tmp_path / "a" / "checkpoint_last.pt")
+    assert main(["eval", str(data / "bin"), "--path", model, "--gen-subset", "valid", "--quiet",
+                 "--results-path", str(tmp_path / "res"), "--no-progress-bar"]) == 0  # fmt: skip
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 2 and out[-1].startswith("Loss (base 2)")
+    written = (tmp_path / "res" / "eval-valid.txt").read_text()
+    assert "blocks of 32 new tokens" in written and out[-1] in written
+
+
+def test_generate_batch_max_len_a_and_bf16(data, tmp_path, capsys):
+    assert main(args(data, tmp_path / "a", "--max-update", "2")) == 0
+    capsys.readouterr()
+    model = str(tmp_path / "a" / "checkpoint_last.pt")
+    words = [w.split()[0] for w in (data / "bin" / "dict.txt").read_text().splitlines()[:3]]
+    base = ["generate", "--path", model, "--max-len-b", "1", "--max-len-a", "2", "--min-len", "100"]
+    assert main([*base, "--prompt", words[0], "--prompt", " ".join(words[:2]), "--batch-size", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    # the limit is a * prompt length + b tokens in all: 1 + 2 words + 1 for a one-word prompt, ...
+    assert [len(x.split()) for x in lines] == [3, 5]
+    assert main([*base, "--prompt", words[0], "--bf16"]) == 0
+    assert len(capsys.readouterr().out.strip().split()) == 3
