@@ -163,6 +163,19 @@ class ModelConfig:
         for name, why in REFUSED.items():
             if refused_value(name, getattr(self, name)):
                 raise ConfigError(f"{name} = {getattr(self, name)!r}: {why}")
+        self._check_shape()
+        self._check_cutoffs()
+        self._check_tying()
+        for name in PROBABILITIES:
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} {getattr(self, name)} must be in [0, 1)")
+        keep = self.layers_to_keep
+        if keep is not None and (len(set(keep)) != len(keep) or keep[0] < 0):
+            raise ConfigError(f"decoder_layers_to_keep {self.decoder_layers_to_keep}: distinct layer numbers >= 0")
+        if self.quant_noise_pq > 0:
+            self._check_quant_noise_blocks()
+
+    def _check_shape(self) -> None:
         if self.vocab_size <= 0:
             raise ConfigError("vocab_size must be positive: pass the size of the dictionary (len(dict))")
         if self.decoder_embed_dim % self.decoder_attention_heads != 0:
@@ -171,80 +184,14 @@ class ModelConfig:
                 f"{self.decoder_attention_heads}: choose a head count that divides the width"
             )
         if self.activation_fn not in ACTIVATIONS:
-            hint = (
+            broken = (
                 " (fairseq 0.12's swish is broken: it returns the SiLU class)" if self.activation_fn == "swish" else ""
             )
             raise ConfigError(
-                f"unknown activation_fn {self.activation_fn!r}{hint}: use one of {', '.join(ACTIVATIONS)}"
+                f"unknown activation_fn {self.activation_fn!r}{broken}: use one of {', '.join(ACTIVATIONS)}"
             )
-        for name in ("adaptive_input_cutoff", "adaptive_softmax_cutoff"):
-            cut = getattr(self, name)
-            if cut is None:
-                continue
-            if list(cut) != sorted(set(cut)) or cut[0] <= 0:
-                raise ConfigError(f"{name} {','.join(map(str, cut))} must be strictly increasing positive integers")
-            if cut[-1] > self.vocab_size or (len(cut) > 1 and cut[-2] >= self.vocab_size):
-                raise ConfigError(
-                    f"{name} {','.join(map(str, cut))} reaches the vocabulary size {self.vocab_size}: "
-                    f"every cutoff must be below it (e.g. --{name.replace('_', '-')} "
-                    f"{suggest_cutoffs(self.vocab_size)})"
-                )
-            if cut[-1] == self.vocab_size and len(cut) == 1:
-                raise ConfigError(f"{name} {cut[0]} equals the vocabulary size: leave at least one tail band")
         if self.character_embeddings:
             parse_character_filters(self.character_filters)
-            if self.tie_adaptive_weights:
-                raise ConfigError(
-                    "tie_adaptive_weights needs the adaptive input's bands, but character_embeddings replaces the "
-                    "adaptive input (fairseq crashes on this combination): drop one of the two"
-                )
-        if self.adaptive_input and self.adaptive_input_cutoff is None:
-            raise ConfigError("adaptive_input needs adaptive_input_cutoff (e.g. 20000,60000)")
-        if self.tie_adaptive_weights:
-            if not self.adaptive_input:
-                raise ConfigError("tie_adaptive_weights needs adaptive_input: pass --adaptive-input")
-            if self.adaptive_softmax_cutoff is None:
-                raise ConfigError(
-                    "tie_adaptive_weights needs --adaptive-softmax-cutoff equal to --adaptive-input-cutoff"
-                )
-            if self.adaptive_input_factor != self.adaptive_softmax_factor:
-                raise ConfigError(
-                    f"tied adaptive weights need equal factors: adaptive_input_factor {self.adaptive_input_factor} "
-                    f"!= adaptive_softmax_factor {self.adaptive_softmax_factor}"
-                )
-            if tuple(self.adaptive_input_cutoff) != tuple(self.adaptive_softmax_cutoff):
-                raise ConfigError(
-                    f"tied adaptive weights need identical cutoffs: input {self.adaptive_input_cutoff} "
-                    f"!= softmax {self.adaptive_softmax_cutoff}; pass the same --adaptive-*-cutoff to both"
-                )
-            if self.decoder_input_dim != self.decoder_output_dim:
-                raise ConfigError(
-                    f"tied adaptive weights need decoder_input_dim == decoder_output_dim "
-                    f"({self.decoder_input_dim} != {self.decoder_output_dim})"
-                )
-        for on, name, dim, factor, cut in (
-            (
-                self.adaptive_input,
-                "input",
-                self.decoder_input_dim,
-                self.adaptive_input_factor,
-                self.adaptive_input_cutoff,
-            ),
-            (
-                self.adaptive_softmax_cutoff is not None,
-                "softmax",
-                self.decoder_output_dim,
-                self.adaptive_softmax_factor,
-                self.adaptive_softmax_cutoff,
-            ),
-        ):
-            if on and cut is not None:
-                dims = band_dims(dim, factor, n_bands(cut, self.vocab_size))
-                if min(dims) < 1:
-                    raise ConfigError(
-                        f"adaptive {name} bands would be {dims} wide ({dim} divided by {factor:g} per band): raise "
-                        f"the model width, lower --adaptive-{name}-factor, or use fewer --adaptive-{name}-cutoff values"
-                    )
         shared = self.share_decoder_input_output_embed and self.adaptive_softmax_cutoff is None
         if shared and (self.input_embed_dim != self.decoder_output_dim or self.character_embeddings):
             raise ConfigError(
@@ -252,23 +199,66 @@ class ModelConfig:
                 f"({self.input_embed_dim} != {self.decoder_output_dim}); set --decoder-input-dim equal to "
                 "--decoder-output-dim"
             )
-        for name in (
-            "dropout",
-            "attention_dropout",
-            "activation_dropout",
-            "relu_dropout",
-            "adaptive_softmax_dropout",
-            "decoder_layerdrop",
-            "quant_noise_pq",
-        ):
-            p = getattr(self, name)
-            if not 0.0 <= p < 1.0:
-                raise ConfigError(f"{name} {p} must be in [0, 1)")
-        keep = self.layers_to_keep
-        if keep is not None and (len(set(keep)) != len(keep) or keep[0] < 0):
-            raise ConfigError(f"decoder_layers_to_keep {self.decoder_layers_to_keep}: distinct layer numbers >= 0")
-        if self.quant_noise_pq > 0:
-            self._check_quant_noise_blocks()
+
+    def _check_cutoffs(self) -> None:
+        """Cutoffs increase, stay below the vocabulary, and leave every band at least one dimension wide."""
+        bands = (
+            ("input", self.adaptive_input, self.decoder_input_dim, self.adaptive_input_factor,
+             self.adaptive_input_cutoff),
+            ("softmax", self.adaptive_softmax_cutoff is not None, self.decoder_output_dim,
+             self.adaptive_softmax_factor, self.adaptive_softmax_cutoff),
+        )  # fmt: skip
+        for kind, on, dim, factor, cut in bands:
+            name = f"adaptive_{kind}_cutoff"
+            if cut is None:
+                continue
+            text = ",".join(map(str, cut))
+            if list(cut) != sorted(set(cut)) or cut[0] <= 0:
+                raise ConfigError(f"{name} {text} must be strictly increasing positive integers")
+            if cut[-1] > self.vocab_size or (len(cut) > 1 and cut[-2] >= self.vocab_size):
+                raise ConfigError(
+                    f"{name} {text} reaches the vocabulary size {self.vocab_size}: every cutoff must be below it "
+                    f"(e.g. --{name.replace('_', '-')} {suggest_cutoffs(self.vocab_size)})"
+                )
+            if cut[-1] == self.vocab_size and len(cut) == 1:
+                raise ConfigError(f"{name} {cut[0]} equals the vocabulary size: leave at least one tail band")
+            dims = band_dims(dim, factor, n_bands(cut, self.vocab_size))
+            if on and min(dims) < 1:
+                raise ConfigError(
+                    f"adaptive {kind} bands would be {dims} wide ({dim} divided by {factor:g} per band): raise "
+                    f"the model width, lower --adaptive-{kind}-factor, or use fewer --adaptive-{kind}-cutoff values"
+                )
+        if self.adaptive_input and self.adaptive_input_cutoff is None:
+            raise ConfigError("adaptive_input needs adaptive_input_cutoff (e.g. 20000,60000)")
+
+    def _check_tying(self) -> None:
+        """fairseq's asserts in ``build_model`` for tied adaptive weights, with what to change."""
+        if not self.tie_adaptive_weights:
+            return
+        if self.character_embeddings:
+            raise ConfigError(
+                "tie_adaptive_weights needs the adaptive input's bands, but character_embeddings replaces the "
+                "adaptive input (fairseq crashes on this combination): drop one of the two"
+            )
+        if not self.adaptive_input:
+            raise ConfigError("tie_adaptive_weights needs adaptive_input: pass --adaptive-input")
+        if self.adaptive_softmax_cutoff is None:
+            raise ConfigError("tie_adaptive_weights needs --adaptive-softmax-cutoff equal to --adaptive-input-cutoff")
+        if self.adaptive_input_factor != self.adaptive_softmax_factor:
+            raise ConfigError(
+                f"tied adaptive weights need equal factors: adaptive_input_factor {self.adaptive_input_factor} "
+                f"!= adaptive_softmax_factor {self.adaptive_softmax_factor}"
+            )
+        if tuple(self.adaptive_input_cutoff) != tuple(self.adaptive_softmax_cutoff):  # type: ignore[arg-type]
+            raise ConfigError(
+                f"tied adaptive weights need identical cutoffs: input {self.adaptive_input_cutoff} "
+                f"!= softmax {self.adaptive_softmax_cutoff}; pass the same --adaptive-*-cutoff to both"
+            )
+        if self.decoder_input_dim != self.decoder_output_dim:
+            raise ConfigError(
+                f"tied adaptive weights need decoder_input_dim == decoder_output_dim "
+                f"({self.decoder_input_dim} != {self.decoder_output_dim})"
+            )
 
     def _check_quant_noise_blocks(self) -> None:
         """fairseq asserts, when building each noised Linear, that its input width is a multiple of the block size."""
@@ -313,6 +303,9 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+
+PROBABILITIES = ("dropout", "attention_dropout", "activation_dropout", "relu_dropout", "adaptive_softmax_dropout",
+                 "decoder_layerdrop", "quant_noise_pq")  # fmt: skip
 
 # Options fairseq accepts that we do not reproduce: refused by name, with what to do instead.
 REFUSED: dict[str, str] = {

@@ -1,7 +1,7 @@
 """``adaptive-lm convert``: any supported model -> our folder (``config.json``, ``model.safetensors`` with tied
 tensors stored once, ``dict.txt``), or back to a fairseq ``model.pt`` (``--to fairseq``) that fairseq's own
 loader accepts: fairseq's key names (tied tensors under every name, split q/k/v, untied tail projections in
-fairseq's orientation, ``version`` buffers) and a ``cfg`` of plain dicts (reference doc section 9.2).
+fairseq's orientation, ``version`` buffers) and a ``cfg`` of plain dicts (``fairseq/checkpoint_utils.py``).
 """
 
 from __future__ import annotations

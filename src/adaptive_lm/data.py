@@ -1,4 +1,5 @@
-"""Binarised data and batching, as fairseq's language_modeling task does it (reference doc section 7).
+"""Binarised data and batching, as fairseq's language_modeling task does it (``fairseq/tasks/language_modeling.py``,
+``fairseq/data/{token_block,monolingual,indexed}_dataset.py``, ``fairseq/data/data_utils.py``).
 
 * ``IndexedDataset`` / ``IndexedWriter``: fairseq's memory-mapped indexed format (``MMIDIDX``): ``.idx`` =
   magic, version 1, dtype code, count, int32 sizes, int64 byte pointers; ``.bin`` = the tokens back to back.

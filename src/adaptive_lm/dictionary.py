@@ -1,4 +1,4 @@
-"""fairseq-compatible word dictionary (``fairseq/data/dictionary.py``; reference doc section 7.1).
+"""fairseq-compatible word dictionary (``fairseq/data/dictionary.py``).
 
 ``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3, then the words of ``dict.txt`` in file order. Building one
 from counts sorts by descending count with ties in code-point order and pads with ``madeupwordNNNN`` to a

@@ -4,7 +4,8 @@
   scalars, which old fairseq checkpoints pickle); anything else is refused with a message naming the type.
 * ``config_from_fairseq``: the architecture from the checkpoint's stored ``cfg["model"]`` or ``args``, with the
   arch name's defaults only filling what is missing (the released WikiText-103 model says
-  ``transformer_lm_gbw``), plus fairseq's backward-compatibility rules (reference doc sections 1.1, 9.2).
+  ``transformer_lm_gbw``), plus fairseq's backward-compatibility rules (``base_lm_architecture``,
+  ``checkpoint_utils._upgrade_state_dict``).
 * ``state_dict_from_fairseq``: fairseq key names -> ours (q/k/v or the old fused in_proj into our fused
   ``qkv``, untied tail projections transposed, duplicated tied tensors collapsed).
 """

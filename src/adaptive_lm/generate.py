@@ -1,5 +1,5 @@
 """Text generation with a key/value cache: greedy, beam, top-k / top-p sampling, temperature (fairseq's
-``SequenceGenerator`` options and defaults, reference doc section 9.3).
+``SequenceGenerator`` options and defaults: ``fairseq/sequence_generator.py``, ``fairseq/dataclass/configs.py``).
 
 As in fairseq's language-model inference, generation starts from ``</s>``, the prompt is forced as a prefix,
 and the length limit ``max_len_a * prompt_len + max_len_b`` counts the prompt. Temperature divides the decoder

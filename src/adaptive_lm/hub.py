@@ -8,7 +8,9 @@ model folder (``config.json`` + ``model.safetensors`` + ``dict.txt``), or a fold
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +110,24 @@ class LanguageModel:
                     }
                 )
         return out[0] if single else out
+
+    def score_rows(self, lines: list[str], batch_size: int = 16) -> Iterator[dict[str, Any]]:
+        """``adaptive-lm score``'s records, one per line in order: the text, its tokens, each token's ln p, their
+        sum and mean, and the perplexity exp(-mean)."""
+        for b in range(0, len(lines), batch_size):
+            chunk = lines[b : b + batch_size]
+            for line, r in zip(chunk, self.score(chunk, batch_size=batch_size)):  # type: ignore[arg-type]
+                ps = r["positional_scores"].tolist()
+                total = float(sum(ps))
+                mean = total / len(ps) if ps else 0.0
+                yield {
+                    "text": line,
+                    "tokens": [self.dictionary[i] for i in r["tokens"].tolist()],
+                    "logprobs": [round(x, 6) for x in ps],
+                    "sum": total,
+                    "mean": mean,
+                    "ppl": math.exp(-mean),
+                }
 
     @torch.no_grad()
     def features(self, sentences: str | list[str], all_layers: bool = False):

@@ -116,7 +116,10 @@ class Routes:
         for name in ("input", "target"):
             rows = getattr(self, name)
             if rows is not None:
-                setattr(self, name, [r.to(device, non_blocking=non_blocking) for r in rows])
+                pin = non_blocking and torch.device(device).type == "cuda"  # asynchronous only from pinned memory
+                setattr(
+                    self, name, [(r.pin_memory() if pin else r).to(device, non_blocking=non_blocking) for r in rows]
+                )
         return self
 
 
@@ -615,6 +618,25 @@ class DecoderLayer(nn.Module):
 # =====================================================================================================
 # The language model
 # =====================================================================================================
+def token_embedder(cfg: ModelConfig, symbols: Sequence[str] | None) -> nn.Module:
+    """fairseq's ``TransformerLanguageModel.build_model``: the char CNN, else the adaptive input, else a plain
+    ``Embedding`` (N(0, d^-0.5), padding row zero)."""
+    V, pad, d = cfg.vocab_size, cfg.padding_idx, cfg.decoder_embed_dim
+    if cfg.character_embeddings:
+        if symbols is None or len(symbols) != V:
+            raise ConfigError("character_embeddings needs the dictionary's words (TransformerLM(cfg, symbols))")
+        filters = parse_character_filters(cfg.character_filters)
+        return CharacterEmbedder(symbols, filters, cfg.character_embedding_dim, d, cfg.char_embedder_highway_layers)
+    if cfg.adaptive_input:
+        return AdaptiveInput(V, pad, int(cfg.decoder_input_dim), cfg.adaptive_input_factor, d,  # type: ignore[arg-type]
+                             cfg.adaptive_input_cutoff, cfg.quant_noise_pq, cfg.quant_noise_pq_block_size)  # fmt: skip
+    emb = nn.Embedding(V, int(cfg.decoder_input_dim), padding_idx=pad)  # type: ignore[arg-type]
+    with torch.no_grad():
+        nn.init.normal_(emb.weight, mean=0.0, std=emb.weight.shape[1] ** -0.5)
+        emb.weight[pad].zero_()
+    return emb
+
+
 class TransformerLM(nn.Module):
     """fairseq's ``TransformerLanguageModel`` decoder. ``model(tokens)`` gives the features before the softmax.
 
@@ -623,39 +645,19 @@ class TransformerLM(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, symbols: Sequence[str] | None = None) -> None:
+        """Modules in fairseq's construction order (token embedder, then ``TransformerDecoder.__init__``'s order), so
+        that their random initialisations draw in fairseq's order."""
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        V, pad = cfg.vocab_size, cfg.padding_idx
-        d, d_in, d_out = cfg.decoder_embed_dim, cfg.decoder_input_dim, cfg.decoder_output_dim
+        d, pad = cfg.decoder_embed_dim, cfg.padding_idx
         self.padding_idx = pad
-        qn, qn_bs = cfg.quant_noise_pq, cfg.quant_noise_pq_block_size
-
-        if cfg.character_embeddings:
-            if symbols is None or len(symbols) != V:
-                raise ConfigError("character_embeddings needs the dictionary's words (TransformerLM(cfg, symbols))")
-            self.embed_tokens: nn.Module = CharacterEmbedder(
-                symbols,
-                parse_character_filters(cfg.character_filters),
-                cfg.character_embedding_dim,
-                d,
-                cfg.char_embedder_highway_layers,
-            )
-        elif cfg.adaptive_input:
-            self.embed_tokens = AdaptiveInput(
-                V, pad, d_in, cfg.adaptive_input_factor, d, cfg.adaptive_input_cutoff, qn, qn_bs
-            )
-        else:
-            self.embed_tokens = nn.Embedding(V, d_in, padding_idx=pad)
-            with torch.no_grad():
-                nn.init.normal_(self.embed_tokens.weight, mean=0.0, std=d_in**-0.5)
-                self.embed_tokens.weight[pad].zero_()
+        self.embed_tokens = token_embedder(cfg, symbols)
         self.embed_scale = 1.0 if cfg.no_scale_embedding else math.sqrt(d)
         # fairseq: with quant-noise and no adaptive input, an extra (noised) Linear(d, d) after the embedding scale
-        self.quant_noise = nn.Linear(d, d, bias=False) if qn > 0 and not cfg.adaptive_input else None
+        self.quant_noise = nn.Linear(d, d, bias=False) if cfg.quant_noise_pq > 0 and not cfg.adaptive_input else None
         in_dim = cfg.input_embed_dim
         self.project_in_dim = fairseq_linear(in_dim, d, bias=False) if in_dim != d else None
-
         self.embed_positions: nn.Module | None = None
         if not cfg.no_token_positional_embeddings:
             n_pos = cfg.max_target_positions + pad + 1
@@ -667,31 +669,26 @@ class TransformerLM(nn.Module):
             else:
                 self.embed_positions = SinusoidalPositions(d, pad, n_pos)
         self.layernorm_embedding = nn.LayerNorm(d) if cfg.layernorm_embedding else None
-
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         final_norm = cfg.decoder_normalize_before and not cfg.no_decoder_final_norm
         self.layer_norm = nn.LayerNorm(d) if final_norm else None
+        d_out = cfg.decoder_output_dim
         self.project_out_dim = (
             fairseq_linear(d, d_out, bias=False) if d != d_out and not cfg.tie_adaptive_weights else None
         )
-
         self.adaptive_softmax: AdaptiveSoftmax | None = None
         self.output_projection: nn.Linear | None = None
-        if cfg.adaptive_softmax_cutoff is not None:
+        if cfg.adaptive_softmax_cutoff is not None:  # no quant-noise: fairseq's decoder does not pass it on
+            tied = self.embed_tokens if cfg.tie_adaptive_weights else None
             self.adaptive_softmax = AdaptiveSoftmax(
-                V,
-                d_out,
-                cfg.adaptive_softmax_cutoff,
-                dropout=cfg.adaptive_softmax_dropout,
-                factor=cfg.adaptive_softmax_factor,
-                adaptive_input=self.embed_tokens if cfg.tie_adaptive_weights else None,  # type: ignore[arg-type]
-                tie_proj=cfg.tie_adaptive_proj,
-            )  # no quant-noise: fairseq's decoder does not pass it to its adaptive softmax
+                cfg.vocab_size, d_out, cfg.adaptive_softmax_cutoff, cfg.adaptive_softmax_dropout,
+                cfg.adaptive_softmax_factor, tied, cfg.tie_adaptive_proj,  # type: ignore[arg-type]
+            )  # fmt: skip
         elif cfg.share_decoder_input_output_embed:
-            self.output_projection = nn.Linear(self.embed_tokens.weight.shape[1], V, bias=False)
+            self.output_projection = nn.Linear(self.embed_tokens.weight.shape[1], cfg.vocab_size, bias=False)
             self.output_projection.weight = self.embed_tokens.weight
         else:
-            self.output_projection = nn.Linear(d_out, V, bias=False)
+            self.output_projection = nn.Linear(d_out, cfg.vocab_size, bias=False)
             nn.init.normal_(self.output_projection.weight, mean=0.0, std=d_out**-0.5)
 
     # ---- features --------------------------------------------------------------------------------------

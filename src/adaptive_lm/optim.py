@@ -1,4 +1,5 @@
-"""fairseq's NAG optimizer and cosine learning-rate schedule (reference doc sections 5 and 6).
+"""fairseq's NAG optimizer, cosine learning-rate schedule and dynamic loss scaler (``fairseq/optim/nag.py``,
+``fairseq/optim/lr_scheduler/cosine_lr_scheduler.py``, ``fairseq/optim/dynamic_loss_scaler.py``).
 
 NAG is the "reformulated" Nesterov momentum whose buffer already holds the -lr factor; ``lr_old`` rescales
 the stored velocity when the schedule changes the lr. Weight decay is multiplicative on the weights.

@@ -1,5 +1,5 @@
 """``adaptive-lm preprocess``: text -> ``dict.txt`` + fairseq mmap ``{split}.bin/.idx`` (fairseq-preprocess
-``--only-source``; reference doc section 7.1), byte-identical to fairseq's output.
+``--only-source``; ``fairseq_cli/preprocess.py``), byte-identical to fairseq's output.
 
 The text is cut into ~8 MB line-aligned byte ranges that ``--workers`` processes count and encode in parallel;
 results come back in order and are streamed to disk, so memory stays bounded whatever the corpus size.

@@ -1,8 +1,8 @@
 """The released fairseq models: download (streamed, resumable, verified), safe extraction, cache.
 
 The archives are ``adaptive_lm_wiki103.v2.tar.bz2`` (247M parameters) and ``adaptive_lm_gbw_huge.tar.bz2``
-(1026M), the URLs of fairseq's ``TransformerLanguageModel.hub_models()`` (reference doc section 9.1). A download
-goes to ``NAME.part`` and continues from where it stopped (HTTP Range); it is complete when its size equals the
+(1026M), the URLs of fairseq's ``TransformerLanguageModel.hub_models()`` (``fairseq/models/transformer_lm.py``). A
+download goes to ``NAME.part`` and continues from where it stopped (HTTP Range); it is complete when its size equals the
 server's Content-Length and the archive lists a ``model.pt``; its sha256 is then recorded beside it and checked
 whenever the cached file is reused. Extraction refuses members that would land outside the target folder.
 """

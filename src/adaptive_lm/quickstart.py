@@ -82,7 +82,7 @@ class Corpus:
 def quickstart(run_dir: str = "quickstart-run", updates: int = 300) -> dict:
     """Corpus -> preprocess -> train (the recipe's NAG + cosine, scaled down) -> validation perplexity."""
     from .preprocess import PreprocessConfig, preprocess
-    from .train import TrainConfig, train
+    from .train import train
 
     t0 = time.time()
     d = Path(run_dir)
@@ -100,41 +100,33 @@ def quickstart(run_dir: str = "quickstart-run", updates: int = 300) -> dict:
     pc = PreprocessConfig(trainpref=str(d / "train.txt"), validpref=str(d / "valid.txt"), destdir=str(d / "data-bin"))
     print("      " + "\n      ".join(preprocess(pc)))
     print(f"[3/3] training a small adaptive-input model for {updates} updates (NAG, cosine, clip 0.1)")
-    cfg = TrainConfig(
-        data=str(d / "data-bin"),
-        save_dir=str(d / "checkpoints"),
-        arch="transformer_lm_wiki103",
-        model_overrides=dict(
-            decoder_layers=2,
-            decoder_embed_dim=128,
-            decoder_ffn_embed_dim=512,
-            decoder_attention_heads=4,
-            adaptive_input_cutoff=(2000, 6000),
-            adaptive_softmax_cutoff=(2000, 6000),
-            dropout=0.1,
-        ),
-        max_update=updates,
-        lr=1.0,
-        warmup_updates=max(1, updates // 10),
-        warmup_init_lr=1e-7,
-        min_lr=1e-4,
-        lr_period_updates=updates - max(1, updates // 10),
-        t_mult=2,
-        lr_shrink=0.75,
-        clip_norm=0.1,
-        max_tokens=2048,
-        tokens_per_sample=256,
-        log_interval=max(1, updates // 6),
-        no_epoch_checkpoints=True,
-        cpu=True,
-    )
-    result = train(cfg)
+    result = train(small_recipe(d, updates))
     val = result["valid_loss"]
     ppl = 2**val if val is not None else float("nan")
     from .hub import from_pretrained
 
     lm = from_pretrained(d / "checkpoints" / "checkpoint_last.pt")
     sample = lm.sample(corpus.words[0][0], sampling=True, sampling_topk=20, seed=0, max_len_b=25)
+    _report(d, time.time() - t0, ppl, h, sample, corpus.words[0][0])
+    return {"valid_ppl": ppl, "best_ppl": math.exp(h), "sample": sample}
+
+
+def small_recipe(d: Path, updates: int):
+    """The seed recipe's optimisation (NAG, lr 1.0, warmup, one cosine period, clip 0.1) on a 2-layer d=128 model."""
+    from .train_config import TrainConfig
+
+    warmup = max(1, updates // 10)
+    model = dict(decoder_layers=2, decoder_embed_dim=128, decoder_ffn_embed_dim=512, decoder_attention_heads=4,
+                 adaptive_input_cutoff=(2000, 6000), adaptive_softmax_cutoff=(2000, 6000), dropout=0.1)  # fmt: skip
+    return TrainConfig(
+        data=str(d / "data-bin"), save_dir=str(d / "checkpoints"), arch="transformer_lm_wiki103",
+        model_overrides=model, max_update=updates, lr=1.0, warmup_updates=warmup, warmup_init_lr=1e-7,
+        min_lr=1e-4, lr_period_updates=updates - warmup, t_mult=2, lr_shrink=0.75, clip_norm=0.1, max_tokens=2048,
+        tokens_per_sample=256, log_interval=max(1, updates // 6), no_epoch_checkpoints=True, cpu=True,
+    )  # fmt: skip
+
+
+def _report(d: Path, seconds: float, ppl: float, h: float, sample: str, word: str) -> None:
     plot_note = ""
     try:
         from .plots import plot_run
@@ -143,22 +135,16 @@ def quickstart(run_dir: str = "quickstart-run", updates: int = 300) -> dict:
         plot_note = f"\n  curves:      {d / 'curves.png'}"
     except Exception:  # matplotlib is optional
         plot_note = "\n  (pip install 'adaptive-lm[plot]' for a PNG of the curves)"
-    print(f"\nquickstart done in {time.time() - t0:.0f}s")
+    ckpt = d / "checkpoints" / "checkpoint_last.pt"
+    print(f"\nquickstart done in {seconds:.0f}s")
     print(f"  data:        {d / 'data-bin'}")
     print(f"  checkpoints: {d / 'checkpoints'}{plot_note}")
     print(f"  validation perplexity {ppl:.1f}; best possible on this corpus {math.exp(h):.1f} (exact entropy rate)")
     print(f"  a sample:    {sample}")
     print("next:")
-    print(
-        f"  adaptive-lm eval {d / 'data-bin'} --path {d / 'checkpoints' / 'checkpoint_last.pt'} --gen-subset valid "
-        "--context-window 128"
-    )
-    print(
-        f"  adaptive-lm generate --path {d / 'checkpoints' / 'checkpoint_last.pt'} --prompt '{corpus.words[0][0]}' "
-        "--sampling --sampling-topk 20"
-    )
+    print(f"  adaptive-lm eval {d / 'data-bin'} --path {ckpt} --gen-subset valid --context-window 128")
+    print(f"  adaptive-lm generate --path {ckpt} --prompt '{word}' --sampling --sampling-topk 20")
     print(f"  adaptive-lm plot {d / 'checkpoints'}")
-    return {"valid_ppl": ppl, "best_ppl": math.exp(h), "sample": sample}
 
 
 def make_corpus(out: str, tokens: int, vocab: int, seed: int) -> float:

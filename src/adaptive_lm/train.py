@@ -37,7 +37,7 @@ from .errors import UserError
 from .evaluate import perplexity
 from .fairseq_io import load_into
 from .hardware import half_precision_notice
-from .kernels import plain_kernels, prepare_for_compile, use_plain_kernels
+from .kernels import plain_kernels, prepare_for_compile
 from .model import Routes, TransformerLM
 from .optim import NAG, CosineSchedule, LossScaler, clip_grad_norm_
 from .progress import Progress
@@ -261,8 +261,6 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         cfg.check()
         self.cfg = cfg
-        if cfg.kernels == "plain":
-            use_plain_kernels(True)
         self.rank, self.world, self.device = setup_distributed(cfg.cpu)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = cfg.tf32  # fp32 matmuls on tensor cores (8x), see --no-tf32
@@ -301,6 +299,9 @@ class Trainer:
         if cfg.compile:
             try:
                 prepare_for_compile()
+                import torch._inductor.config as inductor
+
+                inductor.fallback_random = True  # dropout draws as in eager mode: compiling changes no mask
                 self.forward_model = torch.compile(self.model, dynamic=True)
             except Exception as e:  # pragma: no cover - depends on the toolchain
                 self.log.print(f"warning: --compile unavailable ({type(e).__name__}: {e}); running eagerly")
@@ -417,8 +418,16 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def kernel_choice(self):
+        """``--kernels plain``: PyTorch's kernels for this call (no process-wide setting left behind)."""
+        return plain_kernels(True) if self.cfg.kernels == "plain" else contextlib.nullcontext()
+
     def train_step(self, samples: list[dict[str, Any]]) -> dict[str, float]:
         """One update from this process's micro-batches; every process calls it the same number of times."""
+        with self.kernel_choice():
+            return self._train_step(samples)
+
+    def _train_step(self, samples: list[dict[str, Any]]) -> dict[str, float]:
         self.model.train()
         rng = _rng_state(self.device)
         try:
@@ -431,8 +440,9 @@ class Trainer:
             self.forward_model = self.model
             _set_rng_state(rng, self.device)
             loss_sum, ntokens = self._accumulate(samples)
-        stop_flag = loss_sum.new_tensor(float(self.stop_requested))
-        stats = torch.stack([loss_sum, loss_sum.new_tensor(float(ntokens)), stop_flag])  # on the device (NCCL)
+        # built by fills, not copies from the host: a host-to-device copy of a Python number is a sync on CUDA
+        tokens_t, stop_t = (loss_sum.new_full((), float(v)) for v in (ntokens, self.stop_requested))
+        stats = torch.stack([loss_sum, tokens_t, stop_t])  # on the device (NCCL reduces device tensors only)
         if self.reducer is not None:
             self.reducer.finish()
         stats = all_reduce_sum(stats)
@@ -509,8 +519,13 @@ class Trainer:
     def validate(self) -> float | None:
         if self.valid_batches is None:
             return None
+        with self.kernel_choice():
+            return self._validate()
+
+    def _validate(self) -> float:
         self.model.eval()
-        stats = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum (nats), tokens, batches
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # nats, summed on the device
+        tokens = batches = 0
         n = len(self.valid_batches)
         if self.cfg.max_valid_steps:
             n = min(n, self.cfg.max_valid_steps)
@@ -522,7 +537,9 @@ class Trainer:
                 src, tgt = s["src_tokens"].to(self.device), s["target"].to(self.device)
                 with self.autocast():
                     loss = self.model.loss(src, tgt, self.cfg.tail_ignore_quirk)
-                stats += torch.stack([loss.detach().double(), stats.new_tensor(s["ntokens"]), stats.new_tensor(1.0)])
+                loss_sum += loss.detach().double()
+                tokens, batches = tokens + s["ntokens"], batches + 1
+        stats = torch.stack([loss_sum, loss_sum.new_full((), float(tokens)), loss_sum.new_full((), float(batches))])
         loss_sum, tokens, batches = all_reduce_sum(stats).tolist()
         val = loss_sum / max(tokens, 1) / math.log(2)
         self.valid_history.append(val)
@@ -707,14 +724,19 @@ class Run:
                 t.log.print(f"signal {signum}: finishing this update, then saving checkpoint_last.pt (no validation)")
 
         with contextlib.suppress(ValueError):  # not in the main thread
-            signal.signal(signal.SIGINT, handler)
-            signal.signal(signal.SIGTERM, handler)
+            self.previous_handlers = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore_signal_handlers(self) -> None:
+        with contextlib.suppress(ValueError):
+            for s, h in getattr(self, "previous_handlers", {}).items():
+                signal.signal(s, h)
 
 
 def train(cfg: TrainConfig, on_start: Callable[[Trainer], None] | None = None) -> dict[str, Any]:
     """Run training to completion, a stop condition or a signal. Returns the per-update history, the validation
     losses and ``signal`` (the number of the signal that stopped it, 0 if none). ``on_start(trainer)`` runs after
     the restore, before the first update (experiments and tests: e.g. perturbing the weights)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # Trainer sets them on CUDA
     trainer = Trainer(cfg)
     lock = ckpt.SaveDirLock(cfg.save_dir) if trainer.rank == 0 and not cfg.no_save else None
     run = Run(trainer)
@@ -736,6 +758,8 @@ def train(cfg: TrainConfig, on_start: Callable[[Trainer], None] | None = None) -
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # no rank tears the group down while another still talks to it
     finally:
+        run.restore_signal_handlers()
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         if lock is not None:
             lock.release()
         if trainer.reducer is not None:
