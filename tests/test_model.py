@@ -317,3 +317,87 @@ def test_a_seed_gives_fairseqs_initial_weights_exactly(variant):
     assert set(theirs) == set(ours)
     for k, v in theirs.items():
         assert torch.equal(ours[k], v), k
+
+
+# ---- NormFormer, add_bos_token, relu_dropout ---------------------------------------------------------------
+@pytest.mark.parametrize("pre_ln", [True, False])
+def test_normformer_layer_is_fairseqs_formula(pre_ln):
+    """fairseq 0.12's decoder cannot build these layers (see config.NORMFORMER) but older checkpoints hold them; the
+    layer against fairseq's TransformerDecoderLayerBase formulas written out here."""
+    torch.manual_seed(0)
+    model = build_model("transformer_lm", 50, decoder_embed_dim=16, decoder_layers=1, decoder_attention_heads=4,
+                        decoder_ffn_embed_dim=24, decoder_input_dim=16, decoder_output_dim=16, dropout=0.0,
+                        decoder_normalize_before=pre_ln, scale_attn=True, scale_fc=True, scale_heads=True,
+                        scale_resids=True).double().eval()  # fmt: skip
+    layer = model.layers[0]
+    with torch.no_grad():
+        for p in (layer.c_attn, layer.w_resid, layer.attn_ln.weight, layer.ffn_layernorm.bias):
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    with torch.no_grad():
+        got = layer(x)
+        h = layer.self_attn_layer_norm(x) if pre_ln else x
+        a = layer.self_attn(h)  # includes out_proj: fairseq scales the heads' slices of that output
+        a = (a.view(2, 7, 4, 4) * layer.c_attn.view(1, 1, 4, 1)).reshape(2, 7, 16)
+        y = x + layer.attn_ln(a)
+        y = y if pre_ln else layer.self_attn_layer_norm(y)
+        h = layer.final_layer_norm(y) if pre_ln else y
+        f = layer.fc2(layer.ffn_layernorm(F.relu(layer.fc1(h))))
+        want = layer.w_resid * y + f
+        want = want if pre_ln else layer.final_layer_norm(want)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+def test_a_checkpoint_with_normformer_weights_loads_them(tmp_path):
+    from adaptive_lm.convert import to_fairseq_checkpoint
+    from adaptive_lm.dictionary import Dictionary
+    from adaptive_lm.hub import LanguageModel
+
+    d = Dictionary.from_counts({f"w{i}": 100 - i for i in range(60)})
+    model = build_model("tiny", len(d), scale_attn=True, scale_heads=True).eval()
+    ck = to_fairseq_checkpoint(LanguageModel(model, d, "", 64))
+    assert any(k.endswith("attn_ln.weight") for k in ck["model"])
+    torch.save(ck, tmp_path / "model.pt")
+    d.save(tmp_path / "dict.txt")
+    back = adaptive_lm.from_pretrained(tmp_path / "model.pt")
+    assert back.cfg.scale_attn and back.cfg.scale_heads and not back.cfg.scale_fc
+    x = torch.tensor([[2, 5, 30, 4, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(back.model.log_probs(x), model.log_probs(x), atol=1e-6, rtol=0)
+
+
+def test_relu_dropout_is_the_fallback_of_activation_dropout():
+    m = build_model("tiny", 64, activation_dropout=0.0, relu_dropout=0.4)
+    assert m.layers[0].act_dropout == 0.4
+    m = build_model("tiny", 64, activation_dropout=0.2, relu_dropout=0.4)
+    assert m.layers[0].act_dropout == 0.2
+
+
+def test_add_bos_token_evaluation_drops_the_bos_score(tmp_path):
+    """With ``add_bos_token`` every block starts with <s> in source and target (fairseq's MonolingualDataset) and
+    eval-lm drops the <s> target's score: checked against the blocks scored one by one."""
+    from adaptive_lm.data import IndexedWriter
+    from adaptive_lm.dictionary import Dictionary
+    from adaptive_lm.evaluate import EvalConfig, evaluate
+    from adaptive_lm.hub import LanguageModel
+
+    d = Dictionary.from_counts({f"w{i}": 100 - i for i in range(60)})
+    d.save(tmp_path / "dict.txt")
+    rng = np.random.default_rng(0)
+    stream = rng.integers(4, len(d), size=50)
+    w = IndexedWriter(tmp_path / "test", np.dtype(np.uint16))
+    w.add_array(stream, np.array([50]))
+    w.finalize()
+    torch.manual_seed(0)
+    lm = LanguageModel(build_model("tiny", len(d), add_bos_token=True, dropout=0.0).eval(), d, "", 16)
+    res = evaluate(lm, EvalConfig(data=str(tmp_path), gen_subset="test", tokens_per_sample=16, progress=False),
+                   keep_scores=True)  # fmt: skip
+    expect = []
+    with torch.no_grad():
+        for s in range(0, 50, 16):
+            tgt = torch.tensor(stream[s : s + 16])
+            src = torch.cat([torch.tensor([2 if s == 0 else int(stream[s - 1])]), tgt[:-1]])
+            src, tgt = torch.cat([torch.tensor([0]), src]), torch.cat([torch.tensor([0]), tgt])
+            expect.append(lm.model.target_log_probs(src[None], tgt[None])[0, 1:])
+    expect = torch.cat(expect).double().numpy()
+    assert res.n_tokens == 50 and np.abs(res.scores - expect).max() < 1e-5

@@ -113,3 +113,24 @@ def test_configurations_cover_the_option_space():
         assert sum(opt in f for f in flags) >= 2, opt
     assert sum(bool(c["load_overrides"]) for c in CONFIGS) >= 3  # decoder_layers_to_keep at load
     assert math.isfinite(sum(c["loss32"] for c in CONFIGS))
+
+
+PRESETS = __import__("json").loads((DATA / "presets.json").read_text())["presets"]
+
+
+@pytest.mark.parametrize("arch", sorted(PRESETS))
+def test_every_preset_resolves_every_field_as_fairseq_train(arch):
+    """``fairseq-train --arch ARCH`` alone (tests/parity/make_fairseq_presets.py recorded what fairseq resolves):
+    every field of the model config filled, derived and forced the same way, for all 21 transformer_lm archs."""
+    from adaptive_lm.config import NORMFORMER, parse_cutoff
+
+    ours = model_config(TrainConfig(arch=arch, tokens_per_sample=64, max_update=1), 267_744).to_dict()
+    theirs = dict(PRESETS[arch])
+    theirs["max_target_positions"] = theirs["max_target_positions"] or theirs["tokens_per_sample"]  # build_model
+    for k, v in theirs.items():
+        if k in ("_name", "tokens_per_sample") or k in NORMFORMER:
+            continue
+        mine = ours[k]
+        if k.endswith("_cutoff"):
+            v, mine = parse_cutoff(v), parse_cutoff(mine)
+        assert mine == v or (isinstance(v, float) and mine == pytest.approx(v)), (arch, k, mine, v)

@@ -390,7 +390,7 @@ PRESETS: dict[str, Preset] = {
     # base_lm_architecture: fills the rest, forces pre-LN ("training is not stable without this")
     "base_lm": Preset(
         None,
-        defaults=dict(decoder_output_dim=_embed_dim, decoder_input_dim=_embed_dim),
+        defaults=dict(decoder_output_dim=_embed_dim, decoder_input_dim=_embed_dim, base_shuffle=0),
         forced=dict(decoder_normalize_before=True),
         public=False,
     ),

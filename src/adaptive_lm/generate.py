@@ -109,6 +109,7 @@ def generate(
     pad: int = 1,
     unk: int = 3,
     cfg: GenerationConfig | None = None,
+    start: int | None = None,
 ) -> list[list[dict]]:
     """For each prompt (word ids, no trailing ``</s>``): the ``nbest`` hypotheses, each a dict with ``tokens``
     (prompt + continuation + ``</s>``), ``score`` (mean ln p of the generated tokens) and ``positional_scores``."""
@@ -123,7 +124,8 @@ def generate(
     for i, p in enumerate(prompts):
         by_len.setdefault(len(p), []).append(i)
     for L, ids in by_len.items():
-        batch = torch.tensor([[eos] + list(prompts[i]) for i in ids], dtype=torch.long, device=device)  # (B, L+1)
+        first = eos if start is None else start  # <s> for add_bos_token models
+        batch = torch.tensor([[first] + list(prompts[i]) for i in ids], dtype=torch.long, device=device)  # (B, L+1)
         max_len = int(cfg.max_len_a * L + cfg.max_len_b)
         hyps = _search(model, batch, L, max_len, cfg, eos, pad, unk, gen)
         for i, h in zip(ids, hyps):

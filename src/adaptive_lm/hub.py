@@ -40,6 +40,12 @@ class LanguageModel:
         return self.model.cfg
 
     @property
+    def start_token(self) -> int:
+        """What every sentence is conditioned on: ``</s>``, or ``<s>`` for ``add_bos_token`` models (fairseq's
+        ``build_dataset_for_inference`` and ``inference_step``)."""
+        return self.dictionary.bos() if self.cfg.add_bos_token else self.dictionary.eos()
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -85,11 +91,12 @@ class LanguageModel:
         self, sentences: str | list[str], replace_newline_with_eos: bool = False, batch_size: int = 16
     ) -> dict | list[dict]:
         """Per sentence: ``tokens`` (its words), ``positional_scores`` (ln p of each word given the words before
-        it, starting from ``</s>``) and ``score`` (their mean). As in fairseq's hub, the final ``</s>`` is not
-        scored: a two-word sentence has two scores. Perplexity = ``positional_scores.mean().neg().exp()``."""
+        it, starting from ``</s>``, or ``<s>`` with ``add_bos_token``) and ``score`` (their mean). As in fairseq's
+        hub, the final ``</s>`` is not scored: a two-word sentence has two scores. Perplexity =
+        ``positional_scores.mean().neg().exp()``."""
         single = isinstance(sentences, str)
         items = [sentences] if single else list(sentences)
-        eos, pad = self.dictionary.eos(), self.dictionary.pad()
+        start, pad = self.start_token, self.dictionary.pad()
         out = []
         for b in range(0, len(items), batch_size):
             seqs = [self._ids(s, replace_newline_with_eos)[:-1] for s in items[b : b + batch_size]]
@@ -97,7 +104,7 @@ class LanguageModel:
             src = torch.full((len(seqs), W), pad, dtype=torch.long)
             tgt = torch.full((len(seqs), W), pad, dtype=torch.long)
             for r, x in enumerate(seqs):
-                src[r, : len(x) + 1] = torch.tensor([eos] + x)
+                src[r, : len(x) + 1] = torch.tensor([start] + x)
                 tgt[r, : len(x)] = torch.tensor(x, dtype=torch.long)
             lp = self.model.target_log_probs(src.to(self.device), tgt.to(self.device)).float().cpu()  # (B, W)
             for r, x in enumerate(seqs):
@@ -137,7 +144,7 @@ class LanguageModel:
         res = []
         for s in [sentences] if single else sentences:
             ids = self._ids(s)[:-1]
-            src = torch.tensor([[self.dictionary.eos()] + ids], device=self.device)
+            src = torch.tensor([[self.start_token] + ids], device=self.device)
             x, states = self.model(src, return_all_hiddens=True)
             res.append([h[0] for h in states] + [x[0]] if all_layers else x[0])
         return res[0] if single else res
@@ -150,7 +157,7 @@ class LanguageModel:
         cfg = GenerationConfig(beam=beam, **kwargs)
         prompts = [t.tolist()[:-1] if len(t) and int(t[-1]) == self.dictionary.eos() else t.tolist() for t in tokenized]
         d = self.dictionary
-        return generate(self.model, prompts, d.eos(), d.pad(), d.unk(), cfg)
+        return generate(self.model, prompts, d.eos(), d.pad(), d.unk(), cfg, start=self.start_token)
 
     def sample(self, sentences: str | list[str], beam: int = 1, verbose: bool = False, **kwargs: Any):
         """Prompt(s) in, continuation(s) out (the prompt included): a str for a str, a list for a list."""
