@@ -134,6 +134,8 @@ def test_bin_with_ids_beyond_the_dictionary(data, tmp_path):
         (["--dropout", "-0.1"], "must be zero or positive"),
         (["--momentum", "1.5"], "probability"),
         (["--arch", "nope"], "invalid choice"),
+        (["--tpu"], "TPUs are not supported"),
+        (["--quant-noise-scalar", "0.1"], "quant_noise_scalar = 0.1"),
     ],
 )
 def test_train_flag_values(data, tmp_path, argv, fragment):

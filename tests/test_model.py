@@ -282,6 +282,13 @@ def test_tiny_model_overfits_one_batch():
         (dict(adaptive_softmax_factor=2.0), "equal factors"),
         (dict(decoder_attention_heads=5), "not divisible"),
         (dict(adaptive_input_factor=8.0, adaptive_softmax_factor=8.0), r"bands would be \[32, 4, 0\] wide"),
+        # fairseq options refused by name
+        (dict(quant_noise_scalar=0.1), "quant_noise_scalar = 0.1: fairseq then swaps every Linear"),
+        (dict(base_layers=1), "base_layers = 1: BASE layers"),
+        (dict(decoder_xformers_att_config="{'name': 'scaled_dot_product'}"), "xFormers attention"),
+        (dict(activation_fn="swish"), "swish is broken"),
+        (dict(quant_noise_pq=0.1, quant_noise_pq_block_size=5), "block size that divides"),
+        (dict(character_embeddings=True), "tie_adaptive_weights needs the adaptive input's bands"),
     ],
 )
 def test_bad_configs_say_what_to_change(overrides, message):

@@ -56,9 +56,6 @@ class Logger:
     def __init__(self, cfg: TrainConfig, rank: int) -> None:
         self.rank, self.cfg = rank, cfg
         self.jsonl = self.file = self.tb = None
-        if rank == 0 and not cfg.no_save:
-            Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(Path(cfg.save_dir) / "metrics.jsonl", "a")
         if rank == 0 and cfg.log_file:
             self.file = open(cfg.log_file, "a")
         if rank == 0 and cfg.tensorboard_logdir:
@@ -84,6 +81,9 @@ class Logger:
         elif self.cfg.log_format != "none":
             body = " | ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
             self.print(f"{split} | {body}")
+        if self.jsonl is None and not self.cfg.no_save:  # created with the first metrics, not before a bad start
+            Path(self.cfg.save_dir).mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(Path(self.cfg.save_dir) / "metrics.jsonl", "a")
         if self.jsonl is not None:
             self.jsonl.write(json.dumps({"split": split, **values}) + "\n")
             self.jsonl.flush()
