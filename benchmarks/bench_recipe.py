@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import run, save, table
+from common import machine, run, save, table
 
 RECIPE = """--task language_modeling {data} --save-dir {save}
   --arch transformer_lm_wiki103 --max-update {updates} --lr 1.0 --t-mult 2 --lr-period-updates 270000
@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/bench-recipe")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--fairseq-bin", default=None)
+    ap.add_argument("--checkpoint-activations", action="store_true", help="ours: recompute activations in backward")
     args = ap.parse_args()
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -88,6 +89,8 @@ def main() -> None:
             extra += ["--log-format", "json", "--no-progress-bar"]
         if args.bf16 and name == "ours":
             extra.append("--bf16")
+        if args.checkpoint_activations and name == "ours":
+            extra.append("--checkpoint-activations")
         r = run(exe + flags + extra, env={"OMP_NUM_THREADS": "2"})
         walls = [json.loads(x)["wall"] for x in r["stdout"].splitlines() if x.startswith("{") and "train_inner" in x]
         per_update = r["wall"] / args.updates
@@ -96,7 +99,9 @@ def main() -> None:
         warn = re.findall(r"warning: the paper's recipe .*", r["stdout"])
         rows.append(
             {
-                "impl": name + (" bf16" if args.bf16 and name == "ours" else " fp32"),
+                "impl": name
+                + (" bf16" if args.bf16 and name == "ours" else " fp32")
+                + (" ckpt-act" if args.checkpoint_activations and name == "ours" else ""),
                 "vocab": V,
                 "updates": args.updates,
                 "s_per_update": round(per_update, 1),
@@ -107,7 +112,8 @@ def main() -> None:
         if warn:
             print(warn[0])
     print(table(rows, ["impl", "vocab", "updates", "s_per_update", "process_s", "peak_rss_gib"]))
-    save("recipe" + ("_bf16" if args.bf16 else ""), {"rows": rows})
+    tag = ("_bf16" if args.bf16 else "") + ("_ckpt" if args.checkpoint_activations else "")
+    save("recipe" + tag, {"machine": machine(), "rows": rows})
 
 
 if __name__ == "__main__":

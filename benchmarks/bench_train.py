@@ -141,6 +141,10 @@ def main() -> None:
     ap.add_argument("--configs", default="small,medium")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--updates", type=int, default=0, help="override the per-config update count")
+    ap.add_argument("--checkpoint-activations", action="store_true",
+                    help="also run ours with --checkpoint-activations (memory saved, same numbers)")  # fmt: skip
+    ap.add_argument("--no-bf16", action="store_true", help="skip our bf16 runs (a CPU without native bf16)")
+    ap.add_argument("--out", default="train", help="results/NAME.json")
     args = ap.parse_args()
     if not FIXTURE.exists():
         sys.exit(f"needs {FIXTURE}")
@@ -151,7 +155,9 @@ def main() -> None:
     for name in args.configs.split(","):
         c = CONFIGS[name]
         updates = args.updates or c["updates"]
-        variants = [("ours fp32", ours_bin, []), ("ours bf16", ours_bin, ["--bf16"])]
+        variants = [("ours fp32", ours_bin, [])] + ([] if args.no_bf16 else [("ours bf16", ours_bin, ["--bf16"])])
+        if args.checkpoint_activations:
+            variants.append(("ours fp32 ckpt-act", ours_bin, ["--checkpoint-activations"]))
         if args.fairseq_bin:
             variants.append(("fairseq fp32", [f"{args.fairseq_bin}/fairseq-train"], []))
         results: dict[str, list[dict]] = {v[0]: [] for v in variants}
@@ -194,7 +200,7 @@ def main() -> None:
     ]
     print(table(rows, cols))
     print("(wall = whole process, startup and data loading included; MFU over this machine's measured peak)")
-    path = save("train", {"machine": machine(), "peaks": peaks, "rows": rows, "argv": sys.argv})
+    path = save(args.out, {"machine": machine(), "peaks": peaks, "rows": rows, "argv": sys.argv})
     print(f"wrote {path.relative_to(REPO)}")
 
 

@@ -51,12 +51,11 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> floa
 
 
 def machine() -> dict:
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
+    """The machine a figure came from: CPU model and instruction sets (native bf16 or not), PyTorch's kernel level,
+    cores, GPU if any."""
+    from adaptive_lm.hardware import describe
+
+    return {**describe(), "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 def save(name: str, data: dict) -> Path:
