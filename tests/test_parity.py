@@ -25,6 +25,7 @@ import adaptive_lm
 from adaptive_lm.cli import build_parser
 from adaptive_lm.dictionary import Dictionary
 from adaptive_lm.fairseq_io import state_dict_from_fairseq
+from adaptive_lm.kernels import plain_kernels
 from adaptive_lm.optim import clip_grad_norm_
 from adaptive_lm.train import build_model, model_config
 from adaptive_lm.train_config import TrainConfig
@@ -45,8 +46,17 @@ def load(c: dict, dtype: torch.dtype, training: bool = False) -> adaptive_lm.Lan
     return lm
 
 
+KERNELS = pytest.mark.parametrize("plain", [False, True], ids=["ours", "plain"])  # plain: what CUDA runs
+
+
+@KERNELS
 @pytest.mark.parametrize("c", CONFIGS, ids=[c["name"] for c in CONFIGS])
-def test_log_probs_equal_fairseqs(c):
+def test_log_probs_equal_fairseqs(c, plain):
+    with plain_kernels(plain):
+        _log_probs_equal_fairseqs(c)
+
+
+def _log_probs_equal_fairseqs(c):
     for dtype, tol, sfx in ((torch.float32, 1e-5, "32"), (torch.float64, 1e-9, "64")):
         model = load(c, dtype).model
         src, tgt = c["src"], c["tgt"]
@@ -61,8 +71,14 @@ def test_log_probs_equal_fairseqs(c):
         assert diff < tol, (c["name"], sfx, "full rows", diff)
 
 
+@KERNELS
 @pytest.mark.parametrize("c", CONFIGS, ids=[c["name"] for c in CONFIGS])
-def test_one_training_step_equals_fairseqs(c):
+def test_one_training_step_equals_fairseqs(c, plain):
+    with plain_kernels(plain):
+        _one_training_step_equals_fairseqs(c)
+
+
+def _one_training_step_equals_fairseqs(c):
     for dtype, tol_loss, tol_norm, sfx in ((torch.float32, 1e-6, 1e-5, "32"), (torch.float64, 1e-9, 1e-9, "64")):
         model = load(c, dtype, training=True).model.train()
         torch.manual_seed(c["train_seed"])  # layer drop and quant-noise draw from it, as in fairseq

@@ -31,6 +31,8 @@ from .errors import UserError
 from .hub import LanguageModel
 from .progress import Progress
 
+DEFAULT_TOKENS_CPU, DEFAULT_TOKENS_GPU = 8192, 98_304
+
 
 @dataclass
 class EvalConfig:
@@ -145,10 +147,9 @@ def plan(lm: LanguageModel, cfg: EvalConfig) -> EvalPlan:
     width = int(ds.sizes.max(initial=0)) + C + int(lm.cfg.add_bos_token)
     if cfg.batch_size:
         rows = cfg.batch_size
-    elif cfg.max_tokens:
-        rows = max(1, cfg.max_tokens // max(1, width))
-    else:
-        rows = max(1, 8192 // max(1, width))
+    else:  # default: 8K tokens on a CPU (cache-sized), 96K on a GPU (one 3,072-token block would idle it)
+        tokens = cfg.max_tokens or (DEFAULT_TOKENS_GPU if lm.device.type == "cuda" else DEFAULT_TOKENS_CPU)
+        rows = max(1, tokens // max(1, width))
     return EvalPlan(ds, cfg.gen_subset, block, tps, C, rows, int(ds.sizes.sum()))
 
 

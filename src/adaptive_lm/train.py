@@ -307,9 +307,16 @@ class Trainer:
                 self.log.print(f"warning: --compile unavailable ({type(e).__name__}: {e}); running eagerly")
         self.state = TrainState(loss_scale=self.scaler.scale)
         self.set_lr(self.schedule.lr_at(0))  # fairseq calls step_update(0) right after building
-        self.stop_requested = 0  # the signal number that asked to stop (-1: another process's), 0 if none
+        self.stop_requested = 0  # the signal that asked this process to stop, 0 if none
+        self.stop_agreed = 0  # the signal any process got, as of the last update's all-reduce
         self.critical = False  # between the optimizer step and the bookkeeping, or writing a checkpoint
         self.valid_history: list[float] = []  # every validation loss of this process (bits per token)
+
+    @property
+    def stopping(self) -> int:
+        """The signal to stop for, 0 if none: alone, as soon as it arrives; with other processes, only once the
+        update's all-reduce told every one of them (so all stop after the same update and none waits forever)."""
+        return self.stop_agreed if self.world > 1 else self.stop_requested
 
     # ---- lr ----
     def set_lr(self, lr: float) -> None:
@@ -353,6 +360,7 @@ class Trainer:
         if not names:
             return
         t0 = time.time()
+        Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
         paths = [os.path.join(cfg.save_dir, n) for n in names]
         critical, self.critical = self.critical, True
         try:
@@ -440,9 +448,11 @@ class Trainer:
             self.forward_model = self.model
             _set_rng_state(rng, self.device)
             loss_sum, ntokens = self._accumulate(samples)
-        # built by fills, not copies from the host: a host-to-device copy of a Python number is a sync on CUDA
-        tokens_t, stop_t = (loss_sum.new_full((), float(v)) for v in (ntokens, self.stop_requested))
-        stats = torch.stack([loss_sum, tokens_t, stop_t])  # on the device (NCCL reduces device tensors only)
+        # built by fills, not copies from the host: a host-to-device copy of a Python number is a sync on CUDA;
+        # the stop request travels as counts of SIGINT and SIGTERM, so every process learns which signal it was
+        sig = self.stop_requested
+        flags = (ntokens, sig == signal.SIGINT, sig == signal.SIGTERM)
+        stats = torch.stack([loss_sum, *(loss_sum.new_full((), float(v)) for v in flags)])  # device (NCCL)
         if self.reducer is not None:
             self.reducer.finish()
         stats = all_reduce_sum(stats)
@@ -451,9 +461,8 @@ class Trainer:
             torch._foreach_mul_(grads, (stats[1].clamp(min=1).reciprocal() / self.scaler.scale).float())
         gnorm_t = clip_grad_norm_(self.params, self.cfg.clip_norm)
         # the one host sync of the update: statistics, stop flag and gradient norm together
-        total_loss, total_tokens, stop, gnorm = torch.cat([stats, gnorm_t.double().reshape(1)]).tolist()
-        if stop and not self.stop_requested:
-            self.stop_requested = -1  # another process was signalled: stop at this same update
+        total_loss, total_tokens, n_int, n_term, gnorm = torch.cat([stats, gnorm_t.double().reshape(1)]).tolist()
+        self.stop_agreed = int(signal.SIGTERM if n_term else signal.SIGINT if n_int else 0)
         loss = total_loss / (total_tokens or 1.0) / math.log(2)
         if not math.isfinite(gnorm) and self.scaler.enabled:  # fp16: skip the update, lower the scale
             self.scaler.overflow()
@@ -607,7 +616,7 @@ class Run:
     def should_stop(self) -> bool:
         cfg, s = self.cfg, self.t.state
         return bool(
-            self.t.stop_requested
+            self.t.stopping
             or (cfg.max_update and s.num_updates >= cfg.max_update)
             or (cfg.stop_time_hours > 0 and s.train_seconds / 3600 > cfg.stop_time_hours)
             or (cfg.stop_after_updates and self.updates_this_run >= cfg.stop_after_updates)
@@ -627,7 +636,7 @@ class Run:
 
     def should_validate(self, end_of_epoch: bool, stop: bool, save: bool) -> bool:
         cfg, s = self.cfg, self.t.state
-        if cfg.disable_validation or s.num_updates < cfg.validate_after_updates or self.t.stop_requested:
+        if cfg.disable_validation or s.num_updates < cfg.validate_after_updates or self.t.stopping:
             return False
         return (
             (not end_of_epoch and save)
@@ -671,7 +680,7 @@ class Run:
                 end_of_epoch = s.iterations_in_epoch >= len(batches)
                 stop = self.should_stop()
                 self.validate_and_save(end_of_epoch, stop)
-                if t.world == 1 and t.stop_requested and not stop:  # signalled during validation or saving
+                if t.stopping and not stop:  # signalled during validation or saving (alone: no one to wait for)
                     t.save(end_of_epoch, None, s.best_val, last_only=True)
                     stop = True
                 if end_of_epoch or stop or self.patience_out:
@@ -693,7 +702,7 @@ class Run:
 
     def validate_and_save(self, end_of_epoch: bool, stop: bool) -> None:
         t, s = self.t, self.t.state
-        if t.stop_requested:  # a signal: save first, validate never (a scheduler's grace period is short)
+        if t.stopping:  # a signal: save first, validate never (a scheduler's grace period is short)
             t.save(end_of_epoch, None, s.best_val, last_only=True)
             return
         save = self.should_save(end_of_epoch, stop)
@@ -767,7 +776,7 @@ def train(cfg: TrainConfig, on_start: Callable[[Trainer], None] | None = None) -
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     s = trainer.state
-    signum = trainer.stop_requested if trainer.stop_requested > 0 else 0
+    signum = trainer.stopping
     done_epochs = s.epoch - (1 if s.iterations_in_epoch == 0 else 0)
     if signum:
         where = "" if cfg.no_save else f"; saved {Path(cfg.save_dir) / 'checkpoint_last.pt'}, the same command resumes"
