@@ -531,7 +531,7 @@ class Trainer:
         with self.kernel_choice():
             return self._validate()
 
-    def _validate(self) -> float:
+    def _validate(self) -> float | None:
         self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # nats, summed on the device
         tokens = batches = 0
@@ -540,6 +540,9 @@ class Trainer:
             n = min(n, self.cfg.max_valid_steps)
         with Progress(n, f"valid on '{self.cfg.valid_subset}'", self.cfg.progress_bar and self.rank == 0) as bar:
             for s in self.valid_batches.iterate(epoch=1, stop=n):
+                if self.world == 1 and self.stop_requested:  # a signal: abandon it, the checkpoint comes first
+                    self.log.print("validation abandoned (signal); saving checkpoint_last.pt")
+                    return None
                 bar.update(1)
                 if s["ntokens"] == 0:
                     continue
