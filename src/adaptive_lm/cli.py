@@ -109,7 +109,11 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from .train_config import TrainConfig
 
     result = train(TrainConfig.from_args(ns))
-    return 128 + result["signal"] if result["signal"] else 0
+    if result["signal"]:  # saved and stopping: a repeated signal must not turn the exit into a crash
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        return 128 + result["signal"]
+    return 0
 
 
 # ---- preprocess -------------------------------------------------------------------------------------------
@@ -316,8 +320,6 @@ def _unk_line(n_unk: int, n: int, lm: Any, what: str) -> str | None:
 
 
 def cmd_score(ns: argparse.Namespace) -> int:
-    import numpy as np
-
     lm = _load(ns)
     try:
         with open(ns.file, encoding="utf-8") as f:
@@ -325,28 +327,16 @@ def cmd_score(ns: argparse.Namespace) -> int:
     except UnicodeDecodeError as e:
         raise UserError(f"{ns.file}: not valid UTF-8 ({e.reason}); convert it to UTF-8") from None
     out = open(ns.output, "w", encoding="utf-8") if ns.output else sys.stdout
-    all_tokens = []
+    n = n_unk = 0
     try:
-        for b in range(0, len(lines), ns.batch_size):
-            for line, r in zip(lines[b : b + ns.batch_size], lm.score(lines[b : b + ns.batch_size])):
-                ps = r["positional_scores"].tolist()
-                all_tokens.append(r["tokens"].numpy())
-                total = float(sum(ps))
-                mean = total / len(ps) if ps else 0.0
-                row = {
-                    "text": line,
-                    "tokens": [lm.dictionary[i] for i in r["tokens"].tolist()],
-                    "logprobs": [round(x, 6) for x in ps],
-                    "sum": total,
-                    "mean": mean,
-                    "ppl": math.exp(-mean),
-                }
-                out.write(json.dumps(row) + "\n")
+        for row in lm.score_rows(lines, ns.batch_size):
+            out.write(json.dumps(row) + "\n")
+            n += len(row["tokens"])
+            n_unk += row["tokens"].count(lm.dictionary.unk_word)
     finally:
         if out is not sys.stdout:
             out.close()
-    ids = np.concatenate(all_tokens) if all_tokens else np.zeros(0)
-    unk = _unk_line(int((ids == lm.dictionary.unk()).sum()), len(ids), lm, ns.file)
+    unk = _unk_line(n_unk, n, lm, ns.file)
     if unk:
         print(unk, file=sys.stderr)
     return 0
@@ -453,34 +443,16 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--nprobe", type=positive, default=32, help="IVF lists searched (default: 32)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="adaptive-lm", description=__doc__.splitlines()[0], allow_abbrev=False)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-
-    def command(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, allow_abbrev=False)
-        p.set_defaults(func=fn)
-        return p
-
-    add_train_args(command("train", cmd_train, "train a language model (fairseq-train's flags)"))
-    add_preprocess_args(
-        command("preprocess", cmd_preprocess, "text -> dict.txt + binarised splits (fairseq-preprocess)")
-    )
-    _eval_args(command("eval", cmd_eval, "perplexity of a binarised split (fairseq-eval-lm), optionally with kNN-LM"))
-
-    p = command("score", cmd_score, "one JSON line of log-probs per input line")
+def _score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", type=existing_file, help="text, one sentence per line")
     add_model_path(p)
     p.add_argument("--output", default=None, help="write the JSON lines here instead of standard output")
     p.add_argument("--batch-size", type=positive, default=16, help="sentences per batch")
-    p.add_argument(
-        "--tokenizer",
-        default=None,
-        choices=["space", "moses"],
-        help="moses: raw text (needs the [tokenize] extra); default: already tokenised",
-    )
+    p.add_argument("--tokenizer", default=None, choices=["space", "moses"],
+                   help="moses: raw text (needs the [tokenize] extra); default: already tokenised")  # fmt: skip
 
-    p = command("generate", cmd_generate, "continue prompts (from --prompt or stdin)")
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
     add_model_path(p)
     p.add_argument("--prompt", action="append", help="repeatable; without it prompts are read from stdin")
     p.add_argument("--beam", type=positive, default=1, help="beam size (default: 1)")
@@ -501,50 +473,83 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-scores", action="store_true", help="prefix each line with its mean ln p")
     p.add_argument("--tokenizer", default=None, choices=["space", "moses"], help="moses: raw-text prompts")
 
-    p = command("convert", cmd_convert, "fairseq model -> our folder (safetensors), or back (--to fairseq)")
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", type=model_path, help="model to convert")
     p.add_argument("dst", help="output folder (or .pt file with --to fairseq)")
     p.add_argument(
         "--to",
         default="folder",
         choices=["folder", "fairseq"],
-        help="folder: config.json + model.safetensors + dict.txt; fairseq: a model.pt fairseq loads",
+        help="folder: config.json + model.safetensors + dict.txt; fairseq: a model.pt for fairseq",
     )
     p.add_argument("--dict", default=None, type=existing_file, help="dictionary (default: the model's own)")
 
-    p = command("download", cmd_download, "download a released fairseq model (wiki103, gbw) into the cache")
+
+def _download_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", choices=["wiki103", "gbw"], help="which released model")
     p.add_argument("--dir", default=None, type=creatable_dir, help="where to keep the archive (default ~/.cache)")
     p.add_argument("--url", default=None, help="base URL of a mirror")
 
-    p = command("make-corpus", cmd_make_corpus, "generate a corpus with a known entropy rate")
+
+def _corpus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="corpus", type=creatable_dir, help="output folder (default: corpus)")
     p.add_argument("--tokens", type=positive, default=1_000_000, help="training tokens (default: 1,000,000)")
     p.add_argument("--vocab", type=positive, default=12000, help="word types (default: 12,000)")
     p.add_argument("--seed", type=integer, default=0, help="random seed")
 
-    p = command("plot", cmd_plot, "training/validation curves of a run as a PNG (needs matplotlib)")
+
+def _plot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", type=existing_dir, help="a --save-dir (with metrics.jsonl)")
     p.add_argument("--output", default=None, help="PNG path (default: RUN_DIR/curves.png)")
 
-    p = command("quickstart", cmd_quickstart, "generate a corpus, preprocess, train a small model, evaluate it")
+
+def _quickstart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", default="quickstart-run", type=creatable_dir, help="working folder")
     p.add_argument("--updates", type=positive, default=300, help="training updates (default: 300)")
 
+
+def _from(module: str, name: str) -> Any:
+    """A function of a subcommand module that needs optional extras at run time (imported when called)."""
+
+    def call(arg: Any) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(f"adaptive_lm.{module}"), name)(arg)
+
+    return call
+
+
+# (name, help, add its flags, run it): the subcommands in the order ``adaptive-lm --help`` lists them
+COMMANDS: list[tuple[str, str, Any, Any]] = [
+    ("train", "train a language model (fairseq-train's flags)", add_train_args, cmd_train),
+    ("preprocess", "text -> dict.txt + binarised splits (fairseq-preprocess)", add_preprocess_args, cmd_preprocess),
+    ("eval", "perplexity of a binarised split (fairseq-eval-lm), optionally with kNN-LM", _eval_args, cmd_eval),
+    ("score", "one JSON line of log-probs per input line", _score_args, cmd_score),
+    ("generate", "continue prompts (from --prompt or stdin)", _generate_args, cmd_generate),
+    ("rescore", "add LM scores to n-best lists; pick the best; tune weights",
+     _from("rescore", "add_rescore_args"), _from("rescore", "cmd_rescore")),
+    ("knn-store", "write a kNN-LM datastore (keys and next tokens) for a split",
+     _from("knn", "add_knn_store_args"), _from("knn", "cmd_knn_store")),
+    ("knn-index", "build a FAISS index over a datastore's keys (needs the [knn] extra)",
+     _from("knn", "add_knn_index_args"), _from("knn", "cmd_knn_index")),
+    ("convert", "fairseq model -> our folder (safetensors), or back (--to fairseq)", _convert_args, cmd_convert),
+    ("download", "download a released fairseq model (wiki103, gbw) into the cache", _download_args, cmd_download),
+    ("make-corpus", "generate a corpus with a known entropy rate", _corpus_args, cmd_make_corpus),
+    ("plot", "training/validation curves of a run as a PNG (needs matplotlib)", _plot_args, cmd_plot),
+    ("quickstart", "generate a corpus, preprocess, train a small model, evaluate it", _quickstart_args, cmd_quickstart),
+]  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    about = "Word-level Transformer language models with adaptive input (fairseq's transformer_lm, without fairseq)."
+    parser = OneLineParser(prog="adaptive-lm", description=about, allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    for name, help, add_args, run in COMMANDS:
+        p = sub.add_parser(name, help=help, description=help, allow_abbrev=False)
+        add_args(p)
+        p.set_defaults(func=run)
     return parser
-
-
-def _knn_commands(command: Any) -> None:
-    from .knn import add_knn_index_args, add_knn_store_args, cmd_knn_index, cmd_knn_store
-
-    add_knn_store_args(command("knn-store", cmd_knn_store, "write a kNN-LM datastore (keys and next tokens)"))
-    add_knn_index_args(command("knn-index", cmd_knn_index, "build a FAISS index over a datastore's keys"))
-
-
-def _rescore_command(command: Any) -> None:
-    from .rescore import add_rescore_args, cmd_rescore
-
-    add_rescore_args(command("rescore", cmd_rescore, "add LM scores to n-best lists; pick the best; tune weights"))
 
 
 def _tune_malloc() -> None:

@@ -1,0 +1,372 @@
+"""``adaptive-lm rescore``: LM scores equal to ``LanguageModel.score`` for every hypothesis (length-sorted batches,
+output in input order), both input formats, the best-of-list selection, the weight grid on a case with a known
+answer, WER by jiwer (extra ``asr``: imported plainly, CI installs it), and one line + exit code 2 for every bad
+input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import jiwer  # a plain import: a missing extra fails loudly
+import numpy as np
+import pytest
+import torch
+
+import adaptive_lm
+from adaptive_lm.cli import main
+from adaptive_lm.rescore import (
+    LM_COLUMN,
+    OneDNNLinears,
+    best_per_list,
+    encode_hypotheses,
+    grid_search,
+    length_batches,
+    parse_grid,
+    sentence_logprobs,
+    word_errors,
+)
+
+HYPS = {  # utterance -> hypotheses (words of the fixture's dictionary, and a few unknown ones)
+    "u1": ["the song war released in the united states", "the song was released in the united states"],
+    "u2": [
+        "he was born in the city of london",
+        "he was born in the city",
+        "he was born in a city of london and he was the first of his family to play for the club",
+    ],
+    "u3": ["the first season of the series", "the first season", "first the season of series the", "the"],
+    "u4": ["it was the most successful album of the tear", "it was the most successful album of the year"],
+}
+REFS = {
+    "u1": "the song was released in the united states",
+    "u2": "he was born in the city of london",
+    "u3": "the first season of the series",
+    "u4": "it was the most successful album of the year",
+}
+
+
+@pytest.fixture(scope="module")
+def model_path():
+    from conftest import FIXTURE, need
+
+    return str(need(FIXTURE) / "model" / "checkpoint_best.pt")
+
+
+@pytest.fixture(scope="module")
+def lm(model_path):
+    return adaptive_lm.from_pretrained(model_path)
+
+
+def rows():
+    """(id, hypothesis, am score) in an interleaved order (lists need not be contiguous)."""
+    out, k = [], 0
+    for round_ in range(4):
+        for uid, hyps in HYPS.items():
+            if round_ < len(hyps):
+                out.append((uid, hyps[round_], round(-1.5 * round_ - 0.1 * k, 3)))
+                k += 1
+    return out
+
+
+def write_tsv(path, header=True, refs=False):
+    lines = ["#utt\ttext\tam\tref" if refs else "#utt\ttext\tam"] if header else []
+    for uid, hyp, am in rows():
+        lines.append(f"{uid}\t{hyp}\t{am}" + (f"\t{REFS[uid]}" if refs else ""))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def expected_lm(lm, text: str) -> float:
+    return float(lm.score(text)["positional_scores"].double().sum())
+
+
+def run(argv, capsys):
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def read_output(text: str) -> tuple[str, list[list[str]]]:
+    lines = text.rstrip("\n").split("\n")
+    assert lines[0].startswith("#")
+    return lines[0], [line.split("\t") for line in lines[1:]]
+
+
+# ---- scoring ---------------------------------------------------------------------------------------------------
+def test_sentence_logprobs_equal_languagemodel_score_with_length_sorted_batches(lm):
+    texts = [h for _, h, _ in rows()]
+    ids = encode_hypotheses(lm, texts)
+    got = sentence_logprobs(lm, ids, max_tokens=24)  # several batches of different widths
+    want = np.array([expected_lm(lm, t) for t in texts])
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    lengths = [len(x) for x in ids]
+    batches = length_batches(lengths, 24)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(ids)))
+    widths = [max(lengths[i] for i in b) for b in batches]
+    assert widths == sorted(widths, reverse=True)  # longest first
+    assert all(len(b) * max(lengths[i] for i in b) <= 24 or len(b) == 1 for b in batches)
+
+
+def test_onednn_linears_equal_f_linear_only_inside_the_block(monkeypatch):
+    """The thread-local mode rescoring runs under: the same fp32 results as F.linear (up to summation order), and
+    untouched calls outside the block, with gradients, or in another dtype."""
+    assert OneDNNLinears.available()  # PyTorch's CPU build ships the op; the benchmark's speed depends on it
+    real, calls = torch.ops.mkldnn._linear_pointwise, []
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    x, w, b = torch.randn(4, 7, 16), torch.randn(9, 16), torch.randn(9)
+    linear = torch.nn.functional.linear
+    with torch.no_grad(), OneDNNLinears():
+        y3, y2 = linear(x, w, b), linear(x[0], w)
+        yd = linear(x.double(), w.double())
+    assert calls == [(28, 16), (7, 16)] and yd.dtype == torch.float64  # float64: the usual path
+    torch.testing.assert_close(y3, linear(x, w, b), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y2, x[0] @ w.T, atol=1e-5, rtol=1e-5)
+    with OneDNNLinears():
+        assert linear(x, w.clone().requires_grad_()).grad_fn is not None  # autograd: the usual path
+    with torch.no_grad():
+        linear(x, w)  # outside the block
+    assert len(calls) == 2
+
+
+def test_score_eos_adds_the_end_of_sentence_prediction(lm):
+    texts = ["the song was released", "the"]
+    ids = encode_hypotheses(lm, texts)
+    with_eos = sentence_logprobs(lm, ids, score_eos=True)
+    for t, v in zip(texts, with_eos):
+        full = lm.encode(t)  # words + </s>
+        src = torch.cat([torch.tensor([lm.dictionary.eos()]), full[:-1]])[None]
+        with torch.no_grad():
+            want = float(lm.model.target_log_probs(src, full[None]).double().sum())
+        assert v == pytest.approx(want, abs=1e-5)
+        assert v < expected_lm(lm, t)
+    assert sentence_logprobs(lm, [[]])[0] == 0.0
+
+
+def test_tsv_rescored_in_input_order(lm, model_path, tmp_path, capsys):
+    src = write_tsv(tmp_path / "nbest.tsv")
+    rc, out, err = run(
+        ["rescore", src, "--path", model_path, "--max-tokens", "32", "--no-progress-bar", "--cpu"], capsys
+    )
+    assert rc == 0, err
+    header, table = read_output(out)
+    assert header == f"#utt\ttext\tam\t{LM_COLUMN}"
+    assert [r[:3] for r in table] == [[u, h, str(a)] for u, h, a in rows()]  # every row, in input order
+    for r in table:
+        assert float(r[3]) == pytest.approx(expected_lm(lm, r[1]), abs=1e-5)
+    assert "rescored 11 hypotheses (4 lists" in err
+
+
+def test_tsv_without_header_and_named_columns(lm, model_path, tmp_path, capsys):
+    path = tmp_path / "plain.tsv"
+    path.write_text("".join(f"{a}\t{h}\t{u}\n" for u, h, a in rows()), encoding="utf-8")
+    rc, out, _ = run(
+        ["rescore", str(path), "--path", model_path, "--id-column", "3", "--text-column", "2", "--no-progress-bar"],
+        capsys,
+    )
+    assert rc == 0
+    header, table = read_output(out)
+    assert header == f"#column1\thypothesis\tid\t{LM_COLUMN}"
+    assert [float(r[3]) for r in table] == pytest.approx([expected_lm(lm, h) for _, h, _ in rows()], abs=1e-5)
+
+
+def test_fairseq_generate_output(lm, model_path, tmp_path, capsys):
+    """H- lines (several per id, ids out of order) get the LM column; S/T/D/P and log lines stay as they were;
+    T- lines are the references."""
+    lines = []
+    for uid, n in (("2", "u3"), ("0", "u1"), ("1", "u2")):
+        lines += [f"S-{uid}\tsource words {uid}", f"T-{uid}\t{REFS[n]}"]
+        for k, h in enumerate(HYPS[n]):
+            lines += [f"H-{uid}\t{-0.5 - k:.4f}\t{h}", f"D-{uid}\t{-0.5 - k:.4f}\t{h}", f"P-{uid}\t-0.1 -0.2"]
+    lines.append("Generate test with beam=5: BLEU4 = 12.34")
+    path = tmp_path / "gen.out"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    best = tmp_path / "best.txt"
+    rc, out, err = run(
+        ["rescore", str(path), "--path", model_path, "--best", str(best), "--no-progress-bar", "--lm-weight", "0"],
+        capsys,
+    )
+    assert rc == 0, err
+    got = out.rstrip("\n").split("\n")
+    assert got[0].startswith("# fairseq-generate output; H- lines: H-<id>\tscore (fairseq, base 2)\thypothesis\t")
+    assert len(got) == len(lines) + 1
+    for line, orig in zip(got[1:], lines):
+        if orig.startswith("H-"):
+            assert line.startswith(orig + "\t")
+            assert float(line.split("\t")[3]) == pytest.approx(expected_lm(lm, orig.split("\t")[2]), abs=1e-5)
+        else:
+            assert line == orig
+    assert best.read_text().split("\n")[:3] == [f"2\t{HYPS['u3'][0]}", f"0\t{HYPS['u1'][0]}", f"1\t{HYPS['u2'][0]}"]
+    assert "WER (jiwer) over 3 lists" in err  # the T- lines are references
+
+
+# ---- best, WER, grid --------------------------------------------------------------------------------------------
+def test_best_uses_existing_plus_weighted_lm_plus_word_bonus(lm, model_path, tmp_path, capsys):
+    src = write_tsv(tmp_path / "nbest.tsv")
+    best = tmp_path / "best.txt"
+    argv = ["rescore", src, "--path", model_path, "--best", str(best), "--no-progress-bar"]
+    rc, _, _ = run([*argv, "--lm-weight", "0.3", "--word-bonus", "0.7"], capsys)
+    assert rc == 0
+    want: dict[str, tuple[float, str]] = {}
+    for uid, hyp, am in rows():  # first row wins ties
+        s = am + 0.3 * expected_lm(lm, hyp) + 0.7 * len(hyp.split())
+        if uid not in want or s > want[uid][0]:
+            want[uid] = (s, hyp)
+    order = list(dict.fromkeys(u for u, _, _ in rows()))
+    assert best.read_text() == "".join(f"{u}\t{want[u][1]}\n" for u in order)
+
+
+def test_best_per_list_ties_go_to_the_first_row():
+    list_of = np.array([1, 0, 1, 0, 1])
+    score = np.array([2.0, 1.0, 2.0, 3.0, 1.0])
+    assert best_per_list(list_of, score, 2).tolist() == [3, 0]
+
+
+def test_grid_search_known_answer():
+    """Each list's correct hypothesis wins only in a known weight range; the grid finds the smallest such point.
+    list 0: correct iff w > 0.5; list 1: iff w > 1.525; list 2: iff w < 1 (so w > 1.525 costs its 1 error, fewer
+    than list 1's 2); list 3 (5 vs 4 words): iff word bonus > 1.1. Answer: w = 1.6, bonus = 1.25, WER 1/20."""
+    list_of = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    existing = np.array([-1.0, 0.0, -3.05, 0.0, 0.0, -2.0, -1.1, 0.0])
+    lm = np.array([-2.0, -4.0, -1.0, -3.0, -5.0, -3.0, -1.0, -1.0])
+    n_words = np.array([5, 5, 5, 5, 5, 5, 5, 4], dtype=float)
+    errors = np.array([0, 1, 0, 2, 0, 1, 0, 1])
+    res = grid_search(list_of, existing, lm, n_words, errors, 20, parse_grid("0:2:0.1"), parse_grid("-2:2:0.25"))
+    assert (res.lm_weight, res.word_bonus) == (1.6, 1.25)
+    assert res.wer == pytest.approx(1 / 20)
+    assert res.table.shape == (21, 17) and res.table.min() == pytest.approx(1 / 20)
+
+
+def test_word_errors_are_jiwers():
+    refs = ["a b c d", "a b c d", "x y", "x y"]
+    hyps = ["a b c d", "a c d e f", "y", "x q y"]
+    errs = word_errors(refs, hyps)
+    assert errs.tolist() == [round(jiwer.wer(r, h) * len(r.split())) for r, h in zip(refs, hyps)]
+    assert errs.sum() / 12 == pytest.approx(jiwer.wer(refs, hyps))
+
+
+def test_grid_search_and_wer_report_on_references(lm, model_path, tmp_path, capsys):
+    """References in a TSV column: first-pass WER (the acoustic scores prefer wrong hypotheses) against the grid's
+    best, which is the smallest LM weight at which every list picks what the independent LM scores say."""
+    src = write_tsv(tmp_path / "nbest.tsv", refs=True)
+    rc, _, err = run(
+        ["rescore", src, "--path", model_path, "--reference", "ref", "--no-progress-bar"]
+        + ["--lm-weight-grid", "0:3:0.5", "--word-bonus-grid", "0:4:1"],
+        capsys,
+    )
+    assert rc == 0, err
+    r = rows()
+    errs = word_errors([REFS[u] for u, _, _ in r], [h for _, h, _ in r])
+    list_of = np.array([list(HYPS).index(u) for u, _, _ in r])
+    am, lms = np.array([a for _, _, a in r]), np.array([expected_lm(lm, h) for _, h, _ in r])
+    nw = np.array([len(h.split()) for _, h, _ in r])
+    nref = sum(len(x.split()) for x in REFS.values())
+    wer_at = {
+        (w, b): errs[best_per_list(list_of, am + w * lms + b * nw, 4)].sum() / nref
+        for w in (0, 0.5, 1, 1.5, 2, 2.5, 3)
+        for b in (0, 1, 2, 3, 4)
+    }
+    best_w, best_b = min(wer_at, key=lambda wb: (wer_at[wb], wb[0], wb[1]))
+    first = jiwer.wer(list(REFS.values()), [HYPS[u][int(np.argmax([a for x, _, a in r if x == u]))] for u in HYPS])
+    assert f"{100 * first:6.2f}%" in err.split("first pass")[1].split("\n")[0]
+    line = err.split("best on the grid:")[1].split("\n")[0]
+    assert f"--lm-weight {best_w:g} --word-bonus {best_b:g}" in line
+    assert f"{100 * wer_at[best_w, best_b]:6.2f}%" in line
+    assert wer_at[best_w, best_b] < first
+
+
+def test_references_file(model_path, tmp_path, capsys):
+    src = write_tsv(tmp_path / "nbest.tsv")
+    refs = tmp_path / "refs.txt"
+    refs.write_text("".join(f"{u}\t{r}\n" for u, r in REFS.items()), encoding="utf-8")
+    rc, _, err = run(["rescore", src, "--path", model_path, "--references", str(refs), "--no-progress-bar"], capsys)
+    n_words = sum(len(r.split()) for r in REFS.values())
+    assert rc == 0 and f"WER (jiwer) over 4 lists, {n_words} reference words" in err
+
+
+def test_moses_tokenizer_on_raw_hypotheses(model_path, tmp_path, capsys):
+    path = tmp_path / "raw.tsv"
+    texts = ["It cost 1,000 dollars.", "The state-of-the-art model (2019) won."]
+    path.write_text("".join(f"u{i}\t{t}\n" for i, t in enumerate(texts)), encoding="utf-8")
+    rc, out, _ = run(["rescore", str(path), "--path", model_path, "--tokenizer", "moses", "--no-progress-bar"], capsys)
+    assert rc == 0
+    moses = adaptive_lm.from_pretrained(model_path, tokenizer="moses")
+    got = [float(r[2]) for r in read_output(out)[1]]
+    assert got == pytest.approx([float(moses.score(t)["positional_scores"].double().sum()) for t in texts], abs=1e-5)
+
+
+# ---- bad input: one line naming the file and line, exit code 2 --------------------------------------------------
+BAD = [
+    ("ragged", "#id\ttext\tam\nu1\tthe song\t-1\nu1\tthe\n", [], ":3: 2 tab-separated columns where the header"),
+    ("empty hypothesis", "u1\tthe song\t-1\nu1\t \t-2\n", [], ":2: empty hypothesis"),
+    ("unknown id column", "#id\ttext\tam\nu1\tthe\t-1\n", ["--id-column", "utt"], ":1: --id-column 'utt' is no col"),
+    ("unknown score column", "#id\ttext\tam\nu1\tthe\t-1\n", ["--score-column", "ac"], ":1: --score-column 'ac'"),
+    ("column out of range", "u1\tthe\t-1\n", ["--score-column", "7"], ":1: --score-column 7, but the rows have 3"),
+    ("non-numeric score", "#id\ttext\tam\nu1\tthe\t-1\nu1\tthe song\tabc\n", [], ":3: score column 'am' is 'abc'"),
+    ("nan score", "u1\tthe\t-1\nu1\tthe song\tnan\n", [], ":2: score column 'column3' is 'nan'"),
+    ("fairseq score", "S-0\tx\nH-0\t-0.5\tthe song\nH-0\tfoo\tthe\n", [], ":3: the H- score is 'foo'"),
+    ("fairseq empty", "H-0\t-0.5\tthe song\nH-0\t-1\t\n", [], ":2: empty hypothesis"),
+    ("no hypotheses", "#id\ttext\n\n", [], ": no hypotheses"),
+    ("reference differs", "#i\tt\tr\nu1\tthe\ta b\nu1\tthe song\ta c\n", ["--reference", "r"], ":3: reference of"),
+]
+
+
+@pytest.mark.parametrize("name,content,extra,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_one_line(name, content, extra, message, model_path, tmp_path, capsys):
+    path = tmp_path / "bad.tsv"
+    path.write_text(content, encoding="utf-8")
+    rc, out, err = run(["rescore", str(path), "--path", model_path, "--no-progress-bar", *extra], capsys)
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("adaptive-lm rescore: error: ")
+    assert f"{path}{message}" in err if message.startswith(":") else message in err
+
+
+def test_bad_references_file(model_path, tmp_path, capsys):
+    src = write_tsv(tmp_path / "nbest.tsv")
+    refs = tmp_path / "refs.txt"
+    for content, message in (
+        ("u1\tthe song\nu2\n", f"{refs}:2: 1 tab-separated columns, expected 2"),
+        ("u1\ta\nu1\tb\n", f"{refs}:2: id 'u1' again (first at line 1)"),
+        ("u1\ta\nu2\tb\nu3\tc\n", f"{src}:5: no reference for utterance 'u4'"),
+        ("u1\ta\nu2\tb\nu3\tc\nu4\t \n", f"{refs}:4: empty reference for 'u4'"),
+    ):
+        refs.write_text(content, encoding="utf-8")
+        rc, _, err = run(["rescore", src, "--path", model_path, "--references", str(refs)], capsys)
+        assert rc == 2 and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--lm-weight-grid", "2:0:0.1"], "is not START:STOP:STEP"),
+        (["--lm-weight", "-1"], "must be zero or positive"),
+        (["--word-bonus", "inf"], "is not a finite number"),
+        (["--best", "/no/such/folder/best.txt"], "does not exist"),
+        (["--max-tokens", "0"], "must be a positive number"),
+    ],
+)
+def test_bad_flags_fail_at_parse_time(extra, message, model_path, tmp_path, capsys):
+    src = write_tsv(tmp_path / "nbest.tsv")
+    with pytest.raises(SystemExit) as e:
+        main(["rescore", src, "--path", model_path, *extra])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and message in err
+
+
+def test_bad_input_through_the_console_script_has_no_traceback(model_path, tmp_path):
+    path = tmp_path / "bad.tsv"
+    path.write_text("u1\tthe song\t-1\nu1\tthe\n", encoding="utf-8")
+    p = subprocess.run(
+        [sys.executable, "-m", "adaptive_lm", "rescore", str(path), "--path", model_path],
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr == (
+        f"adaptive-lm rescore: error: {path}:2: 2 tab-separated columns where line 1 has 3 (ragged TSV)\n"
+    )
+    assert "Traceback" not in p.stderr
