@@ -364,9 +364,10 @@ def test_two_processes_follow_one_process_with_update_freq_2(tmp_path, small_dat
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
 
 
-def test_compile_gives_the_eager_losses_or_falls_back_with_a_warning(tmp_path, small_data, capsys):
+def test_compile_gives_the_eager_losses_or_falls_back_with_a_warning(tmp_path, small_data, capsys, monkeypatch):
     """``--compile`` must never change the numbers (the dropout masks come from the same seeds) nor crash: where
     no C++ compiler exists the trainer says so and continues eagerly."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # no kernels left by other runs
     eager = train(
         TrainConfig.from_args(build_parser().parse_args(tiny_args(small_data, tmp_path / "e", "--max-update", "4")))
     )
