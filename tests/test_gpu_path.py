@@ -204,5 +204,5 @@ def test_processes_that_restored_different_updates_are_refused(data, tmp_path):
     )
     r = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True, timeout=180, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
-    lines = [x for x in r.stdout.splitlines() if x.startswith("REFUSED")]
-    assert len(lines) == 2 and "rank 0: 0, rank 1: 7" in lines[0] and "shared disk" in lines[0]
+    # both processes refuse (their lines may interleave on the shared stdout)
+    assert r.stdout.count("REFUSED") == 2 and "rank 0: 0, rank 1: 7" in r.stdout and "shared disk" in r.stdout
