@@ -109,8 +109,9 @@ def make_nbest(refs: list[str], per: int = 10, seed: int = 0) -> list[tuple[str,
 
 def ours(lm, hyps: list[str], onednn: bool = True) -> dict:
     """One timed pass: encode (dictionary lookups) and score, the model already loaded. ``onednn=False``: with
-    PyTorch's default (MKL) linears, to show what ``rescore.OneDNNLinears`` brings on this CPU."""
-    from adaptive_lm.rescore import OneDNNLinears, encode_hypotheses, sentence_logprobs
+    PyTorch's default (MKL) linears, to show what ``kernels.OneDNNLinears`` brings on this CPU."""
+    from adaptive_lm.kernels import OneDNNLinears
+    from adaptive_lm.rescore import encode_hypotheses, sentence_logprobs
 
     saved = OneDNNLinears._ok
     OneDNNLinears._ok = None if onednn else False

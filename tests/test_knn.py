@@ -21,6 +21,7 @@ import adaptive_lm
 from adaptive_lm.cli import main
 from adaptive_lm.errors import UserError
 from adaptive_lm.evaluate import EvalConfig, plan, scored_batches
+from adaptive_lm.kernels import fast_linears
 from adaptive_lm.knn import KNN, first_blocks, interpolate, knn_evaluate, knn_score, knn_summary_lines
 
 TPS = "64"  # small blocks keep the stores small: 200 blocks = 12,800 keys
@@ -131,7 +132,7 @@ def test_final_keys_are_the_features_before_the_softmax_and_fp16_keys(fx, lm, tm
     assert keys.dtype == np.float16 and keys.shape == (1280, 128)
     cfg = EvalConfig(data=str(fx / "data-bin"), gen_subset="train", tokens_per_sample=64, progress=False)
     src = torch.from_numpy(np.stack([first_blocks(plan(lm, cfg), 20).dataset.item(i)[0] for i in range(20)]))
-    with torch.no_grad():
+    with torch.no_grad(), fast_linears(lm.device):  # the store's arithmetic (eval's oneDNN linears on CPU)
         feats = lm.model(src).reshape(-1, 128).numpy()  # (20 * 64, 128)
     assert np.array_equal(keys, feats.astype(np.float16))
 

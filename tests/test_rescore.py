@@ -15,9 +15,9 @@ import torch
 
 import adaptive_lm
 from adaptive_lm.cli import main
+from adaptive_lm.kernels import OneDNNLinears
 from adaptive_lm.rescore import (
     LM_COLUMN,
-    OneDNNLinears,
     best_per_list,
     encode_hypotheses,
     grid_search,

@@ -29,6 +29,7 @@ from .data import LMDataset, load_split
 from .dictionary import Dictionary
 from .errors import UserError
 from .hub import LanguageModel
+from .kernels import fast_linears
 from .progress import Progress
 
 DEFAULT_TOKENS_CPU, DEFAULT_TOKENS_GPU = 8192, 98_304
@@ -172,7 +173,7 @@ def scored_batches(
     windows = context_windows(p.dataset, p.context, p.block)
     for _ in range(start_block):
         next(windows)
-    with torch.no_grad(), ctx:
+    with torch.no_grad(), ctx, fast_linears(device):
         while True:
             chunk = [w for _, w in zip(range(p.rows), windows)]
             if not chunk:

@@ -22,6 +22,7 @@ from .config import ModelConfig
 from .dictionary import Dictionary
 from .errors import UserError
 from .fairseq_io import config_from_fairseq, load_into, safe_load, state_dict_from_fairseq, stored_settings
+from .kernels import fast_linears
 from .model import TransformerLM, prune_layers
 
 
@@ -106,7 +107,8 @@ class LanguageModel:
             for r, x in enumerate(seqs):
                 src[r, : len(x) + 1] = torch.tensor([start] + x)
                 tgt[r, : len(x)] = torch.tensor(x, dtype=torch.long)
-            lp = self.model.target_log_probs(src.to(self.device), tgt.to(self.device)).float().cpu()  # (B, W)
+            with fast_linears(self.device):
+                lp = self.model.target_log_probs(src.to(self.device), tgt.to(self.device)).float().cpu()  # (B, W)
             for r, x in enumerate(seqs):
                 ps = lp[r, : len(x)]
                 out.append(

@@ -42,6 +42,7 @@ import torch
 from .errors import UserError
 from .evaluate import EvalConfig, EvalPlan, check_dictionary, perplexity, plan, scored_batches
 from .hub import LanguageModel
+from .kernels import fast_linears
 from .progress import Progress
 
 STORE_FORMAT = "adaptive-lm-knn-datastore"
@@ -1046,17 +1047,17 @@ def knn_score(
     knn.check_model(lm)
     single = isinstance(sentences, str)
     items = [sentences] if single else list(sentences)
-    eos, pad = lm.dictionary.eos(), lm.dictionary.pad()
+    start, pad = lm.start_token, lm.dictionary.pad()
     model = lm.model.eval()
     out = []
-    with knn.capture(model) as capture:
+    with knn.capture(model) as capture, fast_linears(lm.device):  # the arithmetic of LanguageModel.score
         for b in range(0, len(items), batch_size):
             seqs = [lm._ids(s, replace_newline_with_eos)[:-1] for s in items[b : b + batch_size]]
             W = max(1, max(len(x) for x in seqs) + 1)
             src = torch.full((len(seqs), W), pad, dtype=torch.long)
             tgt = torch.full((len(seqs), W), pad, dtype=torch.long)
             for r, x in enumerate(seqs):
-                src[r, : len(x) + 1] = torch.tensor([eos] + x)
+                src[r, : len(x) + 1] = torch.tensor([start] + x)
                 tgt[r, : len(x)] = torch.tensor(x, dtype=torch.long)
             src, tgt = src.to(lm.device), tgt.to(lm.device)
             feats = model(src)  # (B, W, d)

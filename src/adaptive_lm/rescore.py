@@ -29,10 +29,9 @@ from typing import Any, TextIO
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from .errors import UserError
+from .kernels import fast_linears
 from .progress import Progress
 
 LM_COLUMN = "lm_logprob (natural log)"
@@ -90,47 +89,8 @@ def frame(
     return inp, tgt, n
 
 
-class OneDNNLinears(TorchFunctionMode):
-    """Within ``with OneDNNLinears():``, fp32 CPU ``F.linear`` calls without autograd run on oneDNN, not MKL.
-
-    Why: MKL takes its AVX2 path on AMD CPUs; on this machine's AMD EPYC its fp32 GEMMs of our shapes run at
-    40-45% of oneDNN's (4096 x 128 x 2002, the fixture's softmax head: 139 vs 384 GFLOP/s; 4096 x 128 x 384:
-    205 vs 490), with fp32 results equal up to summation order. A torch function mode is thread-local and
-    ends with the block, so no other code is affected; every other call (gradients, other dtypes or devices,
-    a PyTorch without the op) goes through unchanged. It belongs in the model's kernels, for every command."""
-
-    _ok: bool | None = None
-
-    @classmethod
-    def available(cls) -> bool:
-        if cls._ok is None:
-            op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-            try:
-                x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
-                cls._ok = bool(
-                    op is not None
-                    and torch.backends.mkldnn.is_available()
-                    and torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-5)
-                )
-            except (RuntimeError, TypeError):
-                cls._ok = False
-        return cls._ok
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        kwargs = kwargs or {}
-        if func is F.linear and not torch.is_grad_enabled():
-            x, w = args[0], args[1]
-            b = args[2] if len(args) > 2 else kwargs.get("bias")
-            if x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" and x.dim() >= 1:
-                x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-                y = torch.ops.mkldnn._linear_pointwise(x2, w.contiguous(), b, "none", [], "")  # (N, out)
-                return y.view(*x.shape[:-1], w.shape[0])
-        return func(*args, **kwargs)
-
-
 def _fast_linears(model: torch.nn.Module) -> contextlib.AbstractContextManager:
-    cpu = next(model.parameters()).device.type == "cpu"
-    return OneDNNLinears() if cpu and OneDNNLinears.available() else contextlib.nullcontext()
+    return fast_linears(next(model.parameters()).device)
 
 
 @torch.no_grad()
