@@ -241,19 +241,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
     lm = _load(ns)
     _half_notice(ns, lm)
-    cfg = EvalConfig(
-        data=ns.data,
-        gen_subset=ns.gen_subset,
-        context_window=ns.context_window,
-        tokens_per_sample=ns.tokens_per_sample,
-        sample_break_mode=ns.sample_break_mode,
-        max_tokens=ns.max_tokens,
-        batch_size=ns.batch_size,
-        softmax_batch=ns.softmax_batch,
-        bf16=ns.bf16,
-        fp16=ns.fp16,
-        progress=not ns.no_progress_bar,
-    )
+    cfg = EvalConfig.from_args(ns)
     details = ns.output_word_probs or ns.output_word_stats or ns.freq_bins or ns.plot
     lines = [f"model {ns.path}: {lm.model.num_parameters():,} parameters, vocabulary {len(lm.dictionary)}"]
     if ns.knn:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,6 +50,12 @@ class EvalConfig:
     fp16: bool = False
     full_blocks_only: bool = False  # score only blocks of the full block size (knnlm's datastores do this)
     progress: bool = True
+
+    @classmethod
+    def from_args(cls, ns: Any) -> EvalConfig:
+        """The fields of a parsed ``eval`` (or ``knn-store``) command line that it has."""
+        values = {f: getattr(ns, f) for f in cls.__dataclass_fields__ if f != "progress" and hasattr(ns, f)}
+        return cls(**values, progress=not getattr(ns, "no_progress_bar", False))
 
 
 @dataclass

@@ -97,16 +97,10 @@ class LanguageModel:
         ``positional_scores.mean().neg().exp()``."""
         single = isinstance(sentences, str)
         items = [sentences] if single else list(sentences)
-        start, pad = self.start_token, self.dictionary.pad()
         out = []
         for b in range(0, len(items), batch_size):
             seqs = [self._ids(s, replace_newline_with_eos)[:-1] for s in items[b : b + batch_size]]
-            W = max(1, max(len(x) for x in seqs) + 1)
-            src = torch.full((len(seqs), W), pad, dtype=torch.long)
-            tgt = torch.full((len(seqs), W), pad, dtype=torch.long)
-            for r, x in enumerate(seqs):
-                src[r, : len(x) + 1] = torch.tensor([start] + x)
-                tgt[r, : len(x)] = torch.tensor(x, dtype=torch.long)
+            src, tgt = self.sentence_batch(seqs)
             with fast_linears(self.device):
                 lp = self.model.target_log_probs(src.to(self.device), tgt.to(self.device)).float().cpu()  # (B, W)
             for r, x in enumerate(seqs):
@@ -119,6 +113,18 @@ class LanguageModel:
                     }
                 )
         return out[0] if single else out
+
+    def sentence_batch(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded (B, W) inputs ``<start> w1 .. wn`` and targets ``w1 .. wn`` of word-id sequences: a
+        sentence scored the way fairseq's hub ``score`` does (the final ``</s>`` not predicted)."""
+        pad = self.dictionary.pad()
+        W = max(1, max((len(x) for x in seqs), default=0) + 1)
+        src = torch.full((len(seqs), W), pad, dtype=torch.long)
+        tgt = torch.full((len(seqs), W), pad, dtype=torch.long)
+        for r, x in enumerate(seqs):
+            src[r, : len(x) + 1] = torch.tensor([self.start_token] + list(x))
+            tgt[r, : len(x)] = torch.tensor(list(x), dtype=torch.long)
+        return src, tgt
 
     def score_rows(self, lines: list[str], batch_size: int = 16) -> Iterator[dict[str, Any]]:
         """``adaptive-lm score``'s records, one per line in order: the text, its tokens, each token's ln p, their

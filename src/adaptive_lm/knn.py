@@ -1047,19 +1047,13 @@ def knn_score(
     knn.check_model(lm)
     single = isinstance(sentences, str)
     items = [sentences] if single else list(sentences)
-    start, pad = lm.start_token, lm.dictionary.pad()
+    pad = lm.dictionary.pad()
     model = lm.model.eval()
     out = []
     with knn.capture(model) as capture, fast_linears(lm.device):  # the arithmetic of LanguageModel.score
         for b in range(0, len(items), batch_size):
             seqs = [lm._ids(s, replace_newline_with_eos)[:-1] for s in items[b : b + batch_size]]
-            W = max(1, max(len(x) for x in seqs) + 1)
-            src = torch.full((len(seqs), W), pad, dtype=torch.long)
-            tgt = torch.full((len(seqs), W), pad, dtype=torch.long)
-            for r, x in enumerate(seqs):
-                src[r, : len(x) + 1] = torch.tensor([start] + x)
-                tgt[r, : len(x)] = torch.tensor(x, dtype=torch.long)
-            src, tgt = src.to(lm.device), tgt.to(lm.device)
+            src, tgt = (t.to(lm.device) for t in lm.sentence_batch(seqs))
             feats = model(src)  # (B, W, d)
             lp = model.target_log_probs_from_features(feats, tgt).float().cpu()  # (B, W)
             keys = capture(src)  # (B, W, dim)
@@ -1128,20 +1122,7 @@ def cmd_knn_store(ns: argparse.Namespace) -> int:
 
     lm = _load(ns)
     _half_notice(ns, lm)
-    cfg = EvalConfig(
-        data=ns.data,
-        gen_subset=ns.gen_subset,
-        context_window=ns.context_window,
-        tokens_per_sample=ns.tokens_per_sample,
-        sample_break_mode=ns.sample_break_mode,
-        max_tokens=ns.max_tokens,
-        batch_size=ns.batch_size,
-        softmax_batch=ns.softmax_batch,
-        bf16=ns.bf16,
-        fp16=ns.fp16,
-        full_blocks_only=ns.full_blocks_only,
-        progress=not ns.no_progress_bar,
-    )
+    cfg = EvalConfig.from_args(ns)
     scfg = StoreConfig(
         dstore=ns.dstore,
         keytype=ns.keytype,

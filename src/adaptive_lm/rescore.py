@@ -536,13 +536,10 @@ def output_file(s: str) -> str:
 
 
 def weight(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
-    return v
+    """An LM weight or word bonus: any finite number (``train_config.finite``)."""
+    from .train_config import finite
+
+    return finite(s)
 
 
 def add_rescore_args(p: argparse.ArgumentParser) -> None:

@@ -316,6 +316,11 @@ def _number(s: str) -> float | int:
 positive, nonneg, probability, boolean = (_checked(k) for k in ("positive", "nonneg", "prob", "bool"))
 
 
+def finite(s: str) -> float:
+    """Any finite number (a weight that may be negative)."""
+    return float(_number(s))
+
+
 def lr_list(s: str) -> str:
     """fairseq's ``--lr`` is a comma-separated list of positive numbers (the cosine schedule takes one)."""
     for x in s.split(","):
