@@ -312,6 +312,66 @@ def _identity_diff(stored: dict[str, Any], now: dict[str, Any]) -> str | None:
     return None
 
 
+def _existing_manifest(out: Path, identity: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """The manifest of the store to resume in ``out``, None to start afresh (``--overwrite`` removes ours first), or a
+    refusal when the folder holds a store made differently or files we did not write."""
+    mpath = out / MANIFEST
+    ours = [out / f for f in (KEYS, VALS, LM_LOGPROBS, INDEX, INDEX_META)]
+    if overwrite:
+        for f in [mpath, *ours]:
+            f.unlink(missing_ok=True)
+        return None
+    if mpath.exists():
+        manifest = _read_json(mpath, STORE_FORMAT, "datastore")
+        how = _identity_diff(manifest["identity"], identity)
+        if how is not None:
+            raise UserError(
+                f"{mpath}: this datastore was made with {how}; rerun with the settings it was made with to resume "
+                f"it, choose another --dstore, or pass --overwrite to replace it"
+            )
+        return manifest
+    if any(f.exists() for f in ours):
+        raise UserError(
+            f"{out}: holds datastore files but no {MANIFEST} (not ours, or its first write was cut short); choose an "
+            f"empty folder or pass --overwrite"
+        )
+    return None
+
+
+def _new_manifest(lm: LanguageModel, cfg: EvalConfig, p: EvalPlan, identity: dict[str, Any], out: Path) -> dict:
+    """A fresh store's manifest (nothing done yet), after checking the disk has room for all of it."""
+    N, dim = identity["count"], identity["dim"]
+    key_dtype, val_dtype = np.dtype(identity["key_dtype"]), np.dtype(identity["val_dtype"])
+    need = N * (dim * key_dtype.itemsize + val_dtype.itemsize + 4)
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise UserError(
+            f"{out}: the datastore needs {_mb(need)} ({N:,} keys of {dim} x {key_dtype.name}) but only {_mb(free)} "
+            f"is free there; choose another --dstore (or --fp16-keys to halve the keys)"
+        )
+    return {
+        "format": STORE_FORMAT,
+        "version": VERSION,
+        "fingerprint": _fingerprint(identity),
+        "identity": identity,
+        "model": {
+            "source": lm.source,
+            "file_digest": model_file_digest(lm.source),
+            "parameters": lm.model.num_parameters(),
+        },
+        "dictionary_size": len(lm.dictionary),
+        "data": str(Path(cfg.data).resolve()),
+        "plan": p.describe(),
+        "files": {
+            "keys": {"name": KEYS, "dtype": key_dtype.name, "shape": [N, dim]},
+            "vals": {"name": VALS, "dtype": val_dtype.name, "shape": [N]},
+            "lm_logprobs": {"name": LM_LOGPROBS, "dtype": "float32", "shape": [N]},
+        },
+        "progress": {"blocks_total": len(p.dataset), "blocks_done": 0, "tokens_done": 0, "complete": False},
+        "seconds": 0.0,
+    }
+
+
 def build_store(lm: LanguageModel, cfg: EvalConfig, scfg: StoreConfig) -> tuple[dict[str, Any], list[str]]:
     """Write (or resume, or find complete) the datastore of ``cfg``'s split in ``scfg.dstore``; returns the manifest
     and the lines to print. Memory stays at one batch; progress is saved every ``flush_every`` batches and on an
@@ -340,59 +400,14 @@ def build_store(lm: LanguageModel, cfg: EvalConfig, scfg: StoreConfig) -> tuple[
     }
     out = Path(scfg.dstore)
     out.mkdir(parents=True, exist_ok=True)
-    mpath = out / MANIFEST
-    ours = [out / f for f in (KEYS, VALS, LM_LOGPROBS, INDEX, INDEX_META)]
-    manifest: dict[str, Any] | None = None
-    if scfg.overwrite:
-        for f in [mpath, *ours]:
-            f.unlink(missing_ok=True)
-    elif mpath.exists():
-        manifest = _read_json(mpath, STORE_FORMAT, "datastore")
-        how = _identity_diff(manifest["identity"], identity)
-        if how is not None:
-            raise UserError(
-                f"{mpath}: this datastore was made with {how}; rerun with the settings it was made with to resume "
-                f"it, choose another --dstore, or pass --overwrite to replace it"
-            )
-        if manifest["progress"]["complete"]:
-            return manifest, [f"{out}: datastore already complete ({N:,} keys); nothing to do"] + _store_lines(
-                out, manifest
-            )
-    elif any(f.exists() for f in ours):
-        raise UserError(
-            f"{out}: holds datastore files but no {MANIFEST} (not ours, or its first write was cut short); choose an "
-            f"empty folder or pass --overwrite"
+    manifest = _existing_manifest(out, identity, scfg.overwrite)
+    if manifest is not None and manifest["progress"]["complete"]:
+        return manifest, [f"{out}: datastore already complete ({N:,} keys); nothing to do"] + _store_lines(
+            out, manifest
         )
     fresh = manifest is None
     if fresh:
-        need = N * (dim * key_dtype.itemsize + val_dtype.itemsize + 4)
-        free = shutil.disk_usage(out).free
-        if need > free:
-            raise UserError(
-                f"{out}: the datastore needs {_mb(need)} ({N:,} keys of {dim} x {key_dtype.name}) but only {_mb(free)} "
-                f"is free there; choose another --dstore (or --fp16-keys to halve the keys)"
-            )
-        manifest = {
-            "format": STORE_FORMAT,
-            "version": VERSION,
-            "fingerprint": _fingerprint(identity),
-            "identity": identity,
-            "model": {
-                "source": lm.source,
-                "file_digest": model_file_digest(lm.source),
-                "parameters": lm.model.num_parameters(),
-            },
-            "dictionary_size": len(lm.dictionary),
-            "data": str(data.resolve()),
-            "plan": p.describe(),
-            "files": {
-                "keys": {"name": KEYS, "dtype": key_dtype.name, "shape": [N, dim]},
-                "vals": {"name": VALS, "dtype": val_dtype.name, "shape": [N]},
-                "lm_logprobs": {"name": LM_LOGPROBS, "dtype": "float32", "shape": [N]},
-            },
-            "progress": {"blocks_total": len(p.dataset), "blocks_done": 0, "tokens_done": 0, "complete": False},
-            "seconds": 0.0,
-        }
+        manifest = _new_manifest(lm, cfg, p, identity, out)
     assert manifest is not None
     writers = [
         RowWriter(out / KEYS, key_dtype, (N, dim), fresh),
@@ -400,7 +415,7 @@ def build_store(lm: LanguageModel, cfg: EvalConfig, scfg: StoreConfig) -> tuple[
         RowWriter(out / LM_LOGPROBS, np.dtype(np.float32), (N,), fresh),
     ]
     if fresh:
-        _write_json(mpath, manifest)
+        _write_json(out / MANIFEST, manifest)
     try:
         return _fill(lm, cfg, p, scfg, manifest, writers, out)
     finally:
@@ -468,13 +483,7 @@ def _fill(
     if pos != p.n_tokens:
         raise UserError(f"{out}: wrote {pos:,} keys, the plan has {p.n_tokens:,}; rebuild with --overwrite")
     seconds = time.time() - t0
-    lp = np.load(out / LM_LOGPROBS, mmap_mode="r")
-    total, count = 0.0, 0
-    for i in range(0, len(lp), 1 << 22):
-        part = lp[i : i + (1 << 22)].astype(np.float64)
-        fin = np.isfinite(part)
-        total, count = total + float(part[fin].sum()), count + int(fin.sum())
-    loss = -total / max(count, 1) / math.log(2)
+    loss = _stored_lm_loss(out / LM_LOGPROBS)
     manifest["lm"] = {"loss_base2": loss, "ppl": perplexity(loss)}
     manifest["rate_tokens_per_s"] = round((pos - start_pos) / max(seconds, 1e-9), 1)
     save(complete=True)
@@ -482,6 +491,18 @@ def _fill(
     rate = manifest["rate_tokens_per_s"]
     lines = [head + f"stored {pos - start_pos:,} tokens in {seconds:.1f}s ({rate:,.0f} tokens/s)"]
     return manifest, lines + _store_lines(out, manifest)
+
+
+def _stored_lm_loss(path: Path) -> float:
+    """The LM's loss (bits per token) over the stored log-probs, read in slices so a WikiText-103 store (103M
+    tokens) never sits in memory; non-finite entries (none in a complete store) are left out."""
+    lp = np.load(path, mmap_mode="r")
+    total, count = 0.0, 0
+    for i in range(0, len(lp), 1 << 22):
+        part = lp[i : i + (1 << 22)].astype(np.float64)
+        fin = np.isfinite(part)
+        total, count = total + float(part[fin].sum()), count + int(fin.sum())
+    return -total / max(count, 1) / math.log(2)
 
 
 def _store_lines(out: Path, m: dict[str, Any]) -> list[str]:
@@ -565,6 +586,54 @@ def _gpu(faiss: Any, index: Any) -> Any:
     return g
 
 
+def _trained_ivfpq(
+    faiss: Any, keys: np.ndarray, icfg: IndexConfig, notes: list[str], d: Path
+) -> tuple[Any, dict[str, Any], float]:
+    """An IVF-PQ index trained on a random sample of ``keys`` (on the GPU when faiss-gpu sees one), the settings it
+    really used (centroids and code size are lowered, with a note, when the sample or the dimension needs it), and
+    the training seconds."""
+    N, dim = keys.shape
+    n_train = min(icfg.train_sample, N)
+    if n_train < POINTS_PER_CENTROID * PQ_CENTROIDS:
+        raise UserError(
+            f"{d}: IVF-PQ needs at least {POINTS_PER_CENTROID * PQ_CENTROIDS:,} training keys (39 per PQ "
+            f"centroid x 256), this store has {N:,} (--train-sample {icfg.train_sample:,}): use --index flat"
+        )
+    nlist = icfg.ncentroids
+    if n_train < POINTS_PER_CENTROID * nlist:
+        nlist = max(1, n_train // POINTS_PER_CENTROID)
+        notes.append(
+            f"--ncentroids {icfg.ncentroids} needs {POINTS_PER_CENTROID * icfg.ncentroids:,} training keys "
+            f"(faiss: {POINTS_PER_CENTROID} per centroid); {n_train:,} available: using {nlist} centroids"
+        )
+    code = icfg.code_size
+    if dim % code:
+        code = max(c for c in range(1, min(code, dim) + 1) if dim % c == 0)
+        notes.append(
+            f"--code-size {icfg.code_size} does not divide the key dimension {dim}: using {code} bytes (one per "
+            f"sub-quantizer)"
+        )
+    quantizer = faiss.IndexFlatL2(dim) if icfg.metric == "l2" else faiss.IndexFlatIP(dim)
+    metric = faiss.METRIC_L2 if icfg.metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    index = faiss.IndexIVFPQ(quantizer, dim, nlist, code, 8, metric)
+    index.nprobe = icfg.probe
+    if icfg.opq:
+        index = faiss.IndexPreTransform(faiss.OPQMatrix(dim, code), index)
+    rng = np.random.default_rng(icfg.seed)
+    sample = np.sort(rng.choice(N, size=n_train, replace=False))
+    train = np.ascontiguousarray(keys[sample], dtype=np.float32)  # (n_train, dim)
+    t1 = time.time()
+    if icfg.opq:
+        index.train(train)  # faiss cannot move an OPQ pre-transform to the GPU
+    else:
+        g = _gpu(faiss, index)
+        g.train(train)
+        index = faiss.index_gpu_to_cpu(g) if g is not index else index
+    train_s = time.time() - t1
+    del train
+    return index, dict(ncentroids=nlist, code_size=code, probe=icfg.probe, opq=icfg.opq, train_sample=n_train), train_s
+
+
 def build_index(dstore: str | os.PathLike, icfg: IndexConfig) -> tuple[dict[str, Any], list[str]]:
     """knnlm's recipe: IVF-PQ trained on a random sample of the keys, keys added in chunks; or an exact flat index.
     Returns the index record (also written to ``index.json`` and the store's manifest) and the lines to print."""
@@ -585,51 +654,14 @@ def build_index(dstore: str | os.PathLike, icfg: IndexConfig) -> tuple[dict[str,
     if kind == "auto":
         kind = "flat" if N < AUTO_FLAT_BELOW else "ivfpq"
         notes.append(f"--index auto: {kind} ({N:,} keys {'<' if kind == 'flat' else '>='} {AUTO_FLAT_BELOW:,})")
-    metric = faiss.METRIC_L2 if icfg.metric == "l2" else faiss.METRIC_INNER_PRODUCT
     meta: dict[str, Any] = {"format": INDEX_FORMAT, "version": VERSION, "type": kind, "metric": icfg.metric}
     t0 = time.time()
     train_s = 0.0
     if kind == "flat":
         index = faiss.IndexFlatL2(dim) if icfg.metric == "l2" else faiss.IndexFlatIP(dim)
     else:
-        n_train = min(icfg.train_sample, N)
-        if n_train < POINTS_PER_CENTROID * PQ_CENTROIDS:
-            raise UserError(
-                f"{d}: IVF-PQ needs at least {POINTS_PER_CENTROID * PQ_CENTROIDS:,} training keys (39 per PQ "
-                f"centroid x 256), this store has {N:,} (--train-sample {icfg.train_sample:,}): use --index flat"
-            )
-        nlist = icfg.ncentroids
-        if n_train < POINTS_PER_CENTROID * nlist:
-            nlist = max(1, n_train // POINTS_PER_CENTROID)
-            notes.append(
-                f"--ncentroids {icfg.ncentroids} needs {POINTS_PER_CENTROID * icfg.ncentroids:,} training keys "
-                f"(faiss: {POINTS_PER_CENTROID} per centroid); {n_train:,} available: using {nlist} centroids"
-            )
-        code = icfg.code_size
-        if dim % code:
-            code = max(c for c in range(1, min(code, dim) + 1) if dim % c == 0)
-            notes.append(
-                f"--code-size {icfg.code_size} does not divide the key dimension {dim}: using {code} bytes (one per "
-                f"sub-quantizer)"
-            )
-        quantizer = faiss.IndexFlatL2(dim) if icfg.metric == "l2" else faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFPQ(quantizer, dim, nlist, code, 8, metric)
-        index.nprobe = icfg.probe
-        if icfg.opq:
-            index = faiss.IndexPreTransform(faiss.OPQMatrix(dim, code), index)
-        rng = np.random.default_rng(icfg.seed)
-        sample = np.sort(rng.choice(N, size=n_train, replace=False))
-        train = np.ascontiguousarray(keys[sample], dtype=np.float32)  # (n_train, dim)
-        t1 = time.time()
-        if icfg.opq:
-            index.train(train)  # faiss cannot move an OPQ pre-transform to the GPU
-        else:
-            g = _gpu(faiss, index)
-            g.train(train)
-            index = faiss.index_gpu_to_cpu(g) if g is not index else index
-        train_s = time.time() - t1
-        del train
-        meta.update(ncentroids=nlist, code_size=code, probe=icfg.probe, opq=icfg.opq, train_sample=n_train)
+        index, ivf, train_s = _trained_ivfpq(faiss, keys, icfg, notes, d)
+        meta.update(ivf)
     t1 = time.time()
     with Progress(N, "knn-index add", icfg.progress, unit="keys") as bar:
         for i in range(0, N, icfg.chunk):
@@ -943,6 +975,25 @@ def lambda_sweep(lm_lp: np.ndarray, knn_lp: np.ndarray, grid: Sequence[float] = 
     return out
 
 
+def _knn_pass(lm: LanguageModel, cfg: EvalConfig, p: EvalPlan, knn: KNN) -> tuple[np.ndarray, ...]:
+    """One pass over the plan: (N,) ln p_LM, (N,) ln p_kNN of each target from its captured key, (N,) targets."""
+    lm_parts, knn_parts, tgt_parts = [], [], []
+    with (
+        knn.capture(lm.model) as capture,
+        Progress(len(p.dataset), f"eval {cfg.gen_subset} + kNN", cfg.progress, unit="blocks") as bar,
+    ):
+        for b in scored_batches(lm, cfg, p, feature_fn=capture):
+            assert b.features is not None
+            lm_parts.append(b.logprobs)
+            knn_parts.append(knn.knn_log_probs(b.features, b.targets))
+            tgt_parts.append(b.targets)
+            bar.update(len(b.block_lengths))
+    lm_lp = np.concatenate(lm_parts) if lm_parts else np.zeros(0)
+    knn_lp = np.concatenate(knn_parts) if knn_parts else np.zeros(0)
+    targets = np.concatenate(tgt_parts) if tgt_parts else np.zeros(0, dtype=np.int64)
+    return lm_lp, knn_lp, targets
+
+
 def knn_evaluate(
     lm: LanguageModel,
     cfg: EvalConfig,
@@ -967,22 +1018,9 @@ def knn_evaluate(
     knn.check_model(lm)
     check_dictionary(lm, Path(cfg.data))
     p = first_blocks(plan(lm, cfg), max_blocks)
-    lm_parts, knn_parts, tgt_parts = [], [], []
     t0 = time.time()
-    with (
-        knn.capture(lm.model) as capture,
-        Progress(len(p.dataset), f"eval {cfg.gen_subset} + kNN", cfg.progress, unit="blocks") as bar,
-    ):
-        for b in scored_batches(lm, cfg, p, feature_fn=capture):
-            assert b.features is not None
-            lm_parts.append(b.logprobs)
-            knn_parts.append(knn.knn_log_probs(b.features, b.targets))
-            tgt_parts.append(b.targets)
-            bar.update(len(b.block_lengths))
+    lm_lp, knn_lp, targets = _knn_pass(lm, cfg, p, knn)
     seconds = time.time() - t0
-    lm_lp = np.concatenate(lm_parts) if lm_parts else np.zeros(0)
-    knn_lp = np.concatenate(knn_parts) if knn_parts else np.zeros(0)
-    targets = np.concatenate(tgt_parts) if tgt_parts else np.zeros(0, dtype=np.int64)
     finite = np.isfinite(lm_lp)  # as eval-lm: tokens the LM gives +-inf are skipped
     lm_f, knn_f = lm_lp[finite], knn_lp[finite]
     lm_loss = _loss_base2(lm_f)

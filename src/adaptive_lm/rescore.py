@@ -192,6 +192,39 @@ def _column(spec: str, names: list[str] | None, n: int, path: str, line_no: int,
     raise UserError(f"{path}:{line_no}: {flag} {spec!r} is no column ({known})")
 
 
+def _tsv_columns(
+    path: str,
+    names: list[str] | None,
+    n: int,
+    line0: int,
+    first_row: list[str],
+    id_column: str,
+    text_column: str,
+    score_column: str | None,
+    reference_column: str | None,
+) -> tuple[int, int, int | None, int | None]:
+    """The 0-based id, text, reference and score columns from the flags (numbers or header names); with no
+    ``--score-column``, the first other column whose first value is a number (None: no existing score)."""
+    id_c = _column(id_column, names, n, path, line0, "--id-column")
+    text_c = _column(text_column, names, n, path, line0, "--text-column")
+    ref_c = _column(reference_column, names, n, path, line0, "--reference") if reference_column else None
+    if text_c == id_c:
+        raise UserError(f"{path}: --id-column and --text-column are the same column ({id_c + 1})")
+    if score_column is not None:
+        score_c = _column(score_column, names, n, path, line0, "--score-column")
+        if score_c in (id_c, text_c):
+            raise UserError(f"{path}: --score-column {score_column} is the id or the hypothesis column")
+        return id_c, text_c, ref_c, score_c
+    for c in range(n):
+        if c not in (id_c, text_c, ref_c):
+            try:
+                if math.isfinite(float(first_row[c])):
+                    return id_c, text_c, ref_c, c
+            except ValueError:
+                pass
+    return id_c, text_c, ref_c, None
+
+
 def read_tsv(
     path: str,
     id_column: str = "1",
@@ -222,25 +255,9 @@ def read_tsv(
                 f"{path}:{k + 1}: {len(fields)} tab-separated columns where {shape_from} has {n} (ragged TSV)"
             )
     line0 = 1 if names is not None else data[0][0] + 1
-    id_c = _column(id_column, names, n, path, line0, "--id-column")
-    text_c = _column(text_column, names, n, path, line0, "--text-column")
-    ref_c = _column(reference_column, names, n, path, line0, "--reference") if reference_column else None
-    if text_c == id_c:
-        raise UserError(f"{path}: --id-column and --text-column are the same column ({id_c + 1})")
-    score_c: int | None = None
-    if score_column is not None:
-        score_c = _column(score_column, names, n, path, line0, "--score-column")
-        if score_c in (id_c, text_c):
-            raise UserError(f"{path}: --score-column {score_column} is the id or the hypothesis column")
-    else:
-        for c in range(n):
-            if c not in (id_c, text_c, ref_c):
-                try:
-                    if math.isfinite(float(data[0][1][c])):
-                        score_c = c
-                        break
-                except ValueError:
-                    pass
+    id_c, text_c, ref_c, score_c = _tsv_columns(
+        path, names, n, line0, data[0][1], id_column, text_column, score_column, reference_column
+    )
     nb.columns = list(names) if names is not None else [f"column{c + 1}" for c in range(n)]
     if names is None:
         nb.columns[id_c], nb.columns[text_c] = "id", "hypothesis"
@@ -598,20 +615,35 @@ def _write_rows(out: TextIO, nb: NBest, lm: np.ndarray, column: str) -> None:
         out.write(f"{nb.lines[k]}\t{v:.6f}\n")
 
 
+def _wants_wer(nb: NBest, asked: bool) -> bool:
+    """WER when references were given; for fairseq input, also from its T- lines when jiwer is installed (else a
+    note: the user did not ask, so a missing extra is not an error)."""
+    if asked or not (nb.fmt == "fairseq" and nb.refs):
+        return asked
+    try:
+        import jiwer  # noqa: F401
+    except ImportError:
+        print("note: the T- lines give references; pip install jiwer for WER and weight tuning", file=sys.stderr)
+        return False
+    return True
+
+
+def _write_best(path: str, nb: NBest, list_ids: list[str], pick: np.ndarray, lm_weight: float, bonus: float) -> str:
+    """Each list's chosen hypothesis as ``id<TAB>text``; returns the line saying what was written and by what."""
+    with open(path, "w", encoding="utf-8") as f:
+        for lid, k in zip(list_ids, pick.tolist()):
+            f.write(f"{lid}\t{nb.texts[k]}\n")
+    what = f"{nb.score_name!r}" if nb.score_name else "0 (no score column)"
+    return f"wrote {path}: the best of each list by {what} + {_fmt(lm_weight)} * lm + {_fmt(bonus)} * words"
+
+
 def cmd_rescore(ns: argparse.Namespace) -> int:
     from .cli import _load, _unk_line
 
     nb = read_nbest(
         ns.nbest, ns.format, ns.id_column, ns.text_column, ns.score_column, ns.reference, ns.references
     )  # all input checks before the model loads
-    wer = bool(ns.reference or ns.references)
-    if nb.fmt == "fairseq" and nb.refs and not wer:  # T- lines: WER when jiwer is there, else a note
-        try:
-            import jiwer  # noqa: F401
-
-            wer = True
-        except ImportError:
-            print("note: the T- lines give references; pip install jiwer for WER and weight tuning", file=sys.stderr)
+    wer = _wants_wer(nb, bool(ns.reference or ns.references))
     if wer:
         _jiwer()  # a missing extra or reference fails now, not after scoring
         check_references(nb)
@@ -647,15 +679,7 @@ def cmd_rescore(ns: argparse.Namespace) -> int:
         pick = best_per_list(
             list_of, combined_score(existing, scores, n_words, ns.lm_weight, ns.word_bonus), len(list_ids)
         )
-        with open(ns.best, "w", encoding="utf-8") as f:
-            for lid, k in zip(list_ids, pick.tolist()):
-                f.write(f"{lid}\t{nb.texts[k]}\n")
-        what = f"{nb.score_name!r}" if nb.score_name else "0 (no score column)"
-        print(
-            f"wrote {ns.best}: the best of each list by {what} + {_fmt(ns.lm_weight)} * lm + "
-            f"{_fmt(ns.word_bonus)} * words",
-            file=info,
-        )
+        print(_write_best(ns.best, nb, list_ids, pick, ns.lm_weight, ns.word_bonus), file=info)
     if wer:
         lines = wer_report(
             nb,
