@@ -89,7 +89,8 @@ def half_precision_notice(dtype: torch.dtype, cpuinfo: str | None = None) -> str
     ratio = measured_slowdown(dtype)
     return (
         f"note: this CPU ({cpu_model(cpuinfo)}; {isa_summary(cpuinfo)}) has no native {name} ({need}): {name} is "
-        f"emulated here, matmuls {ratio:.1f}x slower than fp32 (measured now); drop --{name} and train in fp32"
+        f"emulated here: a {name} matmul takes {ratio:.1f}x as long as fp32 (measured now); drop --{name} and train "
+        f"in fp32"
     )
 
 
