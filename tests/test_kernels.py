@@ -123,3 +123,44 @@ def test_fused_residual_dropout_and_relu_dropout_equal_the_unfused_ops():
     a = F.relu(K.dropout(hf, 0.1, True))
     torch.manual_seed(4)
     assert torch.equal(a, K.dropout(F.relu(hf), 0.1, True))
+
+
+def test_full_softmax_head_in_chunks_equals_cross_entropy():
+    """The non-adaptive head's loss in row chunks (no (N, V) logits) against ``F.cross_entropy`` on the whole (N, V)
+    product, value and both gradients, with ignored rows. fp64, so the bound is about summation order only:
+    a chunk changes which rows share a GEMM call, not the terms of a row (1e-12 >> d * 2**-53 * |logit|)."""
+    torch.manual_seed(0)
+    N, d, V, pad = 37, 16, 50, 1
+    x = torch.randn(N, d, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, d, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, V, (N,))
+    t[::5] = pad
+    ref = F.cross_entropy(x @ w.t(), t, ignore_index=pad, reduction="sum")
+    gx, gw = torch.autograd.grad(ref * 0.7, (x, w))
+    for max_elements in (V * 4, V * N // 2, V * N):  # 4-row chunks, two chunks, one pass (the unchunked branch)
+        got = K.linear_cross_entropy_sum(x, w, t, pad, max_elements=max_elements)
+        hx, hw = torch.autograd.grad(got * 0.7, (x, w))
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
+        torch.testing.assert_close(hx, gx, rtol=0, atol=1e-12)
+        torch.testing.assert_close(hw, gw, rtol=0, atol=1e-12)
+
+
+def test_full_softmax_head_in_chunks_under_bf16_autocast():
+    """Chunked under bf16 autocast: the logits in bf16 as the unchunked path computes them, the log-sum-exp in fp32.
+    Both paths round the same bf16 products; only fp32 summation order differs (loss relative 1e-5 covers
+    N rows x a few fp32 ulps), gradients within bf16's own resolution of the softmax (2**-8 relative)."""
+    torch.manual_seed(1)
+    N, d, V, pad = 64, 32, 300, 1
+    x = torch.randn(N, d, requires_grad=True)
+    w = (torch.randn(V, d) * 0.2).requires_grad_()
+    t = torch.randint(0, V, (N,))
+    t[::7] = pad
+    outs = []
+    for max_elements in (V * 8, V * N):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = K.linear_cross_entropy_sum(x, w, t, pad, max_elements=max_elements)
+        outs.append((loss.detach(), *torch.autograd.grad(loss, (x, w))))
+    (l1, x1, w1), (l2, x2, w2) = outs
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=0)
+    torch.testing.assert_close(x1, x2, rtol=0, atol=2**-8 * float(x2.abs().max()))
+    torch.testing.assert_close(w1, w2, rtol=0, atol=2**-8 * float(w2.abs().max()))
