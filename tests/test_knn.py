@@ -281,6 +281,9 @@ def test_python_api_knn_score_is_lm_score_interpolated(lm, store):
     for a, b in zip(base, zero):
         assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["positional_scores"], b["positional_scores"])
     mixed = knn_score(lm, sents, knn, lmbda=0.25)
+    via_score = lm.score(sents, knn=knn, lmbda=0.25)  # the same through LanguageModel.score
+    for a, b in zip(mixed, via_score):
+        assert torch.equal(a["positional_scores"], b["positional_scores"])
     for a, b in zip(base, mixed):
         want = interpolate(a["positional_scores"].double().numpy(), b["knn_positional_scores"].numpy(), 0.25)
         assert np.allclose(b["positional_scores"].numpy(), want, atol=1e-6)

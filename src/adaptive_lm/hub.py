@@ -89,12 +89,25 @@ class LanguageModel:
     # ---- scoring --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def score(
-        self, sentences: str | list[str], replace_newline_with_eos: bool = False, batch_size: int = 16
+        self,
+        sentences: str | list[str],
+        replace_newline_with_eos: bool = False,
+        batch_size: int = 16,
+        knn: Any = None,
+        lmbda: float = 0.25,
     ) -> dict | list[dict]:
         """Per sentence: ``tokens`` (its words), ``positional_scores`` (ln p of each word given the words before
         it, starting from ``</s>``, or ``<s>`` with ``add_bos_token``) and ``score`` (their mean). As in fairseq's
         hub, the final ``</s>`` is not scored: a two-word sentence has two scores. Perplexity =
-        ``positional_scores.mean().neg().exp()``."""
+        ``positional_scores.mean().neg().exp()``.
+
+        ``knn``: an ``adaptive_lm.knn.KNN`` (a datastore of this model) makes the scores kNN-LM's,
+        ln(lmbda p_kNN + (1 - lmbda) p_LM), with ``lm_positional_scores`` and ``knn_positional_scores`` beside them
+        (``adaptive_lm.knn.knn_score``)."""
+        if knn is not None:
+            from .knn import knn_score
+
+            return knn_score(self, sentences, knn, lmbda, batch_size, replace_newline_with_eos)
         single = isinstance(sentences, str)
         items = [sentences] if single else list(sentences)
         out = []
