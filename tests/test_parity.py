@@ -25,7 +25,7 @@ import adaptive_lm
 from adaptive_lm.cli import build_parser
 from adaptive_lm.dictionary import Dictionary
 from adaptive_lm.fairseq_io import state_dict_from_fairseq
-from adaptive_lm.kernels import plain_kernels
+from adaptive_lm.kernels import fast_linears, plain_kernels
 from adaptive_lm.optim import clip_grad_norm_
 from adaptive_lm.train import build_model, model_config
 from adaptive_lm.train_config import TrainConfig
@@ -47,13 +47,16 @@ def load(c: dict, dtype: torch.dtype, training: bool = False) -> adaptive_lm.Lan
     return lm
 
 
-KERNELS = pytest.mark.parametrize("plain", [False, True], ids=["ours", "plain"])  # plain: what CUDA runs
+# ours: our CPU kernels as the trainer and eval run them (fp32 linears on oneDNN); plain: what CUDA runs (on the
+# CPU: PyTorch's kernels, MKL linears)
+KERNELS = pytest.mark.parametrize("plain", [False, True], ids=["ours", "plain"])
+CPU = torch.device("cpu")
 
 
 @KERNELS
 @pytest.mark.parametrize("c", CONFIGS, ids=[c["name"] for c in CONFIGS])
 def test_log_probs_equal_fairseqs(c, plain):
-    with plain_kernels(plain):
+    with plain_kernels(plain), fast_linears(CPU):
         _log_probs_equal_fairseqs(c)
 
 
@@ -75,7 +78,7 @@ def _log_probs_equal_fairseqs(c):
 @KERNELS
 @pytest.mark.parametrize("c", CONFIGS, ids=[c["name"] for c in CONFIGS])
 def test_one_training_step_equals_fairseqs(c, plain):
-    with plain_kernels(plain):
+    with plain_kernels(plain), fast_linears(CPU):
         _one_training_step_equals_fairseqs(c)
 
 

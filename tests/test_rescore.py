@@ -108,8 +108,8 @@ def test_sentence_logprobs_equal_languagemodel_score_with_length_sorted_batches(
 
 
 def test_onednn_linears_equal_f_linear_only_inside_the_block(monkeypatch):
-    """The thread-local mode rescoring runs under: the same fp32 results as F.linear (up to summation order), and
-    untouched calls outside the block, with gradients, or in another dtype."""
+    """The thread-local mode inference and training run under: the same fp32 results and gradients as F.linear (up
+    to summation order), and untouched calls outside the block or in another dtype."""
     assert OneDNNLinears.available()  # PyTorch's CPU build ships the op; the benchmark's speed depends on it
     real, calls = torch.ops.mkldnn._linear_pointwise, []
 
@@ -126,11 +126,22 @@ def test_onednn_linears_equal_f_linear_only_inside_the_block(monkeypatch):
     assert calls == [(28, 16), (7, 16)] and yd.dtype == torch.float64  # float64: the usual path
     torch.testing.assert_close(y3, linear(x, w, b), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(y2, x[0] @ w.T, atol=1e-5, rtol=1e-5)
+    # with autograd (training): forward and both backward GEMMs on oneDNN, gradients as F.linear's. Tolerance:
+    # fp32 sums of at most 28 products of O(1) terms in another order, |error| < 28 * 2 * eps * sum|ab| ~ 1e-5
+    xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
     with OneDNNLinears():
-        assert linear(x, w.clone().requires_grad_()).grad_fn is not None  # autograd: the usual path
+        y = linear(xg, wg, bg)
+    assert type(y.grad_fn).__name__ == "_OneDNNLinearBackward" and len(calls) == 3
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    assert len(calls) == 5  # d(x) and d(W); d(b) is a sum
+    ref = [t.clone().requires_grad_() for t in (x, w, b)]
+    linear(*ref).backward(gy)
+    for got, want in zip((y, xg.grad, wg.grad, bg.grad), (linear(x, w, b), *(t.grad for t in ref))):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         linear(x, w)  # outside the block
-    assert len(calls) == 2
+    assert len(calls) == 5
 
 
 def test_score_eos_adds_the_end_of_sentence_prediction(lm):

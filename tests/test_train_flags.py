@@ -160,3 +160,16 @@ def test_generate_batch_max_len_a_and_bf16(data, tmp_path, capsys):
     assert [len(x.split()) for x in lines] == [3, 5]
     assert main([*base, "--prompt", words[0], "--bf16"]) == 0
     assert len(capsys.readouterr().out.strip().split()) == 3
+
+
+@pytest.mark.parametrize("kernels", ["auto", "plain"])
+def test_checkpoint_activations_change_no_number(data, tmp_path, kernels):
+    """``--checkpoint-activations`` through the trainer, dropout on: the recomputation in backward draws the same
+    dropout masks and runs the same linear kernels as the forward (oneDNN's on our CPU kernels), so every logged
+    loss and gradient norm is bit for bit the run's without it."""
+    runs = []
+    for extra in ([], ["--checkpoint-activations"]):
+        save = tmp_path / ("ckpt" if extra else "plain")
+        assert main(args(data, save, "--max-update", "4", "--kernels", kernels, *extra)) == 0
+        runs.append([(m["loss"], m["gnorm"]) for m in metrics(save) if "gnorm" in m])
+    assert len(runs[0]) == 4 and runs[0] == runs[1]

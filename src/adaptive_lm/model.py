@@ -28,7 +28,15 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ConfigError, ModelConfig, band_dims, parse_character_filters, parse_layers_to_keep
-from .kernels import add_dropout, causal_attention, cross_entropy_sum, dropout, linear_cross_entropy_sum, pad_rows
+from .kernels import (
+    add_dropout,
+    causal_attention,
+    cross_entropy_sum,
+    dropout,
+    linear_cross_entropy_sum,
+    pad_rows,
+    recompute_contexts,
+)
 
 KVCache = list[dict[str, Tensor]]
 
@@ -756,7 +764,7 @@ class TransformerLM(nn.Module):
             return layer(x, cache)
         offload = self.cfg.offload_activations and x.device.type != "cpu"
         with torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext():
-            return checkpoint(layer, x, cache, use_reentrant=False)
+            return checkpoint(layer, x, cache, use_reentrant=False, context_fn=recompute_contexts)
 
     def tie_weights(self) -> None:
         """Make tied tensors one Parameter again (loading with ``assign=True`` replaces each name separately)."""

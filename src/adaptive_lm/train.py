@@ -37,7 +37,7 @@ from .errors import UserError
 from .evaluate import perplexity
 from .fairseq_io import load_into
 from .hardware import half_precision_notice
-from .kernels import plain_kernels, prepare_for_compile
+from .kernels import fast_linears, plain_kernels, prepare_for_compile
 from .model import Routes, TransformerLM
 from .optim import NAG, CosineSchedule, LossScaler, clip_grad_norm_
 from .progress import Progress
@@ -427,8 +427,11 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def kernel_choice(self):
-        """``--kernels plain``: PyTorch's kernels for this call (no process-wide setting left behind)."""
-        return plain_kernels(True) if self.cfg.kernels == "plain" else contextlib.nullcontext()
+        """``--kernels plain``: PyTorch's kernels for this call (no process-wide setting left behind); else ours,
+        with fp32 CPU linears on oneDNN (not under --compile, which traces the model's own ops)."""
+        if self.cfg.kernels == "plain":
+            return plain_kernels(True)
+        return contextlib.nullcontext() if self.cfg.compile else fast_linears(self.device)
 
     def train_step(self, samples: list[dict[str, Any]]) -> dict[str, float]:
         """One update from this process's micro-batches; every process calls it the same number of times."""
