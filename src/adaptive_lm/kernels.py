@@ -16,7 +16,10 @@ probabilities and masks per layer (gigabytes at the recipe's T = 3072). Here:
   only q, k, v and one log-sum-exp per query are kept for backward.
 * ``add_dropout``: a residual ``x + dropout(h)`` in one ``addcmul`` pass.
 * ``cross_entropy_sum``: summed cross-entropy whose backward is softmax - onehot in one pass (any device).
-* ``pad_rows``: row counts rounded to a few sizes where oneDNN builds a kernel per shape (CPU half precision).
+* ``pad_rows``: row counts rounded to a few sizes where oneDNN builds a kernel per shape (CPU half precision,
+  and fp32 inside ``OneDNNLinears``).
+* ``OneDNNLinears``: fp32 ``F.linear`` (forward, and both backward GEMMs under autograd) on oneDNN instead of MKL,
+  whose fp32 path on AMD CPUs runs at half the rate.
 
 Which kernels run is an explicit setting, ``use_plain_kernels(True)`` (``--kernels plain`` on the command line):
 then CPU runs exactly what CUDA runs (PyTorch's dropout, ``F.scaled_dot_product_attention(is_causal=True)``, no
