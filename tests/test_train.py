@@ -63,18 +63,24 @@ def train_with_spread(args: list[str], runs: int = 2) -> tuple[dict, dict[str, l
     def cfg():
         return TrainConfig.from_args(build_parser().parse_args(args))
 
-    base = train(cfg())
+    trainers: list = []
+    base = train(cfg(), on_start=trainers.append)
     spread = {k: [0.0] * len(base["history"]) for k in ("loss", "gnorm")}
     spread["valid"] = [0.0] * len(base["valid_losses"])
+    spread["weights"] = [0.0]  # the largest |final weight difference| over the perturbed runs
     quiet = cfg()
     quiet.no_save = True
     for seed in range(runs):
-        r = train(dataclasses.replace(quiet), on_start=_perturb(seed))
+        perturb = _perturb(seed)
+        r = train(dataclasses.replace(quiet), on_start=lambda t, f=perturb: (trainers.append(t), f(t)))
         for i, (a, b) in enumerate(zip(base["history"], r["history"])):
             for k in ("loss", "gnorm"):
                 spread[k][i] = max(spread[k][i], abs(a[k] - b[k]))
         for i, (a, b) in enumerate(zip(base["valid_losses"], r["valid_losses"])):
             spread["valid"][i] = max(spread["valid"][i], abs(a - b))
+        mine, theirs = trainers[0].model.state_dict(), trainers[-1].model.state_dict()
+        worst = max((mine[k] - v).abs().max().item() for k, v in theirs.items())
+        spread["weights"][0] = max(spread["weights"][0], worst)
     return base, spread
 
 
@@ -116,7 +122,11 @@ def test_continuing_fairseq_checkpoint_matches_fairseq(tmp_path, fixture_dir, mo
     expected = state_dict_from_fairseq(ref_w["model"], ours.cfg)
     own = ours.model.state_dict()
     worst = max((own[k] - v).abs().max().item() for k, v in expected.items())
-    assert worst < 1e-5, worst
+    # the same bound as the logged numbers: 4x how far half-ulp perturbations move the final weights (a fixed 1e-5
+    # held on AVX2/AVX-512 kernels and failed under ATEN_CPU_CAPABILITY=default, where the perturbed runs move by
+    # 1.7e-5 themselves), plus 1e-6
+    print(f"final weights vs fairseq: worst {worst:.3g}, spread of half-ulp-perturbed runs {spread['weights'][0]:.3g}")
+    assert worst < 4 * spread["weights"][0] + 1e-6, (worst, spread["weights"])
 
 
 def test_multibatch_continuation_and_validation_match_fairseq(tmp_path, fixture_dir):
