@@ -60,8 +60,18 @@ def test_log_probs_equal_fairseqs(c, plain):
         _log_probs_equal_fairseqs(c)
 
 
+def fp32_inside(c: dict) -> bool:
+    """fairseq's ``gelu`` runs in fp32 whatever the model's dtype (``F.gelu(x.float()).type_as(x)``; ours too, to
+    match), so an fp64 model with it carries fp32 rounding: and that rounding is the CPU's, since PyTorch sends an
+    fp32 gelu to oneDNN, whose erf differs by an ulp or two between its AVX2 and AVX-512 code (the reference was
+    drawn on AVX-512; ONEDNN_MAX_CPU_ISA=AVX2 shows 1e-7 differences). Those configurations get the fp32 bounds
+    in their fp64 pass too."""
+    return c["cfg_model"].get("activation_fn") == "gelu"
+
+
 def _log_probs_equal_fairseqs(c):
-    for dtype, tol, sfx in ((torch.float32, 1e-5, "32"), (torch.float64, 1e-9, "64")):
+    tol64 = 1e-5 if fp32_inside(c) else 1e-9
+    for dtype, tol, sfx in ((torch.float32, 1e-5, "32"), (torch.float64, tol64, "64")):
         model = load(c, dtype).model
         src, tgt = c["src"], c["tgt"]
         with torch.no_grad():
@@ -83,7 +93,8 @@ def test_one_training_step_equals_fairseqs(c, plain):
 
 
 def _one_training_step_equals_fairseqs(c):
-    for dtype, tol_loss, tol_norm, sfx in ((torch.float32, 1e-6, 1e-5, "32"), (torch.float64, 1e-9, 1e-9, "64")):
+    tol64 = (1e-6, 1e-5) if fp32_inside(c) else (1e-9, 1e-9)  # see fp32_inside
+    for dtype, tol_loss, tol_norm, sfx in ((torch.float32, 1e-6, 1e-5, "32"), (torch.float64, *tol64, "64")):
         model = load(c, dtype, training=True).model.train()
         torch.manual_seed(c["train_seed"])  # layer drop and quant-noise draw from it, as in fairseq
         loss = model.loss(c["src"], c["tgt"], tail_ignore_quirk=c["criterion"] == "adaptive_loss")
