@@ -9,8 +9,10 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -69,11 +71,26 @@ def machine() -> dict:
     return {**describe(), "cores": os.cpu_count(), "python": platform.python_version()}
 
 
+def portable(obj: Any) -> Any:
+    """``obj`` with this machine's absolute paths made relative: the repo as ``.``, ``../shared`` as itself, the
+    home folder as ``~`` and the temporary folder as ``$TMPDIR``, so a committed result names no one's disk."""
+    if isinstance(obj, dict):
+        return {k: portable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [portable(v) for v in obj]
+    if not isinstance(obj, str):
+        return obj
+    for prefix, short in ((str(REPO.parent / "shared"), "../shared"), (str(REPO), "."),
+                          (tempfile.gettempdir(), "$TMPDIR"), (str(Path.home()), "~")):  # fmt: skip
+        obj = obj.replace(prefix, short)
+    return obj
+
+
 def save(name: str, data: dict) -> Path:
     out = REPO / "benchmarks" / "results"
     out.mkdir(exist_ok=True)
     path = out / f"{name}.json"
-    path.write_text(json.dumps(data, indent=2))
+    path.write_text(json.dumps(portable(data), indent=2))
     return path
 
 
