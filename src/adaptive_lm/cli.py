@@ -22,7 +22,7 @@ from typing import Any
 
 from .config import ConfigError
 from .errors import UserError
-from .train_config import add_train_args, nonneg, positive, probability
+from .train_config import add_train_args, config_from_args, nonneg, positive, probability
 
 UNK_WARN_RATE = 0.05  # report the unknown-word rate above this
 
@@ -136,20 +136,7 @@ def add_preprocess_args(p: argparse.ArgumentParser) -> None:
 def cmd_preprocess(ns: argparse.Namespace) -> int:
     from .preprocess import PreprocessConfig, preprocess
 
-    cfg = PreprocessConfig(
-        trainpref=ns.trainpref,
-        validpref=ns.validpref,
-        testpref=ns.testpref,
-        destdir=ns.destdir,
-        srcdict=ns.srcdict,
-        thresholdsrc=ns.thresholdsrc,
-        nwordssrc=ns.nwordssrc,
-        padding_factor=ns.padding_factor,
-        workers=ns.workers,
-        dataset_impl=ns.dataset_impl,
-        progress=not ns.no_progress_bar,
-    )
-    print("\n".join(preprocess(cfg)))
+    print("\n".join(preprocess(config_from_args(PreprocessConfig, ns))))
     return 0
 
 

@@ -54,8 +54,9 @@ class EvalConfig:
     @classmethod
     def from_args(cls, ns: Any) -> EvalConfig:
         """The fields of a parsed ``eval`` (or ``knn-store``) command line that it has."""
-        values = {f: getattr(ns, f) for f in cls.__dataclass_fields__ if f != "progress" and hasattr(ns, f)}
-        return cls(**values, progress=not getattr(ns, "no_progress_bar", False))
+        from .train_config import config_from_args
+
+        return config_from_args(cls, ns)
 
 
 @dataclass

@@ -1157,20 +1157,12 @@ def add_knn_store_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_knn_store(ns: argparse.Namespace) -> int:
     from .cli import _half_notice, _load
+    from .train_config import config_from_args
 
     lm = _load(ns)
     _half_notice(ns, lm)
     cfg = EvalConfig.from_args(ns)
-    scfg = StoreConfig(
-        dstore=ns.dstore,
-        keytype=ns.keytype,
-        fp16_keys=ns.fp16_keys,
-        max_blocks=ns.max_blocks,
-        flush_every=ns.flush_every,
-        overwrite=ns.overwrite,
-        progress=not ns.no_progress_bar,
-    )
-    _, lines = build_store(lm, cfg, scfg)
+    _, lines = build_store(lm, cfg, config_from_args(StoreConfig, ns))
     print("\n".join(lines))
     return 0
 
@@ -1199,19 +1191,8 @@ def add_knn_index_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_knn_index(ns: argparse.Namespace) -> int:
-    icfg = IndexConfig(
-        kind=ns.index,
-        ncentroids=ns.ncentroids,
-        code_size=ns.code_size,
-        probe=ns.probe,
-        train_sample=ns.train_sample,
-        chunk=ns.chunk,
-        opq=ns.opq,
-        metric=ns.metric,
-        seed=ns.seed,
-        overwrite=ns.overwrite,
-        progress=not ns.no_progress_bar,
-    )
-    _, lines = build_index(ns.dstore, icfg)
+    from .train_config import config_from_args
+
+    _, lines = build_index(ns.dstore, config_from_args(IndexConfig, ns, kind=ns.index))
     print("\n".join(lines))
     return 0

@@ -39,7 +39,6 @@ class PreprocessConfig:
     nwordssrc: int = -1
     padding_factor: int = 8
     workers: int = 1
-    only_source: bool = True
     dataset_impl: str = "mmap"
     progress: bool = True
 

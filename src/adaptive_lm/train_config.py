@@ -273,6 +273,16 @@ class TrainConfig:
         return cls(**values)
 
 
+def config_from_args(cls: Any, ns: argparse.Namespace, **given: Any) -> Any:
+    """A dataclass config from the same-named attributes of a parsed command line, ``progress`` from
+    ``--no-progress-bar``; ``given`` sets the fields whose flag has another name or needs logic."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {n: getattr(ns, n) for n in names if hasattr(ns, n)}
+    if "progress" in names:
+        values["progress"] = not getattr(ns, "no_progress_bar", False)
+    return cls(**{**values, **given})
+
+
 # ---- argparse types: one clear line for a bad value ----------------------------------------------------------
 def _checked(kind: Any):
     def positive(s: str) -> float | int:
