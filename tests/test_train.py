@@ -50,6 +50,17 @@ def _perturb(seed: int):
     return f
 
 
+def _kept_and_perturbed(trainers: list, seed: int):
+    """``on_start``: remember the trainer (its final weights are compared) and perturb its starting weights."""
+    perturb = _perturb(seed)
+
+    def start(trainer) -> None:
+        trainers.append(trainer)
+        perturb(trainer)
+
+    return start
+
+
 def train_with_spread(args: list[str], runs: int = 2) -> tuple[dict, dict[str, list[float]]]:
     """Train with ``args``, and measure how far fp32 rounding alone moves the logged numbers: the same run again
     with every starting weight changed by a random relative 2^-24 (half an fp32 ulp: the size of one rounding).
@@ -71,8 +82,7 @@ def train_with_spread(args: list[str], runs: int = 2) -> tuple[dict, dict[str, l
     quiet = cfg()
     quiet.no_save = True
     for seed in range(runs):
-        perturb = _perturb(seed)
-        r = train(dataclasses.replace(quiet), on_start=lambda t, f=perturb: (trainers.append(t), f(t)))
+        r = train(dataclasses.replace(quiet), on_start=_kept_and_perturbed(trainers, seed))
         for i, (a, b) in enumerate(zip(base["history"], r["history"])):
             for k in ("loss", "gnorm"):
                 spread[k][i] = max(spread[k][i], abs(a[k] - b[k]))

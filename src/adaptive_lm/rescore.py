@@ -16,7 +16,6 @@ input row in input order with one more column, the LM log-probability in nats.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import re
@@ -89,10 +88,6 @@ def frame(
     return inp, tgt, n
 
 
-def _fast_linears(model: torch.nn.Module) -> contextlib.AbstractContextManager:
-    return fast_linears(next(model.parameters()).device)
-
-
 @torch.no_grad()
 def sentence_logprobs(
     lm: Any,
@@ -112,7 +107,7 @@ def sentence_logprobs(
     n = np.array([len(x) + 1 if score_eos else len(x) for x in ids], dtype=np.int64)  # scored positions
     out = np.zeros(len(ids), dtype=np.float64)
     todo = np.nonzero(n > 0)[0]  # an empty sentence without </s> scores nothing: 0
-    with Progress(len(ids), "rescore", enabled=progress, unit="hyp") as bar, _fast_linears(model):
+    with Progress(len(ids), "rescore", enabled=progress, unit="hyp") as bar, fast_linears(device):
         bar.update(len(ids) - len(todo))
         for batch in length_batches(n[todo], max_tokens, max_sentences):
             rows = todo[batch]
