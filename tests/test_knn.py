@@ -166,10 +166,8 @@ def _wait_for_progress(path: Path, proc: subprocess.Popen, above: int, timeout: 
 def test_store_interrupted_by_sigint_then_sigkill_resumes_to_the_same_bytes(fx, tmp_path):
     """A real interruption: the subprocess gets SIGINT mid-way (saves its progress, exits 130), is restarted and
     killed with SIGKILL mid-way (no chance to save anything), is restarted and finishes; the three files are then
-    byte for byte those of an uninterrupted run. Small batches over many blocks keep each run at about a second,
-    so the signals land mid-way however fast the machine (25 batches of 8 finished before a loaded CPU's signal)."""
-    blocks = 1000
-    extra = ("--max-blocks", str(blocks), "--flush-every", "5", "--batch-size", "2")
+    byte for byte those of an uninterrupted run."""
+    extra = ("--max-blocks", "200", "--flush-every", "5", "--batch-size", "8")
     assert main(store_args(fx, tmp_path / "ref", *extra)) == 0
     cmd = [sys.executable, "-m", "adaptive_lm", *store_args(fx, tmp_path / "cut", *extra)]
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
@@ -180,7 +178,7 @@ def test_store_interrupted_by_sigint_then_sigkill_resumes_to_the_same_bytes(fx, 
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGINT and "interrupted" in err and "Traceback" not in err
     first = json.loads(manifest.read_text())["progress"]
-    assert not first["complete"] and 0 < first["blocks_done"] < blocks
+    assert not first["complete"] and 0 < first["blocks_done"] < 200
 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     _wait_for_progress(manifest, proc, first["blocks_done"] + 8)
@@ -188,7 +186,7 @@ def test_store_interrupted_by_sigint_then_sigkill_resumes_to_the_same_bytes(fx, 
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     second = json.loads(manifest.read_text())["progress"]
-    assert not second["complete"] and first["blocks_done"] < second["blocks_done"] < blocks
+    assert not second["complete"] and first["blocks_done"] < second["blocks_done"] < 200
 
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
