@@ -172,7 +172,10 @@ def test_store_interrupted_by_sigint_then_sigkill_resumes_to_the_same_bytes(fx, 
     cmd = [sys.executable, "-m", "adaptive_lm", *store_args(fx, tmp_path / "cut", *extra)]
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     manifest = tmp_path / "cut" / "manifest.json"
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # as started from a terminal: a shell's background job (`cmd &`) inherits SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler, so the store would finish despite the signal
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     _wait_for_progress(manifest, proc, 0)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
