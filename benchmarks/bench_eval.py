@@ -34,9 +34,9 @@ LARGER = dict(
 
 def larger_checkpoint(dest: Path) -> Path:
     from adaptive_lm import build_model
-    from adaptive_lm.convert import to_fairseq_checkpoint
-    from adaptive_lm.dictionary import Dictionary
-    from adaptive_lm.hub import LanguageModel
+    from adaptive_lm.core.dictionary import Dictionary
+    from adaptive_lm.core.fairseq_format import to_fairseq_checkpoint
+    from adaptive_lm.inference.hub import LanguageModel
 
     path = dest / "model.pt"
     if not path.exists():
@@ -44,7 +44,7 @@ def larger_checkpoint(dest: Path) -> Path:
         d = Dictionary.load(FIXTURE / "model" / "dict.txt")
         torch.manual_seed(0)
         lm = LanguageModel(build_model("transformer_lm_wiki103", len(d), **LARGER), d, "", 1024)
-        torch.save(to_fairseq_checkpoint(lm), path)
+        torch.save(to_fairseq_checkpoint(lm.model, lm.cfg, lm.tokens_per_sample), path)
         d.save(dest / "dict.txt")
     return path
 

@@ -90,8 +90,8 @@ def build_indexes(work: Path) -> dict:
 
 def valid_queries(lm) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Keys, LM log-probs and targets of every scored token of the valid split, as eval scores them."""
-    from adaptive_lm.evaluate import EvalConfig, plan, scored_batches
-    from adaptive_lm.knn import KeyCapture
+    from adaptive_lm.inference.evaluate import EvalConfig, plan, scored_batches
+    from adaptive_lm.inference.knn import KeyCapture
 
     cfg = EvalConfig(data=str(DATA), gen_subset="valid", progress=False)
     q, lp, t = [], [], []
@@ -107,7 +107,7 @@ def valid_queries(lm) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
 def sweeps(folder: Path, queries, lm_lp, targets, approximate: bool = False, chunk: int = 4096) -> dict:
     """One search at k=1024 over the valid split; p_kNN for every k (prefixes of the best-first list) and every
     temperature; lambda sweeps. Chunked so the (N, 1024) float64 scores never exist for the whole split."""
-    from adaptive_lm.knn import KNN, lambda_sweep
+    from adaptive_lm.inference.knn import KNN, lambda_sweep
 
     knn = KNN.load(folder, k=max(KS), approximate=approximate)
     lp_k = {k: [] for k in KS}
@@ -193,7 +193,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
 
     import adaptive_lm
-    from adaptive_lm.hardware import describe
+    from adaptive_lm.core.hardware import describe
 
     result: dict = {"machine": describe(), "cores": os.cpu_count()}
     if not args.skip_cost:

@@ -51,9 +51,9 @@ print(json.dumps({"seconds": time.time() - t0, "params": lm.model.num_parameters
 
 def build(dest: Path) -> Path:
     from adaptive_lm import build_model
-    from adaptive_lm.convert import to_fairseq_checkpoint
-    from adaptive_lm.dictionary import Dictionary
-    from adaptive_lm.hub import LanguageModel
+    from adaptive_lm.core.dictionary import Dictionary
+    from adaptive_lm.core.fairseq_format import to_fairseq_checkpoint
+    from adaptive_lm.inference.hub import LanguageModel
 
     path = dest / "model.pt"
     if path.exists():
@@ -73,7 +73,7 @@ def build(dest: Path) -> Path:
     for i in range(VOCAB - 4):
         d.add_symbol(f"w{i}", n=1)
     lm = LanguageModel(model, d, "", 512)
-    ck = to_fairseq_checkpoint(lm)
+    ck = to_fairseq_checkpoint(lm.model, lm.cfg, lm.tokens_per_sample)
     settings = ck["cfg"]["model"]
     settings["arch"] = settings.pop("_name")
     ck["args"], ck["cfg"] = argparse.Namespace(**settings), None

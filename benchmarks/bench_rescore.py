@@ -1,4 +1,4 @@
-"""N-best rescoring speed: ``adaptive_lm.rescore`` against fairseq's hub ``score()`` on the same hypotheses.
+"""N-best rescoring speed: ``adaptive_lm.inference.rescore`` against fairseq's hub ``score()`` on the same hypotheses.
 
     python benchmarks/bench_rescore.py [--fairseq-python ~/fairseq-venv/bin/python] [--larger] [--repeats 3]
 
@@ -18,7 +18,7 @@ runs that alternate between the tools; the scores (sums of the positional scores
 1e-4. Models: the shared fixture (fairseq-trained, 0.9M parameters) and, with ``--larger``, bench_eval's random
 8-layer d512 model written as a fairseq checkpoint.
 
-``--fusion`` also times pyctcdecode decoding with ``adaptive_lm.fusion`` on synthetic CTC posteriors (one
+``--fusion`` also times pyctcdecode decoding with ``adaptive_lm.inference.fusion`` on synthetic CTC posteriors (one
 ambiguous letter per word): cached states against recomputing every prefix, batched per step or not.
 """
 
@@ -110,8 +110,8 @@ def make_nbest(refs: list[str], per: int = 10, seed: int = 0) -> list[tuple[str,
 def ours(lm, hyps: list[str], onednn: bool = True) -> dict:
     """One timed pass: encode (dictionary lookups) and score, the model already loaded. ``onednn=False``: with
     PyTorch's default (MKL) linears, to show what ``kernels.OneDNNLinears`` brings on this CPU."""
-    from adaptive_lm.kernels import OneDNNLinears
-    from adaptive_lm.rescore import encode_hypotheses, sentence_logprobs
+    from adaptive_lm.core.kernels import OneDNNLinears
+    from adaptive_lm.inference.rescore import encode_hypotheses, sentence_logprobs
 
     saved = OneDNNLinears._ok
     OneDNNLinears._ok = None if onednn else False
@@ -130,7 +130,7 @@ def best_of(a: dict | None, b: dict) -> dict:
 
 
 def hub_ready(path: Path, dest: Path) -> Path:
-    """A copy of a checkpoint written by ``adaptive_lm.convert`` that fairseq's hub can ``score()`` with.
+    """A copy of a checkpoint written by ``adaptive_lm.inference.convert`` that fairseq's hub can ``score()`` with.
 
     Why: our converter writes the cfg sections a model needs (model, task, criterion, dataset), which
     fairseq-eval-lm accepts; the hub interface also reads ``cfg.generation``, ``cfg.bpe``, ``cfg.tokenizer``,
@@ -200,7 +200,7 @@ def fusion(model_path: Path, utterances: list[str], beam: int, repeats: int) -> 
     """Time per utterance of pyctcdecode + our LM: cached states (batched per step / one word per forward) against
     recomputing every prefix (batched / one word per forward, as fairseq's decoder adapter does)."""
     import adaptive_lm
-    from adaptive_lm.fusion import FusionLanguageModel, build_fusion_decoder
+    from adaptive_lm.inference.fusion import FusionLanguageModel, build_fusion_decoder
 
     lm = adaptive_lm.from_pretrained(model_path)
     labels = ["", " ", *sorted({c for u in utterances for c in u} - {" "})]
@@ -308,7 +308,7 @@ def main() -> None:
             for row in fusion(path, lower[: args.fusion_utterances], args.beam, args.repeats):
                 fusion_rows.append({"model": name, **row})
         torch.set_num_threads(2)
-    from adaptive_lm.hardware import describe
+    from adaptive_lm.core.hardware import describe
 
     cols = ["model", "impl", "hypotheses", "tokens", "seconds", "hyp_per_s", "tok_per_s", "speedup", "max_abs_diff"]
     print(table(results, cols))

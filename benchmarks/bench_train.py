@@ -111,7 +111,7 @@ def flops_per_update(c: dict, bf16: bool) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from adaptive_lm import build_model
-    from adaptive_lm.data import LMDataset, load_split
+    from adaptive_lm.core.data import LMDataset, load_split
 
     ds = LMDataset.from_split(load_split(FIXTURE / "data-bin", "train"), c["tps"], "none")
     n = c["max_tokens"] // c["tps"]

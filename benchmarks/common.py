@@ -43,7 +43,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> floa
     """Measured FLOP/s of an n x n matmul in ``dtype`` on this machine (all threads): the faster of PyTorch's
     default GEMM (MKL for fp32) and oneDNN's, which our CPU kernels use for fp32 linears (on AMD CPUs MKL's fp32
     path runs at about half of oneDNN's, so MKL alone would understate the peak and overstate MFU)."""
-    from adaptive_lm.kernels import OneDNNLinears
+    from adaptive_lm.core.kernels import OneDNNLinears
 
     a = torch.randn(n, n, dtype=dtype)
     b = torch.randn(n, n, dtype=dtype)
@@ -66,7 +66,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> floa
 def machine() -> dict:
     """The machine a figure came from: CPU model and instruction sets (native bf16 or not), PyTorch's kernel level,
     cores, GPU if any."""
-    from adaptive_lm.hardware import describe
+    from adaptive_lm.core.hardware import describe
 
     return {**describe(), "cores": os.cpu_count(), "python": platform.python_version()}
 

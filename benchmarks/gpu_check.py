@@ -28,10 +28,11 @@ What "works on GPU" means, check by check (each is a small function below return
              peak memory at update-freq 1 and 3; host syncs per micro-batch and per update
              (``torch.cuda.set_sync_debug_mode``); the top CUDA kernels of one profiled step.
 7. eval      evaluation tokens/s with a context window, generation tokens/s with and without the key/value cache
-             (cached scores checked against a full forward), n-best rescoring tokens/s (``adaptive_lm.rescore``
+             (cached scores checked against a full forward), n-best rescoring tokens/s
+             (``adaptive_lm.inference.rescore``
              against ``lm.score``); the fixture's fairseq-eval-lm perplexity (within 1e-3 bits).
 
-Without CUDA (or with ``--dry-run``) the same functions run on the CPU with ``adaptive_lm.kernels`` switched to
+Without CUDA (or with ``--dry-run``) the same functions run on the CPU with ``adaptive_lm.core.kernels`` switched to
 the plain kernels (what CUDA runs: ``F.scaled_dot_product_attention``, PyTorch dropout, no row padding, the
 sync-free cross-entropy branch; the trainer then finds adaptive band rows on the loader side), at reduced sizes;
 whatever only a GPU can show (flash kernels, NCCL, host syncs, GPU memory, peak TFLOP/s) is SKIP, with the reason.
@@ -70,17 +71,19 @@ import torch
 import torch.nn.functional as F
 
 import adaptive_lm
-from adaptive_lm import hardware
-from adaptive_lm.data import IndexedWriter, best_dtype
-from adaptive_lm.dictionary import Dictionary
-from adaptive_lm.evaluate import EvalConfig, evaluate
-from adaptive_lm.hub import LanguageModel
-from adaptive_lm.kernels import add_dropout, causal_attention, cross_entropy_sum, dropout, plain_kernels
-from adaptive_lm.model import Routes
-from adaptive_lm.preprocess import PreprocessConfig, preprocess
-from adaptive_lm.quickstart import Corpus
-from adaptive_lm.train import Prefetcher, Trainer, train
-from adaptive_lm.train_config import TrainConfig
+from adaptive_lm.core import hardware
+from adaptive_lm.core.corpus import Corpus
+from adaptive_lm.core.data import IndexedWriter, best_dtype
+from adaptive_lm.core.dictionary import Dictionary
+from adaptive_lm.core.kernels import add_dropout, causal_attention, cross_entropy_sum, dropout, plain_kernels
+from adaptive_lm.core.model import Routes
+from adaptive_lm.core.preprocess import PreprocessConfig, preprocess
+from adaptive_lm.inference.evaluate import EvalConfig, evaluate
+from adaptive_lm.inference.hub import LanguageModel
+from adaptive_lm.training.config import TrainConfig
+from adaptive_lm.training.data import Prefetcher
+from adaptive_lm.training.loop import train
+from adaptive_lm.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO.parent / "shared" / "fixtures" / "fairseq-tiny"
@@ -314,7 +317,7 @@ def tf32(on: bool | None) -> Iterator[None]:
 
 
 def run_training(ctx: Ctx, cfg: TrainConfig) -> tuple[dict[str, Any], str, float]:
-    """``adaptive_lm.train.train(cfg)`` with its console output captured; (result, output, seconds).
+    """``adaptive_lm.training.trainer.train(cfg)`` with its console output captured; (result, output, seconds).
 
     ``train`` leaves process-wide state behind (SIGINT/SIGTERM handlers bound to the finished run, TF32 switches,
     the plain-kernel switch): restored here so that the checks stay independent and Ctrl-C keeps working."""
@@ -831,7 +834,7 @@ def dist_child(args: argparse.Namespace) -> int:
     validation). Prints ``RESULT {json}``."""
     import torch.distributed as dist
 
-    from adaptive_lm.distributed import GradReducer, setup_distributed
+    from adaptive_lm.training.distributed import GradReducer, setup_distributed
 
     ctx = Ctx(args)
 
@@ -1185,7 +1188,8 @@ def check_generate(ctx: Ctx) -> Record:
 
 
 def check_score(ctx: Ctx) -> Record:
-    """n-best rescoring: ``adaptive_lm.rescore.sentence_logprobs`` (length-sorted batches, target-only softmax)
+    """n-best rescoring: ``adaptive_lm.inference.rescore.sentence_logprobs`` (length-sorted batches, target-only
+    softmax)
     against ``lm.score`` (the hub's per-sentence scores): speed of both, and the same sums."""
     lm = recipe_lm(ctx)
     rng = np.random.default_rng(0)
@@ -1193,7 +1197,7 @@ def check_score(ctx: Ctx) -> Record:
     n_sent = 256 if ctx.cuda else 32
     lengths = rng.integers(5, 60 if ctx.cuda else 30, n_sent)
     sentences = [" ".join(lm.dictionary[int(i)] for i in rng.integers(4, top, n)) for n in lengths]
-    rescore = _import("adaptive_lm.rescore")
+    rescore = _import("adaptive_lm.inference.rescore")
     figs: dict[str, Any] = dict(device=ctx.where, sentences=n_sent, rescore_module=rescore is not None)
     with plain_kernels(True), tf32(False):
         lm.score(sentences[:2])  # warm
@@ -1207,7 +1211,7 @@ def check_score(ctx: Ctx) -> Record:
         figs["lm_score"] = dict(tokens=tokens, seconds=round(secs, 3), tokens_per_s=round(tokens / secs))
         ok = bool(np.isfinite(hub).all())
         summary = f"{ctx.where} recipe model: lm.score {figs['lm_score']['tokens_per_s']:,} tok/s"
-        note = "adaptive_lm.rescore absent: lm.score only"
+        note = "adaptive_lm.inference.rescore absent: lm.score only"
         if rescore is not None and hasattr(rescore, "sentence_logprobs"):
             ids = rescore.encode_hypotheses(lm, sentences)
             ctx.sync()
@@ -1222,7 +1226,7 @@ def check_score(ctx: Ctx) -> Record:
             summary += f", rescore {figs['rescore']['tokens_per_s']:,} tok/s (sums vs lm.score {fmt(diff)})"
             note = "" if ok else f"rescore sums differ from lm.score by {fmt(diff)}"
         elif rescore is not None:
-            note = "adaptive_lm.rescore has no sentence_logprobs: lm.score only"
+            note = "adaptive_lm.inference.rescore has no sentence_logprobs: lm.score only"
     return Record(verdict(ok), summary + f"; {n_sent} sentences", figs, note)
 
 

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from adaptive_lm.cli.train import train_config
 from adaptive_lm.cli import main
-from adaptive_lm.quickstart import Corpus, quickstart
+from adaptive_lm.cli.quickstart import quickstart
+from adaptive_lm.core.corpus import Corpus
 
 
 def small_bin(tmp_path, tokens: int):
@@ -146,21 +148,21 @@ def test_mixed_precision_training_runs_and_learns(tmp_path, flag):
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
 
 
-def test_fp16_overflow_skips_the_update_and_lowers_the_scale(tmp_path, capsys):
+def test_fp16_overflow_skips_the_update_and_lowers_the_scale(tmp_path, caplog):
     from adaptive_lm.cli import build_parser
-    from adaptive_lm.train import Trainer
-    from adaptive_lm.train_config import TrainConfig
+    from adaptive_lm.training.trainer import Trainer
 
+    caplog.set_level("INFO", logger="adaptive_lm")
     small_bin(tmp_path, 2000)
     args = tiny_train_args(tmp_path, "--max-update", "5", "--fp16")
-    trainer = Trainer(TrainConfig.from_args(build_parser().parse_args(args)))
+    trainer = Trainer(train_config(build_parser().parse_args(args)))
     trainer.scaler.scale = 3e38  # any real loss times this overflows float32
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     batch = trainer.train_data.collate(trainer.batches.epoch_batches(1)[0])
     out = trainer.train_step([batch])
     assert out.get("skipped") == 1.0 and trainer.state.num_updates == 0 and trainer.scaler.scale == 1.5e38
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
-    assert "fp16 overflow at update 1: skipping it" in capsys.readouterr().out
+    assert "fp16 overflow at update 1: skipping it" in caplog.text
     trainer.scaler.scale = 128.0
     out = trainer.train_step([batch])
     assert "skipped" not in out and trainer.state.num_updates == 1 and math.isfinite(out["loss"])

@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adaptive_lm.data import EpochBatches, IndexedDataset, LMDataset, batch_by_size, block_spans, load_split
-from adaptive_lm.dictionary import Dictionary
-from adaptive_lm.errors import UserError
-from adaptive_lm.preprocess import PreprocessConfig, preprocess
+from adaptive_lm.core.data import EpochBatches, IndexedDataset, LMDataset, batch_by_size, block_spans, load_split
+from adaptive_lm.core.dictionary import Dictionary
+from adaptive_lm.core.errors import UserError
+from adaptive_lm.core.preprocess import PreprocessConfig, preprocess
 
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_preprocess_is_byte_identical_to_fairseq(tmp_path, wikitext2, fixture_dir, workers, monkeypatch):
-    import adaptive_lm.preprocess as pp
+    import adaptive_lm.core.preprocess as pp
 
     monkeypatch.setattr(pp, "CHUNK_BYTES", 200_000)  # several ranges per file, so worker order matters
     cfg = PreprocessConfig(
@@ -149,7 +149,7 @@ def test_epoch_order_equals_fairseq_train(fixture_dir):
 
 
 def test_index_dtype_follows_fairseq_by_vocabulary_size(tmp_path):
-    from adaptive_lm.data import best_dtype
+    from adaptive_lm.core.data import best_dtype
 
     assert best_dtype(14152) == np.uint16 and best_dtype(65499) == np.uint16
     assert best_dtype(65500) == np.uint32 and best_dtype(267_744) == np.uint32  # fairseq writes dtype code 9

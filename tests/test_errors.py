@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from adaptive_lm.cli import main
-from adaptive_lm.quickstart import Corpus
+from adaptive_lm.core.corpus import Corpus
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
@@ -167,7 +167,7 @@ def test_missing_paths(data, model, tmp_path):
 
 # ---- combinations that would give silently wrong results --------------------------------------------------------
 def test_dictionary_of_another_size(data, model, tmp_path):
-    from adaptive_lm.dictionary import Dictionary
+    from adaptive_lm.core.dictionary import Dictionary
 
     Dictionary.from_counts({f"x{i}": 10 for i in range(40)}).save(tmp_path / "dict.txt")
     one_line(run("eval", str(data / "bin"), "--path", str(model), "--dict", str(tmp_path / "dict.txt")),
@@ -180,7 +180,7 @@ def test_blocks_longer_than_the_model(data, model):
 
 
 def test_folder_without_config(model, tmp_path):
-    from adaptive_lm.convert import convert
+    from adaptive_lm.inference.convert import convert
 
     folder = convert(str(model), str(tmp_path / "exported"))
     (folder / "config.json").unlink()

@@ -12,9 +12,9 @@ import torch
 
 import adaptive_lm
 from adaptive_lm.cli import main
-from adaptive_lm.data import LMDataset, block_spans
-from adaptive_lm.errors import UserError
-from adaptive_lm.evaluate import EvalConfig, context_windows, evaluate, summary_lines
+from adaptive_lm.core.data import LMDataset, block_spans
+from adaptive_lm.core.errors import UserError
+from adaptive_lm.inference.evaluate import EvalConfig, context_windows, evaluate, summary_lines
 
 # fairseq-eval-lm on the fixture (float64 sums of fairseq's scores; its own float32 sums print 8.3184/319.22 and
 # 8.3131/318.04), see ../shared/fixtures/fairseq-tiny/README.md
@@ -72,7 +72,7 @@ def test_window_at_or_above_block_is_refused(tiny_lm, fixture_dir):
 
 
 def test_dictionary_mismatch_is_explained(tiny_lm, tmp_path):
-    from adaptive_lm.dictionary import Dictionary
+    from adaptive_lm.core.dictionary import Dictionary
 
     d = Dictionary.from_counts({"a": 2, "b": 1})
     d.save(tmp_path / "dict.txt")
@@ -165,7 +165,7 @@ def test_post_ln_fairseq_checkpoint_on_every_entry_point(fixture_dir, tmp_path):
     and converted both ways without a change."""
     from pathlib import Path
 
-    from adaptive_lm.convert import convert
+    from adaptive_lm.inference.convert import convert
 
     postln = Path(__file__).parent / "fixtures" / "fairseq_postln"
     lm = adaptive_lm.from_pretrained(postln / "checkpoint.pt")

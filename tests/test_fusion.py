@@ -21,9 +21,9 @@ from pyctcdecode.alphabet import Alphabet
 from pyctcdecode.decoder import BeamSearchDecoderCTC
 
 import adaptive_lm
-from adaptive_lm import fusion
-from adaptive_lm.errors import UserError
-from adaptive_lm.fusion import FusionDecoderCTC, FusionLanguageModel, build_fusion_decoder
+from adaptive_lm.core.errors import UserError
+from adaptive_lm.inference import fusion
+from adaptive_lm.inference.fusion import FusionDecoderCTC, FusionLanguageModel, build_fusion_decoder
 
 LABELS = ["", " ", *"abcdefghijklmnopqrstuvwxyz"]  # blank, word boundary, letters
 INDEX = {c: i for i, c in enumerate(LABELS)}

@@ -17,12 +17,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from adaptive_lm import build_model
-from adaptive_lm.checkpoint import optimizer_from_plain, optimizer_to_plain
 from adaptive_lm.cli import main
-from adaptive_lm.optim import NAG
-from adaptive_lm.quickstart import Corpus
-from adaptive_lm.train import Prefetcher, Trainer
-from adaptive_lm.train_config import TrainConfig
+from adaptive_lm.core.corpus import Corpus
+from adaptive_lm.core.optim import NAG
+from adaptive_lm.training.checkpoint import optimizer_from_plain, optimizer_to_plain
+from adaptive_lm.training.config import TrainConfig
+from adaptive_lm.training.data import Prefetcher
+from adaptive_lm.training.saving import save
+from adaptive_lm.training.trainer import Trainer
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
@@ -108,7 +110,7 @@ def test_plain_kernels_train_like_ours_without_dropout(data, tmp_path):
     """The GPU path and our CPU kernels are the same arithmetic: with dropout off, the same losses."""
     nodrop = dict(model_overrides=dict(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
                                        adaptive_softmax_dropout=0.0), max_update=6, no_save=True)  # fmt: skip
-    from adaptive_lm.train import train
+    from adaptive_lm.training.loop import train
 
     a = train(cfg(data, tmp_path / "a", kernels="plain", **nodrop))
     b = train(cfg(data, tmp_path / "b", kernels="auto", **nodrop))
@@ -122,7 +124,7 @@ def test_one_serialisation_per_save(data, tmp_path, monkeypatch):
     real = torch.save
     monkeypatch.setattr(torch, "save", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     t.state.num_updates = 1
-    t.save(False, 9.0, None)  # checkpoint_1_1.pt, checkpoint_best.pt and checkpoint_last.pt
+    save(t, False, 9.0, None)  # checkpoint_1_1.pt, checkpoint_best.pt and checkpoint_last.pt
     names = sorted(p.name for p in (tmp_path / "s").glob("*.pt"))
     assert names == ["checkpoint_1_1.pt", "checkpoint_best.pt", "checkpoint_last.pt"] and len(calls) == 1
     assert len({(tmp_path / "s" / n).stat().st_ino for n in names}) == 1  # hard links to the one file
@@ -138,14 +140,15 @@ class _FailingBackward(torch.autograd.Function):
         raise RuntimeError("simulated failure while compiling the backward")
 
 
-def test_compile_failing_in_the_backward_redoes_the_update_eagerly(data, tmp_path, capsys):
+def test_compile_failing_in_the_backward_redoes_the_update_eagerly(data, tmp_path, caplog):
+    caplog.set_level("INFO", logger="adaptive_lm")
     eager = Trainer(cfg(data, tmp_path / "e", kernels="auto"))
     batch = [eager.train_data.collate(eager.batches.epoch_batches(1)[0])]
     expected = eager.train_step(batch)
     t = Trainer(cfg(data, tmp_path / "c", kernels="auto"))
     t.forward_model = lambda src, **kw: _FailingBackward.apply(t.model(src, **kw))
     got = t.train_step(batch)
-    assert "--compile failed (RuntimeError: simulated failure" in capsys.readouterr().out
+    assert "--compile failed (RuntimeError: simulated failure" in caplog.text
     assert got == expected and t.forward_model is t.model
     for a, b in zip(eager.model.parameters(), t.model.parameters()):
         assert torch.equal(a, b)
@@ -189,14 +192,15 @@ def test_processes_that_restored_different_updates_are_refused(data, tmp_path):
     script = tmp_path / "check.py"
     script.write_text(
         "import os, sys\n"
-        "from adaptive_lm.train import Trainer\n"
-        "from adaptive_lm.train_config import TrainConfig\n"
-        "from adaptive_lm.errors import UserError\n"
+        "from adaptive_lm.training.trainer import Trainer\n"
+        "from adaptive_lm.training.saving import check_ranks_agree\n"
+        "from adaptive_lm.training.config import TrainConfig\n"
+        "from adaptive_lm.core.errors import UserError\n"
         f"t = Trainer(TrainConfig(data={str(data)!r}, save_dir={str(tmp_path / 's')!r}, arch='tiny', max_tokens=64,\n"
         "                         tokens_per_sample=32, max_update=5, cpu=True))\n"
         "t.state.num_updates = int(os.environ['RANK']) * 7  # as if each node read its own disk\n"
         "try:\n"
-        "    t._check_ranks_agree('its own save dir')\n"
+        "    check_ranks_agree(t, 'its own save dir')\n"
         "except UserError as e:\n"
         "    print('REFUSED', e)\n"
         "import torch.distributed as dist\n"

@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from adaptive_lm.hardware import cpu_flags, cpu_model, half_precision_notice, isa_summary, native_half
-from adaptive_lm.quickstart import Corpus
+from adaptive_lm.core.corpus import Corpus
+from adaptive_lm.core.hardware import cpu_flags, cpu_model, half_precision_notice, isa_summary, native_half
 
 EPYC_AVX2 = """processor	: 0
 vendor_id	: AuthenticAMD

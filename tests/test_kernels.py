@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from adaptive_lm import kernels as K
+from adaptive_lm.core import kernels as K
 
 
 def test_attention_without_dropout_equals_sdpa_forward_and_backward():

@@ -19,10 +19,10 @@ import torch
 
 import adaptive_lm
 from adaptive_lm.cli import main
-from adaptive_lm.errors import UserError
-from adaptive_lm.evaluate import EvalConfig, plan, scored_batches
-from adaptive_lm.kernels import fast_linears
-from adaptive_lm.knn import KNN, first_blocks, interpolate, knn_evaluate, knn_score, knn_summary_lines
+from adaptive_lm.core.errors import UserError
+from adaptive_lm.core.kernels import fast_linears
+from adaptive_lm.inference.evaluate import EvalConfig, plan, scored_batches
+from adaptive_lm.inference.knn import KNN, first_blocks, interpolate, knn_evaluate, knn_score, knn_summary_lines
 
 TPS = "64"  # small blocks keep the stores small: 200 blocks = 12,800 keys
 
@@ -343,10 +343,10 @@ def test_missing_and_partial_datastores_are_refused(fx, store, tmp_path, capsys)
 
 
 def _save_model(lm: adaptive_lm.LanguageModel, folder: Path) -> Path:
-    from adaptive_lm.convert import to_fairseq_checkpoint
+    from adaptive_lm.core.fairseq_format import to_fairseq_checkpoint
 
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(to_fairseq_checkpoint(lm), folder / "model.pt")
+    torch.save(to_fairseq_checkpoint(lm.model, lm.cfg, lm.tokens_per_sample), folder / "model.pt")
     lm.dictionary.save(folder / "dict.txt")
     return folder / "model.pt"
 

@@ -9,8 +9,14 @@ import torch.nn.functional as F
 
 import adaptive_lm
 from adaptive_lm import AdaptiveInput, AdaptiveSoftmax, ConfigError, build_model
-from adaptive_lm.fairseq_io import config_from_fairseq, load_into, safe_load, state_dict_from_fairseq, stored_settings
-from adaptive_lm.model import TransformerLM
+from adaptive_lm.core.fairseq_format import (
+    config_from_fairseq,
+    load_into,
+    safe_load,
+    state_dict_from_fairseq,
+    stored_settings,
+)
+from adaptive_lm.core.model import TransformerLM
 
 
 # ---- size ---------------------------------------------------------------------------------------------
@@ -165,12 +171,13 @@ def test_loss_equals_minus_sum_log_prob_without_quirk_and_quirk_drops_cutoff_plu
 def test_row_bucketing_changes_neither_loss_nor_gradients(monkeypatch):
     """Training and evaluation pad adaptive-input bands and softmax tails to ``bucket`` sizes on CPU in half
     precision. Forced on here (fp64) to compare exactly with the unpadded computation."""
-    assert [adaptive_lm.kernels.bucket(n) for n in (1, 64, 65, 129, 200, 257, 513)] == [64, 64, 128, 192, 256, 384, 768]
+    buckets = [adaptive_lm.core.kernels.bucket(n) for n in (1, 64, 65, 129, 200, 257, 513)]
+    assert buckets == [64, 64, 128, 192, 256, 384, 768]
     cpu = torch.device("cpu")
-    assert not adaptive_lm.kernels.wants_buckets(cpu, torch.float32)
-    assert adaptive_lm.kernels.wants_buckets(cpu, torch.bfloat16)
+    assert not adaptive_lm.core.kernels.wants_buckets(cpu, torch.float32)
+    assert adaptive_lm.core.kernels.wants_buckets(cpu, torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert adaptive_lm.kernels.wants_buckets(cpu, torch.float32)
+        assert adaptive_lm.core.kernels.wants_buckets(cpu, torch.float32)
     torch.manual_seed(0)
     model = build_model(
         "tiny", 300, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, adaptive_softmax_dropout=0.0
@@ -179,7 +186,7 @@ def test_row_bucketing_changes_neither_loss_nor_gradients(monkeypatch):
     model.eval()
     with torch.no_grad():
         unpadded = model.target_log_probs(x, y)  # fp64: no padding
-    monkeypatch.setattr(adaptive_lm.kernels, "wants_buckets", lambda device, dtype: True)
+    monkeypatch.setattr(adaptive_lm.core.kernels, "wants_buckets", lambda device, dtype: True)
     with torch.no_grad():
         torch.testing.assert_close(model.target_log_probs(x, y), unpadded, atol=1e-12, rtol=0)
     results = []
@@ -361,13 +368,12 @@ def test_normformer_layer_is_fairseqs_formula(pre_ln):
 
 
 def test_a_checkpoint_with_normformer_weights_loads_them(tmp_path):
-    from adaptive_lm.convert import to_fairseq_checkpoint
-    from adaptive_lm.dictionary import Dictionary
-    from adaptive_lm.hub import LanguageModel
+    from adaptive_lm.core.dictionary import Dictionary
+    from adaptive_lm.core.fairseq_format import to_fairseq_checkpoint
 
     d = Dictionary.from_counts({f"w{i}": 100 - i for i in range(60)})
     model = build_model("tiny", len(d), scale_attn=True, scale_heads=True).eval()
-    ck = to_fairseq_checkpoint(LanguageModel(model, d, "", 64))
+    ck = to_fairseq_checkpoint(model, model.cfg, 64)
     assert any(k.endswith("attn_ln.weight") for k in ck["model"])
     torch.save(ck, tmp_path / "model.pt")
     d.save(tmp_path / "dict.txt")
@@ -388,10 +394,10 @@ def test_relu_dropout_is_the_fallback_of_activation_dropout():
 def test_add_bos_token_evaluation_drops_the_bos_score(tmp_path):
     """With ``add_bos_token`` every block starts with <s> in source and target (fairseq's MonolingualDataset) and
     eval-lm drops the <s> target's score: checked against the blocks scored one by one."""
-    from adaptive_lm.data import IndexedWriter
-    from adaptive_lm.dictionary import Dictionary
-    from adaptive_lm.evaluate import EvalConfig, evaluate
-    from adaptive_lm.hub import LanguageModel
+    from adaptive_lm.core.data import IndexedWriter
+    from adaptive_lm.core.dictionary import Dictionary
+    from adaptive_lm.inference.evaluate import EvalConfig, evaluate
+    from adaptive_lm.inference.hub import LanguageModel
 
     d = Dictionary.from_counts({f"w{i}": 100 - i for i in range(60)})
     d.save(tmp_path / "dict.txt")

@@ -22,13 +22,14 @@ import pytest
 import torch
 
 import adaptive_lm
+from adaptive_lm.cli.train import train_config
 from adaptive_lm.cli import build_parser
-from adaptive_lm.dictionary import Dictionary
-from adaptive_lm.fairseq_io import state_dict_from_fairseq
-from adaptive_lm.kernels import fast_linears, plain_kernels
-from adaptive_lm.optim import clip_grad_norm_
-from adaptive_lm.train import build_model, model_config
-from adaptive_lm.train_config import TrainConfig
+from adaptive_lm.core.dictionary import Dictionary
+from adaptive_lm.core.fairseq_format import state_dict_from_fairseq
+from adaptive_lm.core.kernels import fast_linears, plain_kernels
+from adaptive_lm.core.optim import clip_grad_norm_
+from adaptive_lm.training.config import TrainConfig
+from adaptive_lm.training.trainer import model_config, seeded_model
 from conftest import assert_same_draws
 
 DATA = Path(__file__).parent / "parity" / "data"
@@ -118,8 +119,8 @@ INIT = [c for c in CONFIGS if c["init"] is not None]
 def test_a_seed_gives_fairseqs_initial_weights_bit_for_bit(c):
     """The same fairseq-train flags and seed build the same model with the same draws in the same order."""
     args = ["train", str(DATA), *c["flags"], "--seed", str(c["seed"]), "--tokens-per-sample", "64"]
-    cfg = TrainConfig.from_args(build_parser().parse_args(args))
-    model = build_model(model_config(cfg, len(DICT)), DICT, cfg.seed)
+    cfg = train_config(build_parser().parse_args(args))
+    model = seeded_model(model_config(cfg, len(DICT)), DICT, cfg.seed)
     theirs = state_dict_from_fairseq(c["init"], model.cfg)
     ours = model.state_dict()
     assert set(theirs) == set(ours), set(theirs) ^ set(ours)
@@ -153,7 +154,7 @@ PRESETS = __import__("json").loads((DATA / "presets.json").read_text())["presets
 def test_every_preset_resolves_every_field_as_fairseq_train(arch):
     """``fairseq-train --arch ARCH`` alone (tests/parity/make_fairseq_presets.py recorded what fairseq resolves):
     every field of the model config filled, derived and forced the same way, for all 21 transformer_lm archs."""
-    from adaptive_lm.config import NORMFORMER, parse_cutoff
+    from adaptive_lm.core.config import NORMFORMER, parse_cutoff
 
     ours = model_config(TrainConfig(arch=arch, tokens_per_sample=64, max_update=1), 267_744).to_dict()
     theirs = dict(PRESETS[arch])

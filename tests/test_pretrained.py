@@ -17,12 +17,11 @@ import torch
 import adaptive_lm
 from adaptive_lm import build_model
 from adaptive_lm.cli import main
-from adaptive_lm.convert import to_fairseq_checkpoint
-from adaptive_lm.dictionary import Dictionary
-from adaptive_lm.errors import UserError
-from adaptive_lm.fairseq_io import safe_load, stored_settings
-from adaptive_lm.hub import LanguageModel
-from adaptive_lm.pretrained import fetch, safe_extract
+from adaptive_lm.core.dictionary import Dictionary
+from adaptive_lm.core.errors import UserError
+from adaptive_lm.core.fairseq_format import safe_load, stored_settings, to_fairseq_checkpoint
+from adaptive_lm.inference.download import fetch, safe_extract
+from adaptive_lm.inference.hub import LanguageModel
 
 
 def outputs(lm, ids=(2, 5, 30, 4, 11, 3, 40, 9)):
@@ -55,7 +54,7 @@ def save_fairseq(tmp_path, ckpt, d):
 )
 def test_fairseq_layout_round_trip(tmp_path, overrides):
     lm = tiny_lm(**overrides)
-    path = save_fairseq(tmp_path, to_fairseq_checkpoint(lm), lm.dictionary)
+    path = save_fairseq(tmp_path, to_fairseq_checkpoint(lm.model, lm.cfg, lm.tokens_per_sample), lm.dictionary)
     back = adaptive_lm.from_pretrained(path)
     torch.testing.assert_close(outputs(back), outputs(lm), atol=1e-5, rtol=0)  # transposes change matmul order
     if lm.cfg.tie_adaptive_weights:

@@ -15,14 +15,14 @@ import torch
 
 import adaptive_lm
 from adaptive_lm.cli import main
-from adaptive_lm.kernels import OneDNNLinears
-from adaptive_lm.rescore import (
+from adaptive_lm.cli.rescore import parse_grid
+from adaptive_lm.core.kernels import OneDNNLinears
+from adaptive_lm.inference.rescore import (
     LM_COLUMN,
     best_per_list,
     encode_hypotheses,
     grid_search,
     length_batches,
-    parse_grid,
     sentence_logprobs,
     word_errors,
 )

@@ -14,12 +14,13 @@ import pytest
 import torch
 
 import adaptive_lm
+from adaptive_lm.cli.train import train_config
 from adaptive_lm.cli import build_parser, main
-from adaptive_lm.fairseq_io import safe_load, state_dict_from_fairseq
-from adaptive_lm.preprocess import PreprocessConfig, preprocess
-from adaptive_lm.quickstart import Corpus
-from adaptive_lm.train import train
-from adaptive_lm.train_config import TrainConfig
+from adaptive_lm.core.corpus import Corpus
+from adaptive_lm.core.fairseq_format import safe_load, state_dict_from_fairseq
+from adaptive_lm.core.preprocess import PreprocessConfig, preprocess
+from adaptive_lm.training.config import TrainConfig
+from adaptive_lm.training.loop import train
 
 FAIRSEQ_CONTINUE = """--cpu --num-workers 0 --arch transformer_lm_wiki103
   --decoder-layers 2 --decoder-embed-dim 128 --decoder-ffn-embed-dim 512 --decoder-attention-heads 4
@@ -72,7 +73,7 @@ def train_with_spread(args: list[str], runs: int = 2) -> tuple[dict, dict[str, l
     """
 
     def cfg():
-        return TrainConfig.from_args(build_parser().parse_args(args))
+        return train_config(build_parser().parse_args(args))
 
     trainers: list = []
     base = train(cfg(), on_start=trainers.append)
@@ -170,14 +171,15 @@ POSTLN_MODEL = """--arch transformer_lm --decoder-layers 2 --decoder-embed-dim 3
   --sample-break-mode none --log-format simple --log-interval 1 --no-epoch-checkpoints --cpu --num-workers 0"""
 
 
-def test_post_ln_transformer_lm_from_scratch_follows_fairseq_train(tmp_path, fixture_dir, capsys):
+def test_post_ln_transformer_lm_from_scratch_follows_fairseq_train(tmp_path, fixture_dir, caplog):
     """``--arch transformer_lm`` is post-LN in fairseq 0.12: the same flags and seed give fairseq-train's model
     (initial weights, batches) and its logged losses, gradient norms, lrs and validation losses, update by update."""
     args = ["train", str(fixture_dir / "data-bin"), *POSTLN_MODEL.split(), "--lr", "0.5", "--warmup-updates", "5"]
     args += ["--max-update", "30", "--lr-period-updates", "25", "--seed", "3", "--validate-interval-updates", "15"]
     args += ["--save-dir", str(tmp_path), "--no-save"]
+    caplog.set_level("INFO", logger="adaptive_lm")
     result, spread = train_with_spread(args)
-    assert "(post-LN)" in capsys.readouterr().out
+    assert "(post-LN)" in caplog.text
     lines = (POSTLN / "train.log").read_text().splitlines()
     ref = [dict(re.findall(r"(\w+)=([-\d.e]+)", x)) for x in lines if x.startswith("train_inner")]
     ref_valid = [float(re.search(r"\| loss ([\d.]+)", x).group(1)) for x in lines if x.startswith("valid")]
@@ -332,9 +334,9 @@ def test_seed_recipe_flags_parse_unchanged():
       --optimizer nag --min-lr 0.0001 --clip-norm 0.1 --criterion adaptive_loss --max-tokens 3072
       --update-freq 3 --tokens-per-sample 3072 --seed 1 --sample-break-mode none
       --skip-invalid-size-inputs-valid-test --ddp-backend=legacy_ddp"""
-    cfg = TrainConfig.from_args(build_parser().parse_args(recipe.split()))
+    cfg = train_config(build_parser().parse_args(recipe.split()))
     assert (cfg.lr, cfg.min_lr, cfg.stop_min_lr, cfg.update_freq, cfg.max_tokens) == (1.0, 1e-4, 1e-9, 3, 3072)
-    old = TrainConfig.from_args(
+    old = train_config(
         build_parser().parse_args(
             ["train", "d", "--max-lr", "1.0", "--lr", "0.0001", "--min-lr", "1e-09", "--max-tokens", "10"]
         )
@@ -384,18 +386,18 @@ def test_two_processes_follow_one_process_with_update_freq_2(tmp_path, small_dat
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
 
 
-def test_compile_gives_the_eager_losses_or_falls_back_with_a_warning(tmp_path, small_data, capsys, monkeypatch):
+def test_compile_gives_the_eager_losses_or_falls_back_with_a_warning(tmp_path, small_data, caplog, monkeypatch):
     """``--compile`` must never change the numbers (the dropout masks come from the same seeds) nor crash: where
     no C++ compiler exists the trainer says so and continues eagerly."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # no kernels left by other runs
     eager = train(
-        TrainConfig.from_args(build_parser().parse_args(tiny_args(small_data, tmp_path / "e", "--max-update", "4")))
+        train_config(build_parser().parse_args(tiny_args(small_data, tmp_path / "e", "--max-update", "4")))
     )
-    capsys.readouterr()
+    caplog.clear()
+    caplog.set_level("INFO", logger="adaptive_lm")
     args = tiny_args(small_data, tmp_path / "c", "--max-update", "4", "--compile")
-    compiled = train(TrainConfig.from_args(build_parser().parse_args(args)))
-    out = capsys.readouterr()
-    fell_back = "--compile failed" in out.out + out.err or "--compile unavailable" in out.out + out.err
+    compiled = train(train_config(build_parser().parse_args(args)))
+    fell_back = "--compile failed" in caplog.text or "--compile unavailable" in caplog.text
     for a, b in zip(eager["history"], compiled["history"], strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b, fell_back)
 
@@ -403,7 +405,7 @@ def test_compile_gives_the_eager_losses_or_falls_back_with_a_warning(tmp_path, s
 def test_cosine_schedule_ending_within_the_warmup_keeps_the_peak_lr():
     """--max-update equal to --warmup-updates (no --lr-period-updates) leaves no cosine period: fairseq divides
     0 by 0 after the last update; here the lr after it is the warmup's peak."""
-    from adaptive_lm.optim import CosineSchedule
+    from adaptive_lm.core.optim import CosineSchedule
 
     s = CosineSchedule(max_lr=0.5, min_lr=1e-4, warmup_updates=3, warmup_init_lr=1e-7, t_mult=2, max_update=3)
     assert [round(s.lr_at(i), 6) for i in range(4)] == [0.0, 0.166667, 0.333333, 0.5]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from adaptive_lm.cli import build_parser, main
-from adaptive_lm.quickstart import Corpus
+from adaptive_lm.core.corpus import Corpus
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """``python -m adaptive_lm`` (and ``torchrun -m adaptive_lm train ...``) run the command-line interface."""
 
-from .cli import main
+from adaptive_lm.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -5,7 +5,7 @@
 For each architecture registered for ``transformer_lm`` (the named presets and their aliases), fairseq-train's own
 parser and arch function run on ``--arch ARCH`` alone (``options.parse_args_and_arch``, then
 ``convert_namespace_to_omegaconf``, as ``fairseq_cli/train.py``): the resolved ``cfg.model`` is recorded, so the tests
-check that ``adaptive_lm.config.make_config`` fills, derives and forces every field the same way, without fairseq.
+check that ``adaptive_lm.core.config.make_config`` fills, derives and forces every field the same way, without fairseq.
 """
 
 import json

@@ -1,0 +1,115 @@
+"""``adaptive-lm``: one console script; each subcommand is a module of this package with ``add_args(parser)`` (its
+flags) and ``run(namespace) -> exit code`` (it calls the library and prints). The library below never prints and
+never imports this package.
+
+Flag names are fairseq's wherever the meaning is the same, so published fairseq recipes run unchanged with
+``fairseq-train`` replaced by ``adaptive-lm train``. Only the chosen subcommand's module is imported, and torch only
+when a command needs it: ``adaptive-lm --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import importlib
+import os
+import platform
+import signal
+import sys
+from typing import Any
+
+from adaptive_lm import __version__
+from adaptive_lm.cli.common import OneLineParser
+from adaptive_lm.core.errors import ConfigError, UserError
+
+# (name, module of adaptive_lm.cli, one line of help): the subcommands in the order ``adaptive-lm --help`` lists them
+COMMANDS: list[tuple[str, str, str]] = [
+    ("train", "train", "train a language model (fairseq-train's flags)"),
+    ("preprocess", "preprocess", "text -> dict.txt + binarised splits (fairseq-preprocess)"),
+    ("eval", "evaluate", "perplexity of a binarised split (fairseq-eval-lm), optionally with kNN-LM"),
+    ("score", "score", "one JSON line of log-probs per input line"),
+    ("generate", "generate", "continue prompts (beam search or sampling, as fairseq's hub)"),
+    ("rescore", "rescore", "add LM scores to n-best lists; pick the best; tune weights"),
+    ("knn-store", "knn_store", "write a kNN-LM datastore (keys and next tokens) for a split"),
+    ("knn-index", "knn_index", "build a FAISS index over a datastore's keys (needs the [knn] extra)"),
+    ("convert", "convert", "fairseq model -> our folder (safetensors), or back (--to fairseq)"),
+    ("download", "download", "download a released fairseq model (wiki103, gbw) into the cache"),
+    ("make-corpus", "make_corpus", "generate a corpus with a known entropy rate"),
+    ("plot", "plot", "training/validation curves of a run as a PNG (needs the [plot] extra)"),
+    ("quickstart", "quickstart", "generate a corpus, preprocess, train a small model, evaluate it"),
+]
+
+
+def command_module(module: str) -> Any:
+    return importlib.import_module(f"adaptive_lm.cli.{module}")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or (``only``) one whose other subcommands are listed but not built (their modules and torch
+    are not imported)."""
+    about = "Word-level Transformer language models with adaptive input (fairseq's transformer_lm, without fairseq)."
+    parser = OneLineParser(prog="adaptive-lm", description=about, allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"adaptive-lm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    for name, module, help in COMMANDS:
+        p = sub.add_parser(name, help=help, description=help, allow_abbrev=False)
+        if only is None or only == name:
+            mod = command_module(module)
+            mod.add_args(p)
+            p.set_defaults(run=mod.run)
+    return parser
+
+
+def _chosen(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (the first word that is one), if any."""
+    names = {name for name, _, _ in COMMANDS}
+    return next((a for a in argv if a in names), None)
+
+
+def _tune_malloc() -> None:
+    """Keep freed tensor memory in glibc's heap instead of returning it to the OS after every step.
+
+    Why: by default glibc serves blocks above a few MiB with fresh ``mmap`` pages and unmaps them on free, so
+    every large activation of every training step page-faults its memory in again (about 10% of the step on the
+    14M benchmark). Blocks up to 32 MiB (glibc's ceiling) now come from the heap, and the heap is never trimmed:
+    the RSS stays at its peak, which it reaches in the first step anyway. A no-op off glibc, or when the user set
+    ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` themselves.
+    """
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
+    libc.mallopt(m_mmap_threshold, 32 << 20)
+    libc.mallopt(m_trim_threshold, 1 << 30)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=_chosen(argv) or "")
+    ns = parser.parse_args(argv)
+    if ns.command is None:  # bare `adaptive-lm`: the overview, not an error
+        parser.print_help()
+        return 0
+    # oneDNN (CPU bf16 matmuls) builds and caches a kernel per shape. Adaptive tails and bands change their row
+    # counts every step; ``kernels.pad_rows`` rounds them to a few sizes, which fit in 128 entries (the default 1024
+    # once held ~1 GB when every row count was its own shape; too small a cache rebuilds kernels every step).
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
+    _tune_malloc()
+    try:
+        rc = int(ns.run(ns) or 0)
+        gc.freeze()  # interpreter shutdown then skips walking torch's objects (0.2 s of every command's exit)
+        return rc
+    except (UserError, ConfigError) as e:
+        print(f"adaptive-lm {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"adaptive-lm {ns.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except BrokenPipeError:  # `adaptive-lm score ... | head`
+        return 0

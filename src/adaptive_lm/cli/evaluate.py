@@ -1,0 +1,112 @@
+"""``adaptive-lm eval``: fairseq-eval-lm's perplexity of a binarised split, optionally with kNN-LM; its printing."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from adaptive_lm.cli.common import (
+    add_config_flags,
+    add_model_flags,
+    config_from_args,
+    creatable_dir,
+    existing_dir,
+    half_notice,
+    load_model,
+    positive,
+    unk_line,
+    weight,
+)
+from adaptive_lm.inference.evaluate import EvalConfig
+
+HELP = "perplexity of a binarised split (fairseq-eval-lm), optionally with kNN-LM"
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    add_config_flags(p, EvalConfig)
+    add_model_flags(p)
+    g = p.add_argument_group("output")
+    g.add_argument("--output-word-probs", action="store_true", help="every token's ln p, per block")
+    g.add_argument("--output-word-stats", action="store_true", help="per-word counts and mean ln p")
+    g.add_argument("--freq-bins", action="store_true", help="loss per word-frequency band")
+    g.add_argument("--plot", default=None, help="PNG of the frequency-band losses (needs the [plot] extra)")
+    g.add_argument(
+        "--results-path", type=creatable_dir, default=None, help="also write the output to RESULTS_PATH/eval-SUBSET.txt"
+    )
+    g.add_argument("--quiet", action="store_true", help="print only the closing lines")
+    g.add_argument("--num-workers", type=int, default=0, help="accepted for compatibility (ignored)")
+    k = p.add_argument_group("kNN-LM (Khandelwal et al. 2020; see adaptive-lm knn-store)")
+    k.add_argument("--knn", type=existing_dir, default=None, metavar="DSTORE", help="interpolate with this datastore")
+    k.add_argument("--k", type=positive, default=1024, help="neighbours per token (default: 1024)")
+    k.add_argument("--lmbda", type=weight, default=0.25, help="weight of the kNN distribution (default: 0.25)")
+    k.add_argument("--knn-temp", type=positive, default=1.0, help="softmax temperature over -distances (default: 1)")
+    k.add_argument("--knn-sim", default="l2", choices=["l2", "ip"], help="similarity: -squared L2 or inner product")
+    k.add_argument("--knn-approx-dists", action="store_true", help="use the index's approximate distances")
+    k.add_argument(
+        "--nprobe",
+        type=positive,
+        default=None,
+        help="IVF lists searched (default: the value knn-index recorded, 32 unless given there)",
+    )
+
+
+def run(ns: argparse.Namespace) -> int:
+    from adaptive_lm.inference.evaluate import evaluate, summary_lines, word_prob_lines, word_stats
+
+    lm = load_model(ns)
+    half_notice(ns, lm.device.type)
+    cfg = config_from_args(EvalConfig, ns)
+    lines = [f"model {ns.path}: {lm.model.num_parameters():,} parameters, vocabulary {len(lm.dictionary)}"]
+    if ns.knn:
+        from adaptive_lm.inference.knn import knn_evaluate, knn_summary_lines
+
+        res = knn_evaluate(
+            lm,
+            cfg,
+            ns.knn,
+            k=ns.k,
+            lmbda=ns.lmbda,
+            temperature=ns.knn_temp,
+            sim=ns.knn_sim,
+            approximate=ns.knn_approx_dists,
+            nprobe=ns.nprobe,
+        )
+        return emit(ns, lines + knn_summary_lines(res))
+    details = ns.output_word_probs or ns.output_word_stats or ns.freq_bins or ns.plot
+    res = evaluate(lm, cfg, keep_scores=bool(details))
+    lines.append(res.plan)
+    if ns.output_word_probs:
+        lines += word_prob_lines(res, lm.dictionary)
+    if ns.output_word_stats:
+        lines += ["word\tcount\tsum ln p\tmean ln p", *word_stats(res, lm.dictionary)]
+    if ns.freq_bins or ns.plot:
+        lines += _frequency_lines(ns, res, lm)
+    unk = unk_line(res.n_unk, res.n_tokens, lm.tokenizer is not None, f"{ns.data}/{ns.gen_subset}")
+    return emit(ns, lines + ([unk] if unk else []) + summary_lines(res))
+
+
+def _frequency_lines(ns: argparse.Namespace, res, lm) -> list[str]:
+    from adaptive_lm.core.metrics import perplexity
+    from adaptive_lm.inference.evaluate import frequency_bins
+
+    bins = frequency_bins(res, lm)
+    lines = ["loss by frequency band (ids are sorted by training frequency):"]
+    lines += [f"  {name:>24}: {n:>9,} tokens, loss (base 2) {loss:.4f}, ppl {perplexity(loss):.2f}"
+              for name, n, loss in bins]  # fmt: skip
+    if ns.plot:
+        from adaptive_lm.core.plots import plot_bins
+
+        plot_bins(bins, ns.plot)
+        lines.append(f"wrote {ns.plot}")
+    return lines
+
+
+def emit(ns: argparse.Namespace, lines: list[str]) -> int:
+    """Print (all lines, or with --quiet the closing ones) and, with --results-path, write them to a file."""
+    print("\n".join(lines[-2:] if ns.quiet else lines))
+    if ns.results_path:
+        from adaptive_lm.core.files import atomic_write_text
+
+        Path(ns.results_path).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(ns.results_path) / f"eval-{ns.gen_subset}.txt", "\n".join(lines) + "\n")
+    return 0

@@ -1,0 +1,66 @@
+"""``adaptive-lm score``: one JSON line of log-probabilities per input line (a file, or stdin with ``-``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from adaptive_lm.cli.common import (
+    add_model_flags,
+    add_precision_flags,
+    add_tokenizer_flag,
+    half_notice,
+    load_model,
+    output_file,
+    positive,
+    unk_line,
+)
+from adaptive_lm.core.errors import UserError
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="text, one sentence per line; - reads standard input")
+    add_model_flags(p)
+    p.add_argument("--output", default=None, type=output_file, help="write the JSON lines here, not to stdout")
+    p.add_argument("--batch-size", type=positive, default=16, help="sentences per batch (default: 16)")
+    p.add_argument("--score-eos", action="store_true",
+                   help="also score each line's final </s> (fairseq's hub score does not)")  # fmt: skip
+    add_tokenizer_flag(p)
+    add_precision_flags(p)
+
+
+def _lines(path: str) -> list[str]:
+    if path == "-":
+        return [line.rstrip("\n") for line in sys.stdin]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f]
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 ({e.reason}); convert it to UTF-8") from None
+
+
+def run(ns: argparse.Namespace) -> int:
+    lines = _lines(ns.file)
+    lm = load_model(ns)
+    half_notice(ns, lm.device.type)
+    out = open(ns.output, "w", encoding="utf-8") if ns.output else sys.stdout
+    n = n_unk = 0
+    try:
+        for row in lm.score_rows(lines, ns.batch_size, score_eos=ns.score_eos, autocast=_autocast(ns)):
+            out.write(json.dumps(row) + "\n")
+            n += len(row["tokens"])
+            n_unk += row["tokens"].count(lm.dictionary.unk_word)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    unk = unk_line(n_unk, n, lm.tokenizer is not None, "standard input" if ns.file == "-" else ns.file)
+    if unk:
+        print(unk, file=sys.stderr)
+    return 0
+
+
+def _autocast(ns: argparse.Namespace) -> str | None:
+    return "bf16" if ns.bf16 else "fp16" if ns.fp16 else None

@@ -1,0 +1,62 @@
+"""Plots (optional extra: ``pip install adaptive-lm[plot]``); matplotlib is imported only when asked for."""
+
+from __future__ import annotations
+
+from adaptive_lm.core.errors import UserError
+
+
+def _plt():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("plotting needs matplotlib: pip install 'adaptive-lm[plot]'") from None
+    return plt
+
+
+def plot_bins(bins: list[tuple[str, int, float]], path: str) -> None:
+    """Bar chart of loss (base 2) per word-frequency band, the paper's per-frequency comparison."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar(range(len(bins)), [b[2] for b in bins])
+    ax.set_xticks(range(len(bins)), [f"{b[0]}\n{b[1]:,} tok" for b in bins], fontsize=7)
+    ax.set_ylabel("loss (bits/token)")
+    ax.set_title("loss by word-frequency band")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_run(run_dir, path) -> None:
+    """Training (per log interval) and validation curves from a run's ``metrics.jsonl``, loss in bits."""
+    import json
+    from pathlib import Path
+
+    f = Path(run_dir) / "metrics.jsonl"
+    if not f.is_file():
+        raise UserError(f"{f}: not found; point at a --save-dir of adaptive-lm train")
+    rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    train = [(r["update"], r["loss"]) for r in rows if r.get("split") == "train_inner"]
+    valid = [(r["num_updates"], r["loss"]) for r in rows if r.get("split") == "valid"]
+    if not train and not valid:
+        raise UserError(f"{f}: no train_inner or valid records yet")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train (per log interval)")
+    if valid:
+        ax.plot(*zip(*valid), "o-", label="valid")
+    ax.set_xlabel("update")
+    ax.set_ylabel("loss (bits/token)")
+    import numpy as np
+
+    sec = ax.secondary_yaxis("right", functions=(lambda b: 2**b, lambda p: np.log2(np.maximum(p, 1e-12))))
+    sec.set_ylabel("perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(str(run_dir))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

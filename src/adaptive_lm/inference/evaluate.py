@@ -1,0 +1,290 @@
+"""``adaptive-lm eval``: fairseq-eval-lm's perplexity, with its context-window semantics (``fairseq_cli/eval_lm.py``,
+``fairseq/data/lm_context_window_dataset.py``).
+
+With ``--context-window C`` the split is cut into blocks of ``tokens_per_sample - C`` new tokens; every block is
+fed with up to ``C`` tokens of the preceding text in front (taken, as in ``LMContextWindowDataset``, from the
+inputs of the blocks before it) and only its own tokens are scored, so every token is scored exactly once.
+Scores go through the adaptive softmax's target-only path in chunks of ``--softmax-batch`` positions, so the
+V-way distribution never exists for a whole batch. Loss is the mean natural-log NLL over all scored tokens
+(``</s>`` included), reported in base 2, perplexity = 2^loss. With ``add_bos_token`` models every block starts
+with ``<s>`` and the score of that ``<s>`` is dropped, as eval-lm does.
+
+``scored_batches`` is the loop itself, yielding per batch what was scored (and, on request, the features at the
+scored positions): the kNN-LM datastore (``knn.py``) walks the same blocks through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adaptive_lm.core.data import LMDataset, load_split
+from adaptive_lm.core.dictionary import Dictionary
+from adaptive_lm.core.errors import UserError
+from adaptive_lm.core.kernels import fast_linears
+from adaptive_lm.core.metrics import perplexity
+from adaptive_lm.core.options import opt
+from adaptive_lm.core.progress import Progress
+from adaptive_lm.inference.hub import LanguageModel
+
+DEFAULT_TOKENS_CPU, DEFAULT_TOKENS_GPU = 8192, 98_304
+
+
+@dataclass
+class EvalConfig:
+    """How a split is scored (``adaptive-lm eval``'s flags; ``knn-store`` walks a split with the same ones)."""
+
+    data: str = opt("", "binarised data folder (with the model's dict.txt)", kind="existing_dir", positional=True)
+    gen_subset: str = opt("test", "split to score")
+    context_window: int = opt(0, "tokens of earlier text in front of each block", kind="nonneg")
+    tokens_per_sample: int | None = opt(None, "block size (default: the model's training value)", kind="positive")
+    sample_break_mode: str = opt("none", "how the split is cut into blocks (none: fixed-size blocks across lines)",
+                                 choices=["none", "complete", "complete_doc", "eos"])  # fmt: skip
+    max_tokens: int | None = opt(None, f"tokens per batch (default: {DEFAULT_TOKENS_CPU} on CPU, {DEFAULT_TOKENS_GPU} "
+                                 "on a GPU)", kind="positive")  # fmt: skip
+    batch_size: int | None = opt(None, "blocks per batch", flags=("--max-sentences",), kind="positive")
+    softmax_batch: int = opt(0, "positions per softmax chunk (0: automatic, memory-bounded)", kind="nonneg")
+    bf16: bool = opt(False, "bfloat16 autocast (fp32 weights)")
+    fp16: bool = opt(False, "float16 autocast (fp32 weights)")
+    full_blocks_only: bool = opt(False, "score only blocks of the full block size (knnlm's datastores do this)")
+    progress: bool = opt(True, "no progress output (a bar on a terminal, a line per 10% in logs)",
+                         flags=("--no-progress-bar",))  # fmt: skip
+
+
+@dataclass
+class EvalPlan:
+    """How a split is cut and batched: what ``evaluate`` logs before it starts."""
+
+    dataset: LMDataset
+    split: str
+    block: int  # new (scored) tokens per block
+    tokens_per_sample: int
+    context: int
+    rows: int  # blocks per batch
+    n_tokens: int  # tokens to score
+
+    def describe(self) -> str:
+        return (
+            f"{self.split}: {len(self.dataset)} blocks of {self.block} new tokens, context window {self.context} "
+            f"(tokens per sample {self.tokens_per_sample}), {self.n_tokens} tokens to score, "
+            f"{self.rows} blocks per batch"
+        )
+
+
+@dataclass
+class ScoredBatch:
+    targets: np.ndarray  # (N,) int64 ids of the scored tokens, stream order
+    logprobs: np.ndarray  # (N,) float64 ln p(target)
+    block_lengths: list[int]  # scored tokens per block of this batch
+    features: torch.Tensor | None = None  # (N, k) what ``feature_fn`` returned at the scored positions
+
+
+@dataclass
+class EvalResult:
+    n_tokens: int
+    loss_base2: float
+    ppl: float
+    seconds: float
+    n_blocks: int
+    block_size: int
+    plan: str = ""
+    n_unk: int = 0  # scored tokens that are <unk>
+    scores: np.ndarray | None = None  # per scored token (ln p), stream order
+    targets: np.ndarray | None = None
+    block_lengths: list[int] = field(default_factory=list)
+
+
+def context_windows(ds: LMDataset, context: int, block: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """(input, target, start) per block in order: ``input`` = up to ``context`` earlier input tokens + the block's
+    source; ``target`` = the block's tokens; the first ``start`` positions are context and are not scored."""
+    prev = np.zeros(0, dtype=np.int64)
+    width_limit = block + context  # fairseq's tokens_per_sample + context_window
+    for i in range(len(ds)):
+        src, tgt = ds.item(i)
+        extra = len(prev) + len(src) - width_limit
+        if extra > 0:
+            prev = prev[extra:]
+        inp = np.concatenate([prev, src])
+        yield inp, tgt, len(prev)
+        prev = inp[-context:] if context > 0 else prev[:0]
+
+
+def check_dictionary(lm: LanguageModel, data: Path) -> None:
+    """Scores of data binarised with another dictionary are meaningless (fairseq#2124): refuse, naming the first
+    difference."""
+    d = Dictionary.load(data / "dict.txt")
+    how = lm.dictionary.diff(d)
+    if how is not None:
+        raise UserError(
+            f"{data / 'dict.txt'} differs from the model's dictionary ({how}); binarise the text with the "
+            f"model's dict.txt (preprocess --srcdict) or the perplexity is meaningless"
+        )
+
+
+def plan(lm: LanguageModel, cfg: EvalConfig) -> EvalPlan:
+    """Blocks and batch size for ``cfg``; refuses a window that leaves no new tokens per block."""
+    data = Path(cfg.data)
+    tps = cfg.tokens_per_sample or lm.tokens_per_sample or lm.cfg.max_target_positions
+    C = cfg.context_window
+    if C < 0 or (C > 0 and tps <= C):
+        raise UserError(
+            f"--context-window {C} must be smaller than --tokens-per-sample {tps} (the block is tokens-per-sample "
+            f"minus the window); e.g. --tokens-per-sample {tps} --context-window {max(0, tps // 2)}"
+        )
+    limit = lm.cfg.max_target_positions
+    over = tps > limit or (lm.cfg.decoder_learned_pos and tps + int(lm.cfg.add_bos_token) > limit)
+    if over and not lm.cfg.no_token_positional_embeddings:
+        raise UserError(
+            f"--tokens-per-sample {tps} exceeds the model's {limit} positions (it was trained with blocks of "
+            f"{limit}); fairseq refuses this too: pass --tokens-per-sample {limit} or less (with --context-window for "
+            f"more context)"
+        )
+    block = tps - C
+    ds = LMDataset.from_split(
+        load_split(data, cfg.gen_subset), block, cfg.sample_break_mode, add_bos=lm.cfg.add_bos_token
+    )
+    if cfg.full_blocks_only:
+        ds = ds.subset(ds.sizes == block)
+    width = int(ds.sizes.max(initial=0)) + C + int(lm.cfg.add_bos_token)
+    if cfg.batch_size:
+        rows = cfg.batch_size
+    else:  # default: 8K tokens on a CPU (cache-sized), 96K on a GPU (one 3,072-token block would idle it)
+        tokens = cfg.max_tokens or (DEFAULT_TOKENS_GPU if lm.device.type == "cuda" else DEFAULT_TOKENS_CPU)
+        rows = max(1, tokens // max(1, width))
+    return EvalPlan(ds, cfg.gen_subset, block, tps, C, rows, int(ds.sizes.sum()))
+
+
+def scored_batches(
+    lm: LanguageModel,
+    cfg: EvalConfig,
+    p: EvalPlan,
+    feature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    start_block: int = 0,
+) -> Iterator[ScoredBatch]:
+    """Run the blocks of ``p`` (from ``start_block``) through the model, ``p.rows`` at a time, and yield the scores
+    of the scored positions. ``feature_fn(src)`` (B, W) -> (B, W, k), called inside the same forward context
+    after the model ran, supplies per-position features to keep (kNN-LM keys)."""
+    model = lm.model.eval()
+    device = lm.device
+    amp = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
+    ctx = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
+    pad = lm.dictionary.pad()
+    skip_bos = lm.cfg.add_bos_token
+    windows = context_windows(p.dataset, p.context, p.block)
+    for _ in range(start_block):
+        next(windows)
+    with torch.no_grad(), ctx, fast_linears(device):
+        while True:
+            chunk = [w for _, w in zip(range(p.rows), windows)]
+            if not chunk:
+                break
+            W = max(len(x) for x, _, _ in chunk)
+            src = np.full((len(chunk), W), pad, dtype=np.int64)
+            tgt = np.full((len(chunk), W), pad, dtype=np.int64)
+            lengths = []
+            for r, (x, t, s) in enumerate(chunk):
+                src[r, : len(x)] = x
+                first = s + int(skip_bos)  # eval-lm drops the score of the leading <s>
+                tgt[r, first : s + len(t)] = t[int(skip_bos) :]
+                lengths.append(len(t) - int(skip_bos))
+            src_t, tgt_t = torch.from_numpy(src).to(device), torch.from_numpy(tgt).to(device)
+            feats = model(src_t)  # (B, W, d)
+            mask = tgt_t != pad
+            rows_f, rows_t = feats[mask], tgt_t[mask]  # (N, d), (N,): only scored positions
+            step = max(1, cfg.softmax_batch if cfg.softmax_batch > 0 else len(rows_t))
+            parts = [
+                model.target_log_probs_from_features(rows_f[i : i + step], rows_t[i : i + step])
+                for i in range(0, len(rows_t), step)
+            ]
+            lp = torch.cat(parts) if parts else rows_f.new_zeros(0)
+            keys = feature_fn(src_t)[mask] if feature_fn is not None else None
+            yield ScoredBatch(rows_t.cpu().numpy(), lp.double().cpu().numpy(), lengths, keys)
+
+
+def evaluate(
+    lm: LanguageModel, cfg: EvalConfig, dictionary_check: bool = True, keep_scores: bool = False
+) -> EvalResult:
+    """Score a binarised split the way fairseq-eval-lm does; returns N, loss (base 2), perplexity and (with
+    ``keep_scores``) every token's score in stream order."""
+    if dictionary_check:
+        check_dictionary(lm, Path(cfg.data))
+    p = plan(lm, cfg)
+    score_sum, count, n_unk = 0.0, 0, 0
+    unk = lm.dictionary.unk()
+    scores: list[np.ndarray] = []
+    targets: list[np.ndarray] = []
+    lengths: list[int] = []
+    t0 = time.time()
+    with Progress(len(p.dataset), f"eval {cfg.gen_subset}", cfg.progress, unit="blocks") as bar:
+        for b in scored_batches(lm, cfg, p):
+            finite = np.isfinite(b.logprobs)  # eval-lm skips tokens whose score is +-inf
+            score_sum += float(b.logprobs[finite].sum())
+            count += int(finite.sum())
+            n_unk += int((b.targets == unk).sum())
+            if keep_scores:
+                scores.append(b.logprobs)
+                targets.append(b.targets)
+                lengths += b.block_lengths
+            bar.update(len(b.block_lengths))
+    seconds = time.time() - t0
+    loss = -score_sum / max(count, 1) / math.log(2)
+    res = EvalResult(count, loss, perplexity(loss), seconds, len(p.dataset), p.block, p.describe(), n_unk)
+    if keep_scores:
+        res.scores = np.concatenate(scores) if scores else np.zeros(0)
+        res.targets = np.concatenate(targets) if targets else np.zeros(0, dtype=np.int64)
+        res.block_lengths = lengths
+    return res
+
+
+def summary_lines(res: EvalResult) -> list[str]:
+    """fairseq-eval-lm's two closing lines."""
+    rate = res.n_tokens / res.seconds if res.seconds > 0 else 0.0
+    return [
+        f"Evaluated {res.n_tokens:,} tokens in {res.seconds:.1f}s ({rate:.2f} tokens/s)",
+        f"Loss (base 2): {res.loss_base2:.4f}, Perplexity: {res.ppl:.2f}",
+    ]
+
+
+def word_prob_lines(res: EvalResult, d: Dictionary) -> list[str]:
+    """fairseq's ``--output-word-probs``: per block, tab-separated ``word [ln p]``."""
+    assert res.scores is not None and res.targets is not None
+    out, off = [], 0
+    for n in res.block_lengths:
+        ids, lp = res.targets[off : off + n], res.scores[off : off + n]
+        out.append("\t".join(f"{d[int(w)]} [{s:2f}]" for w, s in zip(ids, lp)))
+        off += n
+    return out
+
+
+def word_stats(res: EvalResult, d: Dictionary, top: int = 50) -> list[str]:
+    """Per word: count, mean log-prob (ln), sorted by count (fairseq's --output-word-stats, simplified)."""
+    assert res.scores is not None and res.targets is not None
+    ids, inv, counts = np.unique(res.targets, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv, weights=res.scores)
+    order = np.argsort(-counts, kind="stable")[:top]
+    return [f"{d[int(ids[i])]}\t{counts[i]}\t{sums[i]:.4f}\t{sums[i] / counts[i]:.4f}" for i in order]
+
+
+def frequency_bins(res: EvalResult, lm: LanguageModel) -> list[tuple[str, int, float]]:
+    """Average loss (base 2) per frequency band of the model's dictionary (ids are sorted by frequency): the
+    adaptive bands, each split in log-spaced sub-bins, as in the paper's per-frequency analysis."""
+    assert res.scores is not None and res.targets is not None
+    V = len(lm.dictionary)
+    edges = sorted({4, 100, 1000, 10_000, 100_000, *(lm.cfg.adaptive_softmax_cutoff or ()), V})
+    edges = [e for e in edges if e <= V]
+    out = []
+    specials = res.targets < 4
+    if specials.any():
+        out.append(("specials (</s>, <unk>)", int(specials.sum()), float(-res.scores[specials].mean() / math.log(2))))
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (res.targets >= lo) & (res.targets < hi)
+        if m.any():
+            out.append((f"ids {lo}-{hi - 1}", int(m.sum()), float(-res.scores[m].mean() / math.log(2))))
+    return out

@@ -1,0 +1,181 @@
+"""``LanguageModel``: a model with its dictionary and text pipeline, as fairseq's hub interface offers it
+(``encode``, ``decode``, ``score``, ``generate``, ``sample``), plus ``features`` for research on hidden states.
+
+``from_pretrained`` (``loading.py``) returns one. Sentences are framed by ``framing.frame`` (``</s>`` first, or
+``<s>`` for ``add_bos_token`` models) and scored through the target-only softmax: no (tokens x V) tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from adaptive_lm.core.config import ModelConfig
+from adaptive_lm.core.dictionary import Dictionary
+from adaptive_lm.core.kernels import fast_linears
+from adaptive_lm.core.model import TransformerLM
+from adaptive_lm.core.precision import HALF, autocast
+from adaptive_lm.inference.framing import frame
+
+
+@dataclass
+class LanguageModel:
+    """A model with its dictionary: what ``from_pretrained`` returns (scoring and generation build on it).
+
+    ``tokenizer``: raw text <-> the model's words (``tokenizer.make_pipeline``: Moses, GPT-2 BPE or SentencePiece,
+    as fairseq's hub applies them); None when the text is already tokenised."""
+
+    model: TransformerLM
+    dictionary: Dictionary
+    source: str = ""
+    tokens_per_sample: int | None = None
+    tokenizer: Any = None
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.model.cfg
+
+    @property
+    def start_token(self) -> int:
+        """What every sentence is conditioned on: ``</s>``, or ``<s>`` for ``add_bos_token`` models (fairseq's
+        ``build_dataset_for_inference`` and ``inference_step``)."""
+        return self.dictionary.bos() if self.cfg.add_bos_token else self.dictionary.eos()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, *args: Any, **kwargs: Any) -> LanguageModel:
+        self.model.to(*args, **kwargs)
+        return self
+
+    def eval(self) -> LanguageModel:
+        self.model.eval()
+        return self
+
+    # ---- text <-> ids -----------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> str:
+        """Raw text -> the space-separated symbols the dictionary holds (tokenizer, then BPE)."""
+        return text if self.tokenizer is None else self.tokenizer.encode(text)
+
+    def detokenize(self, text: str) -> str:
+        return text if self.tokenizer is None else self.tokenizer.decode(text)
+
+    def encode(self, sentence: str) -> torch.Tensor:
+        """Tokenise (if a tokenizer was given), map words to ids, append ``</s>`` (fairseq's hub ``encode``)."""
+        return torch.tensor(self.dictionary.encode_line(self.tokenize(sentence)), dtype=torch.long)
+
+    def decode(self, tokens: torch.Tensor | list[int]) -> str:
+        """ids -> text, dropping ``</s>``/``<s>``/``<pad>``, then detokenise."""
+        ids = tokens.tolist() if torch.is_tensor(tokens) else list(tokens)
+        return self.detokenize(self.dictionary.string(ids))
+
+    def ids(self, sentence: str, replace_newline_with_eos: bool = False) -> list[int]:
+        """A sentence's word ids without the final ``</s>`` (each line of it ending in ``</s>`` when
+        ``replace_newline_with_eos``, as fairseq's hub)."""
+        if replace_newline_with_eos:
+            out: list[int] = []
+            for line in sentence.split("\n"):
+                out += self.encode(line).tolist()
+            return out[:-1]
+        return self.encode(sentence).tolist()[:-1]
+
+    # ---- scoring --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(
+        self,
+        sentences: str | list[str],
+        replace_newline_with_eos: bool = False,
+        batch_size: int = 16,
+        knn: Any = None,
+        lmbda: float = 0.25,
+        score_eos: bool = False,
+        autocast_dtype: str | None = None,
+    ) -> dict | list[dict]:
+        """Per sentence: ``tokens`` (its words), ``positional_scores`` (ln p of each word given the words before
+        it, starting from ``</s>``, or ``<s>`` with ``add_bos_token``) and ``score`` (their mean). As in fairseq's
+        hub, the final ``</s>`` is not scored (``score_eos=True``: it is, last): a two-word sentence has two scores.
+        Perplexity = ``positional_scores.mean().neg().exp()``. ``autocast_dtype``: "bf16" or "fp16".
+
+        ``knn``: an ``adaptive_lm.knn.KNN`` (a datastore of this model) makes the scores kNN-LM's,
+        ln(lmbda p_kNN + (1 - lmbda) p_LM), with ``lm_positional_scores`` and ``knn_positional_scores`` beside them.
+        """
+        single = isinstance(sentences, str)
+        items = [sentences] if single else list(sentences)
+        d, out = self.dictionary, []
+        if knn is not None:
+            knn.check_model(self)
+        half = HALF[autocast_dtype] if autocast_dtype else None
+        capture = knn.capture(self.model) if knn is not None else contextlib.nullcontext()
+        with capture as keys_of, fast_linears(self.device), autocast(self.device, half):
+            for b in range(0, len(items), batch_size):
+                seqs = [self.ids(s, replace_newline_with_eos) for s in items[b : b + batch_size]]
+                src, tgt, n = frame(seqs, self.start_token, d.pad(), d.eos(), score_eos)  # (B, W), (B, W), (B,)
+                src, tgt = src.to(self.device), tgt.to(self.device)
+                feats = self.model(src)  # (B, W, d)
+                lp = self.model.target_log_probs_from_features(feats, tgt).float().cpu()  # (B, W)
+                rows = [{"positional_scores": lp[r, : int(n[r])]} for r in range(len(seqs))]
+                if knn is not None:
+                    rows = knn.interpolate_rows(keys_of(src), tgt, rows, lmbda)
+                for x, row in zip(seqs, rows):
+                    ps = row["positional_scores"]
+                    out.append({"tokens": torch.tensor(x, dtype=torch.long), **row,
+                                "score": float(ps.mean()) if len(ps) else 0.0})  # fmt: skip
+        return out[0] if single else out
+
+    def score_rows(
+        self, lines: list[str], batch_size: int = 16, score_eos: bool = False, autocast: str | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """``adaptive-lm score``'s records, one per line in order: the text, its tokens, each token's ln p, their
+        sum and mean, and the perplexity exp(-mean)."""
+        for b in range(0, len(lines), batch_size):
+            chunk = lines[b : b + batch_size]
+            scored = self.score(chunk, batch_size=batch_size, score_eos=score_eos, autocast_dtype=autocast)
+            for line, r in zip(chunk, scored):  # type: ignore[arg-type]
+                ps = r["positional_scores"].tolist()
+                total = float(sum(ps))
+                mean = total / len(ps) if ps else 0.0
+                words = [self.dictionary[i] for i in r["tokens"].tolist()]
+                yield {
+                    "text": line,
+                    "tokens": words + (["</s>"] if score_eos else []),
+                    "logprobs": [round(x, 6) for x in ps],
+                    "sum": total,
+                    "mean": mean,
+                    "ppl": math.exp(-mean),
+                }
+
+    @torch.no_grad()
+    def features(self, sentences: str | list[str], all_layers: bool = False):
+        """Hidden states before the softmax, (T, d) per sentence (input = ``</s>`` + words), optionally the
+        states after the embedding and after every layer (kNN-LM-style research needs them)."""
+        single = isinstance(sentences, str)
+        res = []
+        for s in [sentences] if single else sentences:
+            src = torch.tensor([[self.start_token] + self.ids(s)], device=self.device)
+            x, states = self.model(src, return_all_hiddens=True)
+            res.append([h[0] for h in states] + [x[0]] if all_layers else x[0])
+        return res[0] if single else res
+
+    # ---- generation -------------------------------------------------------------------------------------------
+    def generate(self, tokenized: list[torch.Tensor], beam: int = 5, verbose: bool = False, **kwargs: Any):
+        """fairseq's hub ``generate``: encoded prompts (with their trailing ``</s>``) -> nbest hypothesis dicts."""
+        from adaptive_lm.inference.generate import GenerationConfig, generate
+
+        cfg = GenerationConfig(beam=beam, **kwargs)
+        prompts = [t.tolist()[:-1] if len(t) and int(t[-1]) == self.dictionary.eos() else t.tolist() for t in tokenized]
+        d = self.dictionary
+        return generate(self.model, prompts, d.eos(), d.pad(), d.unk(), cfg, start=self.start_token)
+
+    def sample(self, sentences: str | list[str], beam: int = 1, verbose: bool = False, **kwargs: Any):
+        """Prompt(s) in, continuation(s) out (the prompt included): a str for a str, a list for a list."""
+        single = isinstance(sentences, str)
+        items = [sentences] if single else list(sentences)
+        hyps = self.generate([self.encode(s) for s in items], beam=beam, verbose=verbose, **kwargs)
+        texts = [self.decode(h[0]["tokens"]) for h in hyps]
+        return texts[0] if single else texts

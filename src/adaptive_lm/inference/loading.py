@@ -1,0 +1,254 @@
+"""``from_pretrained``: one entry point for every model file a user may hold, with fairseq's hub signature.
+
+Accepted: a fairseq checkpoint (``model.pt`` / ``checkpoint_best.pt``) with ``dict.txt`` beside it or in a
+``data-bin/`` folder beside it, one of our training checkpoints (it carries its dictionary), an exported
+model folder (``config.json`` + ``model.safetensors`` + ``dict.txt``), a folder holding any of these, a fairseq
+archive, or a released model's name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adaptive_lm.core.config import ModelConfig
+from adaptive_lm.core.dictionary import Dictionary
+from adaptive_lm.core.errors import UserError
+from adaptive_lm.core.fairseq_format import (
+    config_from_fairseq,
+    load_into,
+    safe_load,
+    state_dict_from_fairseq,
+    stored_settings,
+)
+from adaptive_lm.core.model import TransformerLM, prune_layers
+from adaptive_lm.core.serialization import FORMAT, dictionary_from_payload
+from adaptive_lm.inference.hub import LanguageModel
+from adaptive_lm.inference.tokenizer import make_pipeline
+
+# files fairseq's hub picks up from a model folder by themselves (``hub_utils.from_pretrained``), and ours
+BPE_FILES = {"sentencepiece.bpe.model": "sentencepiece_model", "encoder.json": "gpt2_encoder_json",
+             "vocab.bpe": "gpt2_vocab_bpe"}  # fmt: skip
+BPE_ARGS = ("gpt2_encoder_json", "gpt2_vocab_bpe", "sentencepiece_model")
+
+
+def find_dictionary(model_path: Path, tried: list[Path] | None = None) -> Path:
+    """dict.txt next to the model, in data-bin/ next to it, or one level up: say which paths were tried."""
+    base = model_path if model_path.is_dir() else model_path.parent
+    candidates = [base / "dict.txt", base / "data-bin" / "dict.txt", base.parent / "dict.txt"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    tried_s = ", ".join(str(c) for c in candidates)
+    raise UserError(f"{model_path}: no dict.txt found (tried {tried_s}); pass dictionary=PATH (--dict)")
+
+
+def _pick_file(folder: Path) -> Path:
+    for name in ("model.safetensors", "model.pt", "checkpoint_best.pt", "checkpoint_last.pt"):
+        if (folder / name).is_file():
+            return folder if name == "model.safetensors" else folder / name
+    raise UserError(
+        f"{folder}: no model here (looked for model.safetensors, model.pt, checkpoint_best.pt, checkpoint_last.pt)"
+    )
+
+
+def load_fairseq(
+    path: Path,
+    dictionary: Dictionary,
+    ckpt: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> TransformerLM:
+    """Build from the checkpoint's stored settings (never the arch name alone), with fairseq-style load-time
+    ``overrides`` (e.g. ``decoder_layers_to_keep``), and load its weights."""
+    ckpt = ckpt if ckpt is not None else safe_load(path)
+    cfg = config_from_fairseq(stored_settings(ckpt), len(dictionary), overrides, state_keys=ckpt["model"].keys())
+    return _build(cfg, state_dict_from_fairseq(ckpt["model"], cfg), str(path), dtype, dictionary)
+
+
+def _build(
+    cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str, dtype: torch.dtype | None, dictionary: Dictionary
+) -> TransformerLM:
+    with torch.device("meta"):  # no random init, no second copy: the weights are assigned from the file
+        model = TransformerLM(cfg, dictionary.symbols)
+    load_into(model, sd, source=source, dtype=dtype)
+    model.materialize_buffers(symbols=dictionary.symbols)
+    return model
+
+
+def stored_vocab_size(sd: dict[str, torch.Tensor]) -> int | None:
+    """The vocabulary size a fairseq state dict was trained with (None if its layout does not say)."""
+    for k in ("decoder.embed_tokens.weight", "decoder.output_projection.weight", "decoder.embed_out"):
+        if k in sd:
+            return int(sd[k].shape[0])
+    bands = [k for k in sd if k.startswith("decoder.embed_tokens.embeddings.") and k.endswith(".0.weight")]
+    if bands:
+        return sum(int(sd[k].shape[0]) for k in bands)
+    return None
+
+
+def _check_vocab(d: Dictionary, vocab: int | None, model: Path, given: Any) -> None:
+    """A dictionary of another size than the model's output would give ids the model never learned."""
+    if vocab is not None and len(d) != vocab:
+        where = f"--dict {given}" if given else f"the dictionary found for {model}"
+        raise UserError(
+            f"{where} has {len(d)} symbols but the model was trained with {vocab}: use the model's own dict.txt"
+        )
+
+
+def _with_overrides(cfg: ModelConfig, overrides: dict[str, Any] | None) -> ModelConfig:
+    """Our stored config with load-time overrides (the fields of ModelConfig, as fairseq's ``arg_overrides``)."""
+    if not overrides:
+        return cfg
+    unknown = sorted(set(overrides) - set(ModelConfig.__dataclass_fields__))
+    if unknown:
+        raise UserError(f"unknown model override(s): {', '.join(unknown)} (use ModelConfig field names)")
+    out = ModelConfig.from_dict({**cfg.to_dict(), **overrides})
+    out.validate()
+    return out
+
+
+def _resolve(model_name_or_path: str | os.PathLike, checkpoint_file: str) -> Path:
+    """The model file (or exported folder): a released name is downloaded, an archive extracted, a folder searched
+    for ``checkpoint_file`` (by default also for our files: model.safetensors, checkpoint_best.pt, ...)."""
+    from adaptive_lm.inference.download import RELEASED, fetch, open_archive
+
+    p = Path(model_name_or_path)
+    if not p.exists() and str(model_name_or_path) in RELEASED:
+        p = fetch(str(model_name_or_path))
+    if not p.exists():
+        raise UserError(f"{p}: no such file or folder (or a released model name: {', '.join(RELEASED)})")
+    if p.is_file() and p.name.endswith((".tar.bz2", ".tar.gz", ".tgz", ".tar")):
+        p = open_archive(p)
+    if ":" in checkpoint_file:
+        raise UserError(f"checkpoint_file {checkpoint_file!r}: ensembles of checkpoints are not supported; load one")
+    if p.is_dir() and (p / checkpoint_file).is_file():
+        return p / checkpoint_file
+    if p.is_dir() and checkpoint_file != "model.pt":
+        raise UserError(f"{p}: no {checkpoint_file} in this folder")
+    return _pick_file(p) if p.is_dir() else p
+
+
+def _split_kwargs(kwargs: dict[str, Any], overrides: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """fairseq's hub takes BPE files and model settings as keyword arguments: (BPE files, model overrides); any
+    other keyword is refused by name."""
+    bpe_args = {k: kwargs.pop(k) for k in BPE_ARGS if k in kwargs}
+    model = {k: kwargs.pop(k) for k in list(kwargs) if k in ModelConfig.__dataclass_fields__}
+    if kwargs:
+        raise UserError(
+            f"from_pretrained: unknown keyword(s) {', '.join(sorted(kwargs))} (accepted: dictionary, device, dtype, "
+            f"tokenizer, bpe, {', '.join(BPE_ARGS)}, overrides, or a ModelConfig field)"
+        )
+    return bpe_args, {**(overrides or {}), **model}
+
+
+def from_pretrained(
+    model_name_or_path: str | os.PathLike,
+    checkpoint_file: str = "model.pt",
+    data_name_or_path: str = ".",
+    *,
+    dictionary: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    tokenizer: str | None = None,
+    bpe: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> LanguageModel:
+    """Load a model and its dictionary from any supported layout; returns it in eval mode.
+
+    The positional arguments are fairseq's hub's (``TransformerLanguageModel.from_pretrained(dir, "model.pt",
+    "data-bin")`` works as is): ``model_name_or_path`` is a folder, a model file, a fairseq ``.tar.bz2`` archive
+    (extracted safely into the cache) or a released model's name (``wiki103``, ``gbw``: downloaded once, then
+    cached); ``checkpoint_file`` the file in that folder (default ``model.pt``, else the model file found there);
+    ``data_name_or_path`` the folder of ``dict.txt``, relative to the model's folder (default: beside the model, then
+    ``data-bin/`` beside it). ``dictionary`` names a dict.txt directly.
+
+    ``tokenizer="moses"`` and ``bpe="gpt2"`` / ``"sentencepiece"`` make ``encode``/``score``/``sample`` take raw
+    text as fairseq's hub does (tokenizer, then BPE, then the dictionary); the BPE files come from the keyword
+    arguments ``gpt2_encoder_json``/``gpt2_vocab_bpe``/``sentencepiece_model`` or, as in fairseq, from the model
+    folder (``encoder.json``, ``vocab.bpe``, ``sentencepiece.bpe.model``). ``dtype`` loads straight into that dtype.
+    ``overrides`` (or ModelConfig fields as keywords, as fairseq's ``arg_overrides``): model settings to change at
+    load, e.g. ``{"decoder_layers_to_keep": "0,2"}`` to evaluate a LayerDrop-trained model with fewer layers.
+    """
+    bpe_args, overrides = _split_kwargs(dict(kwargs), overrides)
+    p = _resolve(model_name_or_path, checkpoint_file)
+    folder = p if p.is_dir() else p.parent
+    for name, arg in BPE_FILES.items():
+        if (folder / name).is_file():
+            bpe_args.setdefault(arg, str(folder / name))
+    if p.is_dir():
+        model, d, tps = _load_folder(p, dictionary, dtype, overrides)
+        stored_text: dict[str, Any] = {}
+    else:
+        ckpt = safe_load(p)
+        if not isinstance(ckpt, dict) or "model" not in ckpt:
+            raise UserError(f"{p}: not a model checkpoint (no 'model' entry)")
+        if ckpt.get("format") == FORMAT:
+            model, d, tps = _load_ours(p, ckpt, dictionary, dtype, overrides)
+            stored_text = {}
+        else:
+            given = dictionary or _dictionary_in(folder, data_name_or_path)
+            d = Dictionary.load(Path(given) if given else find_dictionary(p))
+            _check_vocab(d, stored_vocab_size(ckpt["model"]), p, dictionary)
+            model = load_fairseq(p, d, ckpt, dtype, overrides)
+            tps = stored_settings(ckpt).get("tokens_per_sample")
+            stored_text = _stored_text_settings(ckpt)
+    bpe = bpe or stored_text.get("bpe")
+    pipeline = make_pipeline(tokenizer or stored_text.get("tokenizer"), bpe, **{**stored_text.get("bpe_args", {}),
+                                                                            **bpe_args})  # fmt: skip
+    return LanguageModel(model, d, str(p), tps, pipeline).to(device).eval()
+
+
+def _dictionary_in(folder: Path, data_name_or_path: str) -> Path | None:
+    """fairseq's hub: ``data_name_or_path`` relative to the model folder (or absolute) holds dict.txt."""
+    base = Path(data_name_or_path)
+    base = base if base.is_absolute() else folder / base
+    return base / "dict.txt" if (base / "dict.txt").is_file() else None
+
+
+def _load_folder(
+    p: Path, dictionary: Any, dtype: Any, overrides: dict[str, Any]
+) -> tuple[TransformerLM, Dictionary, int]:
+    """An exported folder: config.json + model.safetensors + dict.txt."""
+    if not (p / "config.json").is_file():
+        raise UserError(
+            f"{p}: an exported model folder needs config.json beside model.safetensors (written by "
+            f"adaptive-lm convert); it is missing"
+        )
+    meta = json.loads((p / "config.json").read_text())
+    from safetensors.torch import load_file
+
+    d = Dictionary.load(Path(dictionary) if dictionary else p / "dict.txt")
+    _check_vocab(d, meta["model"]["vocab_size"], p, dictionary)
+    cfg = _with_overrides(ModelConfig.from_dict(meta["model"]), overrides)
+    sd = prune_layers(load_file(str(p / "model.safetensors")), cfg.decoder_layers_to_keep)
+    return _build(cfg, sd, str(p), dtype, d), d, meta.get("tokens_per_sample")
+
+
+def _load_ours(p: Path, ckpt: dict[str, Any], dictionary: Any, dtype: Any, overrides: dict[str, Any]):
+    """One of our training checkpoints: its config and dictionary travel inside."""
+    d = Dictionary.load(dictionary) if dictionary else dictionary_from_payload(ckpt["dictionary"])
+    _check_vocab(d, ckpt["config"]["model"]["vocab_size"], p, dictionary)
+    cfg = _with_overrides(ModelConfig.from_dict(ckpt["config"]["model"]), overrides)
+    model = _build(cfg, prune_layers(ckpt["model"], cfg.decoder_layers_to_keep), str(p), dtype, d)
+    return model, d, ckpt["config"].get("tokens_per_sample")
+
+
+def _stored_text_settings(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The tokenizer and BPE a fairseq checkpoint was trained with (its ``cfg.tokenizer`` / ``cfg.bpe``), which
+    fairseq's hub applies by default."""
+    cfg = ckpt.get("cfg") or {}
+    out: dict[str, Any] = {}
+    tok = cfg.get("tokenizer") if isinstance(cfg, dict) else None
+    if isinstance(tok, dict) and tok.get("_name"):
+        out["tokenizer"] = tok["_name"]
+    bpe = cfg.get("bpe") if isinstance(cfg, dict) else None
+    if isinstance(bpe, dict) and bpe.get("_name"):
+        out["bpe"] = bpe["_name"]
+        out["bpe_args"] = {k: v for k, v in bpe.items() if k in BPE_ARGS and v and Path(str(v)).is_file()}
+    return out

@@ -1,0 +1,115 @@
+"""The training data: the dictionary and splits a run reads, and the batches of the next update prepared while the
+current one runs."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adaptive_lm.core.config import ModelConfig
+from adaptive_lm.core.data import EpochBatches, LMDataset, load_split
+from adaptive_lm.core.dictionary import Dictionary
+from adaptive_lm.core.errors import UserError
+from adaptive_lm.core.model import Routes
+from adaptive_lm.training.config import TrainConfig
+from adaptive_lm.training.report import Reporter
+
+
+def load_datasets(cfg: TrainConfig, world: int, rank: int, add_bos: bool, log: Reporter):
+    """The dictionary, the training split's batches and (unless disabled or absent) the validation batches."""
+    data = Path(cfg.data)
+    if not (data / "dict.txt").is_file():
+        raise UserError(f"{data}: no dict.txt; run `adaptive-lm preprocess --destdir {data}` first")
+    dictionary = Dictionary.load(data / "dict.txt")
+    train_split = load_split(data, cfg.train_subset, vocab_size=len(dictionary))
+    train_data = LMDataset.from_split(train_split, cfg.tokens_per_sample, cfg.sample_break_mode, add_bos=add_bos)
+    too_long = int((train_data.sizes > cfg.tokens_per_sample).sum())
+    if too_long:
+        raise UserError(
+            f"{data}/{cfg.train_subset}: {too_long} samples are longer than --tokens-per-sample "
+            f"{cfg.tokens_per_sample} (break mode {cfg.sample_break_mode}); raise --tokens-per-sample or use "
+            f"--sample-break-mode none"
+        )
+    batches = EpochBatches(
+        train_data, cfg.max_tokens, cfg.batch_size, cfg.seed, True, world, rank, cfg.required_batch_size_multiple
+    )
+    if len(batches) == 0:
+        raise UserError(
+            f"{data}/{cfg.train_subset}: no training batch (too little data for --max-tokens "
+            f"{cfg.max_tokens} and --required-batch-size-multiple {cfg.required_batch_size_multiple})"
+        )
+    valid = None
+    has_valid = (data / f"{cfg.valid_subset}.idx").is_file()
+    if not cfg.disable_validation and not has_valid:
+        log.info(f"note: {data}/{cfg.valid_subset}.idx not found: training without validation")
+    if not cfg.disable_validation and has_valid:
+        split = load_split(data, cfg.valid_subset, vocab_size=len(dictionary))
+        vds = LMDataset.from_split(split, cfg.tokens_per_sample, cfg.sample_break_mode, add_bos=add_bos)
+        if cfg.skip_invalid_size_inputs_valid_test:
+            vds = vds.subset(vds.sizes <= cfg.tokens_per_sample)
+        valid = EpochBatches(
+            vds,
+            cfg.max_tokens_valid or cfg.max_tokens,
+            cfg.batch_size_valid or cfg.batch_size,
+            cfg.seed,
+            False,
+            world,
+            rank,
+            cfg.required_batch_size_multiple,
+        )
+    return dictionary, train_data, batches, valid
+
+
+class Prefetcher:
+    """Collates the next update's batches in a background thread (pinned memory and a non-blocking copy on CUDA)
+    while the current update runs; on CPU it collates in line (a second thread only competes for the cores).
+    With ``routes_for`` (the GPU path) it also finds each adaptive band's rows on the CPU (``model.Routes``), so
+    the device never has to report them back to the host."""
+
+    def __init__(self, data: LMDataset, groups: list[list], device: torch.device, background: bool,
+                 routes_for: ModelConfig | None = None) -> None:  # fmt: skip
+        self.data, self.groups, self.device = data, groups, device
+        self.background, self.routes_for = background, routes_for
+        self._next: Any = None
+        self._thread: threading.Thread | None = None
+
+    def _prepare(self, group: list) -> list[dict[str, Any]]:
+        out = []
+        for b in group:
+            s = self.data.collate(b)
+            if self.routes_for is not None and s["ntokens"]:
+                s["routes"] = Routes(s["src_tokens"], s["target"], self.routes_for)
+            if self.device.type == "cuda":
+                for k in ("src_tokens", "target"):
+                    s[k] = s[k].pin_memory().to(self.device, non_blocking=True)
+                if "routes" in s:
+                    s["routes"].to(self.device, non_blocking=True)
+            out.append(s)
+        return out
+
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        if not self.background:
+            yield from (self._prepare(g) for g in self.groups)
+            return
+        box: dict[int, Any] = {}
+
+        def work(i: int) -> None:
+            box[i] = self._prepare(self.groups[i])
+
+        t: threading.Thread | None = None
+        for i in range(len(self.groups)):
+            if t is None:
+                work(i)
+            else:
+                t.join()
+            t = None
+            if i + 1 < len(self.groups):
+                t = threading.Thread(target=work, args=(i + 1,), daemon=True)
+                t.start()
+            yield box.pop(i)
+        if t is not None:
+            t.join()

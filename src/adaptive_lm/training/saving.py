@@ -1,0 +1,116 @@
+"""A trainer's checkpoints: what one holds, when and under which names it is written, and continuing from one
+(ours or fairseq's; ``checkpoint.py`` has the names, the reading and the optimizer-state mapping)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adaptive_lm.core.errors import UserError
+from adaptive_lm.core.fairseq_format import load_into
+from adaptive_lm.core.metrics import perplexity
+from adaptive_lm.core.serialization import FORMAT, dictionary_payload
+from adaptive_lm.training import checkpoint as ckpt
+from adaptive_lm.training.distributed import all_gather_ints
+from adaptive_lm.training.trainer import Trainer
+
+
+def checkpoint_state(t: Trainer) -> dict[str, Any]:
+    """Everything a resume needs, as CPU tensors and plain values."""
+    t.state.__dict__.update(t.scaler.state())
+    return {
+        "format": FORMAT,
+        "config": {
+            "model": t.model_cfg.as_built().to_dict(),
+            "train": t.cfg.to_dict(),
+            "tokens_per_sample": t.cfg.tokens_per_sample,
+        },
+        "model": {k: v.detach().cpu() for k, v in t.model.state_dict().items()},
+        "optimizer": ckpt.optimizer_to_plain(t.optimizer, t.model),
+        "train_state": t.state.to_dict(),
+        "rng": {"torch": torch.get_rng_state()},
+        "dictionary": dictionary_payload(t.dictionary),
+    }
+
+
+def save(
+    t: Trainer, end_of_epoch: bool, val_loss: float | None, prev_best: float | None, last_only: bool = False
+) -> None:
+    """fairseq's checkpoint names for this moment (rank 0 writes; one serialisation, hard links for the rest)."""
+    cfg = t.cfg
+    if cfg.no_save or t.rank != 0:
+        return
+    metric = perplexity if cfg.best_checkpoint_metric == "ppl" else (lambda v: v)  # same order as the loss
+    score, prev = (metric(v) if v is not None else None for v in (val_loss, prev_best))
+    names = ["checkpoint_last.pt"] if last_only else ckpt.checkpoint_names(cfg, t.state, end_of_epoch, score, prev)
+    if not names:
+        return
+    t0 = time.time()
+    Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
+    paths = [os.path.join(cfg.save_dir, n) for n in names]
+    critical, t.critical = t.critical, True
+    try:
+        ckpt.write_checkpoints(checkpoint_state(t), paths)
+        ckpt.prune(cfg, end_of_epoch)
+    finally:
+        t.critical = critical
+    t.log.info(
+        f"saved checkpoint {paths[0]} (epoch {t.state.epoch} @ {t.state.num_updates} updates, "
+        f"score {score if score is None else round(score, 3)}) in {time.time() - t0:.1f}s"
+        + (f"; also {', '.join(names[1:])}" if len(names) > 1 else "")
+    )
+
+
+def restore(t: Trainer) -> None:
+    """Continue from ``--restore-file`` (or ``--finetune-from-model`` in a fresh save dir), ours or fairseq's."""
+    cfg = t.cfg
+    path = ckpt.resolve_restore(cfg.save_dir, cfg.restore_file)
+    finetune = path is None and cfg.finetune_from_model is not None
+    if finetune:
+        path = Path(cfg.finetune_from_model)  # type: ignore[arg-type]
+        if not path.is_file():
+            raise UserError(f"--finetune-from-model {path}: not found")
+    if path is None:
+        check_ranks_agree(t)
+        return
+    r = ckpt.read_restore(path, t.model, t.dictionary)
+    load_into(t.model, r.weights, str(path))
+    if not (cfg.reset_optimizer or finetune) and r.optimizer is not None:
+        ckpt.optimizer_from_plain(t.optimizer, t.model, r.optimizer)
+        t.state.num_updates = r.state.num_updates
+    if not (cfg.reset_dataloader or finetune):
+        t.state.epoch, t.state.iterations_in_epoch = r.state.epoch, r.state.iterations_in_epoch
+    if not (cfg.reset_meters or finetune):
+        t.state.best_val, t.state.bad_valid = r.state.best_val, r.state.bad_valid
+        t.state.train_seconds = r.state.train_seconds
+    t.scaler.load(r.state.to_dict())
+    if r.rng is not None and not finetune:
+        torch.set_rng_state(r.rng)
+    # fairseq: after loading, the lr follows the update count (a reset scheduler starts its warmup again)
+    t.set_lr(t.schedule.lr_at(t.state.num_updates))
+    if t.state.iterations_in_epoch >= len(t.batches):  # the saved epoch had ended
+        t.state.epoch += 1
+        t.state.iterations_in_epoch = 0
+    check_ranks_agree(t, str(path))
+    t.log.info(
+        f"{'fine-tuning from' if finetune else 'restored'} {path} (update {t.state.num_updates}, "
+        f"epoch {t.state.epoch}, batch {t.state.iterations_in_epoch}/{len(t.batches)})"
+    )
+
+
+def check_ranks_agree(t: Trainer, source: str = "no checkpoint") -> None:
+    """Every process must continue from the same update (a save dir that is not shared between nodes)."""
+    counts = all_gather_ints(t.state.num_updates, t.device)
+    if len(set(counts)) > 1:
+        raise UserError(
+            f"processes restored different updates ({', '.join(f'rank {i}: {c}' for i, c in enumerate(counts))}; "
+            f"this rank read {source}): give every node the same --save-dir contents (a shared disk) or an "
+            f"explicit --restore-file"
+        )
+
+
+# ---- one update ----

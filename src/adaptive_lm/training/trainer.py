@@ -1,0 +1,262 @@
+"""One update of fairseq-train's language-modelling loop, step for step (``fairseq/trainer.py``,
+``fairseq/criterions/adaptive_loss.py``): the ``Trainer`` builds the data, the model, NAG, the cosine schedule and
+the loss scaler from a ``TrainConfig``, and runs an update.
+
+One update = ``--update-freq`` micro-batches per process: each loss is the *summed* adaptive loss, gradients
+accumulate, then every gradient is summed across processes (``distributed.GradReducer``: fairseq's legacy_ddp,
+overlapped with the backward), multiplied by 1 / (non-pad target tokens of the whole update), clipped on the total
+norm, and NAG steps with the lr the cosine schedule gives for the number of updates done so far. Dropout is
+seeded with ``seed + updates``, so a resumed run draws the same masks as an uninterrupted one.
+
+The loop and its decisions are ``loop.py``; checkpoints ``saving.py``; validation ``validation.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adaptive_lm.core.config import NORMFORMER, ModelConfig, make_config
+from adaptive_lm.core.dictionary import Dictionary
+from adaptive_lm.core.errors import UserError
+from adaptive_lm.core.hardware import half_precision_notice
+from adaptive_lm.core.kernels import fast_linears, plain_kernels, prepare_for_compile
+from adaptive_lm.core.model import TransformerLM
+from adaptive_lm.core.optim import NAG, CosineSchedule, LossScaler, clip_grad_norm_
+from adaptive_lm.training.checkpoint import TrainState
+from adaptive_lm.training.config import TrainConfig
+from adaptive_lm.training.data import load_datasets
+from adaptive_lm.training.distributed import GradReducer, all_reduce_sum, setup_distributed
+from adaptive_lm.training.report import Reporter
+
+
+class TrainingDiverged(UserError):
+    """The loss or gradient stopped being finite (or exploded): training stops, the last checkpoint stays."""
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    """The model ``fairseq-train --arch ARCH <model flags>`` builds: the preset filled by the flags, with
+    ``max_target_positions`` defaulting to ``--tokens-per-sample`` (fairseq's ``build_model``), and NormFormer's
+    ``--scale-*`` flags without effect, as in fairseq 0.12 (see ``config.NORMFORMER``)."""
+    overrides = dict(cfg.model_overrides)
+    overrides.setdefault("max_target_positions", cfg.tokens_per_sample)
+    for k in NORMFORMER:
+        overrides.pop(k, None)
+    return make_config(cfg.arch, vocab_size, **overrides)
+
+
+def ignored_flags(cfg: TrainConfig) -> str | None:
+    """The notice for flags fairseq-train 0.12 accepts and ignores (the model is built without them, as there)."""
+    given = [k for k in NORMFORMER if cfg.model_overrides.get(k)]
+    if not given:
+        return None
+    flags = ", ".join("--" + k.replace("_", "-") for k in given)
+    return (
+        f"note: fairseq 0.12 ignores {flags} for transformer_lm models (its TransformerConfig drops NormFormer's "
+        f"options), so fairseq-train builds no NormFormer layers; built the same way here (the Python API's "
+        f"build_model(..., scale_attn=True) has them)"
+    )
+
+
+def seeded_model(model_cfg: ModelConfig, dictionary: Dictionary, seed: int) -> TransformerLM:
+    """fairseq-train seeds torch, then builds the model: with the same draws in the same order, the same weights."""
+    torch.manual_seed(seed)
+    return TransformerLM(model_cfg, dictionary.symbols)
+
+
+# ---- the trainer -------------------------------------------------------------------------------------------
+class Trainer:
+    """Data, model, optimizer, schedule and the update step, built from a TrainConfig. ``train()`` runs the loop."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        cfg.check()
+        self.cfg = cfg
+        self.rank, self.world, self.device = setup_distributed(cfg.cpu)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32  # fp32 matmuls on tensor cores (8x), see --no-tf32
+            torch.backends.cudnn.allow_tf32 = cfg.tf32
+        self.log = Reporter(cfg, self.rank)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.half or "")
+        if self.amp_dtype is not None and self.device.type == "cpu":
+            note = half_precision_notice(self.amp_dtype)
+            if note:
+                self.log.info(note)
+        add_bos = bool(cfg.model_overrides.get("add_bos_token", False))
+        self.dictionary, self.train_data, self.batches, self.valid_batches = load_datasets(
+            cfg, self.world, self.rank, add_bos, self.log
+        )
+        self.model_cfg: ModelConfig = model_config(cfg, len(self.dictionary))
+        note = ignored_flags(cfg)
+        if note:
+            self.log.info(note)
+        self.model = seeded_model(self.model_cfg, self.dictionary, cfg.seed).to(self.device)
+        self.params = list(self.model.parameters())
+        self.optimizer = NAG(self.params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.schedule = CosineSchedule(
+            max_lr=cfg.lr,
+            min_lr=cfg.min_lr,
+            warmup_updates=cfg.warmup_updates,
+            warmup_init_lr=cfg.warmup_init_lr,
+            period=cfg.lr_period_updates,
+            t_mult=cfg.t_mult,
+            lr_shrink=cfg.lr_shrink,
+            max_update=cfg.max_update,
+        )
+        window = cfg.fp16_scale_window or int(2**14 / self.world / cfg.update_freq)
+        self.scaler = LossScaler(cfg.half == "fp16", cfg.fp16_init_scale, window, cfg.min_loss_scale)
+        self.reducer = GradReducer(self.params) if self.world > 1 else None
+        self.forward_model: Any = self.model
+        if cfg.compile:
+            try:
+                prepare_for_compile()
+                import torch._inductor.config as inductor
+
+                inductor.fallback_random = True  # dropout draws as in eager mode: compiling changes no mask
+                self.forward_model = torch.compile(self.model, dynamic=True)
+            except Exception as e:  # pragma: no cover - depends on the toolchain
+                self.log.info(f"warning: --compile unavailable ({type(e).__name__}: {e}); running eagerly")
+        self.state = TrainState(loss_scale=self.scaler.scale)
+        self.set_lr(self.schedule.lr_at(0))  # fairseq calls step_update(0) right after building
+        self.stop_requested = 0  # the signal that asked this process to stop, 0 if none
+        self.stop_agreed = 0  # the signal any process got, as of the last update's all-reduce
+        self.critical = False  # between the optimizer step and the bookkeeping, or writing a checkpoint
+        self.valid_history: list[float] = []  # every validation loss of this process (bits per token)
+
+    @property
+    def stopping(self) -> int:
+        """The signal to stop for, 0 if none: alone, as soon as it arrives; with other processes, only once the
+        update's all-reduce told every one of them (so all stop after the same update and none waits forever)."""
+        return self.stop_agreed if self.world > 1 else self.stop_requested
+
+    # ---- lr ----
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # ---- checkpoints ----
+    # ---- one update ----
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def kernel_choice(self):
+        """``--kernels plain``: PyTorch's kernels for this call (no process-wide setting left behind); else ours,
+        with fp32 CPU linears on oneDNN (not under --compile, which traces the model's own ops)."""
+        if self.cfg.kernels == "plain":
+            return plain_kernels(True)
+        return contextlib.nullcontext() if self.cfg.compile else fast_linears(self.device)
+
+    def train_step(self, samples: list[dict[str, Any]]) -> dict[str, float]:
+        """One update from this process's micro-batches; every process calls it the same number of times."""
+        with self.kernel_choice():
+            return self._train_step(samples)
+
+    def _train_step(self, samples: list[dict[str, Any]]) -> dict[str, float]:
+        self.model.train()
+        rng = _rng_state(self.device)
+        try:
+            loss_sum, ntokens = self._accumulate(samples)
+        except Exception as e:
+            if self.forward_model is self.model:
+                raise
+            # --compile failed in the forward or the backward: redo the whole update eagerly, same random numbers
+            self.log.info(f"warning: --compile failed ({type(e).__name__}: {str(e)[:200]}); continuing without it")
+            self.forward_model = self.model
+            _set_rng_state(rng, self.device)
+            loss_sum, ntokens = self._accumulate(samples)
+        # built by fills, not copies from the host: a host-to-device copy of a Python number is a sync on CUDA;
+        # the stop request travels as counts of SIGINT and SIGTERM, so every process learns which signal it was
+        sig = self.stop_requested
+        flags = (ntokens, sig == signal.SIGINT, sig == signal.SIGTERM)
+        stats = torch.stack([loss_sum, *(loss_sum.new_full((), float(v)) for v in flags)])  # device (NCCL)
+        if self.reducer is not None:
+            self.reducer.finish()
+        stats = all_reduce_sum(stats)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:  # sum -> mean over the update's tokens, and the fp16 loss scale undone, on the device
+            torch._foreach_mul_(grads, (stats[1].clamp(min=1).reciprocal() / self.scaler.scale).float())
+        gnorm_t = clip_grad_norm_(self.params, self.cfg.clip_norm)
+        # the one host sync of the update: statistics, stop flag and gradient norm together
+        total_loss, total_tokens, n_int, n_term, gnorm = torch.cat([stats, gnorm_t.double().reshape(1)]).tolist()
+        self.stop_agreed = int(signal.SIGTERM if n_term else signal.SIGINT if n_int else 0)
+        loss = total_loss / (total_tokens or 1.0) / math.log(2)
+        if not math.isfinite(gnorm) and self.scaler.enabled:  # fp16: skip the update, lower the scale
+            self.scaler.overflow()
+            self.log.info(
+                f"fp16 overflow at update {self.state.num_updates + 1}: skipping it, loss scale -> "
+                f"{self.scaler.scale:g}"
+            )
+            return {"loss": float("nan"), "ntokens": total_tokens, "gnorm": gnorm, "skipped": 1.0}
+        self._check_divergence(loss, gnorm)
+        self.critical = True  # until Run.update has counted this update: a second signal must not split the two
+        self.optimizer.step()
+        self.scaler.step_ok()
+        self.state.num_updates += 1
+        self.set_lr(self.schedule.lr_at(self.state.num_updates))
+        return {
+            "loss": loss,
+            "ntokens": total_tokens,
+            "gnorm": gnorm,
+            "clipped": float(self.cfg.clip_norm > 0 and gnorm > self.cfg.clip_norm),
+        }
+
+    def _accumulate(self, samples: list[dict[str, Any]]) -> tuple[torch.Tensor, int]:
+        """Forward and backward of every micro-batch (the gradient all-reduce armed for the last one)."""
+        torch.manual_seed(self.cfg.seed + self.state.num_updates)  # fairseq's per-update seed
+        self.optimizer.zero_grad()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on the device: no sync
+        ntokens = 0
+        for j, s in enumerate(samples):
+            if self.reducer is not None and j == len(samples) - 1:
+                self.reducer.arm()
+            if s["ntokens"] == 0:
+                continue
+            src = s["src_tokens"].to(self.device, non_blocking=True)
+            tgt = s["target"].to(self.device, non_blocking=True)
+            routes = s.get("routes")
+            with self.autocast():
+                x = self.forward_model(src, routes=routes) if routes is not None else self.forward_model(src)
+                loss = self.model.loss_from_features(x, tgt, self.cfg.tail_ignore_quirk, routes)
+            (loss * self.scaler.scale).backward() if self.scaler.enabled else loss.backward()
+            loss_sum += loss.detach().double()
+            ntokens += s["ntokens"]
+        return loss_sum, ntokens
+
+    def _check_divergence(self, loss: float, gnorm: float) -> None:
+        """A non-finite loss or gradient, or a loss far above a uniform guess, stops training before the update."""
+        uniform = math.log2(len(self.dictionary))
+        if math.isfinite(loss) and math.isfinite(gnorm) and loss <= 3 * uniform + 10:
+            return
+        last = Path(self.cfg.save_dir) / "checkpoint_last.pt"
+        keep = (
+            f"the last good checkpoint is {last}"
+            if last.is_file() and not self.cfg.no_save
+            else "no checkpoint was saved yet"
+        )
+        raise TrainingDiverged(
+            f"training diverged at update {self.state.num_updates + 1}: loss {loss:.4g} bits/token, gradient norm "
+            f"{gnorm:.4g} (a uniform guess costs {uniform:.1f}); try a lower --lr (now {self.lr:.3g}), more "
+            f"--warmup-updates or a --clip-norm; {keep} (not overwritten)"
+        )
+
+    # ---- validation ----
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, Any]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple[torch.Tensor, Any], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)

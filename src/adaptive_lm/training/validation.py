@@ -1,0 +1,63 @@
+"""Validation during training: fairseq's summed loss over the validation batches, all processes together."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from adaptive_lm.core.metrics import perplexity
+from adaptive_lm.core.progress import Progress
+from adaptive_lm.training.distributed import all_reduce_sum
+from adaptive_lm.training.trainer import Trainer
+
+
+@torch.no_grad()
+def validate(t: Trainer) -> float | None:
+    """The validation loss (bits per token, summed over processes), logged; None without a validation split or
+    when a signal abandons it (one process: the checkpoint comes first)."""
+    if t.valid_batches is None:
+        return None
+    with t.kernel_choice():
+        return _validate(t)
+
+
+def _validate(t: Trainer) -> float | None:
+    t.model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=t.device)  # nats, summed on the device
+    tokens = batches = 0
+    n = len(t.valid_batches)
+    if t.cfg.max_valid_steps:
+        n = min(n, t.cfg.max_valid_steps)
+    with Progress(n, f"valid on '{t.cfg.valid_subset}'", t.cfg.progress_bar and t.rank == 0) as bar:
+        for s in t.valid_batches.iterate(epoch=1, stop=n):
+            if t.world == 1 and t.stop_requested:  # a signal: abandon it, the checkpoint comes first
+                t.log.info("validation abandoned (signal); saving checkpoint_last.pt")
+                return None
+            bar.update(1)
+            if s["ntokens"] == 0:
+                continue
+            src, tgt = s["src_tokens"].to(t.device), s["target"].to(t.device)
+            with t.autocast():
+                loss = t.model.loss(src, tgt, t.cfg.tail_ignore_quirk)
+            loss_sum += loss.detach().double()
+            tokens, batches = tokens + s["ntokens"], batches + 1
+    stats = torch.stack([loss_sum, loss_sum.new_full((), float(tokens)), loss_sum.new_full((), float(batches))])
+    loss_sum, tokens, batches = all_reduce_sum(stats).tolist()
+    val = loss_sum / max(tokens, 1) / math.log(2)
+    t.valid_history.append(val)
+    best = val if t.state.best_val is None else min(val, t.state.best_val)
+    t.log.log(
+        "valid",
+        {
+            "epoch": t.state.epoch,
+            "loss": round(val, 3),
+            "ppl": round(perplexity(val), 2),
+            "num_updates": t.state.num_updates,
+            "best_loss": round(best, 3),
+            "wpb": round(tokens / max(batches, 1)),  # per batch, as fairseq logs it
+            "tokens": int(tokens),
+        },
+        t.state.num_updates,
+    )
+    return val
