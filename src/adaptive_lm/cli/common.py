@@ -271,13 +271,22 @@ def add_precision_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fp16", action="store_true", help="float16 autocast (fp32 weights)")
 
 
-def add_tokenizer_flag(p: argparse.ArgumentParser, what: str = "input") -> None:
-    p.add_argument(
-        "--tokenizer",
+def add_text_flags(p: argparse.ArgumentParser, what: str = "input") -> None:
+    """Raw text -> the model's symbols as fairseq's hub does it: a tokenizer, then a BPE (the model folder's
+    encoder.json / vocab.bpe / sentencepiece.bpe.model are found by themselves)."""
+    g = p.add_argument_group(f"text pipeline ({what})")
+    g.add_argument("--tokenizer", default=None, choices=["space", "moses"],
+                   help=f"moses: raw-text {what} (needs the [tokenize] extra); default: already tokenised like the "
+                   f"model's data")  # fmt: skip
+    g.add_argument(
+        "--bpe",
         default=None,
-        choices=["space", "moses"],
-        help=f"moses: raw-text {what} (needs the [tokenize] extra); default: already tokenised like the model's data",
+        choices=["gpt2", "sentencepiece"],
+        help="the model's BPE (needs the [bpe] extra; default: the checkpoint's own setting, if any)",
     )
+    g.add_argument("--gpt2-encoder-json", default=None, type=existing_file, help="GPT-2 BPE: encoder.json")
+    g.add_argument("--gpt2-vocab-bpe", default=None, type=existing_file, help="GPT-2 BPE: vocab.bpe")
+    g.add_argument("--sentencepiece-model", default=None, type=existing_file, help="SentencePiece: the .model file")
 
 
 def add_progress_flag(p: argparse.ArgumentParser) -> None:
@@ -299,13 +308,16 @@ def load_model(ns: argparse.Namespace, dtype: Any = None) -> Any:
     if ns.kernels == "plain":
         use_plain_kernels(True)
     device = "cpu" if ns.cpu or not torch.cuda.is_available() else "cuda"
+    files = {k: getattr(ns, k, None) for k in ("gpt2_encoder_json", "gpt2_vocab_bpe", "sentencepiece_model")}
     return from_pretrained(
         ns.path,
         dictionary=ns.dict,
         device=device,
         dtype=dtype,
         tokenizer=getattr(ns, "tokenizer", None),
+        bpe=getattr(ns, "bpe", None),
         overrides=ns.model_overrides,
+        **{k: v for k, v in files.items() if v},
     )
 
 

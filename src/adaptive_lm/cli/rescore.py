@@ -13,7 +13,7 @@ import numpy as np
 from adaptive_lm.cli.common import (
     add_model_flags,
     add_progress_flag,
-    add_tokenizer_flag,
+    add_text_flags,
     existing_file,
     finite,
     load_model,
@@ -74,7 +74,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--reference", default=None, metavar="COLUMN", help="TSV column holding each list's reference")
     g.add_argument("--references", default=None, type=existing_file, metavar="FILE", help="id<TAB>reference lines")
-    add_tokenizer_flag(p, "hypotheses")
+    add_text_flags(p, "hypotheses")
     p.add_argument(
         "--score-eos",
         action="store_true",

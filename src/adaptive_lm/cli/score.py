@@ -9,7 +9,7 @@ import sys
 from adaptive_lm.cli.common import (
     add_model_flags,
     add_precision_flags,
-    add_tokenizer_flag,
+    add_text_flags,
     half_notice,
     load_model,
     output_file,
@@ -26,7 +26,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive, default=16, help="sentences per batch (default: 16)")
     p.add_argument("--score-eos", action="store_true",
                    help="also score each line's final </s> (fairseq's hub score does not)")  # fmt: skip
-    add_tokenizer_flag(p)
+    add_text_flags(p)
     add_precision_flags(p)
 
 

@@ -540,7 +540,8 @@ class OneDNNLinears(TorchFunctionMode):
         if cls._ok is None:
             op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
             try:
-                x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+                g = torch.Generator().manual_seed(0)  # never the global generator: it is the user's
+                x, w, b = (torch.randn(*s, generator=g) for s in ((3, 8), (5, 8), (5,)))
                 cls._ok = bool(
                     op is not None
                     and torch.backends.mkldnn.is_available()

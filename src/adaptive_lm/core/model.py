@@ -786,10 +786,15 @@ class TransformerLM(nn.Module):
         return [{} for _ in self.layers]
 
     # ---- outputs -------------------------------------------------------------------------------------
-    def log_probs_from_features(self, x: Tensor) -> Tensor:
+    def log_probs_from_features(self, x: Tensor, temperature: float = 1.0) -> Tensor:
+        """The full ln p over the vocabulary (..., V). ``temperature`` divides what fairseq's generator divides: the
+        features before an adaptive softmax, the logits of a plain output layer."""
         if self.adaptive_softmax is not None:
-            return self.adaptive_softmax.log_prob(x)
-        return F.log_softmax(fp32(self.output_projection(x)), dim=-1)  # type: ignore[misc]
+            return self.adaptive_softmax.log_prob(x / temperature if temperature != 1.0 else x)
+        logits = self.output_projection(x)  # type: ignore[misc]  # (..., V)
+        if temperature != 1.0:
+            logits = logits / temperature
+        return F.log_softmax(fp32(logits), dim=-1)
 
     def target_log_probs_from_features(self, x: Tensor, target: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
         """log p(target) at every position, the full softmax in row chunks of at most ``chunk_elements`` logits."""

@@ -1,198 +1,405 @@
-"""Text generation with a key/value cache: greedy, beam, top-k / top-p sampling, temperature (fairseq's
-``SequenceGenerator`` options and defaults: ``fairseq/sequence_generator.py``, ``fairseq/dataclass/configs.py``).
+"""Generation exactly as fairseq 0.12's hub does it for a language model (``GeneratorHubInterface.generate`` ->
+``LanguageModelingTask.inference_step`` -> ``SequenceGenerator._generate`` with ``search.BeamSearch`` or
+``search.Sampling``), on our model with a key/value cache.
 
-As in fairseq's language-model inference, generation starts from ``</s>``, the prompt is forced as a prefix,
-and the length limit ``max_len_a * prompt_len + max_len_b`` counts the prompt. Temperature divides the decoder
-features before the (linear, bias-free) adaptive softmax, which is what fairseq does. With the cache every new
-token costs one position; ``use_cache=False`` recomputes the whole prefix each step (for comparison).
+The rules, each as fairseq has it (``tests/generation/SPEC.md`` cites the lines):
+
+* Prompts are batched in input order by the model's stored ``--max-tokens`` / ``--batch-size`` (the hub's
+  ``_build_batches``); a batch's prompts are right-padded, start with ``</s>`` (``<s>`` for ``add_bos_token``) and are
+  forced as a prefix, a row whose prompt is shorter generating freely once its prompt is done. The prompt's tokens
+  count in the score.
+* ``max_len = min(int(max_len_a * W + max_len_b), max_target_positions - 1)`` where W is the batch's padded width
+  (longest prompt + 1); at step ``max_len`` only ``</s>`` is allowed. ``min_len`` forbids ``</s>`` before that step,
+  except while a prompt is being forced.
+* Every step: NaN -> -inf, ``<pad>`` -inf, ``<unk>`` minus ``unkpen``, n-gram blocking, then the search. Beam search
+  takes the best ``2 x beam`` candidates (from the first beam only at step 0); a candidate ending in ``</s>`` is
+  finished only when it ranks among the first ``beam``, with score = cumulative ln p / length ** ``lenpen`` (length =
+  tokens including ``</s>``) and per-position scores; the other ``beam`` best continue. A sentence is done once it
+  has ``beam`` finished hypotheses (or at ``max_len``), and leaves the batch. All finished hypotheses are returned,
+  best first (``nbest`` keeps the first n; the hub itself returns them all).
+* Temperature divides the decoder output (the features before an adaptive softmax, the logits of a plain one).
+  Sampling draws from ``search.Sampling``'s filtered distribution (``sampling_filter``) with the same
+  ``torch.multinomial`` calls on the same shapes, so a seed gives fairseq's draws (see ``docs``).
+* ``no_repeat_ngram_size`` bans what the n-gram would repeat in the whole sequence so far (prompt included), as
+  fairseq's CUDA kernel does. fairseq's CPU fallback looks at the end of the padded buffer instead and so blocks
+  nothing (fairseq#4709, #5206); we do not reproduce that bug.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from adaptive_lm.core.data import batch_by_size
+from adaptive_lm.core.errors import UserError
+from adaptive_lm.core.kernels import fast_linears
 from adaptive_lm.core.model import TransformerLM
+from adaptive_lm.core.options import opt
 
 
 @dataclass
 class GenerationConfig:
-    beam: int = 5
-    sampling: bool = False
-    sampling_topk: int = -1
-    sampling_topp: float = -1.0
-    temperature: float = 1.0
-    max_len_a: float = 0.0
-    max_len_b: int = 200
-    min_len: int = 1
-    unkpen: float = 0.0
-    lenpen: float = 1.0
-    nbest: int = 1
-    no_repeat_ngram_size: int = 0
-    use_cache: bool = True
-    seed: int | None = None
+    """fairseq's generation options (``fairseq/dataclass/configs.py::GenerationConfig``) for language models."""
+
+    beam: int = opt(5, "beam size (with --sampling: independent samples per prompt)", kind="positive")
+    nbest: int | None = opt(None, "hypotheses per prompt (unset: all of the beam's, as fairseq's hub)", kind="positive")
+    max_len_a: float = opt(0.0, "length limit a * W + b, W = the batch's longest prompt + 1 (fairseq's src_len)",
+                           kind="nonneg")  # fmt: skip
+    max_len_b: int = opt(200, "the b of the length limit, prompt included", kind="nonneg")
+    min_len: int = opt(1, "no </s> before this many tokens (prompt tokens count)", kind="nonneg")
+    lenpen: float = opt(1.0, "score = sum ln p / length ** lenpen (length includes </s>)", kind="finite")
+    unkpen: float = opt(0.0, "subtracted from <unk>'s ln p at every step", kind="finite")
+    unnormalized: bool = opt(False, "scores are sums of ln p, not divided by length ** lenpen")
+    no_repeat_ngram_size: int = opt(0, "never repeat an n-gram of this size (prompt included)", kind="nonneg")
+    sampling: bool = opt(False, "sample instead of beam search")
+    sampling_topk: int = opt(-1, "sample from the k most likely words (-1: off)", kind="topk")
+    sampling_topp: float = opt(-1.0, "sample from the smallest set with probability mass p (-1: off)", kind="topp")
+    temperature: float = opt(1.0, "divides the decoder output before the softmax", kind="positive")
+    use_cache: bool = True  # False: recompute the whole prefix every step (the same numbers; for comparison)
+
+    def check(self) -> None:
+        """fairseq's asserts, as one line each."""
+        if self.sampling_topk > 0 and self.sampling_topp > 0:
+            pass  # fairseq accepts both; top-p wins (search.Sampling)
+        if (self.sampling_topk > 0 or self.sampling_topp > 0) and not self.sampling:
+            raise UserError("--sampling-topk / --sampling-topp need --sampling (fairseq asserts the same)")
+        if not self.temperature > 0:
+            raise UserError(f"temperature must be positive, not {self.temperature}")
+
+
+# ---- the searches (fairseq/search.py) ----------------------------------------------------------------------
+def beam_step(step: int, lprobs: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``BeamSearch.step``: the best ``2 x beam`` (score, token, beam) candidates of each sentence.
+
+    ``lprobs``: (bsz, beam, V) this step's ln p; ``scores``: (bsz, beam, step) cumulative scores so far."""
+    bsz, beam, V = lprobs.shape
+    if step == 0:
+        lprobs = lprobs[:, ::beam, :].contiguous()  # all beams are the same prefix: only the first
+    else:
+        lprobs = lprobs + scores[:, :, step - 1].unsqueeze(-1)
+    flat = lprobs.view(bsz, -1)  # (bsz, beam' * V)
+    top_scores, top = torch.topk(flat, k=min(2 * beam, flat.size(1) - 1))  # (bsz, 2 beam): -1, never pad
+    return top_scores, top.fmod(V), torch.div(top, V, rounding_mode="trunc")
+
+
+def sampling_filter(lprobs: Tensor, topk: int = -1, topp: float = -1.0) -> tuple[Tensor, Tensor | None]:
+    """fairseq's ``Sampling`` filter of (bsz, beam, V) log-probs: the probabilities ``torch.multinomial`` draws
+    from, and the vocabulary ids of their columns (None: all of them, in order).
+
+    top-p keeps the smallest prefix of the sorted distribution whose mass reaches p (the words before the
+    cumulative sum reaches p, plus one), truncated to the widest row's set, the rest zeroed; top-k keeps the k
+    most likely; otherwise the whole distribution."""
+    if topp > 0:
+        probs = lprobs.exp()
+        sorted_probs, sorted_idx = probs.sort(descending=True)  # (bsz, beam, V)
+        mask = sorted_probs.cumsum(dim=2).lt(topp)
+        last = mask.cumsum(dim=2)[:, :, -1:].clamp_(0, mask.size(2) - 1)  # (bsz, beam, 1) the word that reaches p
+        mask = mask.scatter_(2, last, 1)
+        width = int(last.max()) + 1
+        kept = sorted_probs[:, :, :width].masked_fill(~mask[:, :, :width], 0)  # (bsz, beam, width)
+        return kept, sorted_idx[:, :, :width]
+    if topk > 0:
+        top, idx = lprobs.topk(topk)  # (bsz, beam, k)
+        return top.exp(), idx
+    return lprobs.exp(), None
+
+
+def sampling_step(step: int, lprobs: Tensor, scores: Tensor, topk: int, topp: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``Sampling.step``: one draw per beam row (``beam`` draws from the first row at step 0), with the same
+    ``torch.multinomial`` calls as fairseq, so that the same seed draws the same tokens."""
+    bsz, beam, _ = lprobs.shape
+    if step == 0:
+        lprobs = lprobs[:, ::beam, :].contiguous()
+    probs, columns = sampling_filter(lprobs, topk, topp)
+    if step == 0:
+        picked = torch.multinomial(probs.view(bsz, -1), beam, replacement=True).view(bsz, beam)
+        probs = probs.expand(bsz, beam, -1)
+    else:
+        picked = torch.multinomial(probs.view(bsz * beam, -1), 1, replacement=True).view(bsz, beam)
+    cand_scores = torch.gather(probs, dim=2, index=picked.unsqueeze(-1)).log_().view(bsz, -1)  # (bsz, beam)
+    if columns is not None:
+        picked = torch.gather(columns.expand(bsz, beam, -1), dim=2, index=picked.unsqueeze(-1)).squeeze(2)
+    if step == 0:
+        beams = picked.new_zeros(bsz, beam)
+    else:
+        beams = torch.arange(0, beam).to(picked).repeat(bsz, 1)
+        cand_scores.add_(torch.gather(scores[:, :, step - 1], dim=1, index=beams))
+    return cand_scores, picked, beams
+
+
+def block_repeated_ngrams(tokens: Tensor, lprobs: Tensor, step: int, n: int) -> None:
+    """Forbid (in place) every token that would complete an n-gram already in ``tokens[:, : step + 1]``.
+
+    fairseq's CUDA kernel: the last n-1 tokens are compared with every earlier window of n-1 tokens, and the token
+    that followed a match is banned."""
+    start = step + 2 - n
+    if n <= 0 or start <= 0:
+        return
+    rows = tokens[:, : step + 1].tolist()
+    for r, seq in enumerate(rows):
+        tail = seq[start:]
+        banned = [seq[i + n - 1] for i in range(start) if seq[i : i + n - 1] == tail]
+        if banned:
+            lprobs[r, banned] = -math.inf
+
+
+# ---- one batch -----------------------------------------------------------------------------------------------
+@dataclass
+class Special:
+    bos: int  # what every sequence starts with: </s>, or <s> for add_bos_token models
+    eos: int
+    pad: int
+    unk: int
 
 
 class _Stepper:
-    """Feeds tokens to the model, with or without a cache, and returns next-token log-probs (rows, V)."""
+    """Next-token log-probs of every row, fp32 (rows, V): with the cache one new position per call."""
 
-    def __init__(self, model: TransformerLM, use_cache: bool, temperature: float) -> None:
-        self.model, self.use_cache, self.temperature = model, use_cache, temperature
-        self.cache = model.new_cache() if use_cache else None
+    def __init__(self, model: TransformerLM, cfg: GenerationConfig) -> None:
+        self.model, self.cfg = model, cfg
+        self.cache = model.new_cache() if cfg.use_cache else None
 
-    def __call__(self, tokens: Tensor, new: int) -> Tensor:
-        """``tokens``: (rows, T) everything so far; ``new``: how many of the last positions are not cached yet."""
-        if self.use_cache:
-            T = tokens.shape[1]
-            pos = torch.arange(T - new, T, device=tokens.device) + self.model.padding_idx + 1  # (new,)
-            feats = self.model(tokens[:, -new:], cache=self.cache, positions=pos.expand(tokens.shape[0], -1))
+    def __call__(self, tokens: Tensor, step: int) -> Tensor:
+        """``tokens``: (rows, >= step + 1); the distribution of the token at ``step + 1``."""
+        if self.cache is not None:
+            pos = torch.full((tokens.shape[0], 1), step + self.model.padding_idx + 1, device=tokens.device)  # (rows, 1)
+            feats = self.model(tokens[:, step : step + 1], cache=self.cache, positions=pos)  # (rows, 1, d)
         else:
-            feats = self.model(tokens)
-        x = feats[:, -1]  # (rows, d)
-        if self.temperature != 1.0:
-            x = x / self.temperature
-        return self.model.log_probs_from_features(x).float()  # (rows, V)
+            feats = self.model(tokens[:, : step + 1])  # (rows, step + 1, d)
+        return self.model.log_probs_from_features(feats[:, -1], self.cfg.temperature).float()  # (rows, V)
 
-    def reorder(self, index: Tensor) -> None:
+    def reorder(self, rows: Tensor) -> None:
         if self.cache is not None:
             for layer in self.cache:
                 for k in layer:
-                    layer[k] = layer[k].index_select(0, index)
+                    layer[k] = layer[k].index_select(0, rows)
 
 
-def _block_ngrams(tokens: Tensor, lp: Tensor, n: int, start: int) -> None:
-    """Forbid tokens that would repeat an n-gram already in the generated part (fairseq's no_repeat_ngram)."""
-    if n <= 0 or tokens.shape[1] - start < n:
-        return
-    for r in range(tokens.shape[0]):
-        seq = tokens[r, start:].tolist()
-        prefix = tuple(seq[-(n - 1) :]) if n > 1 else ()
-        banned = [seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i : i + n - 1]) == prefix]
-        if banned:
-            lp[r, banned] = -math.inf
+class _Batch:
+    """``SequenceGenerator._generate`` for one batch of prompts: the buffers and the loop, step by step."""
+
+    def __init__(self, model: TransformerLM, cfg: GenerationConfig, sp: Special, prefix: Tensor, max_len: int):
+        self.cfg, self.sp, self.max_len = cfg, sp, max_len
+        self.k = cfg.beam
+        self.bsz = prefix.shape[0]
+        rows = self.bsz * self.k
+        device = prefix.device
+        self.prefix = prefix  # (bsz, P) right-padded with <pad>
+        self.tokens = torch.full((rows, max_len + 2), sp.pad, dtype=torch.long, device=device)
+        self.tokens[:, 0] = sp.bos
+        self.scores = torch.zeros(rows, max_len + 1, device=device)  # cumulative ln p, float32
+        self.ignore = torch.zeros(self.bsz, self.k, dtype=torch.bool, device=device)  # finished candidates
+        self.finalized: list[list[dict[str, Tensor]]] = [[] for _ in range(self.bsz)]
+        self.finished = [False] * self.bsz
+        self.remaining = self.bsz
+        self.step_fn = _Stepper(model, cfg)
+
+    def run(self) -> list[list[dict[str, Tensor]]]:
+        reorder: Tensor | None = None
+        kept: Tensor | None = None  # the sentences still in the batch after the last step (None: all)
+        for step in range(self.max_len + 1):  # the last step only ends hypotheses
+            if reorder is not None:
+                if kept is not None:  # rows of removed sentences are gone: shift the beam indices
+                    shift = kept - torch.arange(kept.numel(), device=kept.device)
+                    reorder.view(-1, self.k).add_(shift.unsqueeze(-1) * self.k)
+                self.step_fn.reorder(reorder)
+            lprobs = self._constrained(self.step_fn(self.tokens, step), step)  # (bsz * k, V)
+            cand_scores, cand_tokens, cand_beams = self._search(step, lprobs)  # (bsz, 2k) each
+            offsets = (torch.arange(self.bsz, device=lprobs.device) * self.k).unsqueeze(1)
+            cand_rows = cand_beams + offsets  # (bsz, 2k) row of the beam each candidate extends
+            eos_mask = cand_tokens.eq(self.sp.eos) & cand_scores.ne(-math.inf)
+            eos_mask[:, : self.k][self.ignore] = False
+            done = self._finish(step, cand_rows, cand_scores, eos_mask)
+            if self.remaining == 0:
+                break
+            kept = self._drop(done) if done else None
+            if kept is not None:
+                eos_mask, cand_beams = eos_mask[kept], cand_beams[kept]
+                cand_scores, cand_tokens = cand_scores[kept], cand_tokens[kept]
+                offsets = (torch.arange(self.bsz, device=lprobs.device) * self.k).unsqueeze(1)
+                cand_rows = cand_beams + offsets
+            reorder = self._advance(step, eos_mask, cand_rows, cand_scores, cand_tokens)
+        return self._sorted()
+
+    def _constrained(self, lprobs: Tensor, step: int) -> Tensor:
+        """This step's ln p after fairseq's rules: NaN, pad, unk penalty, max length, the prompt, min length,
+        n-gram blocking."""
+        sp = self.sp
+        lprobs[lprobs != lprobs] = -math.inf
+        lprobs[:, sp.pad] = -math.inf
+        lprobs[:, sp.unk] -= self.cfg.unkpen
+        if step >= self.max_len:
+            lprobs[:, : sp.eos] = -math.inf
+            lprobs[:, sp.eos + 1 :] = -math.inf
+        if step < self.prefix.shape[1] and step < self.max_len:
+            lprobs = self._force_prefix(lprobs, step)
+        elif step < self.cfg.min_len:
+            lprobs[:, sp.eos] = -math.inf
+        self.scores = self.scores.type_as(lprobs)
+        if self.cfg.no_repeat_ngram_size > 0:
+            block_repeated_ngrams(self.tokens, lprobs, step, self.cfg.no_repeat_ngram_size)
+        return lprobs
+
+    def _force_prefix(self, lprobs: Tensor, step: int) -> Tensor:
+        """``_prefix_tokens``: where the prompt has a token at this step, only it is allowed, with its own ln p."""
+        toks = self.prefix[:, step].unsqueeze(-1).repeat(1, self.k).view(-1)  # (bsz * k,)
+        own = lprobs.gather(-1, toks.unsqueeze(-1))  # (bsz * k, 1)
+        forced = toks.ne(self.sp.pad)
+        lprobs[forced] = -math.inf
+        lprobs[forced] = lprobs[forced].scatter(-1, toks[forced].unsqueeze(-1), own[forced])
+        eos = toks.eq(self.sp.eos)
+        if eos.any():  # a prompt holding </s>: every beam of that sentence copies the first
+            first = eos.view(-1, self.k)[:, 0]
+            self.tokens = _replicate_first_beam(self.tokens, first, self.k)
+            self.scores = _replicate_first_beam(self.scores, first, self.k)
+            lprobs = _replicate_first_beam(lprobs, first, self.k)
+        return lprobs
+
+    def _search(self, step: int, lprobs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        lp = lprobs.view(self.bsz, -1, lprobs.shape[-1])  # (bsz, k, V)
+        sc = self.scores.view(self.bsz, self.k, -1)[:, :, :step]  # (bsz, k, step)
+        if self.cfg.sampling:
+            return sampling_step(step, lp, sc, self.cfg.sampling_topk, self.cfg.sampling_topp)
+        return beam_step(step, lp, sc)
+
+    def _finish(self, step: int, cand_rows: Tensor, cand_scores: Tensor, eos_mask: Tensor) -> list[int]:
+        """Finalize the candidates ending in ``</s>`` among the first ``beam``; the sentences now complete."""
+        k = self.k
+        rows = torch.masked_select(cand_rows[:, :k], mask=eos_mask[:, :k])
+        if rows.numel() == 0:
+            return []
+        eos_scores = torch.masked_select(cand_scores[:, :k], mask=eos_mask[:, :k])
+        done = self._finalize(step, rows, eos_scores)
+        self.remaining -= len(done)
+        return done
+
+    def _finalize(self, step: int, rows: Tensor, eos_scores: Tensor) -> list[int]:
+        """``finalize_hypos``: store the hypotheses (tokens without the start symbol, ``</s>`` last; per-position
+        scores; the normalised score), and return the batch positions of the sentences that are now done."""
+        tokens = self.tokens.index_select(0, rows)[:, 1 : step + 2]
+        tokens[:, step] = self.sp.eos
+        pos = self.scores.index_select(0, rows)[:, : step + 1]
+        pos[:, step] = eos_scores
+        pos[:, 1:] = pos[:, 1:] - pos[:, :-1]  # cumulative -> per position
+        if not self.cfg.unnormalized:
+            eos_scores = eos_scores / (step + 1) ** self.cfg.lenpen
+        cum_fin, prev = [], 0  # original sentence of each position of the (shrunk) batch
+        for f in self.finished:
+            if f:
+                prev += 1
+            else:
+                cum_fin.append(prev)
+        unfin = torch.div(rows, self.k, rounding_mode="trunc")
+        sent = unfin + torch.tensor(cum_fin, dtype=torch.long, device=rows.device).index_select(0, unfin)
+        for i, s in enumerate(sent.tolist()):
+            if len(self.finalized[s]) < self.k:
+                self.finalized[s].append({"tokens": tokens[i], "score": eos_scores[i], "attention": torch.empty(0),
+                                          "alignment": torch.empty(0), "positional_scores": pos[i]})  # fmt: skip
+        done = []
+        for seen in torch.unique((sent << 32) + unfin).tolist():
+            s, u = seen >> 32, seen - ((seen >> 32) << 32)
+            if not self.finished[s] and (len(self.finalized[s]) == self.k or step == self.max_len):
+                self.finished[s] = True
+                done.append(u)
+        return done
+
+    def _drop(self, done: list[int]) -> Tensor:
+        """Remove the sentences that are done from every buffer; returns the kept batch positions."""
+        keep = torch.ones(self.bsz, dtype=torch.bool, device=self.tokens.device)
+        keep[done] = False
+        kept = torch.arange(self.bsz, device=keep.device).masked_select(keep)
+        new = self.bsz - len(done)
+        self.prefix = self.prefix[kept]
+        self.ignore = self.ignore[kept]
+        self.scores = self.scores.view(self.bsz, -1)[kept].view(new * self.k, -1)
+        self.tokens = self.tokens.view(self.bsz, -1)[kept].view(new * self.k, -1)
+        self.bsz = new
+        return kept
+
+    def _advance(
+        self, step: int, eos_mask: Tensor, cand_rows: Tensor, cand_scores: Tensor, cand_tokens: Tensor
+    ) -> Tensor:
+        """Keep the best ``beam`` candidates that did not end (or were not finished before); returns the row each
+        new hypothesis continues (the cache's reorder)."""
+        k, width = self.k, eos_mask.size(1)
+        eos_mask[:, :k] = ~((~self.ignore) & (~eos_mask[:, :k]))
+        active = eos_mask.long() * width + torch.arange(width, device=eos_mask.device)  # ended ones sort last
+        new_ignore, picked = torch.topk(active, k=k, dim=1, largest=False)  # (bsz, k)
+        self.ignore = new_ignore.ge(width)[:, :k]
+        rows = torch.gather(cand_rows, dim=1, index=picked).view(-1)  # (bsz * k,)
+        self.tokens[:, : step + 1] = torch.index_select(self.tokens[:, : step + 1], dim=0, index=rows)
+        self.tokens.view(self.bsz, k, -1)[:, :, step + 1] = torch.gather(cand_tokens, dim=1, index=picked)
+        if step > 0:
+            self.scores[:, :step] = torch.index_select(self.scores[:, :step], dim=0, index=rows)
+        self.scores.view(self.bsz, k, -1)[:, :, step] = torch.gather(cand_scores, dim=1, index=picked)
+        return rows
+
+    def _sorted(self) -> list[list[dict[str, Tensor]]]:
+        out = []
+        for hyps in self.finalized:
+            order = torch.sort(torch.tensor([float(h["score"].item()) for h in hyps]), descending=True)[1]
+            out.append([hyps[i] for i in order.tolist()])
+        return out
 
 
-def _mask(lp: Tensor, step: int, max_len: int, cfg: GenerationConfig, eos: int, pad: int, unk: int) -> None:
-    lp[:, pad] = -math.inf
-    lp[:, unk] -= cfg.unkpen
-    if step < cfg.min_len:
-        lp[:, eos] = -math.inf
-    if step >= max_len:  # force the end
-        keep = lp[:, eos].clone()
-        lp[:] = -math.inf
-        lp[:, eos] = keep.clamp(min=-1e9)
+def _replicate_first_beam(t: Tensor, mask: Tensor, k: int) -> Tensor:
+    t = t.view(-1, k, t.size(-1))
+    t[mask] = t[mask][:, :1, :]
+    return t.view(-1, t.size(-1))
 
 
-def _sample(lp: Tensor, cfg: GenerationConfig, gen: torch.Generator | None) -> Tensor:
-    """One token per row from fairseq's Sampling search: top-p, else top-k, else the whole distribution."""
-    if cfg.sampling_topp > 0:
-        probs, idx = lp.exp().sort(dim=-1, descending=True)  # (rows, V)
-        keep = probs.cumsum(-1) - probs < cfg.sampling_topp  # smallest set reaching p, always >= 1 token
-        probs = probs.masked_fill(~keep, 0.0)
-        choice = torch.multinomial(probs, 1, generator=gen)
-        return idx.gather(1, choice).squeeze(1)
-    if cfg.sampling_topk > 0:
-        top, idx = lp.topk(cfg.sampling_topk, dim=-1)
-        choice = torch.multinomial(top.exp(), 1, generator=gen)
-        return idx.gather(1, choice).squeeze(1)
-    return torch.multinomial(lp.exp(), 1, generator=gen).squeeze(1)
+# ---- the hub's entry point -----------------------------------------------------------------------------------
+def prompt_batches(lengths: list[int], max_tokens: int | None, batch_size: int | None) -> list[list[int]]:
+    """The hub's ``_build_batches``: prompts in input order (lengths with their ``</s>``), packed by the model's
+    stored ``--max-tokens`` / ``--batch-size`` (fairseq's ``batch_by_size``, no multiple)."""
+    sizes = np.asarray(lengths, dtype=np.int64)
+    return [b.tolist() for b in batch_by_size(np.arange(len(sizes)), sizes, max_tokens, batch_size, bsz_mult=1)]
 
 
 @torch.no_grad()
 def generate(
     model: TransformerLM,
     prompts: list[list[int]],
-    eos: int = 2,
-    pad: int = 1,
-    unk: int = 3,
+    special: Special,
     cfg: GenerationConfig | None = None,
-    start: int | None = None,
-) -> list[list[dict]]:
-    """For each prompt (word ids, no trailing ``</s>``): the ``nbest`` hypotheses, each a dict with ``tokens``
-    (prompt + continuation + ``</s>``), ``score`` (mean ln p of the generated tokens) and ``positional_scores``."""
+    max_tokens: int | None = None,
+    batch_size: int | None = None,
+    on_batch: Callable[[int], Any] | None = None,
+) -> list[list[dict[str, Tensor]]]:
+    """For each prompt (word ids without ``</s>``): its finished hypotheses, best first, each a dict with ``tokens``
+    (prompt + continuation + ``</s>``), ``score`` and ``positional_scores`` (one per token), as fairseq's hub.
+    ``max_tokens`` / ``batch_size``: how the hub batches prompts (the model's training values; None: one batch)."""
     cfg = cfg or GenerationConfig()
+    cfg.check()
     model.eval()
+    # fairseq's hub batches the prompts through a torch DataLoader, whose iterator draws its base seed from the
+    # global generator: one int64 draw before any sampling. Drawn here too, so that a seed samples fairseq's tokens.
+    torch.empty((), dtype=torch.int64).random_()
     device = next(model.parameters()).device
-    gen = None
-    if cfg.seed is not None:
-        gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    out: list[list[dict]] = [[] for _ in prompts]
-    by_len: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_len.setdefault(len(p), []).append(i)
-    for L, ids in by_len.items():
-        first = eos if start is None else start  # <s> for add_bos_token models
-        batch = torch.tensor([[first] + list(prompts[i]) for i in ids], dtype=torch.long, device=device)  # (B, L+1)
-        max_len = int(cfg.max_len_a * L + cfg.max_len_b)
-        hyps = _search(model, batch, L, max_len, cfg, eos, pad, unk, gen)
+    limit = model.cfg.max_target_positions
+    beam = min(cfg.beam, model.cfg.vocab_size - 1)
+    run_cfg = cfg if beam == cfg.beam else GenerationConfig(**{**cfg.__dict__, "beam": beam})
+    out: list[list[dict[str, Tensor]]] = [[] for _ in prompts]
+    for ids in prompt_batches([len(p) + 1 for p in prompts], max_tokens, batch_size):
+        width = max(len(prompts[i]) for i in ids) + 1  # fairseq's src_len: the padded source with its start symbol
+        if width > limit:
+            raise UserError(f"a prompt of {width - 1} tokens does not fit the model's {limit} positions")
+        max_len = min(int(cfg.max_len_a * width + cfg.max_len_b), limit - 1)
+        if cfg.min_len > max_len:
+            raise UserError(f"min_len {cfg.min_len} exceeds the length limit {max_len} (max_len_a, max_len_b)")
+        prefix = torch.full((len(ids), width - 1), special.pad, dtype=torch.long)  # (B, W - 1)
+        for r, i in enumerate(ids):
+            prefix[r, : len(prompts[i])] = torch.tensor(prompts[i], dtype=torch.long)
+        with fast_linears(device):
+            hyps = _Batch(model, run_cfg, special, prefix.to(device), max_len).run()
         for i, h in zip(ids, hyps):
-            out[i] = h
+            out[i] = h[: cfg.nbest] if cfg.nbest else h
+        if on_batch is not None:
+            on_batch(len(ids))
     return out
-
-
-def _search(model, batch, L, max_len, cfg, eos, pad, unk, gen) -> list[list[dict]]:
-    B = batch.shape[0]
-    k = max(1, cfg.beam)
-    step_fn = _Stepper(model, cfg.use_cache, cfg.temperature)
-    lp = step_fn(batch, batch.shape[1])  # (B, V): distribution of the first new token
-    tokens = batch.repeat_interleave(k, dim=0)  # (B*k, L+1)
-    if k > 1:
-        step_fn.reorder(torch.arange(B, device=batch.device).repeat_interleave(k))
-        lp = lp.repeat_interleave(k, dim=0)
-    scores = torch.zeros(B * k, device=batch.device)
-    pos_scores: list[Tensor] = []
-    finished: list[list[dict]] = [[] for _ in range(B)]
-    alive = torch.ones(B * k, dtype=torch.bool, device=batch.device)
-    first = True
-    for step in range(L, max_len + 1):
-        _mask(lp, step, max_len, cfg, eos, pad, unk)
-        _block_ngrams(tokens, lp, cfg.no_repeat_ngram_size, L + 1)
-        if cfg.sampling or k == 1:
-            nxt = _sample(lp, cfg, gen) if cfg.sampling else lp.argmax(-1)  # (B*k,)
-            tok_lp = lp.gather(1, nxt[:, None]).squeeze(1)
-            order = torch.arange(B * k, device=lp.device)
-        else:  # beam search over k rows per sentence
-            cand = (scores[:, None] + lp).view(B, -1)  # (B, k*V)
-            if first:  # all k rows are the same: take candidates from row 0 only
-                cand = cand.view(B, k, -1)[:, 0]
-            top, idx = cand.topk(k, dim=-1)  # (B, k)
-            V = lp.shape[1]
-            src_row = (idx // V if not first else torch.zeros_like(idx)) + torch.arange(B, device=lp.device)[
-                :, None
-            ] * k
-            order = src_row.view(-1)
-            nxt = (idx % V).view(-1)
-            tok_lp = top.view(-1) - scores[order]
-        first = False
-        tokens = torch.cat([tokens[order], nxt[:, None]], dim=1)
-        scores = scores[order] + tok_lp
-        pos_scores = [p[order] for p in pos_scores] + [tok_lp]
-        alive = alive[order]
-        if not torch.equal(order, torch.arange(B * k, device=lp.device)):
-            step_fn.reorder(order)
-        ended = (nxt == eos) & alive
-        for r in ended.nonzero().flatten().tolist():
-            n_gen = tokens.shape[1] - (L + 1)
-            ps = torch.stack([p[r] for p in pos_scores])[-n_gen:]
-            finished[r // k].append(
-                {
-                    "tokens": tokens[r, 1:].clone(),
-                    "score": float(scores[r]) / (n_gen**cfg.lenpen),
-                    "positional_scores": ps.clone(),
-                }
-            )
-        alive &= ~ended
-        if k > 1 and not cfg.sampling:
-            scores = scores.masked_fill(ended, -math.inf)  # finished rows cannot be extended
-        done = all(len(f) >= (k if not cfg.sampling else k) for f in finished) or not alive.any()
-        if done or step >= max_len:
-            break
-        lp = step_fn(tokens, 1)
-    result = []
-    for f in finished:
-        f.sort(key=lambda h: -h["score"])
-        result.append(f[: max(1, cfg.nbest)])
-    return result

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,10 +18,13 @@ import torch
 
 from adaptive_lm.core.config import ModelConfig
 from adaptive_lm.core.dictionary import Dictionary
+from adaptive_lm.core.errors import UserError
 from adaptive_lm.core.kernels import fast_linears
 from adaptive_lm.core.model import TransformerLM
 from adaptive_lm.core.precision import HALF, autocast
 from adaptive_lm.inference.framing import frame
+
+log = logging.getLogger("adaptive_lm.generate")
 
 
 @dataclass
@@ -35,6 +39,7 @@ class LanguageModel:
     source: str = ""
     tokens_per_sample: int | None = None
     tokenizer: Any = None
+    batching: tuple[int | None, int | None] = (None, None)  # the hub's prompt batches: training max_tokens, batch size
 
     @property
     def cfg(self) -> ModelConfig:
@@ -163,19 +168,50 @@ class LanguageModel:
         return res[0] if single else res
 
     # ---- generation -------------------------------------------------------------------------------------------
-    def generate(self, tokenized: list[torch.Tensor], beam: int = 5, verbose: bool = False, **kwargs: Any):
-        """fairseq's hub ``generate``: encoded prompts (with their trailing ``</s>``) -> nbest hypothesis dicts."""
-        from adaptive_lm.inference.generate import GenerationConfig, generate
+    def generate(
+        self, tokenized_sentences: Any, beam: int = 5, verbose: bool = False, seed: int | None = None, **kwargs: Any
+    ) -> Any:
+        """fairseq's hub ``generate``: encoded prompts (``encode``'s tensors, ``</s>`` last) -> for each, every
+        finished hypothesis of the beam, best first: dicts with ``tokens`` (prompt + continuation + ``</s>``),
+        ``score`` and ``positional_scores``, the numbers fairseq's ``SequenceGenerator`` gives
+        (``inference/generate.py``). ``kwargs``: ``GenerationConfig``'s fields (fairseq's names: ``lenpen``,
+        ``sampling_topk``, ``max_len_b``, ...). ``seed``: ``torch.manual_seed(seed)`` first (fairseq leaves seeding
+        to the caller); ``verbose`` logs fairseq's S/H/P lines."""
+        from adaptive_lm.inference.generate import GenerationConfig, Special, generate
 
-        cfg = GenerationConfig(beam=beam, **kwargs)
-        prompts = [t.tolist()[:-1] if len(t) and int(t[-1]) == self.dictionary.eos() else t.tolist() for t in tokenized]
+        if torch.is_tensor(tokenized_sentences) and tokenized_sentences.dim() == 1:
+            return self.generate(tokenized_sentences.unsqueeze(0), beam, verbose, seed, **kwargs)[0]
+        unknown = sorted(set(kwargs) - set(GenerationConfig.__dataclass_fields__))
+        if unknown:
+            raise UserError(f"generate: unknown option(s) {', '.join(unknown)} (see GenerationConfig)")
+        if seed is not None:
+            torch.manual_seed(seed)
         d = self.dictionary
-        return generate(self.model, prompts, d.eos(), d.pad(), d.unk(), cfg, start=self.start_token)
+        prompts = [_strip(t.tolist() if torch.is_tensor(t) else list(t), d.eos()) for t in tokenized_sentences]
+        special = Special(bos=self.start_token, eos=d.eos(), pad=d.pad(), unk=d.unk())
+        out = generate(self.model, prompts, special, GenerationConfig(beam=beam, **kwargs), *self.batching)
+        if verbose:
+            for p, hyps in zip(prompts, out):
+                log.info("S\t%s", d.string(p))
+                for h in hyps:
+                    log.info("H\t%s\t%s", float(h["score"]), self.decode(h["tokens"]))
+                    log.info("P\t%s", " ".join(f"{x:.4f}" for x in h["positional_scores"].tolist()))
+        return out
 
     def sample(self, sentences: str | list[str], beam: int = 1, verbose: bool = False, **kwargs: Any):
-        """Prompt(s) in, continuation(s) out (the prompt included): a str for a str, a list for a list."""
+        """fairseq's hub ``sample``: prompt(s) in, the best hypothesis' text out (the prompt included); a str for a
+        str, a list for a list."""
         single = isinstance(sentences, str)
         items = [sentences] if single else list(sentences)
         hyps = self.generate([self.encode(s) for s in items], beam=beam, verbose=verbose, **kwargs)
         texts = [self.decode(h[0]["tokens"]) for h in hyps]
         return texts[0] if single else texts
+
+
+def _strip(ids: list[int], eos: int) -> list[int]:
+    """fairseq's ``StripTokenDataset``: the prompt without the ``</s>`` symbols at its ends."""
+    while ids and ids[-1] == eos:
+        ids = ids[:-1]
+    while ids and ids[0] == eos:
+        ids = ids[1:]
+    return ids

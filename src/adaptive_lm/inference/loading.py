@@ -181,27 +181,28 @@ def from_pretrained(
     for name, arg in BPE_FILES.items():
         if (folder / name).is_file():
             bpe_args.setdefault(arg, str(folder / name))
+    stored_text: dict[str, Any] = {}
     if p.is_dir():
-        model, d, tps = _load_folder(p, dictionary, dtype, overrides)
-        stored_text: dict[str, Any] = {}
+        model, d, tps, batching = _load_folder(p, dictionary, dtype, overrides)
     else:
         ckpt = safe_load(p)
         if not isinstance(ckpt, dict) or "model" not in ckpt:
             raise UserError(f"{p}: not a model checkpoint (no 'model' entry)")
         if ckpt.get("format") == FORMAT:
-            model, d, tps = _load_ours(p, ckpt, dictionary, dtype, overrides)
-            stored_text = {}
+            model, d, tps, batching = _load_ours(p, ckpt, dictionary, dtype, overrides)
         else:
             given = dictionary or _dictionary_in(folder, data_name_or_path)
             d = Dictionary.load(Path(given) if given else find_dictionary(p))
             _check_vocab(d, stored_vocab_size(ckpt["model"]), p, dictionary)
             model = load_fairseq(p, d, ckpt, dtype, overrides)
-            tps = stored_settings(ckpt).get("tokens_per_sample")
+            settings = stored_settings(ckpt)
+            tps = settings.get("tokens_per_sample")
+            batching = _fairseq_batching(ckpt)
             stored_text = _stored_text_settings(ckpt)
     bpe = bpe or stored_text.get("bpe")
     pipeline = make_pipeline(tokenizer or stored_text.get("tokenizer"), bpe, **{**stored_text.get("bpe_args", {}),
                                                                             **bpe_args})  # fmt: skip
-    return LanguageModel(model, d, str(p), tps, pipeline).to(device).eval()
+    return LanguageModel(model, d, str(p), tps, pipeline, batching).to(device).eval()
 
 
 def _dictionary_in(folder: Path, data_name_or_path: str) -> Path | None:
@@ -227,7 +228,8 @@ def _load_folder(
     _check_vocab(d, meta["model"]["vocab_size"], p, dictionary)
     cfg = _with_overrides(ModelConfig.from_dict(meta["model"]), overrides)
     sd = prune_layers(load_file(str(p / "model.safetensors")), cfg.decoder_layers_to_keep)
-    return _build(cfg, sd, str(p), dtype, d), d, meta.get("tokens_per_sample")
+    batching = tuple(meta.get("batching") or (None, None))
+    return _build(cfg, sd, str(p), dtype, d), d, meta.get("tokens_per_sample"), batching
 
 
 def _load_ours(p: Path, ckpt: dict[str, Any], dictionary: Any, dtype: Any, overrides: dict[str, Any]):
@@ -236,7 +238,17 @@ def _load_ours(p: Path, ckpt: dict[str, Any], dictionary: Any, dtype: Any, overr
     _check_vocab(d, ckpt["config"]["model"]["vocab_size"], p, dictionary)
     cfg = _with_overrides(ModelConfig.from_dict(ckpt["config"]["model"]), overrides)
     model = _build(cfg, prune_layers(ckpt["model"], cfg.decoder_layers_to_keep), str(p), dtype, d)
-    return model, d, ckpt["config"].get("tokens_per_sample")
+    train = ckpt["config"].get("train") or {}
+    return model, d, ckpt["config"].get("tokens_per_sample"), (train.get("max_tokens"), train.get("batch_size"))
+
+
+def _fairseq_batching(ckpt: dict[str, Any]) -> tuple[int | None, int | None]:
+    """The ``--max-tokens`` / ``--batch-size`` a fairseq checkpoint stores: its hub batches prompts with them."""
+    cfg = ckpt.get("cfg")
+    ds = cfg.get("dataset") if isinstance(cfg, dict) else None
+    if not isinstance(ds, dict):  # an old ``args`` checkpoint: everything in one namespace
+        ds = stored_settings(ckpt)
+    return ds.get("max_tokens"), ds.get("batch_size", ds.get("max_sentences"))
 
 
 def _stored_text_settings(ckpt: dict[str, Any]) -> dict[str, Any]:

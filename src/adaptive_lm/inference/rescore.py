@@ -6,7 +6,8 @@ word-level LM reranks, and with fairseq this is do-it-yourself (fairseq#3774, Ne
 the full (N, V) softmax and a Python loop per sentence. Here every hypothesis is one sentence, framed exactly as
 ``LanguageModel.score`` and fairseq's hub frame it (``framing.frame``: input ``</s> w1 .. wn``, or ``<s> w1 ..
 wn`` for ``add_bos_token`` models, targets ``w1 .. wn``, the final ``</s>`` not scored unless ``score_eos``),
-scored in length-sorted batches (little padding) through the target-only softmax (``target_log_probs_from_features``: no (N, V) tensor), padding rows skipped.
+scored in length-sorted batches (little padding) through the target-only softmax
+(``target_log_probs_from_features``: no (N, V) tensor), padding rows skipped.
 
 Inputs: a TSV ``id<TAB>hypothesis[<TAB>score columns...]`` (an optional ``#`` header naming the columns), or
 fairseq-generate's output (``H-<id><TAB><score><TAB><text>`` hypotheses, ``T-<id>`` references). Output: every
