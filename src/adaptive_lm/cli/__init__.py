@@ -38,6 +38,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("make-corpus", "make_corpus", "generate a corpus with a known entropy rate"),
     ("plot", "plot", "training/validation curves of a run as a PNG (needs the [plot] extra)"),
     ("quickstart", "quickstart", "generate a corpus, preprocess, train a small model, evaluate it"),
+    ("check", "check", "self-check this machine's GPU (--dry-run: the GPU code path on the CPU)"),
 ]
 
 
