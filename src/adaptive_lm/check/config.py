@@ -19,7 +19,11 @@ class CheckConfig:
 
     dry_run: bool = opt(False, "run on the CPU with the plain kernels (automatic without CUDA)")
     quick: bool = opt(False, "the smallest sizes (what tests/test_gpu_check.py runs)")
-    only: str = opt("", f"comma-separated groups ({', '.join(GROUPS)}) or parts of check names (default: every check)")
+    only: str = opt(
+        "",
+        f"comma-separated groups ({', '.join(GROUPS)}) or parts of check names (default: every check)",
+        metavar="LIST",
+    )
     out: str = opt(
         ".",
         "JSON report: a file, or a folder that gets gpu_check.json (gpu_check_dry.json for a dry run, so that it "
