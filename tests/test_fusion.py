@@ -278,7 +278,7 @@ def test_normalize_maps_decoder_spelling(lm):
 
 
 def test_missing_pyctcdecode_is_one_line(lm, monkeypatch):
-    monkeypatch.setattr(fusion, "HAVE_PYCTCDECODE", False)
+    monkeypatch.setattr(fusion.backend, "HAVE_PYCTCDECODE", False)  # the flag the classes read
     with pytest.raises(UserError, match=r"pip install 'adaptive-lm\[asr\]'"):
         build_fusion_decoder(LABELS, lm)
     with pytest.raises(UserError, match="pyctcdecode"):

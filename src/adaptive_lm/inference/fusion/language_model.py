@@ -1,15 +1,13 @@
-"""Shallow fusion of our Transformer LM into pyctcdecode's CTC beam search (optional extra: pyctcdecode).
-
-pyctcdecode (the CTC decoder of the Hugging Face wav2vec 2.0 pipelines) fuses only KenLM n-grams
-(pyctcdecode#20, #86, #110). ``FusionLanguageModel`` implements its ``AbstractLanguageModel`` over a word-level
-``LanguageModel``, with the semantics of its KenLM class so that tuned settings carry over:
+"""``FusionLanguageModel``: pyctcdecode's ``AbstractLanguageModel`` over a word-level ``LanguageModel``, with the
+semantics of pyctcdecode's KenLM class so that tuned settings carry over:
 
 * ``score(state, word)`` returns ``alpha * ln p(word | state) + beta`` -- natural log, as pyctcdecode's KenLM class
   returns after converting KenLM's log10 (``LOG_BASE_CHANGE_FACTOR``); ``alpha``/``beta`` mean the same there and
   here. A word outside the model's dictionary is scored as ``<unk>`` plus ``unk_score_offset``, which, as in that
   class, is in log10 units (added before the base change: ``alpha * (ln p + offset * ln 10)``).
-* ``score_boundary=True``: the last word also gets ``alpha * ln p(</s> | text)``. The sentence always starts from
-  ``</s>`` (fairseq's LMs have no ``<s>`` context; KenLM's null context has no counterpart here).
+* ``score_boundary=True``: the last word also gets ``alpha * ln p(</s> | text)``. The sentence starts as
+  ``framing.frame`` and ``LanguageModel.score`` start it: from ``</s>``, or from ``<s>`` for ``add_bos_token``
+  models (KenLM's null context has no counterpart here).
 * ``score_partial_token(part)``: 0 if ``part`` begins some vocabulary word, else ``unk_score_offset`` (scaled by
   ``len / 6`` beyond 6 characters), exactly pyctcdecode's rule; the prefix test is a binary search over the
   sorted vocabulary (the same answers as its character trie, without building one for 267k words).
@@ -18,16 +16,13 @@ States carry the key/value cache. A state holds a tuple of per-position key/valu
 tensor per position) shared by reference with its ancestors; extending a prefix by a word feeds one token to
 the model with the stacked cache and adds one tensor to the child's tuple, so beams branch freely and no state
 is ever modified after it is computed. A child is computed lazily, when a word is first scored after it (most
-scored words fall off the beam before that). ``FusionDecoderCTC`` (from ``build_fusion_decoder``) collects all
-the words of a decoding step first and runs one batched forward per prefix length for them; a plain
-``BeamSearchDecoderCTC`` works too, one word at a time.
+scored words fall off the beam before that); ``score_many`` computes many at once (``decoder.FusionDecoderCTC``
+hands it all the words of a decoding step).
 """
 
 from __future__ import annotations
 
 import bisect
-import logging
-import math
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -36,28 +31,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adaptive_lm.core.errors import UserError
-
-_QUIET = ("pyctcdecode.decoder", "pyctcdecode.language_model")  # both warn "kenlm is not installed": not needed here
-_levels = {name: logging.getLogger(name).level for name in _QUIET}
-for _name in _QUIET:
-    logging.getLogger(_name).setLevel(logging.ERROR)
-try:
-    from pyctcdecode.alphabet import Alphabet
-    from pyctcdecode.constants import AVG_TOKEN_LEN, LOG_BASE_CHANGE_FACTOR
-    from pyctcdecode.decoder import BeamSearchDecoderCTC, _merge_tokens
-    from pyctcdecode.language_model import AbstractLanguageModel
-
-    HAVE_PYCTCDECODE = True
-except ImportError:  # the classes below then refuse to be built, with one line naming the extra
-    AbstractLanguageModel, BeamSearchDecoderCTC = object, object  # type: ignore[misc,assignment]
-    AVG_TOKEN_LEN, LOG_BASE_CHANGE_FACTOR = 6, 1.0 / math.log10(math.e)
-    HAVE_PYCTCDECODE = False
-finally:
-    for _name, _level in _levels.items():
-        logging.getLogger(_name).setLevel(_level)
-
-MISSING = "shallow fusion needs pyctcdecode: pip install 'adaptive-lm[asr]' (or pip install pyctcdecode)"
+from adaptive_lm.inference.fusion.backend import (
+    AVG_TOKEN_LEN,
+    LOG_BASE_CHANGE_FACTOR,
+    AbstractLanguageModel,
+    require_pyctcdecode,
+)
 
 
 class LMState:
@@ -116,8 +95,7 @@ class FusionLanguageModel(AbstractLanguageModel):  # type: ignore[misc,valid-typ
         normalize: Callable[[str], str] | None = None,
         use_cache: bool = True,
     ) -> None:
-        if not HAVE_PYCTCDECODE:
-            raise UserError(MISSING)
+        require_pyctcdecode()
         self.lm, self.model, self.dictionary = lm, lm.model, lm.dictionary
         self.alpha, self.beta = float(alpha), float(beta)
         self.unk_score_offset, self.score_boundary = float(unk_score_offset), bool(score_boundary)
@@ -308,62 +286,3 @@ class FusionLanguageModel(AbstractLanguageModel):  # type: ignore[misc,valid-typ
         for i, s in enumerate(batch):
             s.kv = tuple(per_pos[i].unbind(0))
             s.hidden = feats[i, -1]
-
-
-class FusionDecoderCTC(BeamSearchDecoderCTC):  # type: ignore[misc,valid-type]
-    """pyctcdecode's beam search with the words of each decoding step scored in one batch by a
-    ``FusionLanguageModel`` before its own per-beam loop asks for them (same results, fewer forward calls).
-
-    Why a subclass: pyctcdecode asks its language model for one word at a time; the hook reads the step's beams
-    from ``_get_lm_beams`` (pyctcdecode 0.5's layout) and falls back to the one-at-a-time path if that changes."""
-
-    def _get_lm_beams(self, beams, hotword_scorer, cached_lm_scores, cached_partial_token_scores, is_eos=False):
-        lm = self._language_model
-        if isinstance(lm, FusionLanguageModel):
-            try:
-                todo = []
-                for beam in beams:
-                    text, next_word = beam[0], beam[1]
-                    if (_merge_tokens(text, next_word), is_eos) not in cached_lm_scores:
-                        todo.append((cached_lm_scores[(text, False)][-1], next_word, is_eos))
-                lm.prefetch(todo)
-            except (KeyError, IndexError, TypeError):  # another pyctcdecode layout: score word by word
-                lm.clear_prefetched()
-        try:
-            return super()._get_lm_beams(
-                beams, hotword_scorer, cached_lm_scores, cached_partial_token_scores, is_eos=is_eos
-            )
-        finally:
-            if isinstance(lm, FusionLanguageModel):
-                lm.clear_prefetched()
-
-
-def build_fusion_decoder(
-    labels: list[str],
-    lm: Any,
-    alpha: float = 0.5,
-    beta: float = 1.5,
-    unk_score_offset: float = -10.0,
-    score_boundary: bool = True,
-    unigrams: Collection[str] | None = None,
-    normalize: Callable[[str], str] | None = None,
-    batched: bool = True,
-) -> FusionDecoderCTC:
-    """pyctcdecode's ``build_ctcdecoder`` with our LM in place of KenLM: ``labels`` are the CTC model's output
-    symbols (``""`` or ``"<pad>"`` the blank, ``" "`` or ``"|"`` the word boundary, as pyctcdecode reads them);
-    ``lm`` a ``LanguageModel`` (``adaptive_lm.from_pretrained``) or a ready ``FusionLanguageModel``.
-    ``batched=False`` returns pyctcdecode's own decoder class (one word per forward)."""
-    if not HAVE_PYCTCDECODE:
-        raise UserError(MISSING)
-    if not isinstance(lm, FusionLanguageModel):
-        lm = FusionLanguageModel(
-            lm,
-            alpha=alpha,
-            beta=beta,
-            unk_score_offset=unk_score_offset,
-            score_boundary=score_boundary,
-            unigrams=unigrams,
-            normalize=normalize,
-        )
-    cls = FusionDecoderCTC if batched else BeamSearchDecoderCTC
-    return cls(Alphabet.build_alphabet(labels), lm)
