@@ -20,7 +20,7 @@ _NAMES = {  # public name -> the module that defines it
     "AdaptiveSoftmax": "adaptive_lm.core.model",
     "TransformerLM": "adaptive_lm.core.model",
     "ModelConfig": "adaptive_lm.core.config",
-    "make_config": "adaptive_lm.core.config",
+    "make_config": "adaptive_lm.core.presets",
     "build_model": "adaptive_lm.core.model",
     "Dictionary": "adaptive_lm.core.dictionary",
     "UserError": "adaptive_lm.core.errors",

@@ -16,9 +16,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from adaptive_lm.core.config import ARCH_CHOICES
 from adaptive_lm.core.errors import UserError
 from adaptive_lm.core.options import opt
+from adaptive_lm.core.presets import ARCH_CHOICES
 
 GROUPS = {
     "dataset": "dataset and batching",

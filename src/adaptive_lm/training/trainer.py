@@ -21,13 +21,14 @@ from typing import Any
 
 import torch
 
-from adaptive_lm.core.config import NORMFORMER, ModelConfig, make_config
+from adaptive_lm.core.config import NORMFORMER, ModelConfig
 from adaptive_lm.core.dictionary import Dictionary
 from adaptive_lm.core.errors import UserError
 from adaptive_lm.core.hardware import half_precision_notice
 from adaptive_lm.core.kernels import fast_linears, plain_kernels, prepare_for_compile
 from adaptive_lm.core.model import TransformerLM
 from adaptive_lm.core.optim import NAG, CosineSchedule, LossScaler, clip_grad_norm_
+from adaptive_lm.core.presets import make_config
 from adaptive_lm.training.checkpoint import TrainState
 from adaptive_lm.training.config import TrainConfig
 from adaptive_lm.training.data import load_datasets

@@ -1,0 +1,158 @@
+"""Reading fairseq checkpoints without running code from the file: ``safe_load`` (``torch.load(weights_only=True)``
+with an explicit allow-list), the stored settings, and the ``ModelConfig`` fairseq 0.12 builds from them."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adaptive_lm.core.config import NORMFORMER, ModelConfig
+from adaptive_lm.core.errors import UserError
+from adaptive_lm.core.presets import ALIASES, PRESETS, apply_preset
+
+# What a fairseq checkpoint really holds besides tensors and builtin containers.
+SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+try:  # numpy scalars/dtypes appear in old extra_state (best val loss); they are plain data
+    import numpy as np
+
+    _np_core = getattr(np, "_core", None) or np.core  # numpy 2 renamed core -> _core
+    SAFE_GLOBALS += [_np_core.multiarray.scalar, np.dtype]
+    SAFE_GLOBALS += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32")]
+except Exception:  # pragma: no cover - numpy is a dependency, but never fail loading over it
+    pass
+
+
+def _file_kind(path: Path) -> str:
+    """What the first bytes say: a zip archive (torch.save since 1.6), a legacy pickle, or something else."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        return "empty"
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if head[:3] == b"BZh" or head[:2] == b"\x1f\x8b":
+        return "archive"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    return "other"
+
+
+def safe_load(path: str | os.PathLike, mmap: bool = True) -> Any:
+    """``torch.load`` that only accepts tensors, containers and the allow-listed types; memory-maps when it can.
+
+    Every failure is one line naming the file and what is wrong with it (empty, truncated, not a checkpoint, an
+    archive, a refused type). PyTorch's own hint to retry with ``weights_only=False`` is never passed on: that load
+    runs whatever code the file contains, which is what this loader exists to avoid.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    kind = _file_kind(path)
+    if kind == "empty":
+        raise UserError(f"{path}: empty file (an interrupted copy or save?); use an intact checkpoint")
+    if kind == "archive":
+        raise UserError(
+            f"{path}: this is a .tar.bz2/.tar.gz archive, not a checkpoint; extract it (tar xf) or pass "
+            f"the archive to from_pretrained/convert"
+        )
+    if kind == "other":
+        raise UserError(
+            f"{path}: not a PyTorch checkpoint (neither a zip nor a pickle file); pass a model.pt or "
+            f"checkpoint*.pt written by fairseq or adaptive-lm"
+        )
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and kind == "zip")
+        except pickle.UnpicklingError as e:
+            m = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(e))
+            if m:
+                raise UserError(
+                    f"{path}: refused to load: the file pickles {m.group(1)}, which is not on the allow-list of "
+                    f"types fairseq checkpoints contain (loading it could run code); if you trust the file, re-save "
+                    f"its tensors and settings as plain data"
+                ) from None
+            raise UserError(
+                f"{path}: damaged checkpoint (its pickled data cannot be read); use an intact copy"
+            ) from None
+        except (RuntimeError, EOFError, ValueError, OSError) as e:
+            text = str(e)
+            if "central directory" in text or "zip archive" in text or isinstance(e, EOFError):
+                raise UserError(
+                    f"{path}: truncated or damaged checkpoint (the zip archive is incomplete); use an intact copy"
+                ) from None
+            raise UserError(f"{path}: cannot read checkpoint ({text.splitlines()[0][:120]})") from None
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    if obj is None:
+        return {}
+    if isinstance(obj, argparse.Namespace):
+        return dict(vars(obj))
+    if isinstance(obj, dict):
+        return dict(obj)
+    raise UserError(f"unexpected type {type(obj).__name__} for the stored model configuration")
+
+
+def stored_settings(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """Model settings as stored, from ``cfg`` (task values underneath) or, for old files, ``args``."""
+    cfg = ckpt.get("cfg")
+    if cfg:
+        out = _as_dict(cfg.get("task"))
+        out.update(_as_dict(cfg.get("model")))
+        if "_name" in out:
+            out["arch"] = out.pop("_name")
+        return out
+    args = _as_dict(ckpt.get("args"))
+    if not args:
+        raise UserError("checkpoint has neither 'cfg' nor 'args': not a fairseq checkpoint")
+    return args
+
+
+def config_from_fairseq(
+    settings: dict[str, Any],
+    vocab_size: int,
+    overrides: dict[str, Any] | None = None,
+    state_keys: Any = None,
+) -> ModelConfig:
+    """fairseq settings (+ load-time overrides, fairseq's ``arg_overrides``) -> the ModelConfig fairseq 0.12 builds.
+
+    As ``fairseq/models/__init__.py::build_model`` does: a plain ``transformer_lm`` takes the stored values over
+    the dataclass defaults (so it is post-LN unless ``decoder_normalize_before`` was stored true); a named arch
+    (``transformer_lm_wiki103``, ...) runs its architecture function over the stored values, which fills what is
+    unset (``None``) and forces pre-LN. Old option names follow ``base_lm_architecture``'s compatibility rules.
+    With ``state_keys`` (the checkpoint's weight names), NormFormer layers exist exactly when their weights do:
+    fairseq 0.12 builds none whatever its config says (``config.NORMFORMER``), older versions did.
+    """
+    s = dict(settings)
+    s.update(overrides or {})
+    if "no_tie_adaptive_proj" in s:  # pre-2020 option name
+        s["no_decoder_final_norm"] = True
+        if s["no_tie_adaptive_proj"] is False:
+            s["tie_adaptive_proj"] = True
+    if "decoder_final_norm" in s:
+        s["no_decoder_final_norm"] = not s["decoder_final_norm"]
+    if s.get("max_target_positions") in (None, 0):
+        s["max_target_positions"] = s.get("tokens_per_sample") or 1024
+    fields = set(ModelConfig.__dataclass_fields__) - {"vocab_size", "padding_idx"}
+    given = {k: s[k] for k in fields if k in s}
+    arch = str(s.get("arch", "transformer_lm"))
+    if ALIASES.get(arch, arch) in PRESETS and ALIASES.get(arch, arch) != "transformer_lm":
+        values = apply_preset(arch, given)
+    else:  # the dataclass path (also for arch names we do not know: their stored values are complete)
+        values = given
+    for k in ("adaptive_input_factor", "adaptive_softmax_factor"):
+        if values.get(k) is not None:
+            values[k] = float(values[k])
+    values["vocab_size"] = vocab_size
+    if state_keys is not None:
+        for k, param in NORMFORMER.items():
+            values[k] = any(name.endswith(param) for name in state_keys)
+    cfg = ModelConfig.from_dict(values)
+    cfg.validate()
+    return cfg

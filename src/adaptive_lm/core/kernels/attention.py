@@ -1,0 +1,184 @@
+"""Causal attention with dropout on CPU.
+
+At T x T small enough to keep, the probabilities are stored (``_StoredAttention``, a few heads at a time so that
+every pass over the scores stays in cache); above that, flash-attention-style (``_CausalAttention``): query blocks
+attend only to the keys at or before them (the masked upper triangle is skipped, about half the FLOPs at long T),
+softmax in fp32, attention dropout with regenerated masks; only q, k, v and one log-sum-exp per query are kept for
+backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from adaptive_lm.core.kernels.dropout import _scale, _scaled_keep, _threshold
+from adaptive_lm.core.kernels.switch import _lanes, _new_seed, ours
+
+MATH_PATH_MAX_SCORES = 16 << 20  # B*H*T*T up to this: store the probabilities (faster); above: recompute blocks
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Softmax/accumulation dtype: fp32 for half types, the input's own otherwise (fp64 stays exact)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+_BIAS: dict[tuple, Tensor] = {}
+
+
+def _bias(rows: int, c0: int, keys: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Additive causal mask for queries c0..c0+rows-1 over keys 0..keys-1 (-inf above the diagonal), cached."""
+    key = (rows, c0, keys, device, dtype)
+    if key not in _BIAS:
+        if len(_BIAS) > 256:
+            _BIAS.clear()
+        _BIAS[key] = torch.full((rows, keys), float("-inf"), device=device, dtype=dtype).triu_(diagonal=c0 + 1)
+    return _BIAS[key]
+
+
+def _block(T: int) -> int:
+    return T if T <= 256 else 256
+
+
+def _chunk(BH: int, T: int, keys: int) -> int:
+    """Heads per chunk: about 1M scores (4 MiB in fp32, 2 MiB per core's L2 for each of the two threads here);
+    measured on the benchmark shapes, 256K to 4M all within 15%, 1M the best or near it for fp32 and bf16."""
+    return max(1, min(BH, (1 << 20) // max(1, T * keys)))
+
+
+class _StoredAttention(torch.autograd.Function):
+    """Causal attention with dropout that keeps the probabilities (for T x T small enough to store).
+
+    Why: done tensor-wide, scores, softmax, mask, dropout and their backward are each a pass over B x H x T x T
+    values in main memory; done a few heads at a time every pass after the first hits the L2 cache (softmax alone
+    runs 4x faster). Kept for backward, in the compute dtype: the probabilities and the dropped probabilities
+    (8 bytes per score in fp32, fairseq keeps 9), plus the 0/1 mask in half types (6 bytes); backward then
+    makes no mask (deciding it again from stored int16 random lanes cost a third of the attention backward).
+    The dropout scale is folded into the (T, hd)-sized outputs instead of the (T, T) scores.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, p: float, seed: int) -> Tensor:  # type: ignore[override]
+        BH, T, hd = q.shape
+        scale, dscale = hd**-0.5, _scale(p)
+        probs = torch.empty(BH, T, T, dtype=q.dtype, device=q.device)  # softmax(q k^T / sqrt(hd)), undropped
+        dropped = torch.empty_like(probs)  # probs * keep (0/1): what multiplies v, kept for dv
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        keeps = torch.empty_like(probs) if half else None  # 0/1 keep-mask (half types only, see backward)
+        lanes = _lanes((BH, T, T), seed, q.device)  # (BH, T, T) int16; keep iff >= thr, decided in cache per chunk
+        thr = _threshold(p)
+        out = torch.empty_like(q)
+        bias = _bias(T, 0, T, q.device, q.dtype)
+        c = _chunk(BH, T, T)
+        for i in range(0, BH, c):
+            j = min(BH, i + c)
+            s = torch.baddbmm(bias, q[i:j], k[i:j].transpose(1, 2), alpha=scale)  # (c, T, T)
+            torch._softmax(s, -1, False, out=probs[i:j])  # half types accumulate in fp32 inside the kernel
+            kf = lanes[i:j].ge(thr).view(torch.uint8).to(q.dtype)  # (c, T, T) 0/1
+            if keeps is not None:
+                keeps[i:j] = kf
+            torch.bmm(torch.mul(probs[i:j], kf, out=dropped[i:j]), v[i:j], out=out[i:j])  # (c, T, hd)
+        out.mul_(dscale)
+        ctx.save_for_backward(q, k, v, probs, dropped, keeps)
+        ctx.dscale = dscale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):  # type: ignore[override]
+        q, k, v, probs, dropped, keeps = ctx.saved_tensors
+        BH, T, hd = q.shape
+        dscale = ctx.dscale
+        dout = dout.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        c = _chunk(BH, T, T)
+        for i in range(0, BH, c):
+            j = min(BH, i + c)
+            pr, pd = probs[i:j], dropped[i:j]
+            torch.bmm(pd.transpose(1, 2), dout[i:j], out=dv[i:j])
+            dpd = torch.bmm(dout[i:j], v[i:j].transpose(1, 2))  # (c, T, T) d(dropped probs) / dscale
+            if keeps is None:
+                # softmax backward with dp = keep * dpd, written so the mask is not needed: pr * dp = pd * dpd
+                # exactly (keep is 0 or 1), so ds = pd * dpd - pr * sum(pd * dpd); fp32/fp64 only, since in a
+                # half type the extra roundings of the product would cost precision
+                t = dpd.mul_(pd)
+                ds = torch.addcmul(t, pr, t.sum(-1, keepdim=True), value=-1)  # (c, T, T), also / dscale
+            else:
+                ds = torch._softmax_backward_data(dpd.mul_(keeps[i:j]), pr, -1, q.dtype)  # fp32 inside the kernel
+            torch.bmm(ds, k[i:j], out=dq[i:j])
+            torch.bmm(ds.transpose(1, 2), q[i:j], out=dk[i:j])
+        f = dscale * hd**-0.5
+        return dq.mul_(f), dk.mul_(f), dv.mul_(dscale), None, None
+
+
+class _CausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, p: float, seed: int) -> Tensor:  # type: ignore[override]
+        BH, T, hd = q.shape
+        scale = hd**-0.5
+        out = torch.empty_like(q)
+        acc = _acc(q.dtype)
+        lse = torch.empty(BH, T, dtype=acc, device=q.device)
+        blk = _block(T)
+        for i, c0 in enumerate(range(0, T, blk)):
+            c1 = min(T, c0 + blk)
+            s = torch.baddbmm(
+                _bias(c1 - c0, c0, c1, q.device, q.dtype), q[:, c0:c1], k[:, :c1].transpose(1, 2), alpha=scale
+            ).to(acc)  # (BH, c, c1)
+            m = torch.logsumexp(s, dim=-1, keepdim=True)  # (BH, c, 1)
+            pr = torch.exp(s - m)
+            if p > 0:
+                pr = pr * _scaled_keep(pr, p, seed + i)
+            out[:, c0:c1] = torch.bmm(pr.to(v.dtype), v[:, :c1])  # (BH, c, hd)
+            lse[:, c0:c1] = m.squeeze(-1)
+        ctx.save_for_backward(q, k, v, lse)
+        ctx.p, ctx.seed = p, seed
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):  # type: ignore[override]
+        q, k, v, lse = ctx.saved_tensors
+        p, seed = ctx.p, ctx.seed
+        BH, T, hd = q.shape
+        scale = hd**-0.5
+        acc = _acc(q.dtype)
+        dq = torch.zeros_like(q, dtype=acc)
+        dk = torch.zeros_like(k, dtype=acc)
+        dv = torch.zeros_like(v, dtype=acc)
+        dout = dout.contiguous()
+        blk = _block(T)
+        for i, c0 in enumerate(range(0, T, blk)):
+            c1 = min(T, c0 + blk)
+            s = torch.baddbmm(
+                _bias(c1 - c0, c0, c1, q.device, q.dtype), q[:, c0:c1], k[:, :c1].transpose(1, 2), alpha=scale
+            ).to(acc)
+            pr = torch.exp(s - lse[:, c0:c1, None])  # (BH, c, c1) softmax probabilities
+            do = dout[:, c0:c1]
+            dpd = torch.bmm(do, v[:, :c1].transpose(1, 2)).to(acc)  # d(dropped probs)
+            if p > 0:
+                keep = _scaled_keep(pr, p, seed + i)
+                pd, dp = pr * keep, dpd * keep
+            else:
+                pd, dp = pr, dpd
+            dv[:, :c1] += torch.bmm(pd.to(do.dtype).transpose(1, 2), do).to(acc)
+            ds = pr * (dp - (dp * pr).sum(-1, keepdim=True))  # softmax backward
+            ds = ds.to(q.dtype)
+            dq[:, c0:c1] += torch.bmm(ds, k[:, :c1]).to(acc) * scale
+            dk[:, :c1] += torch.bmm(ds.transpose(1, 2), q[:, c0:c1]).to(acc) * scale
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, training: bool) -> Tensor:
+    """(B, H, T, hd) x3 -> (B, H, T, hd), causal, with attention dropout when training."""
+    p = dropout_p if training else 0.0
+    B, H, T, hd = q.shape
+    if not ours(q) or p == 0.0:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+    with torch.autocast("cpu", enabled=False):
+        qf, kf, vf = (t.to(dtype).reshape(B * H, T, hd) for t in (q, k, v))
+        if B * H * T * T <= MATH_PATH_MAX_SCORES:  # small: keep the T x T probabilities rather than recompute
+            out = _StoredAttention.apply(qf.contiguous(), kf.contiguous(), vf.contiguous(), p, _new_seed())
+        else:
+            out = _CausalAttention.apply(qf.contiguous(), kf.contiguous(), vf.contiguous(), p, _new_seed())
+    return out.view(B, H, T, hd)

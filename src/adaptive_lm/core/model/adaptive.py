@@ -1,0 +1,128 @@
+"""Adaptive input (Baevski & Auli 2018, section 3): word embeddings whose width shrinks per frequency band, and
+the routing of token ids to their bands that the adaptive input and the adaptive softmax share."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from adaptive_lm.core.config import ModelConfig, band_dims
+from adaptive_lm.core.kernels import pad_rows
+from adaptive_lm.core.model.init import quant_noise_
+
+
+def complete_cutoff(cutoff: tuple[int, ...] | list[int], vocab_size: int) -> list[int]:
+    """fairseq appends the vocabulary size as the last band's end unless it is already there."""
+    cut = list(cutoff)
+    if vocab_size > cut[-1]:
+        cut.append(vocab_size)
+    elif vocab_size < cut[-1]:
+        raise ValueError(f"cutoff {cut[-1]} is larger than the vocabulary size {vocab_size}")
+    return cut
+
+
+def route(ids: Tensor, cutoff: Sequence[int]) -> list[Tensor]:
+    """Per band [c_{i-1}, c_i) of ``cutoff``, the positions of ``ids`` (flattened) that fall in it, in order.
+
+    Why: the adaptive modules compute each band or tail only for its own rows, and finding those rows on a GPU
+    (``nonzero``) makes the host wait for the device, once per band and micro-batch. The trainer calls this on the
+    CPU copy of a batch while the previous update runs and passes the results (``Routes``), so nothing waits."""
+    flat = ids.reshape(-1)
+    band = torch.bucketize(flat, torch.tensor(list(cutoff), dtype=flat.dtype), right=True)  # (N,) band of each id
+    order = torch.argsort(band, stable=True)
+    counts = torch.bincount(band, minlength=len(cutoff)).tolist()
+    return list(torch.split(order, counts[: len(cutoff)]))
+
+
+class Routes:
+    """Precomputed ``route``s of a batch's source tokens (adaptive input) and targets (adaptive softmax)."""
+
+    def __init__(self, src: Tensor, target: Tensor, cfg: ModelConfig) -> None:
+        V = cfg.vocab_size
+        self.input = route(src, complete_cutoff(cfg.adaptive_input_cutoff, V)) if cfg.adaptive_input else None
+        cut = cfg.adaptive_softmax_cutoff
+        self.target = route(target, complete_cutoff(cut, V)) if cut is not None else None
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Routes:
+        for name in ("input", "target"):
+            rows = getattr(self, name)
+            if rows is not None:
+                pin = non_blocking and torch.device(device).type == "cuda"  # asynchronous only from pinned memory
+                setattr(
+                    self, name, [(r.pin_memory() if pin else r).to(device, non_blocking=non_blocking) for r in rows]
+                )
+        return self
+
+
+class AdaptiveInput(nn.Module):
+    """Word embeddings whose width shrinks by ``factor`` per frequency band, each projected up to ``output_dim``.
+
+    Band i covers ids [c_{i-1}, c_i) with an ``Embedding(size_i, initial_dim // factor**i)`` and a bias-free
+    ``Linear(dim_i -> output_dim)``. Only band 0 has a padding row (fairseq >= Jan 2020); no scaling happens
+    here (the decoder multiplies by sqrt(d)). ``q_noise`` > 0: fairseq's quant-noise on the projections (training).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        padding_idx: int,
+        initial_dim: int,
+        factor: float,
+        output_dim: int,
+        cutoff: tuple[int, ...] | list[int],
+        q_noise: float = 0.0,
+        qn_block_size: int = 8,
+    ) -> None:
+        super().__init__()
+        self.cutoff = complete_cutoff(cutoff, vocab_size)
+        self.vocab_size = vocab_size
+        self.padding_idx = padding_idx
+        self.embedding_dim = output_dim
+        self.q_noise, self.qn_block_size = q_noise, qn_block_size
+        self.dims = band_dims(initial_dim, factor, len(self.cutoff))
+        self.embeddings = nn.ModuleList()
+        self.projections = nn.ModuleList()
+        prev = 0
+        for i, end in enumerate(self.cutoff):
+            size, dim = end - prev, self.dims[i]
+            self.embeddings.append(nn.Embedding(size, dim, padding_idx=padding_idx if i == 0 else None))
+            self.projections.append(nn.Linear(dim, output_dim, bias=False))
+            prev = end
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """fairseq: N(0, dim^-0.5) embeddings with row ``padding_idx`` zeroed in *every* band; xavier projections."""
+        for emb, proj in zip(self.embeddings, self.projections):
+            nn.init.normal_(emb.weight, mean=0.0, std=emb.weight.shape[1] ** -0.5)
+            if self.padding_idx < emb.weight.shape[0]:
+                emb.weight[self.padding_idx].zero_()
+            nn.init.xavier_uniform_(proj.weight)
+
+    def weights_for_band(self, band: int) -> tuple[Tensor, Tensor]:
+        """(embedding [size, dim], projection [output_dim, dim]) of a band: what the adaptive softmax ties to."""
+        return self.embeddings[band].weight, self.projections[band].weight
+
+    def forward(self, tokens: Tensor, rows: list[Tensor] | None = None) -> Tensor:
+        """``rows``: each band's positions (``route``), if already known; found here otherwise."""
+        flat = tokens.reshape(-1)  # (N,)
+        out: Tensor | None = None
+        prev = 0
+        for i, end in enumerate(self.cutoff):
+            idx = rows[i] if rows is not None else ((flat >= prev) & (flat < end)).nonzero().squeeze(1)  # (N_i,)
+            n = idx.numel()
+            if n > 0:
+                w = self.projections[i].weight
+                if self.training and self.q_noise > 0:
+                    quant_noise_(w, self.q_noise, self.qn_block_size)
+                ids = pad_rows(flat.index_select(0, idx) - prev, w)  # (N_i',) maybe padded for the kernel
+                band = self.projections[i](self.embeddings[i](ids))[:n]  # (N_i, d)
+                if out is None:
+                    out = band.new_zeros(flat.shape[0], self.embedding_dim)
+                out = out.index_copy(0, idx, band.to(out.dtype))
+            prev = end
+        if out is None:  # empty input
+            out = self.projections[0].weight.new_zeros(flat.shape[0], self.embedding_dim)
+        return out.view(*tokens.shape, self.embedding_dim)  # (*tokens.shape, d)

@@ -1,0 +1,137 @@
+"""The decoder layer: causal self-attention with a fused q/k/v projection, fairseq's activations, and the layer
+itself (pre- or post-LN, NormFormer options, quant-noise on the feed-forward weights)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from adaptive_lm.core.config import ModelConfig
+from adaptive_lm.core.kernels import add_dropout, causal_attention, dropout
+from adaptive_lm.core.model.init import quant_noise_
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention with a fused q/k/v projection (fairseq's four projections, with bias)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.dim, self.heads, self.head_dim, self.dropout = dim, heads, dim // heads, dropout
+        # no default init (its draws would break fairseq's order), on the current default device (meta when loading)
+        self.qkv = nn.utils.skip_init(nn.Linear, dim, 3 * dim, device=torch.empty(0).device)
+        with torch.no_grad():  # fairseq builds k, v, q (default Linear init each), then out: same draws, same order
+            for i in (1, 2, 0):  # rows of k, v, q in the fused [q; k; v] matrix
+                nn.init.kaiming_uniform_(self.qkv.weight[i * dim : (i + 1) * dim], a=math.sqrt(5))  # redrawn below
+                nn.init.uniform_(self.qkv.bias[i * dim : (i + 1) * dim], -(dim**-0.5), dim**-0.5)
+        self.out_proj = nn.Linear(dim, dim)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """fairseq: xavier(gain 1/sqrt 2) on k, v, q in that order; xavier on out; out bias 0; q/k/v biases default.
+        With the constructor's draws, a given seed gives fairseq's initial weights exactly."""
+        for i in (1, 2, 0):
+            nn.init.xavier_uniform_(self.qkv.weight[i * self.dim : (i + 1) * self.dim], gain=1 / math.sqrt(2))
+        nn.init.xavier_uniform_(self.out_proj.weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: Tensor, cache: dict[str, Tensor] | None = None) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
+        if cache is not None:
+            if "k" in cache:
+                k = torch.cat([cache["k"], k], dim=2)  # (B, H, S + T, hd)
+                v = torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        S = k.shape[2]
+        p = self.dropout if self.training else 0.0
+        if S == T:
+            y = causal_attention(q, k, v, self.dropout, self.training)  # (B, H, T, hd)
+        elif T == 1:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        else:  # T new queries after S - T cached keys: query t sees keys up to S - T + t
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)  # (T, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+
+_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+
+
+def _gelu(x: Tensor) -> Tensor:
+    """fairseq's ``gelu``: the exact erf form, computed in fp32."""
+    return F.gelu(x.float()).type_as(x)
+
+
+def _gelu_accurate(x: Tensor) -> Tensor:
+    """fairseq's ``gelu_accurate`` (also its deprecated ``gelu_fast``): the tanh approximation, fairseq's arithmetic."""
+    return 0.5 * x * (1 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3))))
+
+
+ACTIVATION_FNS = {
+    "relu": F.relu,
+    "gelu": _gelu,
+    "gelu_fast": _gelu_accurate,
+    "gelu_accurate": _gelu_accurate,
+    "tanh": torch.tanh,
+    "linear": lambda x: x,
+    "relu_squared": lambda x: F.relu(x).pow(2),
+}
+
+
+class DecoderLayer(nn.Module):
+    """fairseq's ``TransformerDecoderLayerBase`` without encoder attention.
+
+    pre-LN (``decoder_normalize_before``):  x + Drop(Attn(LN(x)));  x + Drop(FC2(ActDrop(act(FC1(LN(x))))))
+    post-LN (fairseq 0.12's plain ``transformer_lm``): LN(x + Drop(Attn(x)));  LN(x + Drop(FC2(...(x))))
+    NormFormer options: ``scale_heads`` scales each head's slice of the attention output, ``scale_attn`` adds a
+    LayerNorm after attention, ``scale_fc`` one after the activation (dropout), ``scale_resids`` scales the FFN
+    residual per channel. ``quant_noise_pq``: fairseq's quant-noise on fc1 and fc2 when training.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.decoder_embed_dim
+        self.pre_ln = cfg.decoder_normalize_before
+        self.heads = cfg.decoder_attention_heads
+        self.self_attn = SelfAttention(d, cfg.decoder_attention_heads, cfg.attention_dropout)
+        self.attn_ln = nn.LayerNorm(d) if cfg.scale_attn else None
+        self.c_attn = nn.Parameter(torch.ones(self.heads)) if cfg.scale_heads else None
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.ffn_layernorm = nn.LayerNorm(cfg.decoder_ffn_embed_dim) if cfg.scale_fc else None
+        self.w_resid = nn.Parameter(torch.ones(d)) if cfg.scale_resids else None
+        self.fc1 = nn.Linear(d, cfg.decoder_ffn_embed_dim)
+        self.fc2 = nn.Linear(cfg.decoder_ffn_embed_dim, d)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.act_name = cfg.activation_fn
+        self.act = ACTIVATION_FNS[cfg.activation_fn]
+        self.dropout, self.act_dropout = cfg.dropout, cfg.act_dropout
+        self.q_noise, self.qn_block_size = cfg.quant_noise_pq, cfg.quant_noise_pq_block_size
+
+    def forward(self, x: Tensor, cache: dict[str, Tensor] | None = None) -> Tensor:
+        h = self.self_attn(self.self_attn_layer_norm(x) if self.pre_ln else x, cache)  # (B, T, d)
+        if self.c_attn is not None:
+            h = (h.unflatten(-1, (self.heads, -1)) * self.c_attn[:, None]).flatten(-2)  # (B, T, H, hd) -> (B, T, d)
+        if self.attn_ln is not None:
+            h = self.attn_ln(h)
+        x = add_dropout(x, h, self.dropout, self.training)
+        if not self.pre_ln:
+            x = self.self_attn_layer_norm(x)
+        noise = self.training and self.q_noise > 0
+        if noise:
+            quant_noise_(self.fc1.weight, self.q_noise, self.qn_block_size)
+        h = self.fc1(self.final_layer_norm(x) if self.pre_ln else x)  # (B, T, ffn)
+        if self.act_name == "relu":  # relu(h) * keep == relu(h * keep) (keep >= 0): relu in place, one tensor fewer
+            h = F.relu(dropout(h, self.act_dropout, self.training), inplace=self.training and self.act_dropout > 0)
+        else:
+            h = dropout(self.act(h), self.act_dropout, self.training)
+        if self.ffn_layernorm is not None:
+            h = self.ffn_layernorm(h)
+        if noise:
+            quant_noise_(self.fc2.weight, self.q_noise, self.qn_block_size)
+        residual = x if self.w_resid is None else self.w_resid * x
+        x = add_dropout(residual, self.fc2(h), self.dropout, self.training)  # (B, T, d)
+        return x if self.pre_ln else self.final_layer_norm(x)

@@ -1,0 +1,216 @@
+"""The adaptive softmax (Grave et al. 2017, as in fairseq): a head over the frequent words plus one logit per tail
+cluster, each tail computed only for its own rows, optionally tied to the adaptive input's bands."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from adaptive_lm.core.kernels import cross_entropy_sum, dropout, pad_rows
+from adaptive_lm.core.model.adaptive import AdaptiveInput, complete_cutoff
+from adaptive_lm.core.model.init import _linear_init_draw
+
+
+def fp32(t: Tensor) -> Tensor:
+    """Softmax and loss in at least fp32 (bf16/fp16 logits are upcast; fp64 stays fp64 for gradient checks)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+class AdaptiveSoftmax(nn.Module):
+    """Head over the ``c_0`` frequent words plus one logit per tail cluster; tail i = proj, dropout, out.
+
+    With ``adaptive_input`` given, the word head and every tail's output matrix *are* the adaptive input's
+    band embeddings, and with ``tie_proj`` the tail projections are its band projections (transposed use).
+    Tail projections are stored as ``[d, dim]`` (applied as ``x @ P``) whether tied or not, so one code path
+    serves both; the fairseq loader transposes untied ones.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        input_dim: int,
+        cutoff: tuple[int, ...] | list[int],
+        dropout: float = 0.0,
+        factor: float = 4.0,
+        adaptive_input: AdaptiveInput | None = None,
+        tie_proj: bool = False,
+    ) -> None:
+        super().__init__()
+        self.cutoff = complete_cutoff(cutoff, vocab_size)
+        self.vocab_size = vocab_size
+        self.n_clusters = len(self.cutoff) - 1
+        self.head_size = self.cutoff[0] + self.n_clusters
+        self.dropout = dropout
+        self.tied = adaptive_input is not None
+        self.tie_proj = tie_proj and self.tied
+        c0 = self.cutoff[0]
+
+        # head: word part [c0, dim0] (+ optional in-projection when tied with dim0 != input_dim), class part
+        self.head_in_proj: nn.Linear | None = None
+        if adaptive_input is not None:
+            if adaptive_input.cutoff != self.cutoff:
+                raise ValueError(f"tied cutoffs differ: input {adaptive_input.cutoff} vs softmax {self.cutoff}")
+            self.word_weight = adaptive_input.embeddings[0].weight  # shared Parameter [c0, dim0]
+            if self.word_weight.shape[1] != input_dim:
+                self.head_in_proj = nn.Linear(input_dim, self.word_weight.shape[1], bias=False)
+        else:
+            self.word_weight = nn.Parameter(torch.empty(c0, input_dim))
+        self.class_weight = nn.Parameter(torch.empty(self.n_clusters, input_dim))
+        # fairseq builds an nn.Linear for the head (or the tied head's class part) and for every untied tail
+        # matrix, each drawing its default init, before re-initialising them all; the same draws here, in the same
+        # order, so that a given seed gives fairseq's initial weights exactly (only the count and order matter)
+        _linear_init_draw(self.head_size - c0 if self.tied else self.head_size, input_dim)
+
+        self.tail_proj = nn.ParameterList()
+        self.tail_out = nn.ParameterList()
+        for i in range(self.n_clusters):
+            dim = int(input_dim // factor ** (i + 1))
+            size = self.cutoff[i + 1] - self.cutoff[i]
+            if adaptive_input is not None:
+                emb, proj = adaptive_input.weights_for_band(i + 1)
+                if not self.tie_proj:
+                    _linear_init_draw(proj.shape[1], proj.shape[0])  # fairseq: Linear(proj.size(0), proj.size(1))
+                self.tail_proj.append(proj if self.tie_proj else nn.Parameter(torch.empty(input_dim, dim)))
+                self.tail_out.append(emb)
+            else:
+                _linear_init_draw(dim, input_dim)
+                _linear_init_draw(size, dim)
+                self.tail_proj.append(nn.Parameter(torch.empty(input_dim, dim)))
+                self.tail_out.append(nn.Parameter(torch.empty(size, dim)))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """xavier_uniform on every untied matrix, with fairseq's fan shapes (the untied head is one matrix), in the
+        order of fairseq's ``self.apply(init_weights)``: head in-projection, head, then each tail."""
+        if self.head_in_proj is not None:
+            nn.init.xavier_uniform_(self.head_in_proj.weight)
+        if not self.tied:
+            head = torch.empty(self.head_size, self.word_weight.shape[1])
+            nn.init.xavier_uniform_(head)
+            self.word_weight.copy_(head[: self.cutoff[0]])
+            self.class_weight.copy_(head[self.cutoff[0] :])
+        else:
+            nn.init.xavier_uniform_(self.class_weight)
+        for i in range(self.n_clusters):
+            if not self.tie_proj:  # drawn as fairseq's Linear(d -> dim) weight [dim, d], in its element order
+                self.tail_proj[i].copy_(nn.init.xavier_uniform_(torch.empty(self.tail_proj[i].T.shape)).T)
+            if not self.tied:
+                nn.init.xavier_uniform_(self.tail_out[i])
+
+    def tie_to(self, adaptive_input: AdaptiveInput) -> None:
+        """(Re-)share the tied tensors with ``adaptive_input`` (after an ``assign=True`` load made copies)."""
+        if not self.tied:
+            return
+        self.word_weight = adaptive_input.embeddings[0].weight
+        for i in range(self.n_clusters):
+            self.tail_out[i] = adaptive_input.embeddings[i + 1].weight
+            if self.tie_proj:
+                self.tail_proj[i] = adaptive_input.projections[i + 1].weight
+
+    # ---- pieces --------------------------------------------------------------------------------------
+    def head_logits(self, x: Tensor) -> Tensor:
+        """(N, d) -> (N, c0 + n_clusters): frequent-word logits, then one logit per tail cluster."""
+        if self.head_in_proj is None:
+            return F.linear(x, torch.cat([self.word_weight, self.class_weight]))  # (N, c0 + nc)
+        words = F.linear(self.head_in_proj(x), self.word_weight)  # (N, c0)
+        return torch.cat([words, F.linear(x, self.class_weight)], dim=-1)
+
+    def tail_logits(self, i: int, x: Tensor) -> Tensor:
+        """(N_i, d) -> (N_i, size_i) for tail cluster i (dropout between projection and output, as fairseq)."""
+        h = dropout(x @ self.tail_proj[i], self.dropout, self.training)  # (N_i, dim_i)
+        return F.linear(h, self.tail_out[i])  # (N_i, size_i)
+
+    def _tail_rows(self, i: int, x: Tensor, rows: Tensor) -> Tensor:
+        """Tail i's logits for ``rows`` of x, with the row count padded as the matmul kernels like it."""
+        padded = pad_rows(rows, self.tail_out[i])
+        return self.tail_logits(i, x.index_select(0, padded))[: rows.numel()]  # (n, size_i)
+
+    def split_targets(
+        self, target: Tensor, routes: list[Tensor] | None = None
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor] | None]]:
+        """fairseq's ``adapt_target``: head target (word or c0 + cluster) and per cluster (rows, local targets).
+        ``routes``: each band's rows of ``target`` (``route``), if already known (no host sync then)."""
+        target = target.reshape(-1)
+        c0 = self.cutoff[0]
+        head_target = torch.where(
+            target < c0, target, c0 - 1 + torch.bucketize(target, self._bounds(target), right=True)
+        )
+        clusters: list[tuple[Tensor, Tensor] | None] = []
+        for i in range(self.n_clusters):
+            lo, hi = self.cutoff[i], self.cutoff[i + 1]
+            rows = routes[i + 1] if routes is not None else ((target >= lo) & (target < hi)).nonzero().squeeze(1)
+            clusters.append((rows, target.index_select(0, rows) - lo) if rows.numel() > 0 else None)
+        return head_target, clusters
+
+    def _bounds(self, like: Tensor) -> Tensor:
+        """Tail cluster starts (c_0 .. c_{n-1}) as a tensor on ``like``'s device, cached."""
+        key = (like.device, like.dtype)
+        cache = self.__dict__.setdefault("_bounds_cache", {})
+        if key not in cache:
+            cache[key] = torch.tensor(self.cutoff[:-1], dtype=like.dtype, device=like.device)
+        return cache[key]
+
+    # ---- entry points --------------------------------------------------------------------------------
+    def loss(
+        self,
+        hidden: Tensor,
+        target: Tensor,
+        ignore_index: int = 1,
+        tail_ignore_quirk: bool = True,
+        routes: list[Tensor] | None = None,
+    ) -> Tensor:
+        """Summed NLL in nats over non-``ignore_index`` targets (fairseq's ``adaptive_loss``).
+
+        Dropout is applied to the input first (training mode only). ``tail_ignore_quirk`` reproduces fairseq's
+        use of ``ignore_index`` on the *local* tail targets, which drops the within-cluster term of the words
+        with id ``cutoff[i] + ignore_index`` (fairseq/criterions/adaptive_loss.py); False gives the exact NLL.
+        """
+        x = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
+        x = dropout(x, self.dropout, self.training)
+        head_target, clusters = self.split_targets(target, routes)
+        loss = cross_entropy_sum(fp32(self.head_logits(x)), head_target, ignore_index)
+        tail_ignore = ignore_index if tail_ignore_quirk else -100
+        for i, c in enumerate(clusters):
+            if c is None:
+                continue
+            rows, local = c
+            loss = loss + cross_entropy_sum(fp32(self._tail_rows(i, x, rows)), local, tail_ignore)
+        return loss
+
+    def log_prob(self, hidden: Tensor) -> Tensor:
+        """The full V-way natural-log distribution (..., V); no dropout (fairseq's ``get_log_prob``, target=None)."""
+        shape = hidden.shape[:-1]
+        x = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
+        head = F.log_softmax(fp32(self.head_logits(x)), dim=-1)  # (N, c0 + nc)
+        c0 = self.cutoff[0]
+        parts = [head[:, :c0]]
+        for i in range(self.n_clusters):
+            tail = F.log_softmax(fp32(self.tail_logits(i, x)), dim=-1)  # (N, size_i)
+            parts.append(tail + head[:, c0 + i : c0 + i + 1])
+        return torch.cat(parts, dim=-1).view(*shape, self.vocab_size)  # (..., V)
+
+    def target_log_prob(self, hidden: Tensor, target: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
+        """log p(target) for every position, computing each tail only for its own rows, in row chunks of at most
+        ``chunk_elements`` logits: memory stays bounded whatever the number of tokens and the vocabulary size."""
+        shape = target.shape
+        x = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
+        head_target, clusters = self.split_targets(target)
+        out = torch.empty(
+            x.shape[0], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device
+        )
+        step = max(1, chunk_elements // self.head_size)
+        for i in range(0, x.shape[0], step):
+            head = F.log_softmax(fp32(self.head_logits(x[i : i + step])), dim=-1)  # (n, c0 + nc)
+            out[i : i + step] = head.gather(1, head_target[i : i + step, None]).squeeze(1)
+        for c, cl in enumerate(clusters):
+            if cl is None:
+                continue
+            rows, local = cl
+            step = max(1, chunk_elements // (self.cutoff[c + 1] - self.cutoff[c]))
+            for i in range(0, rows.numel(), step):
+                r = rows[i : i + step]
+                tail = F.log_softmax(fp32(self._tail_rows(c, x, r)), dim=-1)  # (n, size_c)
+                out.index_add_(0, r, tail.gather(1, local[i : i + step, None]).squeeze(1).to(out.dtype))
+        return out.view(shape)
