@@ -133,17 +133,18 @@ def _resolve(model_name_or_path: str | os.PathLike, checkpoint_file: str) -> Pat
     return _pick_file(p) if p.is_dir() else p
 
 
-def _split_kwargs(kwargs: dict[str, Any], overrides: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """fairseq's hub takes BPE files and model settings as keyword arguments: (BPE files, model overrides); any
-    other keyword is refused by name."""
+def _split_kwargs(kwargs: dict[str, Any], overrides: dict[str, Any] | None) -> tuple[dict[str, Any], ...]:
+    """fairseq's hub takes BPE files, batching and model settings as keyword arguments (its ``arg_overrides``):
+    (BPE files, model overrides, batching overrides); any other keyword is refused by name."""
     bpe_args = {k: kwargs.pop(k) for k in BPE_ARGS if k in kwargs}
+    batching = {k: kwargs.pop(k) for k in ("max_tokens", "batch_size") if k in kwargs}
     model = {k: kwargs.pop(k) for k in list(kwargs) if k in ModelConfig.__dataclass_fields__}
     if kwargs:
         raise UserError(
             f"from_pretrained: unknown keyword(s) {', '.join(sorted(kwargs))} (accepted: dictionary, device, dtype, "
-            f"tokenizer, bpe, {', '.join(BPE_ARGS)}, overrides, or a ModelConfig field)"
+            f"tokenizer, bpe, {', '.join(BPE_ARGS)}, max_tokens, batch_size, overrides, or a ModelConfig field)"
         )
-    return bpe_args, {**(overrides or {}), **model}
+    return bpe_args, {**(overrides or {}), **model}, batching
 
 
 def from_pretrained(
@@ -172,10 +173,11 @@ def from_pretrained(
     text as fairseq's hub does (tokenizer, then BPE, then the dictionary); the BPE files come from the keyword
     arguments ``gpt2_encoder_json``/``gpt2_vocab_bpe``/``sentencepiece_model`` or, as in fairseq, from the model
     folder (``encoder.json``, ``vocab.bpe``, ``sentencepiece.bpe.model``). ``dtype`` loads straight into that dtype.
-    ``overrides`` (or ModelConfig fields as keywords, as fairseq's ``arg_overrides``): model settings to change at
-    load, e.g. ``{"decoder_layers_to_keep": "0,2"}`` to evaluate a LayerDrop-trained model with fewer layers.
+    ``overrides`` (or ModelConfig fields as keywords, as fairseq's ``arg_overrides``; also ``max_tokens`` /
+    ``batch_size``, how ``generate`` batches prompts): model settings to change at load, e.g.
+    ``{"decoder_layers_to_keep": "0,2"}`` to evaluate a LayerDrop-trained model with fewer layers.
     """
-    bpe_args, overrides = _split_kwargs(dict(kwargs), overrides)
+    bpe_args, overrides, batch_overrides = _split_kwargs(dict(kwargs), overrides)
     p = _resolve(model_name_or_path, checkpoint_file)
     folder = p if p.is_dir() else p.parent
     for name, arg in BPE_FILES.items():
@@ -202,6 +204,8 @@ def from_pretrained(
     bpe = bpe or stored_text.get("bpe")
     pipeline = make_pipeline(tokenizer or stored_text.get("tokenizer"), bpe, **{**stored_text.get("bpe_args", {}),
                                                                             **bpe_args})  # fmt: skip
+    if batch_overrides:  # as fairseq's arg_overrides of cfg.dataset: how the hub batches prompts
+        batching = (batch_overrides.get("max_tokens", batching[0]), batch_overrides.get("batch_size", batching[1]))
     return LanguageModel(model, d, str(p), tps, pipeline, batching).to(device).eval()
 
 
