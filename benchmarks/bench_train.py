@@ -130,7 +130,7 @@ def flops_per_update(c: dict, bf16: bool) -> float:
     with FlopCounterMode(display=False) as fc:
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
         with ctx:
-            loss = model.loss(batch["src_tokens"], batch["target"])
+            loss = model.loss(batch["src_tokens"], batch["target"], tail_ignore_quirk=True)  # as the trainer
         loss.backward()
     return float(fc.get_total_flops())
 

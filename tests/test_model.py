@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +17,7 @@ from adaptive_lm.core.fairseq_format import (
     load_into,
     safe_load,
     state_dict_from_fairseq,
+    state_dict_to_fairseq,
     stored_settings,
 )
 from adaptive_lm.core.model import TransformerLM
@@ -44,11 +48,10 @@ def test_aliases_resolve_to_the_same_preset():
 # ---- parity with real fairseq ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fairseq_tiny():
-    from conftest import FIXTURE, need
+    from conftest import FAIRSEQ_TINY
 
-    need(FIXTURE)
-    lm = adaptive_lm.from_pretrained(FIXTURE / "model" / "checkpoint_best.pt")
-    ref = np.load(FIXTURE / "reference" / "valid_logprobs.npz")
+    lm = adaptive_lm.from_pretrained(FAIRSEQ_TINY / "model" / "checkpoint_last.pt")
+    ref = np.load(FAIRSEQ_TINY / "reference" / "valid_logprobs.npz")
     return lm, ref
 
 
@@ -61,7 +64,7 @@ def test_fixture_features_and_full_rows_match_fairseq(fairseq_tiny):
     x = torch.tensor(ref["block0_input_ids"])[None]
     with torch.no_grad():
         feats = lm.model(x)[0]
-        rows = lm.model.log_probs(x)[0, :8]
+        rows = lm.model.log_probs(x)[0, : len(ref["block0_full_logprobs_first_rows"])]
     assert (feats - torch.tensor(ref["block0_features"])).abs().max() < 1e-5
     assert (rows - torch.tensor(ref["block0_full_logprobs_first_rows"])).abs().max() < 1e-5
 
@@ -89,16 +92,41 @@ def test_fixture_token_logprobs_match_fairseq_both_paths(fairseq_tiny, cw):
     assert (got_f - expected).abs().max() < 1e-5
 
 
+def test_fixture_loss_and_gradient_norms_match_fairseq(fairseq_tiny, fixture_dir):
+    """fairseq's ``adaptive_loss`` on one batch (the first 2,048 valid targets as 8 x 256, eval mode) and the L2 norm
+    of each parameter's gradient of that sum, from fairseq's own criterion and backward (valid_grad_ref.json)."""
+    lm, ref = fairseq_tiny
+    grad_ref = json.loads((fixture_dir / "reference" / "valid_grad_ref.json").read_text())
+    S = _stream(ref).long()
+    X = torch.cat([torch.tensor([2]), S[:-1]])
+    model = copy.deepcopy(lm.model).eval()  # the module-scoped model stays without gradients
+    loss = model.loss(X.view(8, 256), S.view(8, 256), tail_ignore_quirk=True)  # fairseq's adaptive_loss
+    loss.backward()
+    assert grad_ref["targets_hit_by_the_tail_ignore_quirk"] > 0  # the quirk is exercised by this batch
+    assert abs(loss.item() - grad_ref["loss_sum_nats"]) < 2048 * 1e-5  # the per-token bound above, summed
+    grads = copy.deepcopy(model)
+    with torch.no_grad():
+        for g, p in zip(grads.parameters(), model.parameters()):
+            g.copy_(p.grad)
+    named = state_dict_to_fairseq(grads, lm.cfg)  # our gradients under fairseq's parameter names
+    for name, norm in grad_ref["grad_l2_norm_per_param"].items():
+        got = named[name].double().norm().item()
+        if name.endswith("k_proj.bias"):  # 0 in exact arithmetic: a key bias adds q.b to all of a query's logits
+            assert got < 1e-5 and norm < 1e-5, name
+        else:  # each element an fp32 sum over 2,048 positions in another order: ~sqrt(2048) * 2**-24 = 3e-6
+            assert abs(got - norm) <= 1e-5 * norm, (name, got, norm)
+
+
 def test_fixture_settings_come_from_cfg_not_arch(fixture_dir):
-    ckpt = safe_load(fixture_dir / "model" / "checkpoint_best.pt")
-    cfg = config_from_fairseq(stored_settings(ckpt), 14152)
-    assert (cfg.decoder_layers, cfg.decoder_embed_dim, cfg.adaptive_input_cutoff) == (2, 128, (2000, 8000))
+    ckpt = safe_load(fixture_dir / "model" / "checkpoint_last.pt")
+    cfg = config_from_fairseq(stored_settings(ckpt), 6000)
+    assert (cfg.decoder_layers, cfg.decoder_embed_dim, cfg.adaptive_input_cutoff) == (2, 64, (1000, 3000))
     assert cfg.max_target_positions == 256
 
 
 def test_old_fused_in_proj_layout_loads_identically(fairseq_tiny, fixture_dir):
     lm, ref = fairseq_tiny
-    ckpt = safe_load(fixture_dir / "model" / "checkpoint_best.pt")
+    ckpt = safe_load(fixture_dir / "model" / "checkpoint_last.pt")
     sd = dict(ckpt["model"])
     for i in range(2):
         p = f"decoder.layers.{i}.self_attn."

@@ -153,13 +153,15 @@ def test_generate_batch_max_len_a_and_bf16(data, tmp_path, capsys):
     capsys.readouterr()
     model = str(tmp_path / "a" / "checkpoint_last.pt")
     words = [w.split()[0] for w in (data / "bin" / "dict.txt").read_text().splitlines()[:3]]
-    base = ["generate", "--path", model, "--max-len-b", "1", "--max-len-a", "2", "--min-len", "100"]
-    assert main([*base, "--prompt", words[0], "--prompt", " ".join(words[:2]), "--batch-size", "2"]) == 0
+    base = ["generate", "--path", model, "--max-len-b", "1", "--max-len-a", "2"]
+    # fairseq's limit is a * W + b tokens in all, W = the batch's longest prompt + 1: 2 * 3 + 1 = 7 for both prompts
+    # of one call; --min-len at that limit makes every hypothesis reach it (fairseq refuses a larger one)
+    assert main([*base, "--min-len", "7", "--prompt", words[0], "--prompt", " ".join(words[:2])]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    # the limit is a * prompt length + b tokens in all: 1 + 2 words + 1 for a one-word prompt, ...
-    assert [len(x.split()) for x in lines] == [3, 5]
-    assert main([*base, "--prompt", words[0], "--bf16"]) == 0
-    assert len(capsys.readouterr().out.strip().split()) == 3
+    assert [len(x.split()) for x in lines] == [7, 7]
+    assert main([*base, "--min-len", "5", "--prompt", words[0], "--bf16"]) == 0  # W = 2: 5 tokens
+    assert len(capsys.readouterr().out.strip().split()) == 5
+    assert main([*base, "--min-len", "6", "--prompt", words[0]]) == 2  # one error line, as fairseq's assert
 
 
 @pytest.mark.parametrize("kernels", ["auto", "plain"])

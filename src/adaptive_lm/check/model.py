@@ -44,7 +44,7 @@ def on_cpu(model: TransformerLM, src: torch.Tensor, tgt: torch.Tensor) -> dict[s
     """Loss (backward run), target log-probs: the CPU with our kernels, bands found with nonzero."""
     with plain_kernels(False):
         model.train()
-        loss = model.loss_from_features(model(src), tgt)
+        loss = model.loss_from_features(model(src), tgt, True)
         loss.backward()
         model.eval()
         with torch.no_grad():
@@ -61,7 +61,7 @@ def on_device(ctx: Ctx, model: TransformerLM, src: torch.Tensor, tgt: torch.Tens
         routes = Routes(src, tgt, model.cfg).to(ctx.device)
         loss = model.loss_from_features(model(src_d, routes=routes), tgt_d, True, routes)
         loss.backward()
-        loss_plain = model.loss(src_d, tgt_d).item()  # the same without routes
+        loss_plain = model.loss(src_d, tgt_d, True).item()  # the same without routes
         model.eval()
         with torch.no_grad():
             lp = model.target_log_probs(src_d, tgt_d).cpu()  # B, T

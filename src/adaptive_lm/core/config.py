@@ -252,6 +252,11 @@ class ModelConfig:
                 f"tied adaptive weights need decoder_input_dim == decoder_output_dim "
                 f"({self.decoder_input_dim} != {self.decoder_output_dim})"
             )
+        if self.decoder_output_dim != self.decoder_embed_dim:  # fairseq builds no project_out_dim when tied
+            raise ConfigError(
+                f"tied adaptive weights need decoder_output_dim == decoder_embed_dim ({self.decoder_output_dim} != "
+                f"{self.decoder_embed_dim}): fairseq then builds no output projection and fails at the first forward"
+            )
 
     def _check_quant_noise_blocks(self) -> None:
         """fairseq asserts, when building each noised Linear, that its input width is a multiple of the block size."""

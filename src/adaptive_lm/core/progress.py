@@ -52,11 +52,9 @@ class Progress:
             self.next_tenth = tenth + 1
             rate = self.n / max(time.time() - self.t0, 1e-9)
             extra = "".join(f", {k} {v}" for k, v in postfix.items())
-            print(
-                f"{self.desc}: {10 * tenth}% ({self.n:,}/{self.total:,} {self.unit}, {rate:,.1f} {self.unit}/s{extra})",
-                file=self.stream,
-                flush=True,
-            )
+            done = f"{self.n:,}/{self.total:,} {self.unit}, {rate:,.1f} {self.unit}/s{extra}"
+            self.stream.write(f"{self.desc}: {10 * tenth}% ({done})\n")  # stderr, like tqdm: never mixed with results
+            self.stream.flush()
 
     def close(self) -> None:
         if self.bar is not None:

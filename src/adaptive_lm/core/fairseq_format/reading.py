@@ -3,10 +3,10 @@ with an explicit allow-list), the stored settings, and the ``ModelConfig`` fairs
 
 from __future__ import annotations
 
-import argparse
 import os
 import pickle
 import re
+import types
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,10 @@ from adaptive_lm.core.config import NORMFORMER, ModelConfig
 from adaptive_lm.core.errors import UserError
 from adaptive_lm.core.presets import ALIASES, PRESETS, apply_preset
 
-# What a fairseq checkpoint really holds besides tensors and builtin containers.
-SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+# What a fairseq checkpoint really holds besides tensors and builtin containers. Old checkpoints pickle their
+# settings as an ``argparse.Namespace``: it is rebuilt as a ``types.SimpleNamespace`` (the same attributes, no argparse
+# anywhere below the command line); nothing else is constructed from the file.
+SAFE_GLOBALS: list[Any] = [(types.SimpleNamespace, "argparse.Namespace")]
 try:  # numpy scalars/dtypes appear in old extra_state (best val loss); they are plain data
     import numpy as np
 
@@ -92,7 +94,7 @@ def safe_load(path: str | os.PathLike, mmap: bool = True) -> Any:
 def _as_dict(obj: Any) -> dict[str, Any]:
     if obj is None:
         return {}
-    if isinstance(obj, argparse.Namespace):
+    if isinstance(obj, types.SimpleNamespace):
         return dict(vars(obj))
     if isinstance(obj, dict):
         return dict(obj)

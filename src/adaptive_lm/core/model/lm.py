@@ -203,12 +203,13 @@ class TransformerLM(nn.Module):
         """(B, T), (B, T) -> (B, T) log p(target_t | src_<=t), without a (B*T, V) tensor when adaptive."""
         return self.target_log_probs_from_features(self(src_tokens), target)
 
-    def loss(self, src_tokens: Tensor, target: Tensor, tail_ignore_quirk: bool = True) -> Tensor:
-        """Summed NLL (nats) over non-pad targets: fairseq's ``adaptive_loss`` (or cross-entropy without it)."""
+    def loss(self, src_tokens: Tensor, target: Tensor, tail_ignore_quirk: bool = False) -> Tensor:
+        """Summed NLL (nats) over non-pad targets, exact; ``tail_ignore_quirk=True``: fairseq's ``adaptive_loss``
+        (``AdaptiveSoftmax.loss`` says what differs), as the trainer computes it."""
         return self.loss_from_features(self(src_tokens), target, tail_ignore_quirk)
 
     def loss_from_features(
-        self, x: Tensor, target: Tensor, tail_ignore_quirk: bool = True, routes: Routes | None = None
+        self, x: Tensor, target: Tensor, tail_ignore_quirk: bool = False, routes: Routes | None = None
     ) -> Tensor:
         """``loss`` on features already computed (the trainer runs the forward pass itself, maybe compiled)."""
         if self.adaptive_softmax is not None:

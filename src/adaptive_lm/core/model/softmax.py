@@ -158,14 +158,15 @@ class AdaptiveSoftmax(nn.Module):
         hidden: Tensor,
         target: Tensor,
         ignore_index: int = 1,
-        tail_ignore_quirk: bool = True,
+        tail_ignore_quirk: bool = False,
         routes: list[Tensor] | None = None,
     ) -> Tensor:
-        """Summed NLL in nats over non-``ignore_index`` targets (fairseq's ``adaptive_loss``).
+        """Summed NLL in nats over non-``ignore_index`` targets: the exact one by default.
 
-        Dropout is applied to the input first (training mode only). ``tail_ignore_quirk`` reproduces fairseq's
-        use of ``ignore_index`` on the *local* tail targets, which drops the within-cluster term of the words
-        with id ``cutoff[i] + ignore_index`` (fairseq/criterions/adaptive_loss.py); False gives the exact NLL.
+        Dropout is applied to the input first (training mode only). ``tail_ignore_quirk=True`` reproduces fairseq's
+        ``adaptive_loss``, which applies ``ignore_index`` to the *local* tail targets and so drops the within-cluster
+        term of the words with id ``cutoff[i] + ignore_index`` (fairseq/criterions/adaptive_loss.py): the trainer and
+        validation turn it on for fairseq's numbers (``--criterion adaptive_loss``); a reused module should not.
         """
         x = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
         x = dropout(x, self.dropout, self.training)
