@@ -1,25 +1,18 @@
-"""Shared test fixtures: paths to the fairseq ground truth in ../shared, tiny models, clean global state."""
+"""Shared test fixtures: the committed fairseq ground truth (tests/fixtures), tiny models, clean global state, and
+no skipped test but the GPU-only ones."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-FIXTURE = SHARED / "fixtures" / "fairseq-tiny"
-WIKITEXT2 = SHARED / "data" / "wikitext-2"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FAIRSEQ_TINY = FIXTURES / "fairseq_tiny"  # made by fixtures/make_fairseq_tiny.sh with fairseq itself
 
 torch.set_num_threads(2)
-
-
-def need(path: Path) -> Path:
-    """Skip (with the reason shown by -ra) when the shared ground truth is absent."""
-    if not path.exists():
-        pytest.skip(f"needs {path} (the shared fairseq fixtures / data next to the repo checkout)")
-    return path
 
 
 def assert_same_draws(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
@@ -44,12 +37,29 @@ def assert_same_draws(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> No
 
 @pytest.fixture
 def fixture_dir() -> Path:
-    return need(FIXTURE)
+    return FAIRSEQ_TINY
 
 
-@pytest.fixture
-def wikitext2() -> Path:
-    return need(WIKITEXT2)
+def decoded_text(data_bin: Path, split: str, lines: int) -> str:
+    """The first ``lines`` lines of a binarised split as WikiText-format text (` w1 w2 ... `, <unk> for the words
+    outside the dictionary), exactly as fixtures/make_fairseq_tiny.py decode writes fairseq-preprocess's input."""
+    from adaptive_lm.core.data import IndexedDataset
+    from adaptive_lm.core.dictionary import Dictionary
+
+    ds = IndexedDataset(data_bin / split)
+    symbols = np.array(Dictionary.load(data_bin / "dict.txt").symbols)
+    return "".join("".join(f" {w}" for w in symbols[ds[i][:-1]]) + " \n" for i in range(lines))
+
+
+@pytest.fixture(scope="session")
+def wikitext2(tmp_path_factory) -> Path:
+    """WikiText-format text made back from the fixture's data-bin (300 train and 200 valid lines): the input of
+    fixtures/fairseq_tiny/preprocess/, which fairseq-preprocess made from the same text (no WikiText-2 text is
+    committed)."""
+    d = tmp_path_factory.mktemp("wikitext2")
+    for split, lines in (("train", 300), ("valid", 200)):
+        (d / f"{split}.txt").write_text(decoded_text(FAIRSEQ_TINY / "data-bin", split, lines), encoding="utf-8")
+    return d
 
 
 @pytest.fixture(autouse=True)
@@ -60,3 +70,26 @@ def _clean_state():
     torch.set_default_dtype(dtype)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+# ---- nothing skips except what needs a GPU ---------------------------------------------------------------------
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail") and "gpu" not in report.keywords:
+        _skipped.append(f"{report.nodeid}: {report.longrepr[-1] if isinstance(report.longrepr, tuple) else ''}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A skipped test is a failed run unless the test is marked ``gpu`` (needs a CUDA device): every fixture is
+    committed and every extra is part of the dev install, so a skip can only mean something is missing."""
+    if _skipped and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _skipped:
+        terminalreporter.section("skipped tests not marked gpu (a failure)", red=True)
+        for line in _skipped:
+            terminalreporter.line(line)

@@ -16,17 +16,23 @@ from adaptive_lm.core.data import LMDataset, block_spans
 from adaptive_lm.core.errors import UserError
 from adaptive_lm.inference.evaluate import EvalConfig, context_windows, evaluate, summary_lines
 
-# fairseq-eval-lm on the fixture (float64 sums of fairseq's scores; its own float32 sums print 8.3184/319.22 and
-# 8.3131/318.04), see ../shared/fixtures/fairseq-tiny/README.md
-FAIRSEQ = {0: (217_646, 8.31838784996976, 319.2157112302948), 128: (217_646, 8.313038889128864, 318.03437292085346)}
+# fairseq-eval-lm on the fixture: float64 sums of fairseq's per-token scores (reference/valid_logprobs.npz, printed by
+# tests/fixtures/make_fairseq_tiny.sh); its own float32 sums print the lines in reference/eval_cw{0,128}.log
+FAIRSEQ = {0: (20_897, 7.012615950995327, 129.12423136536324), 128: (20_897, 7.00868601452198, 128.77297244639897)}
+
+
+def fairseq_printed(path) -> tuple[int, float, float]:
+    """(tokens, loss, perplexity) from fairseq-eval-lm's two summary lines."""
+    lines = path.read_text().splitlines()
+    loss, ppl = (float(x) for x in re.findall(r"[\d.]+", lines[1].split(":", 1)[1]))
+    return int(lines[0].split()[1].replace(",", "")), loss, ppl
 
 
 @pytest.fixture(scope="module")
 def tiny_lm():
-    from conftest import FIXTURE, need
+    from conftest import FAIRSEQ_TINY
 
-    need(FIXTURE)
-    return adaptive_lm.from_pretrained(FIXTURE / "model" / "checkpoint_best.pt")
+    return adaptive_lm.from_pretrained(FAIRSEQ_TINY / "model" / "checkpoint_last.pt")
 
 
 @pytest.mark.parametrize("cw", [0, 128])
@@ -41,6 +47,8 @@ def test_eval_matches_fairseq_eval_lm(tiny_lm, fixture_dir, cw):
     full = np.load(fixture_dir / "reference" / "valid_logprobs.npz")[f"logprobs_cw{cw}_fairseq_pipeline_full"]
     assert np.abs(res.scores - full).max() < 1e-5  # every token, in stream order, equals fairseq's score
     assert summary_lines(res)[1].startswith("Loss (base 2): ")
+    printed_n, printed_loss, _ = fairseq_printed(fixture_dir / "reference" / f"eval_cw{cw}.log")
+    assert printed_n == n and abs(res.loss_base2 - printed_loss) <= 5e-5 + 1e-5  # 4 decimals (+ its float32 sum)
 
 
 @pytest.mark.parametrize("mode", ["none", "complete", "complete_doc", "eos"])
@@ -114,7 +122,7 @@ def test_cached_generation_equals_uncached_and_costs_one_position(tiny_lm):
         inc = model(torch.tensor([[9]]), cache=cache, positions=torch.tensor([[7]]))
         ref = model(torch.tensor([[2, 5, 6, 7, 8, 9]]))
     torch.testing.assert_close(inc[0, -1], ref[0, -1], atol=1e-5, rtol=0)
-    assert full.shape == (1, 5, 128)
+    assert full.shape == (1, 5, 64)
 
 
 def test_sampling_options_and_unk_suppression(tiny_lm):
@@ -126,11 +134,11 @@ def test_sampling_options_and_unk_suppression(tiny_lm):
     beams = tiny_lm.generate([tiny_lm.encode("the")], beam=4, nbest=3, max_len_b=10)[0]
     assert len(beams) == 3 and beams[0]["score"] >= beams[1]["score"] >= beams[2]["score"]
     feats = tiny_lm.features("the game", all_layers=True)
-    assert len(feats) == 2 + 2 and feats[-1].shape == (3, 128)
+    assert len(feats) == 2 + 2 and feats[-1].shape == (3, 64)
 
 
 def test_cli_eval_score_generate(fixture_dir, tmp_path, capsys):
-    path = str(fixture_dir / "model" / "checkpoint_best.pt")
+    path = str(fixture_dir / "model" / "checkpoint_last.pt")
     assert (
         main(
             [
@@ -150,7 +158,7 @@ def test_cli_eval_score_generate(fixture_dir, tmp_path, capsys):
         == 0
     )
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[-2].startswith("Evaluated 217,646 tokens in ") and out[-1] == "Loss (base 2): 8.3130, Perplexity: 318.03"
+    assert out[-2].startswith("Evaluated 20,897 tokens in ") and out[-1] == "Loss (base 2): 7.0087, Perplexity: 128.77"
     (tmp_path / "s.txt").write_text("the game\nhello world .\n")
     assert main(["score", str(tmp_path / "s.txt"), "--path", path]) == 0
     rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
@@ -173,10 +181,8 @@ def test_post_ln_fairseq_checkpoint_on_every_entry_point(fixture_dir, tmp_path):
     for cw in (0, 128):
         res = evaluate(lm, EvalConfig(data=str(fixture_dir / "data-bin"), gen_subset="valid", context_window=cw,
                                       batch_size=8, progress=False))  # fmt: skip
-        lines = (postln / f"eval_cw{cw}.log").read_text().splitlines()
-        n = int(lines[0].split()[1].replace(",", ""))
-        loss, ppl = (float(x) for x in re.findall(r"[\d.]+", lines[1].split(":", 1)[1]))
-        assert res.n_tokens == n == 217_646
+        n, loss, ppl = fairseq_printed(postln / f"eval_cw{cw}.log")
+        assert res.n_tokens == n == 20_897
         assert abs(res.loss_base2 - loss) <= 5e-5 + 1e-5  # fairseq prints 4 decimals (+ its float32 sum)
         assert abs(res.ppl - ppl) <= 5e-3 + ppl * 1e-5 * math.log(2)
     x = torch.tensor([[2, 5, 30, 4, 11, 3, 40, 9]])

@@ -29,15 +29,14 @@ TPS = "64"  # small blocks keep the stores small: 200 blocks = 12,800 keys
 
 @pytest.fixture(scope="module")
 def fx():
-    from conftest import FIXTURE, need
+    from conftest import FAIRSEQ_TINY
 
-    need(FIXTURE)
-    return FIXTURE
+    return FAIRSEQ_TINY
 
 
 @pytest.fixture(scope="module")
 def lm(fx):
-    return adaptive_lm.from_pretrained(fx / "model" / "checkpoint_best.pt")
+    return adaptive_lm.from_pretrained(fx / "model" / "checkpoint_last.pt")
 
 
 def store_args(fx: Path, dstore: Path, *extra: str) -> list[str]:
@@ -45,7 +44,7 @@ def store_args(fx: Path, dstore: Path, *extra: str) -> list[str]:
         "knn-store",
         str(fx / "data-bin"),
         "--path",
-        str(fx / "model" / "checkpoint_best.pt"),
+        str(fx / "model" / "checkpoint_last.pt"),
         "--dstore",
         str(dstore),
         "--tokens-per-sample",
@@ -63,7 +62,7 @@ def eval_args(fx: Path, dstore: Path, *extra: str) -> list[str]:
         "eval",
         str(fx / "continue" / "data-bin"),
         "--path",
-        str(fx / "model" / "checkpoint_best.pt"),
+        str(fx / "model" / "checkpoint_last.pt"),
         "--gen-subset",
         "train",
         "--knn",
@@ -104,10 +103,10 @@ def digests(d: Path) -> dict[str, bytes]:
 def test_store_holds_every_scored_token_with_evals_scores(fx, lm, raw_store):
     store = raw_store
     m = json.loads((store / "manifest.json").read_text())
-    assert m["progress"]["complete"] and m["identity"]["count"] == 12_800 and m["identity"]["dim"] == 128
+    assert m["progress"]["complete"] and m["identity"]["count"] == 12_800 and m["identity"]["dim"] == 64
     keys, vals = np.load(store / "keys.npy"), np.load(store / "vals.npy")
     lp = np.load(store / "lm_logprobs.npy")
-    assert keys.dtype == np.float32 and keys.shape == (12_800, 128) and vals.dtype == np.int32
+    assert keys.dtype == np.float32 and keys.shape == (12_800, 64) and vals.dtype == np.int32
     cfg = EvalConfig(data=str(fx / "data-bin"), gen_subset="train", tokens_per_sample=64, batch_size=16, progress=False)
     p = first_blocks(plan(lm, cfg), 200)
     ref_t, ref_lp = [], []
@@ -121,7 +120,7 @@ def test_store_holds_every_scored_token_with_evals_scores(fx, lm, raw_store):
     src = torch.from_numpy(p.dataset.item(0)[0])[None]  # (1, 64)
     with torch.no_grad():
         _, states = lm.model(src, return_all_hiddens=True)
-        k = torch.from_numpy(keys[:64])[None]  # (1, 64, 128)
+        k = torch.from_numpy(keys[:64])[None]  # (1, 64, 64)
         before_ffn = states[-1] - layer.fc2(torch.relu(layer.fc1(k)))  # the residual stream entering the FFN
         assert torch.allclose(layer.final_layer_norm(before_ffn), k, atol=2e-5)
 
@@ -129,11 +128,11 @@ def test_store_holds_every_scored_token_with_evals_scores(fx, lm, raw_store):
 def test_final_keys_are_the_features_before_the_softmax_and_fp16_keys(fx, lm, tmp_path):
     assert main(store_args(fx, tmp_path / "f", "--max-blocks", "20", "--keytype", "final", "--fp16-keys")) == 0
     keys = np.load(tmp_path / "f" / "keys.npy")
-    assert keys.dtype == np.float16 and keys.shape == (1280, 128)
+    assert keys.dtype == np.float16 and keys.shape == (1280, 64)
     cfg = EvalConfig(data=str(fx / "data-bin"), gen_subset="train", tokens_per_sample=64, progress=False)
     src = torch.from_numpy(np.stack([first_blocks(plan(lm, cfg), 20).dataset.item(i)[0] for i in range(20)]))
     with torch.no_grad(), fast_linears(lm.device):  # the store's arithmetic (eval's oneDNN linears on CPU)
-        feats = lm.model(src).reshape(-1, 128).numpy()  # (20 * 64, 128)
+        feats = lm.model(src).reshape(-1, 64).numpy()  # (20 * 64, 64)
     assert np.array_equal(keys, feats.astype(np.float16))
 
 
@@ -296,11 +295,11 @@ def test_python_api_knn_score_is_lm_score_interpolated(lm, store):
         ids = lm.encode(sents[0])
         src = torch.cat([torch.tensor([lm.dictionary.eos()]), ids[:-1]])[None]
         lm.model(src)
-        q = cap(src)[0, :-1]  # (7, 128): the position after the last word is not scored
+        q = cap(src)[0, :-1]  # (7, 64): the position after the last word is not scored
     lp = knn.log_probs(q, base[0]["positional_scores"], ids[:-1], 0.25)
     assert torch.is_tensor(lp) and torch.allclose(lp.float(), one["positional_scores"], atol=1e-6)
     with pytest.raises(UserError, match="8 queries but 7 targets"):
-        knn.knn_log_probs(torch.zeros(8, 128), ids[:-1])
+        knn.knn_log_probs(torch.zeros(8, 64), ids[:-1])
 
 
 def test_ivfpq_index_clamps_for_a_small_store_and_approximate_distances(fx, store, tmp_path, capsys):
@@ -310,7 +309,7 @@ def test_ivfpq_index_clamps_for_a_small_store_and_approximate_distances(fx, stor
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "--ncentroids 4096 needs 159,744 training keys" in out and "using 328 centroids" in out
-    assert "--code-size 12 does not divide the key dimension 128: using 8 bytes" in out
+    assert "--code-size 12 does not divide the key dimension 64: using 8 bytes" in out
     meta = json.loads((d / "index.json").read_text())
     assert meta["type"] == "ivfpq" and meta["ncentroids"] == 328 and meta["bytes"] > 0 and meta["seconds"] > 0
     assert json.loads((d / "manifest.json").read_text())["index"]["type"] == "ivfpq"
@@ -358,13 +357,13 @@ def test_other_model_dimension_dictionary_and_settings_are_refused(fx, lm, store
         "transformer_lm_wiki103",
         len(lm.dictionary),
         decoder_layers=1,
-        decoder_embed_dim=64,
-        decoder_ffn_embed_dim=128,
+        decoder_embed_dim=32,
+        decoder_ffn_embed_dim=64,
         decoder_attention_heads=2,
-        decoder_input_dim=64,
-        decoder_output_dim=64,
-        adaptive_input_cutoff=(2000, 8000),
-        adaptive_softmax_cutoff=(2000, 8000),
+        decoder_input_dim=32,
+        decoder_output_dim=32,
+        adaptive_input_cutoff=(1000, 3000),
+        adaptive_softmax_cutoff=(1000, 3000),
         max_target_positions=256,
     )
     path = _save_model(adaptive_lm.LanguageModel(small, lm.dictionary, "", 256), tmp_path / "small")
@@ -372,9 +371,9 @@ def test_other_model_dimension_dictionary_and_settings_are_refused(fx, lm, store
     argv[argv.index("--path") + 1] = str(path)
     assert main(argv) == 2
     err = one_error_line(capsys)
-    assert "keys have 128 dimensions, this model's last_ffn_input has 64" in err and "manifest.json" in err
+    assert "keys have 64 dimensions, this model's last_ffn_input has 32" in err and "manifest.json" in err
     # the same architecture, other weights
-    other = adaptive_lm.from_pretrained(fx / "model" / "checkpoint_best.pt")
+    other = adaptive_lm.from_pretrained(fx / "model" / "checkpoint_last.pt")
     with torch.no_grad():
         other.model.layers[0].fc1.weight.mul_(1.01)
     path = _save_model(other, tmp_path / "other")

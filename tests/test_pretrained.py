@@ -62,8 +62,8 @@ def test_fairseq_layout_round_trip(tmp_path, overrides):
 
 
 def test_old_args_namespace_layout_with_pre2020_names(tmp_path, fixture_dir):
-    ref = adaptive_lm.from_pretrained(fixture_dir / "model" / "checkpoint_best.pt")
-    ck = safe_load(fixture_dir / "model" / "checkpoint_best.pt")
+    ref = adaptive_lm.from_pretrained(fixture_dir / "model" / "checkpoint_last.pt")
+    ck = safe_load(fixture_dir / "model" / "checkpoint_last.pt")
     s = stored_settings(ck)
     for k in ("tie_adaptive_proj", "no_decoder_final_norm"):
         s.pop(k)
@@ -111,7 +111,7 @@ def test_tar_members_escaping_are_refused(tmp_path):
 def make_archive(tmp_path, fixture_dir, dict_in_databin=True) -> Path:
     src = tmp_path / "src" / "adaptive_lm_tiny"
     (src / "data-bin").mkdir(parents=True)
-    (src / "model.pt").write_bytes((fixture_dir / "model" / "checkpoint_best.pt").read_bytes())
+    (src / "model.pt").write_bytes((fixture_dir / "model" / "checkpoint_last.pt").read_bytes())
     where = src / "data-bin" / "dict.txt" if dict_in_databin else src / "dict.txt"
     where.write_bytes((fixture_dir / "model" / "dict.txt").read_bytes())
     archive = tmp_path / "adaptive_lm_tiny.tar.bz2"
@@ -123,17 +123,17 @@ def make_archive(tmp_path, fixture_dir, dict_in_databin=True) -> Path:
 def test_archive_with_dict_under_data_bin_loads(tmp_path, fixture_dir, monkeypatch):
     monkeypatch.setenv("ADAPTIVE_LM_CACHE", str(tmp_path / "cache"))
     lm = adaptive_lm.from_pretrained(make_archive(tmp_path, fixture_dir))
-    ref = adaptive_lm.from_pretrained(fixture_dir / "model" / "checkpoint_best.pt")
+    ref = adaptive_lm.from_pretrained(fixture_dir / "model" / "checkpoint_last.pt")
     torch.testing.assert_close(outputs(lm), outputs(ref), atol=0, rtol=0)
     alone = tmp_path / "alone"
     alone.mkdir()
-    (alone / "model.pt").write_bytes((fixture_dir / "model" / "checkpoint_best.pt").read_bytes())
+    (alone / "model.pt").write_bytes((fixture_dir / "model" / "checkpoint_last.pt").read_bytes())
     with pytest.raises(UserError, match=r"no dict.txt found \(tried .*alone/dict.txt, .*data-bin/dict.txt"):
         adaptive_lm.from_pretrained(alone / "model.pt")
 
 
 def test_convert_to_folder_and_back_to_fairseq(tmp_path, fixture_dir):
-    src = fixture_dir / "model" / "checkpoint_best.pt"
+    src = fixture_dir / "model" / "checkpoint_last.pt"
     ref = adaptive_lm.from_pretrained(src)
     assert main(["convert", str(src), str(tmp_path / "folder")]) == 0
     from safetensors.torch import load_file
@@ -154,7 +154,7 @@ def test_convert_to_folder_and_back_to_fairseq(tmp_path, fixture_dir):
 
 
 def test_load_into_target_dtype(fixture_dir):
-    lm = adaptive_lm.from_pretrained(fixture_dir / "model" / "checkpoint_best.pt", dtype=torch.bfloat16)
+    lm = adaptive_lm.from_pretrained(fixture_dir / "model" / "checkpoint_last.pt", dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in lm.model.parameters())
     assert lm.model.adaptive_softmax.tail_out[1] is lm.model.embed_tokens.embeddings[2].weight
     with torch.no_grad():
@@ -205,7 +205,7 @@ def test_download_resumes_verifies_and_caches(tmp_path, fixture_dir, monkeypatch
         assert (dest / "adaptive_lm_wiki103.v2.tar.bz2").read_bytes() == data
         assert (folder / "model.pt").is_file()
         lm = adaptive_lm.from_pretrained(folder)
-        assert len(lm.dictionary) == 14152
+        assert len(lm.dictionary) == 6000
         (served / "adaptive_lm_wiki103.v2.tar.bz2").unlink()  # cached: no second download
         assert fetch("wiki103", dest, url, progress=False) == folder
     finally:
@@ -216,7 +216,7 @@ def test_download_resumes_verifies_and_caches(tmp_path, fixture_dir, monkeypatch
 
 def test_raw_text_through_the_moses_tokenizer(fixture_dir):
     pytest.importorskip("sacremoses", reason="the [tokenize] extra (sacremoses) is part of the dev install")
-    path = fixture_dir / "model" / "checkpoint_best.pt"
+    path = fixture_dir / "model" / "checkpoint_last.pt"
     raw = adaptive_lm.from_pretrained(path, tokenizer="moses")
     plain = adaptive_lm.from_pretrained(path)
     assert raw.tokenize("It cost 1,000.5 dollars for a state-of-the-art car.") == (
@@ -226,4 +226,4 @@ def test_raw_text_through_the_moses_tokenizer(fixture_dir):
     b = plain.score("Barack Obama was born in Hawaii .")
     assert torch.equal(a["tokens"], b["tokens"])
     torch.testing.assert_close(a["positional_scores"], b["positional_scores"], atol=0, rtol=0)
-    assert raw.decode(raw.encode("a state-of-the-art car.")) == "a state-of-the-art car."
+    assert raw.decode(raw.encode("a state-of-the-art song.")) == "a state-of-the-art song."  # every word known

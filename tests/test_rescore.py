@@ -47,9 +47,9 @@ REFS = {
 
 @pytest.fixture(scope="module")
 def model_path():
-    from conftest import FIXTURE, need
+    from conftest import FAIRSEQ_TINY
 
-    return str(need(FIXTURE) / "model" / "checkpoint_best.pt")
+    return str(FAIRSEQ_TINY / "model" / "checkpoint_last.pt")
 
 
 @pytest.fixture(scope="module")
