@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from adaptive_lm.cli.train import train_config
 from adaptive_lm.cli import main
 from adaptive_lm.cli.quickstart import quickstart
+from adaptive_lm.cli.train import train_config
 from adaptive_lm.core.corpus import Corpus
 
 

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 import adaptive_lm
-from adaptive_lm.cli.train import train_config
 from adaptive_lm.cli import build_parser
+from adaptive_lm.cli.train import train_config
 from adaptive_lm.core.dictionary import Dictionary
 from adaptive_lm.core.fairseq_format import state_dict_from_fairseq
 from adaptive_lm.core.kernels import fast_linears, plain_kernels
