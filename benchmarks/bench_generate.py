@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 import torch
+
 from bench_eval import larger_checkpoint
 from bench_rescore import VALID, sentences
-
 from common import FIXTURE, machine, save, table
 
 SETTINGS = dict(beam=5, max_len_a=1.0, max_len_b=50)

@@ -1,7 +1,8 @@
 """fairseq's checkpoints without fairseq, and without running code from the file.
 
 * ``reading``: ``safe_load`` (``torch.load(weights_only=True)`` with an explicit allow-list: argparse.Namespace, read
-  as a SimpleNamespace, and numpy scalars, which old fairseq checkpoints pickle; anything else is refused with a message naming the type);
+  as a SimpleNamespace, and numpy scalars, which old fairseq checkpoints pickle; anything else is refused with a
+  message naming the type);
   ``config_from_fairseq``: the architecture from the checkpoint's stored ``cfg["model"]`` or ``args``, with the
   arch name's defaults only filling what is missing (the released WikiText-103 model says
   ``transformer_lm_gbw``), plus fairseq's backward-compatibility rules (``base_lm_architecture``,
