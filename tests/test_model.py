@@ -56,7 +56,7 @@ def fairseq_tiny():
 
 
 def _stream(ref) -> torch.Tensor:
-    return torch.tensor(ref["target_ids"])
+    return torch.tensor(ref["target_ids"], dtype=torch.long)
 
 
 def test_fixture_features_and_full_rows_match_fairseq(fairseq_tiny):

@@ -86,8 +86,21 @@ def _log_probs_equal_fairseqs(c):
         assert diff < tol, (c["name"], sfx, "full rows", diff)
 
 
+def _rng_marks(c: dict) -> list:
+    """A training step with quant-noise or LayerDrop draws its masks with torch's bernoulli_ / uniform_ kernels: the
+    reference holds the draws of the torch that made it (2.13.0), another torch version draws other masks."""
+    flags = c["flags"]
+    noisy = any(
+        f in flags and float(flags[flags.index(f) + 1]) > 0 for f in ("--quant-noise-pq", "--decoder-layerdrop")
+    )
+    return [pytest.mark.torch_rng] if noisy else []
+
+
+STEP_CASES = [pytest.param(c, id=c["name"], marks=_rng_marks(c)) for c in CONFIGS]
+
+
 @KERNELS
-@pytest.mark.parametrize("c", CONFIGS, ids=[c["name"] for c in CONFIGS])
+@pytest.mark.parametrize("c", STEP_CASES)
 def test_one_training_step_equals_fairseqs(c, plain):
     with plain_kernels(plain), fast_linears(CPU):
         _one_training_step_equals_fairseqs(c)
