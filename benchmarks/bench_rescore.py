@@ -109,19 +109,19 @@ def make_nbest(refs: list[str], per: int = 10, seed: int = 0) -> list[tuple[str,
 
 def ours(lm, hyps: list[str], onednn: bool = True) -> dict:
     """One timed pass: encode (dictionary lookups) and score, the model already loaded. ``onednn=False``: with
-    PyTorch's default (MKL) linears, to show what ``kernels.OneDNNLinears`` brings on this CPU."""
-    from adaptive_lm.core.kernels import OneDNNLinears
+    PyTorch's default (MKL) linears, to show what ``kernels.FastLinears`` brings on this CPU."""
+    from adaptive_lm.core.kernels import FastLinears
     from adaptive_lm.inference.rescore import encode_hypotheses, sentence_logprobs
 
-    saved = OneDNNLinears._ok
-    OneDNNLinears._ok = None if onednn else False
+    saved = FastLinears._ok
+    FastLinears._ok = None if onednn else False
     try:
         t0 = time.perf_counter()
         ids = encode_hypotheses(lm, hyps)
         scores = sentence_logprobs(lm, ids)
         secs = time.perf_counter() - t0
     finally:
-        OneDNNLinears._ok = saved
+        FastLinears._ok = saved
     return {"seconds": secs, "tokens": sum(len(x) for x in ids), "scores": scores.tolist()}
 
 

@@ -20,7 +20,7 @@ import torch
 from common import FIXTURE, REPO, machine, matmul_peak, run, save, table
 
 CONFIGS = {
-    "small": dict(layers=2, dim=128, ffn=512, heads=4, tps=256, max_tokens=2048, cutoff="2000,8000", updates=120),
+    "small": dict(layers=2, dim=128, ffn=512, heads=4, tps=256, max_tokens=2048, cutoff="2000,8000", updates=300),
     "medium": dict(layers=4, dim=512, ffn=2048, heads=8, tps=512, max_tokens=2048, cutoff="1000,3000", updates=40),
 }
 

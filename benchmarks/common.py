@@ -43,12 +43,12 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> floa
     """Measured FLOP/s of an n x n matmul in ``dtype`` on this machine (all threads): the faster of PyTorch's
     default GEMM (MKL for fp32) and oneDNN's, which our CPU kernels use for fp32 linears (on AMD CPUs MKL's fp32
     path runs at about half of oneDNN's, so MKL alone would understate the peak and overstate MFU)."""
-    from adaptive_lm.core.kernels import OneDNNLinears
+    from adaptive_lm.core.kernels import FastLinears
 
     a = torch.randn(n, n, dtype=dtype)
     b = torch.randn(n, n, dtype=dtype)
     ways = [lambda: a @ b]
-    if dtype == torch.float32 and OneDNNLinears.available():
+    if dtype == torch.float32 and FastLinears.available():
         bt = b.t().contiguous()
         ways.append(lambda: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [], ""))
     best = 0.0
@@ -63,12 +63,49 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> floa
     return best
 
 
+CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def onednn_isa() -> str:
+    """The instruction set oneDNN dispatches to in a fresh process with this environment (its verbose 'isa' line):
+    proof that an ``ONEDNN_MAX_CPU_ISA`` cap took effect."""
+    code = "import torch; x = torch.randn(8, 8); torch.ops.mkldnn._linear_pointwise(x, x, None, 'none', [], '')"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "ONEDNN_VERBOSE": "1"})  # fmt: skip
+    for line in p.stdout.splitlines():
+        if ",info,cpu,isa:" in line:
+            return line.split("isa:", 1)[1].strip()
+    return "unknown"
+
+
+def cpu_id() -> str:
+    """``family F model M`` from /proc/cpuinfo: the generation a bare model name such as "AMD EPYC" hides (AMD family
+    25 is Zen 3 below model 16 and Zen 4 from 16; family 26 is Zen 5)."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return "unknown"
+    return f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+
+
 def machine() -> dict:
-    """The machine a figure came from: CPU model and instruction sets (native bf16 or not), PyTorch's kernel level,
-    cores, GPU if any."""
+    """The machine a figure came from: CPU model and instruction sets (native bf16 or not), the ISA caps in force
+    and what ATen and oneDNN dispatch to under them, cores, GPU if any. (MKL takes its AVX2 path on AMD CPUs whatever
+    ``MKL_ENABLE_INSTRUCTIONS`` says: it reserves AVX-512 for Intel's.)"""
     from adaptive_lm.core.hardware import describe
 
-    return {**describe(), "cores": os.cpu_count(), "python": platform.python_version()}
+    caps = {k: os.environ[k] for k in CAPS if k in os.environ}
+    info = {**describe(), "cpu_id": cpu_id(), "cores": os.cpu_count(), "python": platform.python_version()}
+    return {**info, "caps": caps or "none", "onednn_isa": onednn_isa()}
+
+
+def isa_label(info: dict) -> str:
+    """``AVX2 caps`` or ``native`` plus what ran, for tables."""
+    capped = "AVX2 caps" if info["caps"] != "none" else "no caps"
+    return f"{capped}: ATen {info['aten_capability']}, oneDNN {info['onednn_isa']}"
 
 
 def portable(obj: Any) -> Any:

@@ -15,6 +15,15 @@ FAIRSEQ_TINY = FIXTURES / "fairseq_tiny"  # made by fixtures/make_fairseq_tiny.s
 torch.set_num_threads(2)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The session's own cache (downloads, the measured linear-library choices): nothing of the user's ~/.cache is
+    read or written, and subprocesses the tests start share the session's choices."""
+    import os
+    import tempfile
+
+    os.environ.setdefault("ADAPTIVE_LM_CACHE", tempfile.mkdtemp(prefix="adaptive-lm-test-cache-"))
+
+
 def assert_same_draws(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
     """Initial weights drawn by fairseq (committed, made on AVX2/AVX-512 machines) against ours for the same seed.
 

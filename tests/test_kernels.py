@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.nn.functional as F
 
@@ -164,3 +166,32 @@ def test_full_softmax_head_in_chunks_under_bf16_autocast():
     torch.testing.assert_close(l1, l2, rtol=1e-5, atol=0)
     torch.testing.assert_close(x1, x2, rtol=0, atol=2**-8 * float(x2.abs().max()))
     torch.testing.assert_close(w1, w2, rtol=0, atol=2**-8 * float(w2.abs().max()))
+
+
+def test_linear_library_choice_is_measured_once_per_shape_and_kept_on_disk(tmp_path, monkeypatch):
+    """The first fp32 linear of a shape times MKL and oneDNN and keeps the faster one; the choice is written to the
+    machine's file and a new process (here: a fresh table) reads it instead of measuring again, so that processes
+    of one job round alike; a forced library needs no measurement; either gives F.linear's numbers."""
+    from adaptive_lm.core.kernels import choice
+
+    monkeypatch.setenv("ADAPTIVE_LM_CACHE", str(tmp_path))
+    monkeypatch.delenv("ADAPTIVE_LM_LINEARS", raising=False)
+    assert [choice.bucket_rows(n) for n in (1, 3, 64, 65, 80, 100, 2048, 2049)] == [1, 4, 64, 80, 80, 112, 2048, 2560]
+    table = choice.GemmChoice()
+    monkeypatch.setattr(choice, "CHOICE", table)
+    x, w = torch.randn(50, 24), torch.randn(33, 24)
+    measured = []
+    real = choice._fastest
+    monkeypatch.setattr(choice, "_fastest", lambda runs: measured.append(sorted(runs)) or real(runs))
+    with K.fast_linears(torch.device("cpu")), torch.no_grad():
+        y = torch.nn.functional.linear(x, w)
+        torch.nn.functional.linear(x[:49], w)  # the same size class: no second measurement
+    assert measured == [["mkl", "onednn"]]
+    saved = json.loads(next((tmp_path / "kernels").glob("linears-*.json")).read_text())
+    assert set(saved) == {"fwd:64x24x33"} and saved["fwd:64x24x33"] in choice.LIBRARIES
+    fresh = choice.GemmChoice()
+    assert fresh.pick("fwd", 50, 24, 33, {}) == saved["fwd:64x24x33"]  # read, not measured (no runs to time)
+    torch.testing.assert_close(y, x @ w.T, atol=1e-5, rtol=0)
+    for lib in choice.LIBRARIES:
+        monkeypatch.setenv("ADAPTIVE_LM_LINEARS", lib)
+        assert choice.GemmChoice().pick("fwd", 7, 1, 1, {}) == lib

@@ -16,7 +16,7 @@ import torch
 import adaptive_lm
 from adaptive_lm.cli import main
 from adaptive_lm.cli.rescore import parse_grid
-from adaptive_lm.core.kernels import OneDNNLinears
+from adaptive_lm.core.kernels import FastLinears
 from adaptive_lm.inference.rescore import (
     LM_COLUMN,
     best_per_list,
@@ -108,9 +108,11 @@ def test_sentence_logprobs_equal_languagemodel_score_with_length_sorted_batches(
 
 
 def test_onednn_linears_equal_f_linear_only_inside_the_block(monkeypatch):
-    """The thread-local mode inference and training run under: the same fp32 results and gradients as F.linear (up
-    to summation order), and untouched calls outside the block or in another dtype."""
-    assert OneDNNLinears.available()  # PyTorch's CPU build ships the op; the benchmark's speed depends on it
+    """The thread-local mode inference and training run under, with oneDNN chosen for every shape: the same fp32
+    results and gradients as F.linear (up to summation order), and untouched calls outside the block or in another
+    dtype."""
+    monkeypatch.setenv("ADAPTIVE_LM_LINEARS", "onednn")
+    assert FastLinears.available()  # PyTorch's CPU build ships the op; the benchmark's speed depends on it
     real, calls = torch.ops.mkldnn._linear_pointwise, []
 
     def spy(*args):
@@ -120,7 +122,7 @@ def test_onednn_linears_equal_f_linear_only_inside_the_block(monkeypatch):
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
     x, w, b = torch.randn(4, 7, 16), torch.randn(9, 16), torch.randn(9)
     linear = torch.nn.functional.linear
-    with torch.no_grad(), OneDNNLinears():
+    with torch.no_grad(), FastLinears():
         y3, y2 = linear(x, w, b), linear(x[0], w)
         yd = linear(x.double(), w.double())
     assert calls == [(28, 16), (7, 16)] and yd.dtype == torch.float64  # float64: the usual path
@@ -129,9 +131,9 @@ def test_onednn_linears_equal_f_linear_only_inside_the_block(monkeypatch):
     # with autograd (training): forward and both backward GEMMs on oneDNN, gradients as F.linear's. Tolerance:
     # fp32 sums of at most 28 products of O(1) terms in another order, |error| < 28 * 2 * eps * sum|ab| ~ 1e-5
     xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
-    with OneDNNLinears():
+    with FastLinears():
         y = linear(xg, wg, bg)
-    assert type(y.grad_fn).__name__ == "_OneDNNLinearBackward" and len(calls) == 3
+    assert type(y.grad_fn).__name__ == "_FastLinearBackward" and len(calls) == 3
     gy = torch.randn_like(y)
     y.backward(gy)
     assert len(calls) == 5  # d(x) and d(W); d(b) is a sum

@@ -17,20 +17,20 @@ probabilities and masks per layer (gigabytes at the recipe's T = 3072). Here:
 * ``add_dropout``: a residual ``x + dropout(h)`` in one ``addcmul`` pass.
 * ``cross_entropy_sum``: summed cross-entropy whose backward is softmax - onehot in one pass (any device).
 * ``pad_rows``: row counts rounded to a few sizes where oneDNN builds a kernel per shape (CPU half precision,
-  and fp32 inside ``OneDNNLinears``).
-* ``OneDNNLinears``: fp32 ``F.linear`` (forward, and both backward GEMMs under autograd) on oneDNN instead of MKL,
-  whose fp32 path on AMD CPUs runs at half the rate.
+  and fp32 inside ``FastLinears``).
+* ``FastLinears``: fp32 ``F.linear`` (forward, and both backward GEMMs under autograd) on the faster of MKL and
+  oneDNN for each shape, measured once on the machine and cached (``choice.py``).
 
 Which kernels run is an explicit setting, ``use_plain_kernels(True)`` (``--kernels plain`` on the command line):
 then CPU runs exactly what CUDA runs (PyTorch's dropout, ``F.scaled_dot_product_attention(is_causal=True)``, no
 row padding, the sync-free branch of ``cross_entropy_sum``), which is how the GPU path is tested on CPU.
 
 Modules, bottom to top: ``switch`` (the setting, the random numbers) <- ``dropout``, ``cross_entropy``,
-``linears`` (fp32 linears on oneDNN) <- ``attention``. The row padding for oneDNN (``bucket``, ``wants_buckets``,
-``pad_rows``) lives here rather than in a submodule: it depends on the switch and on the linears' mode, and
-``pad_rows`` reads ``wants_buckets`` from this package, so that setting ``adaptive_lm.core.kernels.wants_buckets``
-(the tests force padding that way) reaches every caller. The names below are the public ones, plus the private
-autograd functions and mask helpers the kernel tests check directly.
+``linears`` (fp32 linears; ``choice``: which library for which shape) <- ``attention``. The row padding for
+oneDNN (``bucket``, ``wants_buckets``, ``pad_rows``) lives here rather than in a submodule: it depends on the
+switch and on the linears' mode, and ``pad_rows`` reads ``wants_buckets`` from this package, so that setting
+``adaptive_lm.core.kernels.wants_buckets`` (the tests force padding that way) reaches every caller. The names
+below are the public ones, plus the private autograd functions and mask helpers the kernel tests check directly.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from adaptive_lm.core.kernels.dropout import _DropoutAdd as _DropoutAdd
 from adaptive_lm.core.kernels.dropout import _keep_mask as _keep_mask
 from adaptive_lm.core.kernels.dropout import _scale as _scale
 from adaptive_lm.core.kernels.dropout import add_dropout, dropout
-from adaptive_lm.core.kernels.linears import OneDNNLinears, fast_linears, recompute_contexts
+from adaptive_lm.core.kernels.linears import FastLinears, fast_linears, recompute_contexts
 from adaptive_lm.core.kernels.switch import SETTINGS, ours, plain_kernels, prepare_for_compile, use_plain_kernels
 
 
@@ -70,11 +70,11 @@ def bucket(n: int) -> int:
 
 def wants_buckets(device: torch.device, dtype: torch.dtype) -> bool:
     """Row bucketing pays only where oneDNN runs the matmuls: CPU in bf16/fp16 (autocast or half weights), and fp32
-    inside ``OneDNNLinears``. Plain fp32 on CPU goes to MKL, which caches nothing per shape; there the padding was
+    inside ``FastLinears``. Plain fp32 on CPU goes to MKL, which caches nothing per shape; there the padding was
     pure cost (3% of a small step)."""
     if device.type != "cpu" or SETTINGS.plain:
         return False
-    return dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(device.type) or OneDNNLinears.active()
+    return dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(device.type) or FastLinears.active()
 
 
 def pad_rows(rows: Tensor, weight: Tensor) -> Tensor:
@@ -90,7 +90,7 @@ def pad_rows(rows: Tensor, weight: Tensor) -> Tensor:
 __all__ = [
     "MATH_PATH_MAX_SCORES",
     "SETTINGS",
-    "OneDNNLinears",
+    "FastLinears",
     "add_dropout",
     "bucket",
     "causal_attention",

@@ -1,5 +1,6 @@
-"""fp32 linears on oneDNN instead of MKL: ``OneDNNLinears`` (a torch function mode), ``fast_linears`` (it, where our
-CPU kernels run), ``recompute_contexts`` (it again when checkpointed activations are recomputed)."""
+"""fp32 CPU linears on the faster of MKL and oneDNN for each shape (``choice.py`` measures and caches):
+``FastLinears`` (a torch function mode), ``fast_linears`` (it, where our CPU kernels run), ``recompute_contexts`` (it
+again when checkpointed activations are recomputed)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from adaptive_lm.core.kernels.choice import CHOICE
 from adaptive_lm.core.kernels.switch import SETTINGS
 
 
@@ -19,16 +21,33 @@ def _onednn_linear(x2: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x2, w.contiguous(), b, "none", [], "")
 
 
-class _OneDNNLinear(torch.autograd.Function):
-    """``F.linear`` whose forward and backward GEMMs all run on oneDNN: d(x) = dy @ W and d(W) = dy^T @ x as linears
-    over transposed operands (a copy of W and of x per backward: bandwidth, small next to the GEMMs' flops)."""
+def forward_gemm(x2: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """y = x W^T (+ b), (N, in) -> (N, out), on the library measured fastest for this shape."""
+    runs = {"mkl": lambda: F.linear(x2, w, b), "onednn": lambda: _onednn_linear(x2, w, b)}
+    return runs[CHOICE.pick("fwd", x2.shape[0], x2.shape[1], w.shape[0], runs)]()
+
+
+def input_grad_gemm(gy2: Tensor, w: Tensor) -> Tensor:
+    """dx = dy W, (N, out) -> (N, in): MKL reads W as it is, oneDNN takes a transposed copy."""
+    runs = {"mkl": lambda: gy2 @ w, "onednn": lambda: _onednn_linear(gy2, w.t(), None)}
+    return runs[CHOICE.pick("dx", gy2.shape[0], w.shape[0], w.shape[1], runs)]()
+
+
+def weight_grad_gemm(gy2: Tensor, x2: Tensor) -> Tensor:
+    """dW = dy^T x, (out, in): MKL reads both transposed in place, oneDNN copies them."""
+    runs = {"mkl": lambda: gy2.t() @ x2, "onednn": lambda: _onednn_linear(gy2.t(), x2.t(), None)}
+    return runs[CHOICE.pick("dw", gy2.shape[0], gy2.shape[1], x2.shape[1], runs)]()
+
+
+class _FastLinear(torch.autograd.Function):
+    """``F.linear`` whose forward and two backward GEMMs each run on the library measured fastest for its shape."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:  # type: ignore[override]
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         ctx.save_for_backward(x2, w)
         ctx.x_shape, ctx.has_bias = x.shape, b is not None
-        return _onednn_linear(x2, w, b).view(*x.shape[:-1], w.shape[0])  # (..., out)
+        return forward_gemm(x2, w, b).view(*x.shape[:-1], w.shape[0])  # (..., out)
 
     @staticmethod
     def backward(ctx, gy: Tensor):  # type: ignore[override]
@@ -36,24 +55,24 @@ class _OneDNNLinear(torch.autograd.Function):
         gy2 = gy.reshape(-1, gy.shape[-1]).contiguous()  # (N, out)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _onednn_linear(gy2, w.t(), None).view(ctx.x_shape)  # (N, out) @ (out, in)
+            gx = input_grad_gemm(gy2, w).view(ctx.x_shape)  # (..., in)
         if ctx.needs_input_grad[1]:
-            gw = _onednn_linear(gy2.t(), x2.t(), None)  # (out, N) @ (N, in)
+            gw = weight_grad_gemm(gy2, x2)  # (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy2.sum(0)  # (out,)
         return gx, gw, gb
 
 
-class OneDNNLinears(TorchFunctionMode):
-    """Within ``with OneDNNLinears():``, fp32 CPU ``F.linear`` calls run on oneDNN, not MKL; under autograd the
-    backward's two GEMMs too (``_OneDNNLinear``).
+class FastLinears(TorchFunctionMode):
+    """Within ``with FastLinears():``, fp32 CPU ``F.linear`` calls (forward, and under autograd both backward
+    GEMMs: ``_FastLinear``) run on MKL or oneDNN, whichever ``choice.CHOICE`` measured faster for the shape.
 
-    Why: MKL takes a slower path on AMD CPUs; on an AMD EPYC (Zen 5) its fp32 GEMMs of our shapes run at 40-45%
-    of oneDNN's (2048^3: 217 vs 460 GFLOP/s on 2 cores; 4096 x 128 x 2002, the fixture's softmax head: 139 vs
-    384), forward + backward of a linear layer 1.5-1.9x faster at the 14M model's shapes, with fp32 results equal
-    up to summation order. A torch function mode is thread-local and ends with the block, so no other code is
-    affected; every other call (other dtypes or devices, autocast, a PyTorch without the op) goes through
-    unchanged. Used by training, validation, evaluation, scoring and rescoring on our CPU kernels."""
+    Why: the faster library depends on the CPU and the shape (``choice.py``): on an AMD Zen 5 oneDNN's fp32 GEMMs ran
+    at twice MKL's, on a Zen 4 they are even for square shapes and MKL wins the weight gradients and small row counts.
+    The results are equal up to summation order. A torch function mode is thread-local and ends with the block, so
+    no other code is affected; every other call (other dtypes or devices, autocast, a PyTorch without oneDNN's op)
+    goes through unchanged. Used by training, validation, evaluation, scoring, rescoring and generation on our CPU
+    kernels."""
 
     _ok: bool | None = None
     _depth = threading.local()  # how many of these blocks this thread is in (row bucketing asks)
@@ -62,12 +81,12 @@ class OneDNNLinears(TorchFunctionMode):
     def active(cls) -> bool:
         return getattr(cls._depth, "n", 0) > 0
 
-    def __enter__(self) -> OneDNNLinears:
-        OneDNNLinears._depth.n = getattr(OneDNNLinears._depth, "n", 0) + 1
+    def __enter__(self) -> FastLinears:
+        FastLinears._depth.n = getattr(FastLinears._depth, "n", 0) + 1
         return super().__enter__()
 
     def __exit__(self, *exc: object) -> None:
-        OneDNNLinears._depth.n -= 1
+        FastLinears._depth.n -= 1
         super().__exit__(*exc)
 
     @classmethod
@@ -93,8 +112,8 @@ class OneDNNLinears(TorchFunctionMode):
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             if x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" and x.dim() >= 1:
                 if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b)):
-                    return _OneDNNLinear.apply(x, w, b)
-                y = _onednn_linear(x.reshape(-1, x.shape[-1]), w, b)  # (N, out)
+                    return _FastLinear.apply(x, w, b)
+                y = forward_gemm(x.reshape(-1, x.shape[-1]), w, b)  # (N, out)
                 return y.view(*x.shape[:-1], w.shape[0])
         return func(*args, **kwargs)
 
@@ -103,11 +122,11 @@ def recompute_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.
     """``context_fn`` for ``torch.utils.checkpoint``: the recomputation in backward runs under the same linear
     kernels as the forward did (a torch function mode is not active inside the autograd engine), so it saves the
     same tensors and computes the same numbers."""
-    again = OneDNNLinears() if OneDNNLinears.active() else contextlib.nullcontext()
+    again = FastLinears() if FastLinears.active() else contextlib.nullcontext()
     return contextlib.nullcontext(), again
 
 
 def fast_linears(device: torch.device) -> contextlib.AbstractContextManager:
-    """``OneDNNLinears`` on our CPU kernels (not with plain kernels: CUDA's path has no such mode)."""
-    ok = device.type == "cpu" and not SETTINGS.plain and OneDNNLinears.available()
-    return OneDNNLinears() if ok else contextlib.nullcontext()
+    """``FastLinears`` on our CPU kernels (not with plain kernels: CUDA's path has no such mode)."""
+    ok = device.type == "cpu" and not SETTINGS.plain and FastLinears.available()
+    return FastLinears() if ok else contextlib.nullcontext()

@@ -1,0 +1,129 @@
+"""Which GEMM library runs a given fp32 CPU linear: measured once per shape on this machine, then cached on disk.
+
+Why measure: MKL and oneDNN trade places between CPUs and shapes. On an AMD Zen 5, MKL's fp32 path ran at half of
+oneDNN's; on a Zen 4 the two are within 10% for square shapes while MKL's ``gy^T @ x`` (a weight gradient, read
+transposed in place) beats oneDNN, which needs both operands copied; with few rows (generation's 80 beams) MKL's small
+kernels win. A rule written for one CPU is wrong on the next, so the first time a (kind, rows, in, out) shape runs,
+both libraries run it on the real operands a few times and the faster one is kept for that shape.
+
+Why a disk cache: the two libraries round differently, so the choice must not change between the processes of one
+job (a resumed run must equal an uninterrupted one bit for bit, two ranks must compute alike). Choices are keyed by
+the machine (CPU model and flags, threads, PyTorch version, ISA caps) and written atomically to
+``$ADAPTIVE_LM_CACHE/kernels/<machine>.json``; every later process on the machine reads them. Given the file, the
+numbers are deterministic. ``ADAPTIVE_LM_LINEARS=mkl`` or ``onednn`` forces one library (no measuring).
+
+Row counts are rounded to a coarse size (``bucket_rows``) for the key: evaluation and rescoring batches have a new
+row count nearly every time, and one measurement per size class is enough.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from adaptive_lm.core.files import atomic_write_json
+
+LIBRARIES = ("mkl", "onednn")
+CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+TRIALS = 3  # timed runs per library after one warm-up (oneDNN builds its kernel on the first call)
+
+
+def bucket_rows(n: int) -> int:
+    """``n`` rounded up to a power of two up to 64, then to a quarter of the power of two below it (size classes
+    with at most 25% between neighbours)."""
+    if n <= 64:
+        return 1 << max(0, (n - 1).bit_length())
+    step = 1 << (n.bit_length() - 3)
+    return -(-n // step) * step
+
+
+def _machine_key() -> str:
+    """What a choice depends on: the CPU (model, flags), threads, PyTorch, and the ISA caps in the environment."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(errors="replace")
+        cpu = [line for line in info.splitlines() if line.startswith(("model name", "flags", "cpu family", "model\t"))]
+        cpu_text = "\n".join(sorted(set(cpu)))
+    except OSError:
+        cpu_text = "unknown"
+    caps = [
+        f"{k}={os.environ.get(k, '')}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+    ]
+    text = "|".join([cpu_text, str(torch.get_num_threads()), torch.__version__, *caps])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _cache_file() -> Path:
+    root = Path(os.environ.get("ADAPTIVE_LM_CACHE", Path.home() / ".cache" / "adaptive-lm"))
+    return root / "kernels" / f"linears-{_machine_key()}.json"
+
+
+class GemmChoice:
+    """The per-shape library table of this process: loaded from the machine's file on first use, extended by
+    measurement, written back when it grows."""
+
+    def __init__(self) -> None:
+        self.table: dict[str, str] | None = None
+        self.lock = threading.Lock()
+
+    def _load(self) -> dict[str, str]:
+        if self.table is None:
+            try:
+                self.table = dict(json.loads(_cache_file().read_text()))
+            except (OSError, ValueError):
+                self.table = {}
+        return self.table
+
+    def pick(self, kind: str, rows: int, k: int, n: int, runs: dict[str, Callable[[], Tensor]]) -> str:
+        """The library for this shape: forced by the environment, known, or measured now on ``runs`` (each a call of
+        one library on the real operands)."""
+        forced = os.environ.get("ADAPTIVE_LM_LINEARS", "measure")
+        if forced in LIBRARIES:
+            return forced
+        key = f"{kind}:{bucket_rows(rows)}x{k}x{n}"
+        with self.lock:
+            table = self._load()
+            if key not in table:
+                table[key] = _fastest(runs)
+                self._save()
+            return table[key]
+
+    def _save(self) -> None:
+        path = _cache_file()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            merged = (
+                {**json.loads(path.read_text()), **(self.table or {})} if path.is_file() else dict(self.table or {})
+            )
+            atomic_write_json(path, merged)
+        except (OSError, ValueError):  # a read-only home: the choices still hold for this process
+            pass
+
+    def forget(self) -> None:
+        """Drop the loaded table (tests, or after changing ``ADAPTIVE_LM_CACHE``)."""
+        with self.lock:
+            self.table = None
+
+
+def _fastest(runs: dict[str, Callable[[], Tensor]]) -> str:
+    """The library whose best of ``TRIALS`` runs is fastest (runs alternate, so a busy moment hits both)."""
+    with torch.no_grad():
+        for f in runs.values():
+            f()
+        best = dict.fromkeys(runs, float("inf"))
+        for _ in range(TRIALS):
+            for name, f in runs.items():
+                t0 = time.perf_counter()
+                f()
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return min(best, key=best.__getitem__)
+
+
+CHOICE = GemmChoice()
