@@ -77,15 +77,20 @@ class GenerationConfig:
 def beam_step(step: int, lprobs: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``BeamSearch.step``: the best ``2 x beam`` (score, token, beam) candidates of each sentence.
 
-    ``lprobs``: (bsz, beam, V) this step's ln p; ``scores``: (bsz, beam, step) cumulative scores so far."""
+    ``lprobs``: (bsz, beam, V) this step's ln p; ``scores``: (bsz, beam, step) cumulative scores so far. fairseq adds
+    each beam's score to its whole row and takes the top of ``beam x V`` sums; adding a row's constant keeps the
+    row's order, so the best ``2 x beam`` sums are among each row's best ``2 x beam`` ln p: those are found first
+    (one pass over the rows, no ``beam x V`` sum), then the same float32 sums are ranked."""
     bsz, beam, V = lprobs.shape
-    if step == 0:
-        lprobs = lprobs[:, ::beam, :].contiguous()  # all beams are the same prefix: only the first
-    else:
-        lprobs = lprobs + scores[:, :, step - 1].unsqueeze(-1)
-    flat = lprobs.view(bsz, -1)  # (bsz, beam' * V)
-    top_scores, top = torch.topk(flat, k=min(2 * beam, flat.size(1) - 1))  # (bsz, 2 beam): -1, never pad
-    return top_scores, top.fmod(V), torch.div(top, V, rounding_mode="trunc")
+    k = min(2 * beam, beam * V - 1 if step > 0 else V - 1)  # fairseq: -1, never pad
+    if step == 0:  # all beams are the same prefix: only the first
+        top_scores, top = torch.topk(lprobs[:, 0, :], k=k)  # (bsz, k)
+        return top_scores, top, torch.zeros_like(top)
+    per_row = min(k, V)
+    row_lp, row_tok = torch.topk(lprobs, k=per_row, dim=-1)  # (bsz, beam, per_row)
+    sums = (row_lp + scores[:, :, step - 1].unsqueeze(-1)).view(bsz, -1)  # (bsz, beam * per_row)
+    top_scores, flat = torch.topk(sums, k=k)  # (bsz, k)
+    return top_scores, row_tok.view(bsz, -1).gather(1, flat), torch.div(flat, per_row, rounding_mode="trunc")
 
 
 def sampling_filter(lprobs: Tensor, topk: int = -1, topp: float = -1.0) -> tuple[Tensor, Tensor | None]:
@@ -161,9 +166,9 @@ class Special:
 class _Stepper:
     """Next-token log-probs of every row, fp32 (rows, V): with the cache one new position per call."""
 
-    def __init__(self, model: TransformerLM, cfg: GenerationConfig) -> None:
+    def __init__(self, model: TransformerLM, cfg: GenerationConfig, capacity: int) -> None:
         self.model, self.cfg = model, cfg
-        self.cache = model.new_cache() if cfg.use_cache else None
+        self.cache = model.new_cache(capacity) if cfg.use_cache else None
 
     def __call__(self, tokens: Tensor, step: int) -> Tensor:
         """``tokens``: (rows, >= step + 1); the distribution of the token at ``step + 1``."""
@@ -177,8 +182,7 @@ class _Stepper:
     def reorder(self, rows: Tensor) -> None:
         if self.cache is not None:
             for layer in self.cache:
-                for k in layer:
-                    layer[k] = layer[k].index_select(0, rows)
+                layer.reorder(rows)
 
 
 class _Batch:
@@ -198,7 +202,7 @@ class _Batch:
         self.finalized: list[list[dict[str, Tensor]]] = [[] for _ in range(self.bsz)]
         self.finished = [False] * self.bsz
         self.remaining = self.bsz
-        self.step_fn = _Stepper(model, cfg)
+        self.step_fn = _Stepper(model, cfg, max_len + 2)
 
     def run(self) -> list[list[dict[str, Tensor]]]:
         reorder: Tensor | None = None
@@ -231,7 +235,9 @@ class _Batch:
         """This step's ln p after fairseq's rules: NaN, pad, unk penalty, max length, the prompt, min length,
         n-gram blocking."""
         sp = self.sp
-        lprobs[lprobs != lprobs] = -math.inf
+        nan = lprobs.isnan()
+        if nan.any():  # fairseq's lprobs[lprobs != lprobs] = -inf, without an indexed write when there is none
+            lprobs.masked_fill_(nan, -math.inf)
         lprobs[:, sp.pad] = -math.inf
         lprobs[:, sp.unk] -= self.cfg.unkpen
         if step >= self.max_len:

@@ -24,7 +24,7 @@ from adaptive_lm.core.model.embed import (
     token_embedder,
 )
 from adaptive_lm.core.model.init import fairseq_linear, quant_noise_
-from adaptive_lm.core.model.layer import DecoderLayer
+from adaptive_lm.core.model.layer import DecoderLayer, LayerCache
 from adaptive_lm.core.model.softmax import AdaptiveSoftmax, fp32
 from adaptive_lm.core.presets import make_config
 
@@ -167,8 +167,12 @@ class TransformerLM(nn.Module):
         if isinstance(self.embed_tokens, CharacterEmbedder) and self.embed_tokens.word_to_char.is_meta and symbols:
             self.embed_tokens.word_to_char = char_table(symbols, CharacterEmbedder.MAX_CHARS).to(device)
 
-    def new_cache(self) -> KVCache:
-        return [{} for _ in self.layers]
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        """An empty key/value cache, one dict per layer; with ``capacity`` (positions) preallocated buffers that grow
+        in place and reorder with one gather (``LayerCache``: what generation uses)."""
+        if capacity is None:
+            return [{} for _ in self.layers]
+        return [LayerCache(capacity) for _ in self.layers]
 
     # ---- outputs -------------------------------------------------------------------------------------
     def log_probs_from_features(self, x: Tensor, temperature: float = 1.0) -> Tensor:

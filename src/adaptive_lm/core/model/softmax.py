@@ -186,11 +186,12 @@ class AdaptiveSoftmax(nn.Module):
         x = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
         head = F.log_softmax(fp32(self.head_logits(x)), dim=-1)  # (N, c0 + nc)
         c0 = self.cutoff[0]
-        parts = [head[:, :c0]]
+        out = head.new_empty(x.shape[0], self.vocab_size)  # (N, V): each part written in place, no concatenation
+        out[:, :c0] = head[:, :c0]
         for i in range(self.n_clusters):
             tail = F.log_softmax(fp32(self.tail_logits(i, x)), dim=-1)  # (N, size_i)
-            parts.append(tail + head[:, c0 + i : c0 + i + 1])
-        return torch.cat(parts, dim=-1).view(*shape, self.vocab_size)  # (..., V)
+            torch.add(tail, head[:, c0 + i : c0 + i + 1], out=out[:, self.cutoff[i] : self.cutoff[i + 1]])
+        return out.view(*shape, self.vocab_size)  # (..., V)
 
     def target_log_prob(self, hidden: Tensor, target: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
         """log p(target) for every position, computing each tail only for its own rows, in row chunks of at most
