@@ -60,6 +60,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fairseq-bin", default=None)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--models", default="fixture,larger")
+    ap.add_argument("--no-bf16", action="store_true", help="skip our bf16 runs")
+    ap.add_argument("--out", default="eval", help="results/NAME.json")
     args = ap.parse_args()
     data = FIXTURE / "data-bin"
     models = {
@@ -67,6 +70,7 @@ def main() -> None:
         "larger": (larger_checkpoint(Path("/tmp/bench-eval-larger")), 1024),
     }
     rows = []
+    models = {k: v for k, v in models.items() if k in args.models.split(",")}
     for name, (path, tps) in models.items():
         for cw in (0, tps // 2):
             common = [
@@ -83,10 +87,8 @@ def main() -> None:
                 "--context-window",
                 str(cw),
             ]
-            impls = [
-                ("adaptive-lm", [sys.executable, "-m", "adaptive_lm", "eval"], []),
-                ("adaptive-lm bf16", [sys.executable, "-m", "adaptive_lm", "eval"], ["--bf16"]),
-            ]
+            ours = [sys.executable, "-m", "adaptive_lm", "eval"]
+            impls = [("adaptive-lm", ours, [])] + ([] if args.no_bf16 else [("adaptive-lm bf16", ours, ["--bf16"])])
             if args.fairseq_bin:
                 impls.append(("fairseq", [f"{args.fairseq_bin}/fairseq-eval-lm"], ["--num-workers", "0"]))
             got = {}
@@ -137,7 +139,7 @@ def main() -> None:
                 }
             )
     print(table(gen_rows, ["model", "kv_cache", "new_tokens", "tok_per_s"]))
-    save("eval", {"machine": machine(), "eval": rows, "generation": gen_rows})
+    save(args.out, {"machine": machine(), "eval": rows, "generation": gen_rows})
 
 
 if __name__ == "__main__":

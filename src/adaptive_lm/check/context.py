@@ -27,6 +27,7 @@ from adaptive_lm.core.corpus import Corpus
 from adaptive_lm.core.data import IndexedWriter, best_dtype
 from adaptive_lm.core.dictionary import Dictionary
 from adaptive_lm.core.kernels import plain_kernels
+from adaptive_lm.core.logs import log_lines_to
 from adaptive_lm.core.preprocess import PreprocessConfig, preprocess
 from adaptive_lm.inference.loading import from_pretrained
 from adaptive_lm.training.config import TrainConfig
@@ -207,23 +208,10 @@ class Ctx:
 
 
 # ---- guards and helpers ------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def quiet(verbose: bool) -> Iterator[io.StringIO]:
+def quiet(verbose: bool) -> contextlib.AbstractContextManager[io.StringIO]:
     """The trainer's log lines (``adaptive_lm.train``) go to a buffer that the checks read (fp16 overflows,
     ``--compile`` fallbacks, the world line); with ``verbose`` they also reach the caller's handlers."""
-    buf = io.StringIO()
-    handler = logging.StreamHandler(buf)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    level, propagate = TRAIN_LOG.level, TRAIN_LOG.propagate
-    TRAIN_LOG.addHandler(handler)
-    TRAIN_LOG.setLevel(logging.INFO)
-    TRAIN_LOG.propagate = verbose
-    try:
-        yield buf
-    finally:
-        TRAIN_LOG.removeHandler(handler)
-        TRAIN_LOG.setLevel(level)
-        TRAIN_LOG.propagate = propagate
+    return log_lines_to(io.StringIO(), TRAIN_LOG.name, propagate=verbose)
 
 
 @contextlib.contextmanager

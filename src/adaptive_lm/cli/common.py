@@ -11,14 +11,13 @@ import argparse
 import ast
 import contextlib
 import dataclasses
-import logging
 import math
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from adaptive_lm.core.logs import log_lines_to
 from adaptive_lm.core.options import flag_fields
 
 
@@ -349,21 +348,7 @@ def unk_line(n_unk: int, n: int, has_tokenizer: bool, what: str) -> str | None:
     return f"note: {share} are <unk> (scored as one symbol, which flatters the score){hint}"
 
 
-@contextlib.contextmanager
-def console_log(stream: Any = None) -> Iterator[None]:
+def console_log(stream: Any = None) -> contextlib.AbstractContextManager:
     """Show the library's log lines (the trainer's, a datastore's progress) as plain lines on ``stream`` (stdout)
     while a command runs; the library itself never prints."""
-    logger = logging.getLogger("adaptive_lm")
-    handler = logging.StreamHandler(stream or sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    level, propagate = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    try:
-        yield
-    finally:
-        handler.flush()
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        logger.propagate = propagate
+    return log_lines_to(stream or sys.stdout)
