@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import FIXTURE, run, save, table
+from common import FIXTURE, machine, run, save, table
 
 MODEL = FIXTURE / "model" / "checkpoint_best.pt"
 DATA = FIXTURE / "data-bin"
@@ -193,9 +193,8 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
 
     import adaptive_lm
-    from adaptive_lm.core.hardware import describe
 
-    result: dict = {"machine": describe(), "cores": os.cpu_count()}
+    result: dict = {"machine": machine(), "cores": os.cpu_count()}
     if not args.skip_cost:
         print("store vs eval on the train split ...", flush=True)
         result["cost"] = store_vs_eval(work, args.repeats)

@@ -124,6 +124,12 @@ def portable(obj: Any) -> Any:
 
 
 def save(name: str, data: dict) -> Path:
+    """Write ``results/<name>.json``; every result names the machine it came from (added here when missing) and
+    the machine is printed with it."""
+    if "machine" not in data:
+        data = {"machine": machine(), **data}
+    m = data["machine"]
+    print(f"machine: {m.get('cpu')} ({m.get('cpu_id', '?')}), {m.get('isa')}; caps {m.get('caps', 'none')}")
     out = REPO / "benchmarks" / "results"
     out.mkdir(exist_ok=True)
     path = out / f"{name}.json"

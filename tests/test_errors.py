@@ -89,6 +89,17 @@ def test_destdir_that_is_a_file(data, tmp_path):
     assert f.read_text() == "x"
 
 
+def test_save_dir_that_is_a_file_or_cannot_be_made(data, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    one_line(run(*train_args(data, f, "--max-update", "1")), str(f), "--save-dir is a file")
+    assert f.read_text() == "x"
+    under_a_file = f / "run"  # its parent is a file: mkdir fails with ENOTDIR
+    one_line(
+        run(*train_args(data, under_a_file, "--max-update", "1")), str(under_a_file), "cannot create the save folder"
+    )
+
+
 def test_destdir_in_a_read_only_folder(data, tmp_path, monkeypatch, capsys):
     """As a non-root user a read-only parent refuses writing (root may write anyway, so os.access says it here)."""
     ro = tmp_path / "ro"

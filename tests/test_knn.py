@@ -133,7 +133,11 @@ def test_final_keys_are_the_features_before_the_softmax_and_fp16_keys(fx, lm, tm
     src = torch.from_numpy(np.stack([first_blocks(plan(lm, cfg), 20).dataset.item(i)[0] for i in range(20)]))
     with torch.no_grad(), fast_linears(lm.device):  # the store's arithmetic (eval's oneDNN linears on CPU)
         feats = lm.model(src).reshape(-1, 64).numpy()  # (20 * 64, 64)
-    assert np.array_equal(keys, feats.astype(np.float16))
+    # the keys are the features rounded to fp16: within half an fp16 step of them, plus fp32 noise (the store runs
+    # other batch shapes, whose GEMMs may sum in another order or on the other library)
+    half_step = np.spacing(np.abs(feats).astype(np.float16)).astype(np.float32) / 2  # (1280, 64)
+    assert np.all(np.abs(keys.astype(np.float32) - feats) <= half_step + 1e-5 * np.maximum(1, np.abs(feats)))
+    assert np.mean(keys == feats.astype(np.float16)) > 0.99  # and almost all are the very same fp16 values
 
 
 def test_full_blocks_only_drops_the_short_last_block(fx, tmp_path):
@@ -145,7 +149,10 @@ def test_full_blocks_only_drops_the_short_last_block(fx, tmp_path):
     n_all = json.loads((tmp_path / "a" / "manifest.json").read_text())["identity"]["count"]
     n_full = json.loads((tmp_path / "b" / "manifest.json").read_text())["identity"]["count"]
     assert n_all == 1931 and n_full == 1920
-    assert np.array_equal(np.load(tmp_path / "a" / "keys.npy")[:1920], np.load(tmp_path / "b" / "keys.npy"))
+    # the same tokens' keys; the last batches differ in rows (16 blocks against 14), whose GEMMs may run on the other
+    # library (measured per size class) and round differently: equal to fp32 accumulation error over d=64 terms
+    np.testing.assert_allclose(np.load(tmp_path / "b" / "keys.npy"), np.load(tmp_path / "a" / "keys.npy")[:1920],
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
 
 
 def _wait_for_progress(path: Path, proc: subprocess.Popen, above: int, timeout: float = 120) -> None:

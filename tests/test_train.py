@@ -285,7 +285,7 @@ def test_resume_is_bit_identical_across_an_epoch_boundary(tmp_path, small_data, 
     assert any(x["split"] == "valid" for x in lines)
 
 
-def test_checkpoint_write_is_atomic(tmp_path, small_data, monkeypatch):
+def test_checkpoint_write_is_atomic(tmp_path, small_data, monkeypatch, capsys):
     run = tmp_path / "run"
     assert main(tiny_args(small_data, run, "--max-update", "2")) == 0
     good = (run / "checkpoint_last.pt").read_bytes()
@@ -296,8 +296,10 @@ def test_checkpoint_write_is_atomic(tmp_path, small_data, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
-        main(tiny_args(small_data, run, "--max-update", "4"))
+    capsys.readouterr()
+    assert main(tiny_args(small_data, run, "--max-update", "4")) == 2  # the failed write: one line, not a traceback
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "disk full" in errors[0], errors
     assert (run / "checkpoint_last.pt").read_bytes() == good
     ck = torch.load(run / "checkpoint_last.pt", weights_only=True)  # plain data only
     assert ck["train_state"]["num_updates"] == 2

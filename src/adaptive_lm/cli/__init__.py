@@ -114,3 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGINT
     except BrokenPipeError:  # `adaptive-lm score ... | head`
         return 0
+    except OSError as e:  # a file the user named cannot be read or written: one line, not a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(
+            f"adaptive-lm {ns.command}: error: {where}{e.strerror or e}; check the path and its permissions",
+            file=sys.stderr,
+        )
+        return 2

@@ -19,7 +19,14 @@ class SaveDirLock:
         self.notice: str | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise UserError(f"{self.path.parent}: --save-dir is a file, not a folder; give a folder path")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(
+                f"{self.path.parent}: cannot create the save folder ({e.strerror}); give a writable --save-dir"
+            ) from None
         me = f"{socket.gethostname()} {os.getpid()}\n"
         for _ in range(2):
             try:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from adaptive_lm.core.kernels.choice import CHOICE
+from adaptive_lm.core.kernels import choice
 from adaptive_lm.core.kernels.switch import SETTINGS
 
 
@@ -24,19 +24,19 @@ def _onednn_linear(x2: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 def forward_gemm(x2: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """y = x W^T (+ b), (N, in) -> (N, out), on the library measured fastest for this shape."""
     runs = {"mkl": lambda: F.linear(x2, w, b), "onednn": lambda: _onednn_linear(x2, w, b)}
-    return runs[CHOICE.pick("fwd", x2.shape[0], x2.shape[1], w.shape[0], runs)]()
+    return runs[choice.CHOICE.pick("fwd", x2.shape[0], x2.shape[1], w.shape[0], runs)]()
 
 
 def input_grad_gemm(gy2: Tensor, w: Tensor) -> Tensor:
     """dx = dy W, (N, out) -> (N, in): MKL reads W as it is, oneDNN takes a transposed copy."""
     runs = {"mkl": lambda: gy2 @ w, "onednn": lambda: _onednn_linear(gy2, w.t(), None)}
-    return runs[CHOICE.pick("dx", gy2.shape[0], w.shape[0], w.shape[1], runs)]()
+    return runs[choice.CHOICE.pick("dx", gy2.shape[0], w.shape[0], w.shape[1], runs)]()
 
 
 def weight_grad_gemm(gy2: Tensor, x2: Tensor) -> Tensor:
     """dW = dy^T x, (out, in): MKL reads both transposed in place, oneDNN copies them."""
     runs = {"mkl": lambda: gy2.t() @ x2, "onednn": lambda: _onednn_linear(gy2.t(), x2.t(), None)}
-    return runs[CHOICE.pick("dw", gy2.shape[0], gy2.shape[1], x2.shape[1], runs)]()
+    return runs[choice.CHOICE.pick("dw", gy2.shape[0], gy2.shape[1], x2.shape[1], runs)]()
 
 
 class _FastLinear(torch.autograd.Function):

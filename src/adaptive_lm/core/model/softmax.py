@@ -190,7 +190,11 @@ class AdaptiveSoftmax(nn.Module):
         out[:, :c0] = head[:, :c0]
         for i in range(self.n_clusters):
             tail = F.log_softmax(fp32(self.tail_logits(i, x)), dim=-1)  # (N, size_i)
-            torch.add(tail, head[:, c0 + i : c0 + i + 1], out=out[:, self.cutoff[i] : self.cutoff[i + 1]])
+            part = out[:, self.cutoff[i] : self.cutoff[i + 1]]  # (N, size_i), a view of out
+            if torch.is_grad_enabled() and (tail.requires_grad or head.requires_grad):
+                part.copy_(tail + head[:, c0 + i : c0 + i + 1])  # differentiable (out= is not)
+            else:
+                torch.add(tail, head[:, c0 + i : c0 + i + 1], out=part)  # no temporary
         return out.view(*shape, self.vocab_size)  # (..., V)
 
     def target_log_prob(self, hidden: Tensor, target: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
