@@ -153,6 +153,11 @@ def test_untied_adaptive_softmax_equals_torch_reference():
     x = torch.randn(64, d)
     y = torch.randint(0, V, (64,))
     torch.testing.assert_close(ours.log_prob(x), ref.log_prob(x), atol=1e-6, rtol=0)
+    # under autograd too (the full distribution is written in place only without it): the same gradients
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours.log_prob(xa)[:, ::7].sum().backward()
+    ref.log_prob(xb)[:, ::7].sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5, rtol=0)
     out = ref(x, y)
     torch.testing.assert_close(ours.target_log_prob(x, y), out.output, atol=1e-6, rtol=0)
     torch.testing.assert_close(ours.loss(x, y, ignore_index=-100) / 64, out.loss, atol=1e-6, rtol=0)
