@@ -174,3 +174,28 @@ def test_the_cache_gives_what_recomputing_gives():
             assert [h["tokens"].tolist() for h in ha] == [h["tokens"].tolist() for h in hb]
             for x, y in zip(ha, hb):
                 torch.testing.assert_close(x["positional_scores"], y["positional_scores"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("unkpen", [0.0, 0.5])
+def test_nan_log_probs_become_minus_inf_as_fairseqs_rule(unkpen):
+    """fairseq: ``lprobs[lprobs != lprobs] = -inf`` before the pad / unk / length rules; we look for a NaN through
+    the row sums (ln p is never +inf), so a NaN anywhere, and only NaN, must come out as -inf, the rest unchanged."""
+    from adaptive_lm.inference.generate import GenerationConfig, Special, _Batch
+
+    lm = load("wiki_tied")
+    d = lm.dictionary
+    sp = Special(bos=d.eos(), eos=d.eos(), pad=d.pad(), unk=d.unk())
+    batch = _Batch(lm.model, GenerationConfig(beam=2, unkpen=unkpen), sp, torch.full((1, 1), d.pad()), 20)
+    V = len(d)
+    g = torch.Generator().manual_seed(0)
+    for where in ([(0, 7)], [(1, V - 1), (0, d.unk()), (1, 9)], []):
+        lp = torch.log_softmax(torch.randn(2, V, generator=g), dim=-1)  # (rows, V)
+        for r, c in where:
+            lp[r, c] = float("nan")
+        want = lp.clone()
+        want[want.isnan()] = -float("inf")
+        want[:, sp.pad] = -float("inf")
+        want[:, sp.unk] -= unkpen
+        got = batch._constrained(lp.clone(), step=5)
+        assert not got.isnan().any()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -235,9 +235,10 @@ class _Batch:
         """This step's ln p after fairseq's rules: NaN, pad, unk penalty, max length, the prompt, min length,
         n-gram blocking."""
         sp = self.sp
-        nan = lprobs.isnan()
-        if nan.any():  # fairseq's lprobs[lprobs != lprobs] = -inf, without an indexed write when there is none
-            lprobs.masked_fill_(nan, -math.inf)
+        # fairseq's lprobs[lprobs != lprobs] = -inf. ln p is never +inf, so the sum is NaN exactly when an entry is
+        # (a -inf with a +inf would be a harmless false alarm): one read of (rows, V) instead of a mask and its test
+        if torch.isnan(lprobs.sum()):
+            lprobs.masked_fill_(lprobs.isnan(), -math.inf)
         lprobs[:, sp.pad] = -math.inf
         lprobs[:, sp.unk] -= self.cfg.unkpen
         if step >= self.max_len:
