@@ -121,6 +121,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--larger", action="store_true", help="also the 8-layer d512 model")
     args = ap.parse_args()
+    from adaptive_lm.core.malloc import keep_freed_memory
+
+    keep_freed_memory()  # what the console script does at start (adaptive-lm generate)
     rows = bench("fixture (0.9M)", FIXTURE / "model" / "checkpoint_best.pt", args.fairseq_python, args.repeats)
     if args.larger:
         with tempfile.TemporaryDirectory() as tmp:

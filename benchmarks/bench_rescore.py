@@ -267,9 +267,9 @@ def main() -> None:
         models["larger (8 x d512, random)"] = larger_checkpoint(Path("/tmp/bench-eval-larger"))
     results = []
     import adaptive_lm
-    from adaptive_lm.cli import _tune_malloc
+    from adaptive_lm.core.malloc import keep_freed_memory
 
-    _tune_malloc()  # what the console script does at start
+    keep_freed_memory()  # what the console script does at start
     for name, path in models.items():
         lm = adaptive_lm.from_pretrained(path)
         runs: dict[str, dict] = {}

@@ -181,14 +181,14 @@ def startup(python: str) -> dict:
 
 
 def main() -> None:
-    from adaptive_lm.cli import _tune_malloc
+    from adaptive_lm.core.malloc import keep_freed_memory
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fairseq-python", default=str(Path.home() / "fairseq-venv" / "bin" / "python"))
     ap.add_argument("--updates", type=int, default=40)
     ap.add_argument("--hyps", type=int, default=2000)
     args = ap.parse_args()
-    _tune_malloc()  # as the command line runs
+    keep_freed_memory()  # as the command line runs
     info = machine()
     capped = info["caps"] != "none"
     train_flags = flags(CONFIGS["small"], args.updates, "/tmp/prof-fairseq")

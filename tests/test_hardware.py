@@ -65,3 +65,15 @@ def test_train_and_eval_say_it_at_the_start(tmp_path):
     r = subprocess.run([*cli, "eval", str(tmp_path / "bin"), "--path", model, "--gen-subset", "train", "--bf16",
                         "--quiet"], capture_output=True, text=True, env=env)  # fmt: skip
     assert r.returncode == 0 and "has no native bf16" in r.stderr, r.stderr
+
+
+def test_keep_freed_memory_sets_glibc_and_respects_the_users_own_setting(monkeypatch):
+    """The allocator setting every command applies: taken on glibc Linux (this suite's platform), left alone when the
+    user chose glibc's thresholds themselves (their environment wins)."""
+    import platform
+
+    from adaptive_lm.core.malloc import keep_freed_memory
+
+    assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    assert keep_freed_memory() is False

@@ -10,11 +10,9 @@ when a command needs it: ``adaptive-lm --help`` answers at once.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import importlib
 import os
-import platform
 import signal
 import sys
 from typing import Any
@@ -22,6 +20,7 @@ from typing import Any
 from adaptive_lm import __version__
 from adaptive_lm.cli.common import OneLineParser
 from adaptive_lm.core.errors import ConfigError, UserError
+from adaptive_lm.core.malloc import keep_freed_memory
 
 # (name, module of adaptive_lm.cli, one line of help): the subcommands in the order ``adaptive-lm --help`` lists them
 COMMANDS: list[tuple[str, str, str]] = [
@@ -68,28 +67,6 @@ def _chosen(argv: list[str]) -> str | None:
     return next((a for a in argv if a in names), None)
 
 
-def _tune_malloc() -> None:
-    """Keep freed tensor memory in glibc's heap instead of returning it to the OS after every step.
-
-    Why: by default glibc serves blocks above a few MiB with fresh ``mmap`` pages and unmaps them on free, so
-    every large activation of every training step page-faults its memory in again (about 10% of the step on the
-    14M benchmark). Blocks up to 32 MiB (glibc's ceiling) now come from the heap, and the heap is never trimmed:
-    the RSS stays at its peak, which it reaches in the first step anyway. A no-op off glibc, or when the user set
-    ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` themselves.
-    """
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
-    libc.mallopt(m_mmap_threshold, 32 << 20)
-    libc.mallopt(m_trim_threshold, 1 << 30)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(only=_chosen(argv) or "")
@@ -101,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     # counts every step; ``kernels.pad_rows`` rounds them to a few sizes, which fit in 128 entries (the default 1024
     # once held ~1 GB when every row count was its own shape; too small a cache rebuilds kernels every step).
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
-    _tune_malloc()
+    keep_freed_memory()
     try:
         rc = int(ns.run(ns) or 0)
         gc.freeze()  # interpreter shutdown then skips walking torch's objects (0.2 s of every command's exit)

@@ -17,6 +17,10 @@ from adaptive_lm.core.kernels.dropout import _scale, _scaled_keep, _threshold
 from adaptive_lm.core.kernels.switch import _lanes, _new_seed, ours
 
 MATH_PATH_MAX_SCORES = 16 << 20  # B*H*T*T up to this: store the probabilities (faster); above: recompute blocks
+# Without gradients and dropout, up to this T: scores, softmax and the product a few heads at a time instead of
+# PyTorch's flash kernel. Measured on Zen 4 (fp32, 2 threads, head dim 32): 2.8x at T = 20, 2.3x at 40, 1.5x at 80,
+# 1.2x at 128, even at 256 (rescoring's sentences are 10-50 tokens; eval blocks are usually longer).
+SHORT_T_MAX = 128
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -168,10 +172,33 @@ class _CausalAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
+def _short_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention without dropout or gradients, (BH, T, hd) x3 -> (BH, T, hd), a few heads at a time.
+
+    Why: at short T PyTorch's CPU flash kernel spends its time on per-block bookkeeping; here every pass over a
+    chunk's scores (about 256K of them, 1 MiB in fp32, measured best) stays in the L2 cache. The softmax of half
+    types accumulates in fp32 inside the kernel, as in ``_StoredAttention``."""
+    BH, T, hd = q.shape
+    out = torch.empty_like(q)
+    bias = _bias(T, 0, T, q.device, q.dtype)
+    c = max(1, min(BH, (1 << 18) // (T * T)))
+    for i in range(0, BH, c):
+        j = min(BH, i + c)
+        s = torch.baddbmm(bias, q[i:j], k[i:j].transpose(1, 2), alpha=hd**-0.5)  # (c, T, T)
+        torch.bmm(torch._softmax(s, -1, False), v[i:j], out=out[i:j])  # (c, T, hd)
+    return out
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, training: bool) -> Tensor:
     """(B, H, T, hd) x3 -> (B, H, T, hd), causal, with attention dropout when training."""
     p = dropout_p if training else 0.0
     B, H, T, hd = q.shape
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if ours(q) and p == 0.0 and not grad and T <= SHORT_T_MAX:
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+        with torch.autocast("cpu", enabled=False):
+            qf, kf, vf = (t.to(dtype).reshape(B * H, T, hd).contiguous() for t in (q, k, v))
+            return _short_attention(qf, kf, vf).view(B, H, T, hd)
     if not ours(q) or p == 0.0:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype

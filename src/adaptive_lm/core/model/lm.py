@@ -25,7 +25,7 @@ from adaptive_lm.core.model.embed import (
 )
 from adaptive_lm.core.model.init import fairseq_linear, quant_noise_
 from adaptive_lm.core.model.layer import DecoderLayer, LayerCache
-from adaptive_lm.core.model.softmax import AdaptiveSoftmax, fp32
+from adaptive_lm.core.model.softmax import CHUNK_ELEMENTS, AdaptiveSoftmax, fp32
 from adaptive_lm.core.presets import make_config
 
 KVCache = list[dict[str, Tensor]]
@@ -185,7 +185,7 @@ class TransformerLM(nn.Module):
             logits = logits / temperature
         return F.log_softmax(fp32(logits), dim=-1)
 
-    def target_log_probs_from_features(self, x: Tensor, target: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
+    def target_log_probs_from_features(self, x: Tensor, target: Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
         """log p(target) at every position, the full softmax in row chunks of at most ``chunk_elements`` logits."""
         if self.adaptive_softmax is not None:
             return self.adaptive_softmax.target_log_prob(x, target, chunk_elements)
