@@ -40,7 +40,7 @@ from torch import Tensor
 
 # the private names (``_Dropout as _Dropout``, ...) are re-exported for the kernel tests, which check the autograd
 # functions and the masks directly
-from adaptive_lm.core.kernels.attention import MATH_PATH_MAX_SCORES, causal_attention
+from adaptive_lm.core.kernels.attention import MATH_PATH_MAX_SCORES, causal_attention, one_query_attention
 from adaptive_lm.core.kernels.attention import _CausalAttention as _CausalAttention
 from adaptive_lm.core.kernels.attention import _chunk as _chunk
 from adaptive_lm.core.kernels.attention import _StoredAttention as _StoredAttention
@@ -98,6 +98,7 @@ __all__ = [
     "dropout",
     "fast_linears",
     "linear_cross_entropy_sum",
+    "one_query_attention",
     "ours",
     "pad_rows",
     "plain_kernels",

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adaptive_lm.core.config import ModelConfig
-from adaptive_lm.core.kernels import add_dropout, causal_attention, dropout
+from adaptive_lm.core.kernels import add_dropout, causal_attention, dropout, one_query_attention
 from adaptive_lm.core.model.init import quant_noise_
 
 
@@ -94,7 +94,7 @@ class SelfAttention(nn.Module):
         if S == T:
             y = causal_attention(q, k, v, self.dropout, self.training)  # (B, H, T, hd)
         elif T == 1:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            y = one_query_attention(q, k, v) if p == 0.0 else F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         else:  # T new queries after S - T cached keys: query t sees keys up to S - T + t
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)  # (T, S)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
