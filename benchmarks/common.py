@@ -129,6 +129,8 @@ def save(name: str, data: dict) -> Path:
     if "machine" not in data:
         data = {"machine": machine(), **data}
     m = data["machine"]
+    if m.get("caps", "none") != "none" and not name.endswith("_avx2"):
+        name += "_avx2"  # a capped run never overwrites the native figures
     print(f"machine: {m.get('cpu')} ({m.get('cpu_id', '?')}), {m.get('isa')}; caps {m.get('caps', 'none')}")
     out = REPO / "benchmarks" / "results"
     out.mkdir(exist_ok=True)

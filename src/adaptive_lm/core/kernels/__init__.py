@@ -13,7 +13,9 @@ probabilities and masks per layer (gigabytes at the recipe's T = 3072). Here:
   few heads at a time so that every pass over the scores stays in cache); above that, flash-attention-style
   (``_CausalAttention``): query blocks attend only to the keys at or before them (the masked upper triangle
   is skipped, about half the FLOPs at long T), softmax in fp32, attention dropout with regenerated masks;
-  only q, k, v and one log-sum-exp per query are kept for backward.
+  only q, k, v and one log-sum-exp per query are kept for backward. Without gradients or dropout and at
+  T <= 128 (rescoring's sentences), scores, softmax and product a few heads at a time (``_short_attention``).
+* ``one_query_attention``: a decoding step's one query over the cached keys, as two batched products.
 * ``add_dropout``: a residual ``x + dropout(h)`` in one ``addcmul`` pass.
 * ``cross_entropy_sum``: summed cross-entropy whose backward is softmax - onehot in one pass (any device).
 * ``pad_rows``: row counts rounded to a few sizes where oneDNN builds a kernel per shape (CPU half precision,
