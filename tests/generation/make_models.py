@@ -8,6 +8,7 @@ Subcommands (all paths explicit; nothing here is imported by the project):
   strip CKPT OUT          copy a fairseq checkpoint without optimizer state and without machine paths
 """
 
+import io
 import json
 import os
 import sys
@@ -70,10 +71,13 @@ def spm(text: str, out_dir: str, out: str) -> None:
     """SentencePiece BPE, saved under the file name fairseq's hub looks for (sentencepiece.bpe.model)."""
     import sentencepiece as sp
 
-    prefix = os.path.join(out_dir, "sentencepiece.bpe")
+    path = os.path.join(out_dir, "sentencepiece.bpe.model")
+    model = io.BytesIO()  # sentences and model through Python: the file records no machine path (input, prefix)
+    with open(text, encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f]
     sp.SentencePieceTrainer.train(
-        input=text,
-        model_prefix=prefix,
+        sentence_iterator=iter(lines),
+        model_writer=model,
         vocab_size=1000,
         model_type="bpe",
         character_coverage=1.0,
@@ -82,9 +86,10 @@ def spm(text: str, out_dir: str, out: str) -> None:
         num_threads=1,
         minloglevel=2,
     )
-    os.remove(prefix + ".vocab")
+    with open(path, "wb") as f:
+        f.write(model.getvalue())
     proc = sp.SentencePieceProcessor()
-    proc.Load(prefix + ".model")
+    proc.Load(path)
     n = 0
     # as fairseq's SentencepieceBPE.encode: pieces (out_type=str) joined by spaces
     with open(text, encoding="utf-8") as f, open(out, "w", encoding="utf-8") as g:
