@@ -383,3 +383,19 @@ def test_bad_input_through_the_console_script_has_no_traceback(model_path, tmp_p
         f"adaptive-lm rescore: error: {path}:2: 2 tab-separated columns where line 1 has 3 (ragged TSV)\n"
     )
     assert "Traceback" not in p.stderr
+
+
+def test_frame_lays_out_inputs_targets_and_counts_as_the_hub():
+    """``framing.frame`` on a batch with an empty sentence, one word and three words (start 0, pad 1, eos 2): inputs
+    are ``<start> w1 .. w(n-1)`` (``score_eos``: through wn), targets ``w1 .. wn`` (then ``</s>``), right-padded."""
+    from adaptive_lm.inference.framing import frame
+
+    ids = [[], [7], [4, 5, 6]]
+    src, tgt, n = frame(ids, 0, 1, 2)
+    assert src.tolist() == [[0, 1, 1], [0, 1, 1], [0, 4, 5]]
+    assert tgt.tolist() == [[1, 1, 1], [7, 1, 1], [4, 5, 6]]
+    assert n.tolist() == [0, 1, 3]
+    src, tgt, n = frame(ids, 0, 1, 2, score_eos=True)
+    assert src.tolist() == [[0, 1, 1, 1], [0, 7, 1, 1], [0, 4, 5, 6]]
+    assert tgt.tolist() == [[2, 1, 1, 1], [7, 2, 1, 1], [4, 5, 6, 2]]
+    assert n.tolist() == [1, 2, 4] and src.dtype == tgt.dtype == n.dtype == torch.long

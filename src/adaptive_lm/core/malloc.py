@@ -31,5 +31,6 @@ def keep_freed_memory() -> bool:
     except OSError:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
-    ok = libc.mallopt(m_mmap_threshold, MMAP_CEILING) == 1
-    return bool(libc.mallopt(m_trim_threshold, 1 << 30) == 1 and ok)
+    mmap_set = libc.mallopt(m_mmap_threshold, MMAP_CEILING) == 1  # mallopt returns 1 on success
+    trim_set = libc.mallopt(m_trim_threshold, 1 << 30) == 1
+    return mmap_set and trim_set

@@ -19,7 +19,7 @@ from adaptive_lm.core.kernels.switch import _lanes, _new_seed, ours
 MATH_PATH_MAX_SCORES = 16 << 20  # B*H*T*T up to this: store the probabilities (faster); above: recompute blocks
 # Without gradients and dropout, up to this T: scores, softmax and the product a few heads at a time instead of
 # PyTorch's flash kernel. Measured on Zen 4 (fp32, 2 threads, head dim 32): 2.8x at T = 20, 2.3x at 40, 1.5x at 80,
-# 1.2x at 128, even at 256 (rescoring's sentences are 10-50 tokens; eval blocks are usually longer).
+# 1.2x at 128; flash wins from 256 on (rescoring's sentences are 10-50 tokens; eval blocks are usually longer).
 SHORT_T_MAX = 128
 
 
@@ -45,10 +45,11 @@ def _block(T: int) -> int:
     return T if T <= 256 else 256
 
 
-def _chunk(BH: int, T: int, keys: int) -> int:
-    """Heads per chunk: about 1M scores (4 MiB in fp32, 2 MiB per core's L2 for each of the two threads here);
-    measured on the benchmark shapes, 256K to 4M all within 15%, 1M the best or near it for fp32 and bf16."""
-    return max(1, min(BH, (1 << 20) // max(1, T * keys)))
+def _chunk(BH: int, T: int, keys: int, scores: int = 1 << 20) -> int:
+    """Heads per chunk: about ``scores`` scores. Training: 1M (4 MiB in fp32, 2 MiB per core's L2 for each of the two
+    threads here); measured on the benchmark shapes, 256K to 4M all within 15%, 1M the best or near it for fp32 and
+    bf16. Inference at short T (``_short_attention``, nothing stored for backward): 256K measured best."""
+    return max(1, min(BH, scores // max(1, T * keys)))
 
 
 class _StoredAttention(torch.autograd.Function):
@@ -181,7 +182,7 @@ def _short_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     BH, T, hd = q.shape
     out = torch.empty_like(q)
     bias = _bias(T, 0, T, q.device, q.dtype)
-    c = max(1, min(BH, (1 << 18) // (T * T)))
+    c = _chunk(BH, T, T, scores=1 << 18)
     for i in range(0, BH, c):
         j = min(BH, i + c)
         s = torch.baddbmm(bias, q[i:j], k[i:j].transpose(1, 2), alpha=hd**-0.5)  # (c, T, T)
@@ -204,18 +205,16 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, training
     p = dropout_p if training else 0.0
     B, H, T, hd = q.shape
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if ours(q) and p == 0.0 and not grad and T <= SHORT_T_MAX:
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
-        with torch.autocast("cpu", enabled=False):
-            qf, kf, vf = (t.to(dtype).reshape(B * H, T, hd).contiguous() for t in (q, k, v))
-            return _short_attention(qf, kf, vf).view(B, H, T, hd)
-    if not ours(q) or p == 0.0:
+    short = p == 0.0 and not grad and T <= SHORT_T_MAX
+    if not ours(q) or (p == 0.0 and not short):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
     with torch.autocast("cpu", enabled=False):
-        qf, kf, vf = (t.to(dtype).reshape(B * H, T, hd) for t in (q, k, v))
-        if B * H * T * T <= MATH_PATH_MAX_SCORES:  # small: keep the T x T probabilities rather than recompute
-            out = _StoredAttention.apply(qf.contiguous(), kf.contiguous(), vf.contiguous(), p, _new_seed())
+        qf, kf, vf = (t.to(dtype).reshape(B * H, T, hd).contiguous() for t in (q, k, v))
+        if short:
+            out = _short_attention(qf, kf, vf)
+        elif B * H * T * T <= MATH_PATH_MAX_SCORES:  # small: keep the T x T probabilities rather than recompute
+            out = _StoredAttention.apply(qf, kf, vf, p, _new_seed())
         else:
-            out = _CausalAttention.apply(qf.contiguous(), kf.contiguous(), vf.contiguous(), p, _new_seed())
+            out = _CausalAttention.apply(qf, kf, vf, p, _new_seed())
     return out.view(B, H, T, hd)
