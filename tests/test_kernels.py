@@ -126,6 +126,25 @@ def test_summed_cross_entropy_equals_torch_with_ignored_rows_and_scaled_gradient
     torch.testing.assert_close(none_ignored, F.cross_entropy(x32, t, reduction="sum"), atol=0, rtol=1e-6)
 
 
+def test_log_softmax_in_place_is_torchs_result_and_keeps_gradients():
+    g = torch.Generator().manual_seed(3)
+    for shape, dtype in (((37, 2002), torch.float32), ((5, 6000), torch.float32), ((4, 9), torch.float64)):
+        x = torch.randn(*shape, generator=g, dtype=dtype) * 4
+        want = F.log_softmax(x, dim=-1)
+        with torch.no_grad():
+            y = x.clone()
+            out = K.log_softmax_(y)
+        assert out.data_ptr() == y.data_ptr() and torch.equal(out, want)  # written over the logits, bit for bit
+        leaf = x.clone().requires_grad_()
+        got = K.log_softmax_(leaf)  # a gradient flows: a new tensor, the input untouched
+        assert got.data_ptr() != leaf.data_ptr() and torch.equal(leaf.detach(), x)
+        w = torch.randn(*shape, generator=g, dtype=dtype)
+        (got * w).sum().backward()
+        ref = x.clone().requires_grad_()
+        (F.log_softmax(ref, dim=-1) * w).sum().backward()
+        assert torch.equal(leaf.grad, ref.grad)
+
+
 def test_fused_residual_dropout_and_relu_dropout_equal_the_unfused_ops():
     x = torch.randn(6, 50, 16, dtype=torch.float64, requires_grad=True)
     h = torch.randn(6, 50, 16, dtype=torch.float64, requires_grad=True)

@@ -17,7 +17,8 @@ probabilities and masks per layer (gigabytes at the recipe's T = 3072). Here:
   T <= 128 (rescoring's sentences), scores, softmax and product a few heads at a time (``_short_attention``).
 * ``one_query_attention``: a decoding step's one query over the cached keys, as two batched products.
 * ``add_dropout``: a residual ``x + dropout(h)`` in one ``addcmul`` pass.
-* ``cross_entropy_sum``: summed cross-entropy whose backward is softmax - onehot in one pass (any device).
+* ``cross_entropy_sum``: summed cross-entropy whose backward is softmax - onehot in one pass (any device);
+  ``log_softmax_``: the scorers' log-softmax written over their logits.
 * ``pad_rows``: row counts rounded to a few sizes where oneDNN builds a kernel per shape (CPU half precision,
   and fp32 inside ``FastLinears``).
 * ``FastLinears``: fp32 ``F.linear`` (forward, and both backward GEMMs under autograd) on the faster of MKL and
@@ -46,7 +47,7 @@ from adaptive_lm.core.kernels.attention import MATH_PATH_MAX_SCORES, causal_atte
 from adaptive_lm.core.kernels.attention import _CausalAttention as _CausalAttention
 from adaptive_lm.core.kernels.attention import _chunk as _chunk
 from adaptive_lm.core.kernels.attention import _StoredAttention as _StoredAttention
-from adaptive_lm.core.kernels.cross_entropy import cross_entropy_sum, linear_cross_entropy_sum
+from adaptive_lm.core.kernels.cross_entropy import cross_entropy_sum, linear_cross_entropy_sum, log_softmax_
 from adaptive_lm.core.kernels.dropout import _Dropout as _Dropout
 from adaptive_lm.core.kernels.dropout import _DropoutAdd as _DropoutAdd
 from adaptive_lm.core.kernels.dropout import _keep_mask as _keep_mask
@@ -100,6 +101,7 @@ __all__ = [
     "dropout",
     "fast_linears",
     "linear_cross_entropy_sum",
+    "log_softmax_",
     "one_query_attention",
     "ours",
     "pad_rows",

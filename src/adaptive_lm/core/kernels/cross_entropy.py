@@ -10,6 +10,15 @@ from torch import Tensor
 from adaptive_lm.core.kernels.switch import ours
 
 
+def log_softmax_(logits: Tensor) -> Tensor:
+    """``log_softmax`` over the last dim, written over ``logits`` when no gradient flows through them (bit for bit
+    PyTorch's result). Why: the scorers' logits are a fresh buffer that nothing reads afterwards; one buffer of a
+    chunk in cache instead of two made the 2002-way head's and the tails' log-softmax 30% faster (Zen 4, fp32)."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return F.log_softmax(logits, dim=-1)
+    return torch._log_softmax(logits, -1, False, out=logits)
+
+
 class _SummedCrossEntropy(torch.autograd.Function):
     """sum over rows with target != ignore of -log_softmax(logits)[row, target], with a one-pass backward.
 

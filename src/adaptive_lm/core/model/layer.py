@@ -168,7 +168,9 @@ class DecoderLayer(nn.Module):
             quant_noise_(self.fc1.weight, self.q_noise, self.qn_block_size)
         h = self.fc1(self.final_layer_norm(x) if self.pre_ln else x)  # (B, T, ffn)
         if self.act_name == "relu":  # relu(h) * keep == relu(h * keep) (keep >= 0): relu in place, one tensor fewer
-            h = F.relu(dropout(h, self.act_dropout, self.training), inplace=self.training and self.act_dropout > 0)
+            # in place also without gradients (inference): fc1's output is read by nothing else
+            inplace = (self.training and self.act_dropout > 0) or not torch.is_grad_enabled()
+            h = F.relu(dropout(h, self.act_dropout, self.training), inplace=inplace)
         else:
             h = dropout(self.act(h), self.act_dropout, self.training)
         if self.ffn_layernorm is not None:

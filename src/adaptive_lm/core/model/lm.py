@@ -8,12 +8,11 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from adaptive_lm.core.config import ModelConfig, parse_layers_to_keep
-from adaptive_lm.core.kernels import dropout, linear_cross_entropy_sum, recompute_contexts
+from adaptive_lm.core.kernels import dropout, linear_cross_entropy_sum, log_softmax_, recompute_contexts
 from adaptive_lm.core.model.adaptive import AdaptiveInput, Routes
 from adaptive_lm.core.model.embed import (
     CharacterEmbedder,
@@ -183,7 +182,7 @@ class TransformerLM(nn.Module):
         logits = self.output_projection(x)  # type: ignore[misc]  # (..., V)
         if temperature != 1.0:
             logits = logits / temperature
-        return F.log_softmax(fp32(logits), dim=-1)
+        return log_softmax_(fp32(logits))  # (..., V)
 
     def target_log_probs_from_features(self, x: Tensor, target: Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
         """log p(target) at every position, the full softmax in row chunks of at most ``chunk_elements`` logits."""
@@ -192,7 +191,7 @@ class TransformerLM(nn.Module):
         flat, t = x.reshape(-1, x.shape[-1]), target.reshape(-1)
         step = max(1, chunk_elements // self.cfg.vocab_size)
         out = [
-            F.log_softmax(fp32(self.output_projection(flat[i : i + step])), dim=-1)  # type: ignore[misc]
+            log_softmax_(fp32(self.output_projection(flat[i : i + step])))  # type: ignore[misc]
             .gather(1, t[i : i + step, None])
             .squeeze(1)
             for i in range(0, flat.shape[0], step)

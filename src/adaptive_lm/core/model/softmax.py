@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaptive_lm.core.kernels import cross_entropy_sum, dropout, pad_rows
+from adaptive_lm.core.kernels import cross_entropy_sum, dropout, log_softmax_, pad_rows
 from adaptive_lm.core.model.adaptive import AdaptiveInput, complete_cutoff
 from adaptive_lm.core.model.init import _linear_init_draw
 
@@ -189,12 +189,12 @@ class AdaptiveSoftmax(nn.Module):
         """The full V-way natural-log distribution (..., V); no dropout (fairseq's ``get_log_prob``, target=None)."""
         shape = hidden.shape[:-1]
         x = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
-        head = F.log_softmax(fp32(self.head_logits(x)), dim=-1)  # (N, c0 + nc)
+        head = log_softmax_(fp32(self.head_logits(x)))  # (N, c0 + nc)
         c0 = self.cutoff[0]
         out = head.new_empty(x.shape[0], self.vocab_size)  # (N, V): each part written in place, no concatenation
         out[:, :c0] = head[:, :c0]
         for i in range(self.n_clusters):
-            tail = F.log_softmax(fp32(self.tail_logits(i, x)), dim=-1)  # (N, size_i)
+            tail = log_softmax_(fp32(self.tail_logits(i, x)))  # (N, size_i)
             part = out[:, self.cutoff[i] : self.cutoff[i + 1]]  # (N, size_i), a view of out
             if torch.is_grad_enabled() and (tail.requires_grad or head.requires_grad):
                 part.copy_(tail + head[:, c0 + i : c0 + i + 1])  # differentiable (out= is not)
@@ -213,7 +213,7 @@ class AdaptiveSoftmax(nn.Module):
         )
         step = max(1, chunk_elements // self.head_size)
         for i in range(0, x.shape[0], step):
-            head = F.log_softmax(fp32(self.head_logits(x[i : i + step])), dim=-1)  # (n, c0 + nc)
+            head = log_softmax_(fp32(self.head_logits(x[i : i + step])))  # (n, c0 + nc)
             out[i : i + step] = head.gather(1, head_target[i : i + step, None]).squeeze(1)
         for c, cl in enumerate(clusters):
             if cl is None:
@@ -222,6 +222,6 @@ class AdaptiveSoftmax(nn.Module):
             step = max(1, chunk_elements // (self.cutoff[c + 1] - self.cutoff[c]))
             for i in range(0, rows.numel(), step):
                 r = rows[i : i + step]
-                tail = F.log_softmax(fp32(self._tail_rows(c, x, r)), dim=-1)  # (n, size_c)
+                tail = log_softmax_(fp32(self._tail_rows(c, x, r)))  # (n, size_c)
                 out.index_add_(0, r, tail.gather(1, local[i : i + step, None]).squeeze(1).to(out.dtype))
         return out.view(shape)
