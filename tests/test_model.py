@@ -163,6 +163,27 @@ def test_untied_adaptive_softmax_equals_torch_reference():
     torch.testing.assert_close(ours.loss(x, y, ignore_index=-100) / 64, out.loss, atol=1e-6, rtol=0)
 
 
+def test_kept_head_weight_follows_every_change_of_the_weights():
+    torch.manual_seed(2)
+    sm = AdaptiveSoftmax(50, 16, [10, 30], factor=4.0).eval()
+    x = torch.randn(8, 16)
+
+    def fresh() -> torch.Tensor:
+        return x @ torch.cat([sm.word_weight, sm.class_weight]).t()
+
+    with torch.no_grad():
+        assert torch.equal(sm.head_logits(x), fresh())
+        sm.word_weight.mul_(2)  # in place (an optimizer step, a load_state_dict): the kept copy is stale
+        assert torch.equal(sm.head_logits(x), fresh())
+        sm.class_weight.add_(1)
+        assert torch.equal(sm.head_logits(x), fresh())
+        sm.word_weight = torch.nn.Parameter(torch.randn(10, 16))  # replaced (tie_to, assign=True loads)
+        assert torch.equal(sm.head_logits(x), fresh())
+    x.requires_grad_()
+    sm.head_logits(x).sum().backward()  # under autograd: concatenated anew, gradients reach both parts
+    assert sm.word_weight.grad is not None and sm.class_weight.grad is not None
+
+
 # ---- invariants -------------------------------------------------------------------------------------------
 def test_full_distribution_sums_to_one_and_target_path_agrees():
     model = build_model("tiny", 64, dropout=0.0).eval()

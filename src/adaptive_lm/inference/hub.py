@@ -83,12 +83,13 @@ class LanguageModel:
     def ids(self, sentence: str, replace_newline_with_eos: bool = False) -> list[int]:
         """A sentence's word ids without the final ``</s>`` (each line of it ending in ``</s>`` when
         ``replace_newline_with_eos``, as fairseq's hub)."""
+        d = self.dictionary  # encode's ids without its tensor (rescoring calls this per hypothesis)
         if replace_newline_with_eos:
             out: list[int] = []
             for line in sentence.split("\n"):
-                out += self.encode(line).tolist()
+                out += d.encode_line(self.tokenize(line))
             return out[:-1]
-        return self.encode(sentence).tolist()[:-1]
+        return d.encode_line(self.tokenize(sentence), append_eos=False)
 
     # ---- scoring --------------------------------------------------------------------------------------------
     @torch.no_grad()

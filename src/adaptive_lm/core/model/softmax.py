@@ -118,9 +118,23 @@ class AdaptiveSoftmax(nn.Module):
     def head_logits(self, x: Tensor) -> Tensor:
         """(N, d) -> (N, c0 + n_clusters): frequent-word logits, then one logit per tail cluster."""
         if self.head_in_proj is None:
-            return F.linear(x, torch.cat([self.word_weight, self.class_weight]))  # (N, c0 + nc)
+            return F.linear(x, self._head_weight())  # (N, c0 + nc)
         words = F.linear(self.head_in_proj(x), self.word_weight)  # (N, c0)
         return torch.cat([words, F.linear(x, self.class_weight)], dim=-1)
+
+    def _head_weight(self) -> Tensor:
+        """[word_weight; class_weight] (c0 + nc, d). Without gradients the concatenation is kept until either tensor
+        changes (its version counter moves, or it is replaced): scoring and generation call the head per chunk and
+        per step, and copying a 20,002 x 1024 head (80 MiB) each time is pure cost."""
+        w, c = self.word_weight, self.class_weight
+        if torch.is_grad_enabled() and (w.requires_grad or c.requires_grad):
+            return torch.cat([w, c])
+        key = (w.data_ptr(), w._version, c.data_ptr(), c._version, w.dtype, w.device)
+        kept = self.__dict__.get("_head_kept")
+        if kept is None or kept[0] != key:
+            kept = (key, torch.cat([w, c]))
+            self.__dict__["_head_kept"] = kept
+        return kept[1]
 
     def tail_logits(self, i: int, x: Tensor) -> Tensor:
         """(N_i, d) -> (N_i, size_i) for tail cluster i (dropout between projection and output, as fairseq)."""
