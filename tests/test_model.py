@@ -421,6 +421,42 @@ def test_normformer_layer_is_fairseqs_formula(pre_ln):
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "arch,overrides",
+    [
+        ("transformer_lm_wiki103", dict(decoder_layers=2, decoder_embed_dim=16, decoder_attention_heads=4,
+                                        decoder_ffn_embed_dim=32, decoder_input_dim=16, decoder_output_dim=16,
+                                        adaptive_input_cutoff="10,30", adaptive_softmax_cutoff="10,30")),
+        ("transformer_lm", dict(decoder_layers=3, decoder_embed_dim=16, decoder_attention_heads=2,
+                                decoder_ffn_embed_dim=24, decoder_input_dim=8, decoder_output_dim=12)),
+        ("transformer_lm", dict(decoder_layers=1, decoder_embed_dim=16, decoder_attention_heads=4,
+                                decoder_ffn_embed_dim=24, decoder_input_dim=16, decoder_output_dim=16,
+                                decoder_normalize_before=True, scale_attn=True, scale_fc=True, scale_heads=True,
+                                scale_resids=True, activation_fn="gelu")),
+    ],
+)  # fmt: skip
+def test_keep_from_gives_the_later_positions_of_the_full_forward(arch, overrides):
+    """Evaluation with a context window asks only for the scored positions (``keep_from``): the last layer then
+    computes those alone. Same features as the full forward's, in fp64 to rounding."""
+    torch.manual_seed(0)
+    model = build_model(arch, 50, dropout=0.0, **overrides).double().eval()
+    for layer in model.layers:  # NormFormer's scales away from their neutral initial values
+        for p in (layer.c_attn, layer.w_resid):
+            if p is not None:
+                with torch.no_grad():
+                    p.add_(0.3 * torch.randn_like(p))
+    src = torch.randint(4, 50, (3, 11))
+    src[2, 8:] = model.padding_idx  # a padded row
+    with torch.no_grad():
+        full = model(src)  # (3, 11, d_out)
+        for keep in (1, 6, 10):
+            got = model(src, keep_from=keep)
+            assert got.shape == (3, 11 - keep, full.shape[-1])
+            torch.testing.assert_close(got, full[:, keep:], atol=1e-12, rtol=0)
+        with pytest.raises(ValueError, match="keep_from"):
+            model(src, cache=model.new_cache(), keep_from=2)
+
+
 def test_a_checkpoint_with_normformer_weights_loads_them(tmp_path):
     from adaptive_lm.core.dictionary import Dictionary
     from adaptive_lm.core.fairseq_format import to_fairseq_checkpoint

@@ -189,13 +189,16 @@ def scored_batches(
             src = np.full((len(chunk), W), pad, dtype=np.int64)
             tgt = np.full((len(chunk), W), pad, dtype=np.int64)
             lengths = []
+            keep = W  # the first scored position of any row: the context before it needs no output
             for r, (x, t, s) in enumerate(chunk):
                 src[r, : len(x)] = x
                 first = s + int(skip_bos)  # eval-lm drops the score of the leading <s>
                 tgt[r, first : s + len(t)] = t[int(skip_bos) :]
                 lengths.append(len(t) - int(skip_bos))
-            src_t, tgt_t = torch.from_numpy(src).to(device), torch.from_numpy(tgt).to(device)
-            feats = model(src_t)  # (B, W, d)
+                keep = min(keep, first)
+            keep = 0 if feature_fn is not None else min(keep, W - 1)  # kNN keys: hooks see every position
+            src_t, tgt_t = torch.from_numpy(src).to(device), torch.from_numpy(tgt[:, keep:]).to(device)
+            feats = model(src_t, keep_from=keep)  # (B, W - keep, d)
             mask = tgt_t != pad
             rows_f, rows_t = feats[mask], tgt_t[mask]  # (N, d), (N,): only scored positions
             step = max(1, cfg.softmax_batch if cfg.softmax_batch > 0 else len(rows_t))

@@ -79,9 +79,13 @@ class SelfAttention(nn.Module):
         nn.init.xavier_uniform_(self.out_proj.weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: Tensor, cache: dict[str, Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: dict[str, Tensor] | None = None, keep_from: int = 0) -> Tensor:
+        """(B, T, C) -> (B, T - keep_from, C): every position's keys and values, the queries of positions
+        ``keep_from`` on (``TransformerLM.forward``'s ``keep_from``)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
+        q = q[:, :, keep_from:] if keep_from else q  # (B, H, T - keep_from, hd)
+        T = q.shape[2]
         if isinstance(cache, LayerCache):
             k, v = cache.append(k, v)  # (B, H, S + T, hd)
         elif cache is not None:
@@ -95,7 +99,7 @@ class SelfAttention(nn.Module):
             y = causal_attention(q, k, v, self.dropout, self.training)  # (B, H, T, hd)
         elif T == 1:
             y = one_query_attention(q, k, v) if p == 0.0 else F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        else:  # T new queries after S - T cached keys: query t sees keys up to S - T + t
+        else:  # T queries after S - T cached (or only keyed) positions: query t sees keys up to S - T + t
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)  # (T, S)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
@@ -154,8 +158,10 @@ class DecoderLayer(nn.Module):
         self.dropout, self.act_dropout = cfg.dropout, cfg.act_dropout
         self.q_noise, self.qn_block_size = cfg.quant_noise_pq, cfg.quant_noise_pq_block_size
 
-    def forward(self, x: Tensor, cache: dict[str, Tensor] | None = None) -> Tensor:
-        h = self.self_attn(self.self_attn_layer_norm(x) if self.pre_ln else x, cache)  # (B, T, d)
+    def forward(self, x: Tensor, cache: dict[str, Tensor] | None = None, keep_from: int = 0) -> Tensor:
+        """(B, T, d) -> (B, T - keep_from, d): with ``keep_from`` only the later positions' outputs."""
+        h = self.self_attn(self.self_attn_layer_norm(x) if self.pre_ln else x, cache, keep_from)  # (B, T', d)
+        x = x[:, keep_from:] if keep_from else x  # (B, T', d) the residual of the kept positions
         if self.c_attn is not None:
             h = (h.unflatten(-1, (self.heads, -1)) * self.c_attn[:, None]).flatten(-2)  # (B, T, H, hd) -> (B, T, d)
         if self.attn_ln is not None:

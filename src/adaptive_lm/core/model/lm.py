@@ -92,6 +92,7 @@ class TransformerLM(nn.Module):
         positions: Tensor | None = None,
         return_all_hiddens: bool = False,
         routes: Routes | None = None,
+        keep_from: int = 0,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """(B, T) token ids -> (B, T, d_out) features before the softmax.
 
@@ -99,7 +100,14 @@ class TransformerLM(nn.Module):
         the previous ones; ``positions`` then gives the new tokens' position ids. With ``return_all_hiddens``
         the states after the embedding and after every layer are returned too (fairseq's ``inner_states``).
         ``routes``: the batch's band positions computed in advance (``Routes``; the trainer does it on the CPU).
+        ``keep_from``: only the features of positions ``keep_from`` on are wanted (evaluation with a context
+        window scores only the block after its context): the last layer then computes the queries, feed-forward
+        and final norms of those positions alone (every earlier layer still runs on all of them, whose keys and
+        values the kept positions attend to), and (B, T - keep_from, d_out) comes back. About a quarter of a
+        2-layer model's work at ``--context-window`` = half the block.
         """
+        if keep_from and (cache is not None or return_all_hiddens):
+            raise ValueError("keep_from needs the whole sequence in one call and only the last states")
         max_position = None
         if positions is None:
             positions = make_positions(src_tokens, self.padding_idx)  # (B, T)
@@ -122,9 +130,13 @@ class TransformerLM(nn.Module):
             x = self.layernorm_embedding(x)
         x = dropout(x, self.cfg.dropout, self.training)
         states = [x]
-        for i, layer in self.active_layers():
-            x = self.run_layer(layer, x, cache[i] if cache is not None else None)  # (B, T, d)
+        layers = self.active_layers()
+        for n, (i, layer) in enumerate(layers):
+            keep = keep_from if n == len(layers) - 1 else 0
+            x = self.run_layer(layer, x, cache[i] if cache is not None else None, keep)  # (B, T or T - keep, d)
             states.append(x)
+        if keep_from and not layers:  # no layer ran (all dropped): the embeddings of the kept positions
+            x = x[:, keep_from:]
         if self.layer_norm is not None:
             x = self.layer_norm(x)
         if self.project_out_dim is not None:
@@ -140,15 +152,15 @@ class TransformerLM(nn.Module):
             layers = [pair for pair, ui in zip(layers, u.tolist()) if ui > self.cfg.decoder_layerdrop]
         return layers  # type: ignore[return-value]
 
-    def run_layer(self, layer: DecoderLayer, x: Tensor, cache: dict[str, Tensor] | None) -> Tensor:
+    def run_layer(self, layer: DecoderLayer, x: Tensor, cache: dict[str, Tensor] | None, keep_from: int = 0) -> Tensor:
         """One layer; with ``checkpoint_activations`` (training) its activations are recomputed in backward
         instead of kept (the RNG state is restored, so dropout draws the same masks), and with
         ``offload_activations`` the layer inputs it keeps wait in CPU memory."""
         if not (self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled()):
-            return layer(x, cache)
+            return layer(x, cache, keep_from)
         offload = self.cfg.offload_activations and x.device.type != "cpu"
         with torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext():
-            return checkpoint(layer, x, cache, use_reentrant=False, context_fn=recompute_contexts)
+            return checkpoint(layer, x, cache, keep_from, use_reentrant=False, context_fn=recompute_contexts)
 
     def tie_weights(self) -> None:
         """Make tied tensors one Parameter again (loading with ``assign=True`` replaces each name separately)."""
