@@ -109,7 +109,7 @@ class AdaptiveInput(nn.Module):
         """``rows``: each band's positions (``route``), if already known; found here otherwise."""
         flat = tokens.reshape(-1)  # (N,)
         out: Tensor | None = None
-        prev = 0
+        prev, covered = 0, 0
         for i, end in enumerate(self.cutoff):
             idx = rows[i] if rows is not None else ((flat >= prev) & (flat < end)).nonzero().squeeze(1)  # (N_i,)
             n = idx.numel()
@@ -119,10 +119,12 @@ class AdaptiveInput(nn.Module):
                     quant_noise_(w, self.q_noise, self.qn_block_size)
                 ids = pad_rows(flat.index_select(0, idx) - prev, w)  # (N_i',) maybe padded for the kernel
                 band = self.projections[i](self.embeddings[i](ids))[:n]  # (N_i, d)
-                if out is None:
-                    out = band.new_zeros(flat.shape[0], self.embedding_dim)
-                out = out.index_copy(0, idx, band.to(out.dtype))
-            prev = end
+                if out is None:  # the bands cover every position once: nothing to zero first
+                    out = band.new_empty(flat.shape[0], self.embedding_dim)
+                out.index_copy_(0, idx, band.to(out.dtype))  # in place: one (N, d) tensor, not one per band
+            prev, covered = end, covered + n
+        if covered != flat.shape[0]:
+            raise ValueError(f"{flat.shape[0] - covered} token ids outside the vocabulary [0, {self.vocab_size})")
         if out is None:  # empty input
             out = self.projections[0].weight.new_zeros(flat.shape[0], self.embedding_dim)
         return out.view(*tokens.shape, self.embedding_dim)  # (*tokens.shape, d)

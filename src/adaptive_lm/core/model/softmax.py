@@ -115,26 +115,17 @@ class AdaptiveSoftmax(nn.Module):
                 self.tail_proj[i] = adaptive_input.projections[i + 1].weight
 
     # ---- pieces --------------------------------------------------------------------------------------
-    def head_logits(self, x: Tensor) -> Tensor:
-        """(N, d) -> (N, c0 + n_clusters): frequent-word logits, then one logit per tail cluster."""
+    def head_weight(self) -> Tensor:
+        """[word_weight; class_weight] (c0 + nc, d): the untied or tied-without-projection head as one matrix."""
+        return torch.cat([self.word_weight, self.class_weight])
+
+    def head_logits(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
+        """(N, d) -> (N, c0 + n_clusters): frequent-word logits, then one logit per tail cluster. ``weight``: the
+        ``head_weight()`` already made (scoring in chunks concatenates it once, not per chunk)."""
         if self.head_in_proj is None:
-            return F.linear(x, self._head_weight())  # (N, c0 + nc)
+            return F.linear(x, self.head_weight() if weight is None else weight)  # (N, c0 + nc)
         words = F.linear(self.head_in_proj(x), self.word_weight)  # (N, c0)
         return torch.cat([words, F.linear(x, self.class_weight)], dim=-1)
-
-    def _head_weight(self) -> Tensor:
-        """[word_weight; class_weight] (c0 + nc, d). Without gradients the concatenation is kept until either tensor
-        changes (its version counter moves, or it is replaced): scoring and generation call the head per chunk and
-        per step, and copying a 20,002 x 1024 head (80 MiB) each time is pure cost."""
-        w, c = self.word_weight, self.class_weight
-        if torch.is_grad_enabled() and (w.requires_grad or c.requires_grad):
-            return torch.cat([w, c])
-        key = (w.data_ptr(), w._version, c.data_ptr(), c._version, w.dtype, w.device)
-        kept = self.__dict__.get("_head_kept")
-        if kept is None or kept[0] != key:
-            kept = (key, torch.cat([w, c]))
-            self.__dict__["_head_kept"] = kept
-        return kept[1]
 
     def tail_logits(self, i: int, x: Tensor) -> Tensor:
         """(N_i, d) -> (N_i, size_i) for tail cluster i (dropout between projection and output, as fairseq)."""
@@ -226,8 +217,9 @@ class AdaptiveSoftmax(nn.Module):
             x.shape[0], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device
         )
         step = max(1, chunk_elements // self.head_size)
+        weight = self.head_weight() if self.head_in_proj is None else None
         for i in range(0, x.shape[0], step):
-            head = log_softmax_(fp32(self.head_logits(x[i : i + step])))  # (n, c0 + nc)
+            head = log_softmax_(fp32(self.head_logits(x[i : i + step], weight)))  # (n, c0 + nc)
             out[i : i + step] = head.gather(1, head_target[i : i + step, None]).squeeze(1)
         for c, cl in enumerate(clusters):
             if cl is None:
