@@ -21,8 +21,9 @@ import adaptive_lm
 from adaptive_lm.cli import main
 from adaptive_lm.core.errors import UserError
 from adaptive_lm.core.kernels import fast_linears
-from adaptive_lm.inference.evaluate import EvalConfig, plan, scored_batches
+from adaptive_lm.inference.evaluate import EvalConfig, context_windows, plan, scored_batches
 from adaptive_lm.inference.knn import KNN, first_blocks, interpolate, knn_evaluate, knn_score, knn_summary_lines
+from adaptive_lm.inference.knn.keys import KEYTYPES, KeyCapture
 
 TPS = "64"  # small blocks keep the stores small: 200 blocks = 12,800 keys
 
@@ -138,6 +139,33 @@ def test_final_keys_are_the_features_before_the_softmax_and_fp16_keys(fx, lm, tm
     half_step = np.spacing(np.abs(feats).astype(np.float16)).astype(np.float32) / 2  # (1280, 64)
     assert np.all(np.abs(keys.astype(np.float32) - feats) <= half_step + 1e-5 * np.maximum(1, np.abs(feats)))
     assert np.mean(keys == feats.astype(np.float16)) > 0.99  # and almost all are the very same fp16 values
+
+
+@pytest.mark.parametrize("keytype", KEYTYPES)
+def test_keys_with_a_context_window_are_the_full_forwards_at_the_scored_positions(fx, lm, keytype):
+    """With a context window the last layer runs only from the first scored position on (``keep_from``); the keys
+    it yields are the full forward's at the scored positions (fp32 rounding: other GEMM row counts)."""
+    cfg = EvalConfig(data=str(fx / "data-bin"), gen_subset="train", tokens_per_sample=64, context_window=40,
+                     batch_size=4, progress=False)  # fmt: skip
+    p = first_blocks(plan(lm, cfg), 8)
+    with KeyCapture(lm.model, keytype) as cap:
+        got = [b.features for b in scored_batches(lm, cfg, p, feature_fn=cap)]
+        windows = list(context_windows(p.dataset, 40, p.block))
+        for i, keys in enumerate(got):
+            chunk = windows[4 * i : 4 * i + 4]
+            W = max(len(x) for x, _, _ in chunk)
+            src = torch.full((len(chunk), W), lm.dictionary.pad(), dtype=torch.long)
+            mask = torch.zeros(len(chunk), W, dtype=torch.bool)
+            for r, (x, t, start) in enumerate(chunk):
+                src[r, : len(x)] = torch.from_numpy(x)
+                mask[r, start : start + len(t)] = True
+            with torch.no_grad(), fast_linears(lm.device):
+                lm.model(src)  # the full forward: every position through every layer
+                want = cap(src)[mask]  # (N, k)
+            assert i == 0 or min(s for _, _, s in chunk) == 40  # after the first batch: 40 positions of context
+            assert keys.shape == want.shape
+            torch.testing.assert_close(keys, want, atol=2e-5, rtol=1e-5)
+    assert len(got) == 2
 
 
 def test_full_blocks_only_drops_the_short_last_block(fx, tmp_path):

@@ -169,8 +169,10 @@ def scored_batches(
     start_block: int = 0,
 ) -> Iterator[ScoredBatch]:
     """Run the blocks of ``p`` (from ``start_block``) through the model, ``p.rows`` at a time, and yield the scores
-    of the scored positions. ``feature_fn(src)`` (B, W) -> (B, W, k), called inside the same forward context
-    after the model ran, supplies per-position features to keep (kNN-LM keys)."""
+    of the scored positions. The model computes its last layer only from the first scored position of the batch on
+    (``keep_from``: the context before it needs no output). ``feature_fn(src)`` (B, W') -> (B, W', k), called with
+    those last W' positions of the batch inside the same forward context after the model ran, supplies their
+    features to keep (kNN-LM keys: the last layer's or the model's own, so computed for exactly those positions)."""
     model = lm.model.eval()
     device = lm.device
     amp = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
@@ -196,7 +198,7 @@ def scored_batches(
                 tgt[r, first : s + len(t)] = t[int(skip_bos) :]
                 lengths.append(len(t) - int(skip_bos))
                 keep = min(keep, first)
-            keep = 0 if feature_fn is not None else min(keep, W - 1)  # kNN keys: hooks see every position
+            keep = min(keep, W - 1)
             src_t, tgt_t = torch.from_numpy(src).to(device), torch.from_numpy(tgt[:, keep:]).to(device)
             feats = model(src_t, keep_from=keep)  # (B, W - keep, d)
             mask = tgt_t != pad
@@ -207,7 +209,7 @@ def scored_batches(
                 for i in range(0, len(rows_t), step)
             ]
             lp = torch.cat(parts) if parts else rows_f.new_zeros(0)
-            keys = feature_fn(src_t)[mask] if feature_fn is not None else None
+            keys = feature_fn(src_t[:, keep:])[mask] if feature_fn is not None else None
             yield ScoredBatch(rows_t.cpu().numpy(), lp.double().cpu().numpy(), lengths, keys)
 
 

@@ -30,7 +30,8 @@ class KeyCapture:
 
     ``last_ffn_input``: a forward pre-hook on the last layer's ``fc1`` sees exactly its input (after the layer's
     LayerNorm in pre-LN models): knnlm's default key. ``final``: a forward hook on the model sees its output, the
-    features before the softmax. Called as ``feature_fn(src) -> (B, W, k)`` by ``evaluate.scored_batches``.
+    features before the softmax. Called as ``feature_fn(src) -> (B, W, k)`` by ``evaluate.scored_batches`` (with
+    the positions its last layer computed: both kinds of key come from the last layer or after it).
     """
 
     def __init__(self, model: torch.nn.Module, keytype: str) -> None:
