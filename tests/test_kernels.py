@@ -143,6 +143,11 @@ def test_log_softmax_in_place_is_torchs_result_and_keeps_gradients():
         ref = x.clone().requires_grad_()
         (F.log_softmax(ref, dim=-1) * w).sum().backward()
         assert torch.equal(leaf.grad, ref.grad)
+    wide = torch.randn(40, 30, generator=g)
+    with torch.no_grad():  # strided views: out of place, PyTorch's values (its out= kernel would scramble them)
+        for view in (wide[:, :20], wide.t()):
+            kept = view.clone()
+            assert torch.equal(K.log_softmax_(view), F.log_softmax(kept, dim=-1)) and torch.equal(view, kept)
 
 
 def test_fused_residual_dropout_and_relu_dropout_equal_the_unfused_ops():

@@ -182,6 +182,18 @@ def test_head_and_target_scores_follow_weight_changes_made_through_data():
         after = sm.target_log_prob(x, y)
         assert not torch.equal(before, after)
         torch.testing.assert_close(after, sm.log_prob(x).gather(1, y[:, None])[:, 0], atol=1e-6, rtol=0)
+    x.requires_grad_()
+    sm.head_logits(x).sum().backward()  # under autograd the concatenated head passes gradients to both parts
+    assert sm.word_weight.grad.abs().sum() > 0 and sm.class_weight.grad.abs().sum() > 0
+
+
+def test_adaptive_input_refuses_ids_outside_the_vocabulary():
+    emb = AdaptiveInput(50, 1, 16, 4.0, 16, [10, 30])
+    ok = torch.tensor([[0, 9, 10, 29, 30, 49]])
+    assert emb(ok).shape == (1, 6, 16) and emb(torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3, 16)
+    for bad in (50, -1):  # each position must fall in exactly one band: a stray id would leave its row unset
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            emb(torch.tensor([[3, bad, 12]]))
 
 
 # ---- invariants -------------------------------------------------------------------------------------------

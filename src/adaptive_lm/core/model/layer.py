@@ -172,7 +172,7 @@ class DecoderLayer(nn.Module):
         noise = self.training and self.q_noise > 0
         if noise:
             quant_noise_(self.fc1.weight, self.q_noise, self.qn_block_size)
-        h = self.fc1(self.final_layer_norm(x) if self.pre_ln else x)  # (B, T, ffn)
+        h = self.fc1(self.final_layer_norm(x) if self.pre_ln else x)  # (B, T', ffn)
         if self.act_name == "relu":  # relu(h) * keep == relu(h * keep) (keep >= 0): relu in place, one tensor fewer
             # in place also without gradients (inference): fc1's output is read by nothing else
             inplace = (self.training and self.act_dropout > 0) or not torch.is_grad_enabled()
@@ -184,5 +184,5 @@ class DecoderLayer(nn.Module):
         if noise:
             quant_noise_(self.fc2.weight, self.q_noise, self.qn_block_size)
         residual = x if self.w_resid is None else self.w_resid * x
-        x = add_dropout(residual, self.fc2(h), self.dropout, self.training)  # (B, T, d)
+        x = add_dropout(residual, self.fc2(h), self.dropout, self.training)  # (B, T', d)
         return x if self.pre_ln else self.final_layer_norm(x)

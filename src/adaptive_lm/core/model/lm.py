@@ -94,7 +94,7 @@ class TransformerLM(nn.Module):
         routes: Routes | None = None,
         keep_from: int = 0,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
-        """(B, T) token ids -> (B, T, d_out) features before the softmax.
+        """(B, T) token ids -> (B, T, d_out) features before the softmax ((B, T - keep_from, d_out) with ``keep_from``).
 
         ``cache`` (one dict per layer, filled in place) makes each new call attend to the keys and values of
         the previous ones; ``positions`` then gives the new tokens' position ids. With ``return_all_hiddens``
