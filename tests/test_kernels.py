@@ -209,6 +209,26 @@ def test_full_softmax_head_in_chunks_under_bf16_autocast():
     torch.testing.assert_close(w1, w2, rtol=0, atol=2**-8 * float(w2.abs().max()))
 
 
+def test_linear_library_choice_goes_by_the_median_not_one_lucky_run(monkeypatch):
+    """A library that is fast once and slow otherwise loses to a steadily faster one (the fastest-run rule kept
+    beam search's tail GEMMs on MKL at up to twice oneDNN's time). A fake clock: each run costs what it is told."""
+    from adaptive_lm.core.kernels import choice
+
+    clock = [0.0]
+    costs = {"mkl": [0.5] + [3.0] * (choice.TRIALS - 1), "onednn": [1.0] * choice.TRIALS}
+    timed = {name: iter([0.0] * choice.WARMUPS + c) for name, c in costs.items()}
+
+    def run(name: str):
+        def f() -> None:
+            clock[0] += next(timed[name])
+
+        return f
+
+    monkeypatch.setattr(choice.time, "perf_counter", lambda: clock[0])
+    assert choice._fastest({name: run(name) for name in costs}) == "onednn"
+    assert all(next(t, None) is None for t in timed.values())  # every warm-up and trial ran, no more
+
+
 def test_linear_library_choice_is_measured_once_per_shape_and_kept_on_disk(tmp_path, monkeypatch):
     """The first fp32 linear of a shape times MKL and oneDNN and keeps the faster one; the choice is written to the
     machine's file and a new process (here: a fresh table) reads it instead of measuring again, so that processes

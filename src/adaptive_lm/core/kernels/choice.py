@@ -2,14 +2,15 @@
 
 Why measure: MKL and oneDNN trade places between CPUs and shapes. On an AMD Zen 5, MKL's fp32 path ran at half of
 oneDNN's; on a Zen 4 the two are within 10% for square shapes while MKL's ``gy^T @ x`` (a weight gradient, read
-transposed in place) beats oneDNN, which needs both operands copied; with few rows (generation's 80 beams) MKL's small
-kernels win. A rule written for one CPU is wrong on the next, so the first time a (kind, rows, in, out) shape runs,
-both libraries run it on the real operands a few times and the faster one is kept for that shape.
+transposed in place) beats oneDNN, which needs both operands copied; with few rows (generation's 80 beams) each wins
+some shapes. A rule written for one CPU is wrong on the next, so the first time a (kind, rows, in, out) shape runs,
+both libraries run it on the real operands a few times and the one with the faster median is kept for that shape.
 
 Why a disk cache: the two libraries round differently, so the choice must not change between the processes of one
 job (a resumed run must equal an uninterrupted one bit for bit, two ranks must compute alike). Choices are keyed by
 the machine (CPU model and flags, threads, PyTorch version, ISA caps) and written atomically to
-``$ADAPTIVE_LM_CACHE/kernels/<machine>.json``; every later process on the machine reads them. Given the file, the
+``$ADAPTIVE_LM_CACHE/kernels/linears-<rule>-<machine>.json``; every later process on the machine reads them (a new
+measuring rule, ``RULE``, starts a new file, so the choices of one job stay those of one rule). Given the file, the
 numbers are deterministic. ``ADAPTIVE_LM_LINEARS=mkl`` or ``onednn`` forces one library (no measuring).
 
 Row counts are rounded to a coarse size (``bucket_rows``) for the key: evaluation and rescoring batches have a new
@@ -33,7 +34,12 @@ from adaptive_lm.core.files import atomic_write_json
 
 LIBRARIES = ("mkl", "onednn")
 CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
-TRIALS = 3  # timed runs per library after one warm-up (oneDNN builds its kernel on the first call)
+WARMUPS = 2  # untimed runs per library first (oneDNN builds its kernel on the first call)
+TRIALS = 5  # timed runs per library, alternating; the medians decide
+# The measuring rule's version, part of the file name: a new rule measures afresh instead of reading choices the old
+# one made. v2: medians of 5 (v1, the fastest of 3, let one quiet moment of MKL's jittery small GEMMs win: beam
+# search's 80-row tail GEMMs had been kept on MKL at 1.1-2x oneDNN's time)
+RULE = "v2"
 
 
 def bucket_rows(n: int) -> int:
@@ -62,7 +68,7 @@ def _machine_key() -> str:
 
 def _cache_file() -> Path:
     root = Path(os.environ.get("ADAPTIVE_LM_CACHE", Path.home() / ".cache" / "adaptive-lm"))
-    return root / "kernels" / f"linears-{_machine_key()}.json"
+    return root / "kernels" / f"linears-{RULE}-{_machine_key()}.json"
 
 
 class GemmChoice:
@@ -113,17 +119,19 @@ class GemmChoice:
 
 
 def _fastest(runs: dict[str, Callable[[], Tensor]]) -> str:
-    """The library whose best of ``TRIALS`` runs is fastest (runs alternate, so a busy moment hits both)."""
+    """The library whose median of ``TRIALS`` runs is fastest (runs alternate, so a busy moment hits both; the
+    median, not the best run, because a step meets a library's typical time, not its luckiest)."""
     with torch.no_grad():
-        for f in runs.values():
-            f()
-        best = dict.fromkeys(runs, float("inf"))
+        for _ in range(WARMUPS):
+            for f in runs.values():
+                f()
+        times: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(TRIALS):
             for name, f in runs.items():
                 t0 = time.perf_counter()
                 f()
-                best[name] = min(best[name], time.perf_counter() - t0)
-    return min(best, key=best.__getitem__)
+                times[name].append(time.perf_counter() - t0)
+    return min(times, key=lambda name: sorted(times[name])[len(times[name]) // 2])
 
 
 CHOICE = GemmChoice()
