@@ -73,7 +73,11 @@ class LanguageModel:
 
     def encode(self, sentence: str) -> torch.Tensor:
         """Tokenise (if a tokenizer was given), map words to ids, append ``</s>`` (fairseq's hub ``encode``)."""
-        return torch.tensor(self.dictionary.encode_line(self.tokenize(sentence)), dtype=torch.long)
+        return torch.tensor(self._line_ids(sentence), dtype=torch.long)
+
+    def _line_ids(self, line: str) -> list[int]:
+        """``encode``'s ids as a list (rescoring calls ``ids`` per hypothesis: no tensor round trip)."""
+        return self.dictionary.encode_line(self.tokenize(line))
 
     def decode(self, tokens: torch.Tensor | list[int]) -> str:
         """ids -> text, dropping ``</s>``/``<s>``/``<pad>``, then detokenise."""
@@ -83,13 +87,8 @@ class LanguageModel:
     def ids(self, sentence: str, replace_newline_with_eos: bool = False) -> list[int]:
         """A sentence's word ids without the final ``</s>`` (each line of it ending in ``</s>`` when
         ``replace_newline_with_eos``, as fairseq's hub)."""
-        d = self.dictionary  # encode's ids without its tensor (rescoring calls this per hypothesis)
-        if replace_newline_with_eos:
-            out: list[int] = []
-            for line in sentence.split("\n"):
-                out += d.encode_line(self.tokenize(line))
-            return out[:-1]
-        return d.encode_line(self.tokenize(sentence), append_eos=False)
+        lines = sentence.split("\n") if replace_newline_with_eos else [sentence]
+        return [i for line in lines for i in self._line_ids(line)][:-1]
 
     # ---- scoring --------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -59,9 +59,7 @@ def _machine_key() -> str:
         cpu_text = "\n".join(sorted(set(cpu)))
     except OSError:
         cpu_text = "unknown"
-    caps = [
-        f"{k}={os.environ.get(k, '')}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
-    ]
+    caps = [f"{k}={os.environ.get(k, '')}" for k in CAPS]
     text = "|".join([cpu_text, str(torch.get_num_threads()), torch.__version__, *caps])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
