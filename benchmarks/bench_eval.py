@@ -6,7 +6,9 @@ fairseq-eval-lm on the same model and data, and generation tokens/s with and wit
 Models: the shared fixture (fairseq-trained, 0.9M parameters, T=256) and a larger randomly initialised
 configuration of the wiki103 shape (8 layers, d=512, T=1024, same dictionary) written as a fairseq checkpoint so
 both tools load the same file. Data: the fixture's valid split (217,646 tokens; WikiText-2 valid). Perplexities
-are printed next to each other: they must agree.
+are printed next to each other: they must agree. ``gflop`` / ``mfu_%`` / ``bound``: our fp32 run's FLOPs as torch's
+FlopCounterMode counts them, their rate over the eval time (the tool's own "tokens in N s") against this machine's
+fp32 matmul peak, and the speedup over fairseq at 100% of that peak (``common.roofline``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from common import FIXTURE, machine, run, save, table
+from common import FIXTURE, counted_flops, machine, matmul_peak, roofline, run, save, table
 
 LARGER = dict(
     decoder_layers=8,
@@ -49,6 +51,17 @@ def larger_checkpoint(dest: Path) -> Path:
     return path
 
 
+def eval_flops(path: Path, data: Path, tps: int, cw: int) -> float:
+    """FLOPs of our fp32 evaluation of the split with the benchmark's flags (``common.counted_flops``)."""
+    import adaptive_lm
+    from adaptive_lm.inference.evaluate import EvalConfig, evaluate
+
+    lm = adaptive_lm.from_pretrained(path)
+    cfg = EvalConfig(data=str(data), gen_subset="valid", context_window=cw, tokens_per_sample=tps, batch_size=8,
+                     progress=False)  # fmt: skip
+    return counted_flops(lambda: evaluate(lm, cfg))
+
+
 def parse(text: str) -> tuple[int, float, float]:
     n = int(re.search(r"Evaluated ([\d,]+) tokens", text).group(1).replace(",", ""))
     secs = float(re.search(r"tokens in ([\d.]+)s", text).group(1))
@@ -71,6 +84,8 @@ def main() -> None:
     }
     rows = []
     models = {k: v for k, v in models.items() if k in args.models.split(",")}
+    peak = matmul_peak(torch.float32)
+    print(f"fp32 matmul peak: {peak / 1e9:.0f} GFLOP/s")
     for name, (path, tps) in models.items():
         for cw in (0, tps // 2):
             common = [
@@ -107,16 +122,17 @@ def main() -> None:
                             "process_s": round(r["wall"], 1),
                             "peak_rss_mib": round(r["rss_mib"]),
                         }
+            flops = eval_flops(path, data, tps, cw)
             for label, row in got.items():
                 if "fairseq" in got and label != "fairseq":
                     row["speedup"] = round(row["eval_tok_per_s"] / got["fairseq"]["eval_tok_per_s"], 2)
+                if label == "adaptive-lm":
+                    base = got["fairseq"]["tokens"] / got["fairseq"]["eval_tok_per_s"] if "fairseq" in got else None
+                    row.update(roofline(flops, row["tokens"] / row["eval_tok_per_s"], peak, base))
                 rows.append(row)
-    print(
-        table(
-            rows,
-            ["model", "context", "impl", "tokens", "ppl", "eval_tok_per_s", "process_s", "peak_rss_mib", "speedup"],
-        )
-    )
+    cols = ["model", "context", "impl", "tokens", "ppl", "eval_tok_per_s", "process_s", "peak_rss_mib", "speedup",
+            "gflop", "mfu_%", "bound"]  # fmt: skip
+    print(table(rows, cols))
 
     # generation: 200 new tokens, greedy, with and without the cache
     import adaptive_lm

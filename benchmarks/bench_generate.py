@@ -8,7 +8,9 @@ max_len_b=50, min_len=...)``. ``max_len = W + 50`` (W: the longest prompt + 1) a
 hypothesis run to the limit, so each prompt gets at least 50 new tokens on both sides (the same work whatever the
 model prefers). fairseq runs in its own venv, ours in this process (with the key/value cache, and once without it
 for comparison); each side's best of ``--repeats`` runs alternating between the tools, the model already loaded.
-The returned hypotheses must be identical (tokens) on both sides. tokens/s = new tokens of the best hypothesis of
+The returned hypotheses must be identical (tokens) on both sides. ``gflop`` / ``mfu_%`` / ``bound`` (the cached
+run): FLOPs as torch's FlopCounterMode counts them, MFU over this machine's fp32 matmul peak, and the speedup over
+fairseq at 100% of that peak (``common.roofline``). tokens/s = new tokens of the best hypothesis of
 every prompt per second. Models: the shared fixture (0.9M parameters) and, with ``--larger``, bench_eval's
 8-layer d512 model (random weights, written as a fairseq checkpoint).
 """
@@ -28,7 +30,7 @@ import torch
 
 from bench_eval import larger_checkpoint
 from bench_rescore import VALID, sentences
-from common import FIXTURE, machine, save, table
+from common import FIXTURE, counted_flops, machine, matmul_peak, roofline, save, table
 
 SETTINGS = dict(beam=5, max_len_a=1.0, max_len_b=50)
 
@@ -89,7 +91,7 @@ def new_tokens(texts: list[str], hyps: list[list[list[int]]], lm) -> int:
     return sum(len(h[0]) - len(lm.encode(t)) for t, h in zip(texts, hyps))  # best hypothesis: minus prompt + </s>
 
 
-def bench(name: str, model: Path, python: str, repeats: int) -> list[dict]:
+def bench(name: str, model: Path, python: str, repeats: int, peak: float) -> list[dict]:
     import adaptive_lm
 
     lm = adaptive_lm.from_pretrained(model)
@@ -104,6 +106,7 @@ def bench(name: str, model: Path, python: str, repeats: int) -> list[dict]:
             if label not in best or r["seconds"] < best[label]["seconds"]:
                 best[label] = r
     ref = best["fairseq hub"]["hypotheses"]
+    flops = counted_flops(lambda: ours(lm, texts, kw))  # the cached run's
     rows = []
     for label, r in best.items():
         if r["hypotheses"] != ref:
@@ -112,6 +115,8 @@ def bench(name: str, model: Path, python: str, repeats: int) -> list[dict]:
         rows.append({"model": name, "run": label, "seconds": round(r["seconds"], 3), "new tokens": n,
                      "tokens/s": round(n / r["seconds"], 1),
                      "vs fairseq": round(best["fairseq hub"]["seconds"] / r["seconds"], 2)})  # fmt: skip
+        if label == "adaptive-lm":
+            rows[-1].update(roofline(flops, r["seconds"], peak, best["fairseq hub"]["seconds"]))
     return rows
 
 
@@ -124,12 +129,14 @@ def main() -> None:
     from adaptive_lm.core.malloc import keep_freed_memory
 
     keep_freed_memory()  # what the console script does at start (adaptive-lm generate)
-    rows = bench("fixture (0.9M)", FIXTURE / "model" / "checkpoint_best.pt", args.fairseq_python, args.repeats)
+    peak = matmul_peak(torch.float32)
+    print(f"fp32 matmul peak: {peak / 1e9:.0f} GFLOP/s")
+    rows = bench("fixture (0.9M)", FIXTURE / "model" / "checkpoint_best.pt", args.fairseq_python, args.repeats, peak)
     if args.larger:
         with tempfile.TemporaryDirectory() as tmp:
             path = larger_checkpoint(Path(tmp) / "larger")
-            rows += bench("8 layers d512", path, args.fairseq_python, args.repeats)
-    cols = ["model", "run", "seconds", "new tokens", "tokens/s", "vs fairseq"]
+            rows += bench("8 layers d512", path, args.fairseq_python, args.repeats, peak)
+    cols = ["model", "run", "seconds", "new tokens", "tokens/s", "vs fairseq", "gflop", "mfu_%", "bound"]
     print(table(rows, cols))
     info = machine()
     print(f"machine: {info['cpu']} ({info['isa']}; ATen {info['aten_capability']}), {info['threads']} threads")

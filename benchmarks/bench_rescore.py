@@ -16,7 +16,9 @@ would call it:
 the list itself). Both time scoring only (tokenisation included), the model already loaded, best of ``--repeats``
 runs that alternate between the tools; the scores (sums of the positional scores, natural log) must agree within
 1e-4. Models: the shared fixture (fairseq-trained, 0.9M parameters) and, with ``--larger``, bench_eval's random
-8-layer d512 model written as a fairseq checkpoint.
+8-layer d512 model written as a fairseq checkpoint. ``gflop`` / ``mfu_%`` / ``bound``: our run's FLOPs as torch's
+FlopCounterMode counts them, their rate over this machine's measured fp32 matmul peak, and the speedup over fairseq
+that those FLOPs would give at 100% of the peak (``common.roofline``).
 
 ``--fusion`` also times pyctcdecode decoding with ``adaptive_lm.inference.fusion`` on synthetic CTC posteriors (one
 ambiguous letter per word): cached states against recomputing every prefix, batched per step or not.
@@ -38,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import FIXTURE, SHARED, machine, save, table
+from common import FIXTURE, SHARED, counted_flops, machine, matmul_peak, roofline, save, table
 
 VALID = SHARED / "data" / "wikitext-2" / "valid.txt"
 FAIRSEQ, MKL = "fairseq hub score()", "adaptive-lm, MKL linears"
@@ -266,6 +268,8 @@ def main() -> None:
 
         models["larger (8 x d512, random)"] = larger_checkpoint(Path("/tmp/bench-eval-larger"))
     results = []
+    peak = matmul_peak(torch.float32)
+    print(f"fp32 matmul peak: {peak / 1e9:.0f} GFLOP/s")
     import adaptive_lm
     from adaptive_lm.core.malloc import keep_freed_memory
 
@@ -283,6 +287,9 @@ def main() -> None:
         if FAIRSEQ in runs:
             b = np.asarray(runs[FAIRSEQ]["scores"])
             diff = max(float(np.abs(np.asarray(r["scores"]) - b).max()) for r in runs.values())
+        from adaptive_lm.inference.rescore import encode_hypotheses, sentence_logprobs
+
+        flops = counted_flops(lambda lm=lm: sentence_logprobs(lm, encode_hypotheses(lm, hyps)))
         for impl, r in runs.items():
             row = {
                 "model": name,
@@ -296,6 +303,8 @@ def main() -> None:
             if FAIRSEQ in runs:
                 row["speedup"] = round(runs[FAIRSEQ]["seconds"] / r["seconds"], 1)
                 row["max_abs_diff"] = f"{diff:.2e}"
+            if impl != FAIRSEQ:
+                row.update(roofline(flops, r["seconds"], peak, runs.get(FAIRSEQ, {}).get("seconds")))
             results.append(row)
         if diff is not None and diff > 1e-4:
             raise SystemExit(f"{name}: scores differ by {diff:.2e} > 1e-4")
@@ -310,7 +319,8 @@ def main() -> None:
         torch.set_num_threads(2)
     from adaptive_lm.core.hardware import describe
 
-    cols = ["model", "impl", "hypotheses", "tokens", "seconds", "hyp_per_s", "tok_per_s", "speedup", "max_abs_diff"]
+    cols = ["model", "impl", "hypotheses", "tokens", "seconds", "hyp_per_s", "tok_per_s", "speedup", "max_abs_diff",
+            "gflop", "mfu_%", "bound"]  # fmt: skip
     print(table(results, cols))
     if fusion_rows:
         print(f"\npyctcdecode shallow fusion, beam {args.beam}, {args.fusion_utterances} utterances, 1 thread:")

@@ -63,6 +63,29 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> floa
     return best
 
 
+def counted_flops(fn: Any) -> float:
+    """FLOPs of ``fn()`` as torch's FlopCounterMode counts them (matmuls and attention), run once on the plain
+    kernels: our oneDNN linears are calls the counter cannot see, with the same shapes. Attention is counted as
+    the full T x T products (the counter's convention), so MFU and the bound below slightly favour causal kernels."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from adaptive_lm.core.kernels import plain_kernels
+
+    with plain_kernels(), FlopCounterMode(display=False) as fc:
+        fn()
+    return float(fc.get_total_flops())
+
+
+def roofline(flops: float, seconds: float, peak: float, baseline_seconds: float | None) -> dict:
+    """How close a run is to the hardware: MFU (its counted FLOPs per second over the measured matmul peak of the
+    dtype that ran) and, given the baseline's time, ``bound``: the speedup over the baseline if those FLOPs ran at
+    100% of the peak and nothing else took time. A target above the bound cannot be met with this arithmetic."""
+    out = {"gflop": round(flops / 1e9, 1), "mfu_%": round(100 * flops / seconds / peak, 1)}
+    if baseline_seconds:
+        out["bound"] = round(baseline_seconds * peak / flops, 1)
+    return out
+
+
 CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
