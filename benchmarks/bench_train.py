@@ -6,7 +6,8 @@ Data: the shared fixture's data-bin (WikiText-2 test as training text, made by f
 Each configuration runs ours (fp32, and bf16 for ``medium``) and, with ``--fairseq-bin``, fairseq-train with the
 same flags, alternating, and prints ours/fairseq ratios. MFU = model FLOPs actually executed per update (counted
 by torch's FlopCounterMode on a real batch, forward + backward) x updates / training seconds / the matmul peak
-this script measures for that dtype.
+this script measures for that dtype; ``bound``: the speedup over fairseq if those FLOPs ran at 100% of that peak and
+nothing else took time (whole-process walls: startup counts against both).
 """
 
 from __future__ import annotations
@@ -184,6 +185,8 @@ def main() -> None:
                 f = flops_per_update(c, dtype == "bf16")
                 row["mfu_%"] = round(100 * f * updates / best["wall"] / peaks[dtype], 1)
                 row["mfu_dtype"] = dtype
+                if base:  # the speedup if those FLOPs ran at 100% of the peak and nothing else took time
+                    row["bound"] = round(base * peaks[dtype] / (f * updates), 2)
             if base:
                 row["speedup_vs_fairseq_fp32"] = round(base / best["wall"], 2)
             rows.append(row)
@@ -197,6 +200,7 @@ def main() -> None:
         "final_loss",
         "mfu_%",
         "speedup_vs_fairseq_fp32",
+        "bound",
     ]
     print(table(rows, cols))
     print("(wall = whole process, startup and data loading included; MFU over this machine's measured peak)")
