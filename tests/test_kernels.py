@@ -150,6 +150,31 @@ def test_log_softmax_in_place_is_torchs_result_and_keeps_gradients():
             assert torch.equal(K.log_softmax_(view), F.log_softmax(kept, dim=-1)) and torch.equal(view, kept)
 
 
+def test_topk_through_chunk_maxima_is_torchs_topk():
+    g = torch.Generator().manual_seed(5)
+    # widths with and without a short last chunk, k up to half the chunks, log-prob rows and rows that are mostly
+    # -inf (a forced prompt: one finite entry); strided rows (the first beam of each sentence) and 3-D input
+    cases = [((80, 14152), 10), ((16, 5, 14152), 10), ((7, 2560), 10), ((3, 20000), 1), ((64, 6000), 23)]
+    for shape, k in cases:
+        x = torch.log_softmax(torch.randn(*shape, generator=g) * 3, dim=-1)
+        want_v, want_i = torch.topk(x, k, dim=-1)
+        got_v, got_i = K.topk_rows(x, k)
+        assert torch.equal(got_v, want_v) and torch.equal(got_i, want_i)  # distinct values: same entries, same order
+    beams = torch.log_softmax(torch.randn(16, 5, 14152, generator=g), dim=-1)
+    first = beams[:, 0, :]  # (16, V) rows 5 V apart
+    assert torch.equal(K.topk_rows(first, 10)[1], torch.topk(first, 10).indices)
+    forced = torch.full((6, 14152), float("-inf"))
+    forced[torch.arange(6), torch.tensor([3, 14151, 7000, 128, 14080, 0])] = -0.5
+    v, i = K.topk_rows(forced, 10)
+    assert torch.equal(v, torch.topk(forced, 10).values)  # the finite entry first, then -inf
+    assert i[:, 0].tolist() == [3, 14151, 7000, 128, 14080, 0] and bool((i >= 0).all() and (i < 14152).all())
+    with K.plain_kernels():  # what CUDA runs: torch.topk itself
+        x = torch.randn(4, 14152, generator=g)
+        assert torch.equal(K.topk_rows(x, 10)[1], torch.topk(x, 10).indices)
+    narrow = torch.randn(5, 100, generator=g)  # fewer than 2k chunks: torch.topk
+    assert torch.equal(K.topk_rows(narrow, 10)[0], torch.topk(narrow, 10).values)
+
+
 def test_fused_residual_dropout_and_relu_dropout_equal_the_unfused_ops():
     x = torch.randn(6, 50, 16, dtype=torch.float64, requires_grad=True)
     h = torch.randn(6, 50, 16, dtype=torch.float64, requires_grad=True)

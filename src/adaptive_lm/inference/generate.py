@@ -38,7 +38,7 @@ from torch import Tensor
 
 from adaptive_lm.core.data import batch_by_size
 from adaptive_lm.core.errors import UserError
-from adaptive_lm.core.kernels import fast_linears
+from adaptive_lm.core.kernels import fast_linears, topk_rows
 from adaptive_lm.core.model import TransformerLM
 from adaptive_lm.core.options import opt
 
@@ -84,10 +84,10 @@ def beam_step(step: int, lprobs: Tensor, scores: Tensor) -> tuple[Tensor, Tensor
     bsz, beam, V = lprobs.shape
     k = min(2 * beam, beam * V - 1 if step > 0 else V - 1)  # fairseq: -1, never pad
     if step == 0:  # all beams are the same prefix: only the first
-        top_scores, top = torch.topk(lprobs[:, 0, :], k=k)  # (bsz, k)
+        top_scores, top = topk_rows(lprobs[:, 0, :], k)  # (bsz, k)
         return top_scores, top, torch.zeros_like(top)
     per_row = min(k, V)
-    row_lp, row_tok = torch.topk(lprobs, k=per_row, dim=-1)  # (bsz, beam, per_row)
+    row_lp, row_tok = topk_rows(lprobs, per_row)  # (bsz, beam, per_row)
     sums = (row_lp + scores[:, :, step - 1].unsqueeze(-1)).view(bsz, -1)  # (bsz, beam * per_row)
     top_scores, flat = torch.topk(sums, k=k)  # (bsz, k)
     return top_scores, row_tok.view(bsz, -1).gather(1, flat), torch.div(flat, per_row, rounding_mode="trunc")

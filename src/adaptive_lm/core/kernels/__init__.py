@@ -55,6 +55,7 @@ from adaptive_lm.core.kernels.dropout import _scale as _scale
 from adaptive_lm.core.kernels.dropout import add_dropout, dropout
 from adaptive_lm.core.kernels.linears import FastLinears, fast_linears, recompute_contexts
 from adaptive_lm.core.kernels.switch import SETTINGS, ours, plain_kernels, prepare_for_compile, use_plain_kernels
+from adaptive_lm.core.kernels.topk import topk_rows
 
 
 # ---- row padding for oneDNN ------------------------------------------------------------------------------------
@@ -108,6 +109,7 @@ __all__ = [
     "plain_kernels",
     "prepare_for_compile",
     "recompute_contexts",
+    "topk_rows",
     "use_plain_kernels",
     "wants_buckets",
 ]
