@@ -66,7 +66,8 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> floa
 def counted_flops(fn: Any) -> float:
     """FLOPs of ``fn()`` as torch's FlopCounterMode counts them (matmuls and attention), run once on the plain
     kernels: our oneDNN linears are calls the counter cannot see, with the same shapes. Attention is counted as
-    the full T x T products (the counter's convention), so MFU and the bound below slightly favour causal kernels."""
+    the full T x T products (the counter's convention, and what our stored-probability kernels compute), so for a
+    kernel that skips the masked half MFU reads high and the bound low by up to half the attention's share."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from adaptive_lm.core.kernels import plain_kernels
