@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from common import FIXTURE, REPO, machine, matmul_peak, run, save, table
+from common import FIXTURE, REPO, machine, matmul_peak, roofline, run, save, table
 
 CONFIGS = {
     "small": dict(layers=2, dim=128, ffn=512, heads=4, tps=256, max_tokens=2048, cutoff="2000,8000", updates=300),
@@ -183,10 +183,8 @@ def main() -> None:
             }
             if label.startswith("ours"):
                 f = flops_per_update(c, dtype == "bf16")
-                row["mfu_%"] = round(100 * f * updates / best["wall"] / peaks[dtype], 1)
+                row.update(roofline(f * updates, best["wall"], peaks[dtype], base))
                 row["mfu_dtype"] = dtype
-                if base:  # the speedup if those FLOPs ran at 100% of the peak and nothing else took time
-                    row["bound"] = round(base * peaks[dtype] / (f * updates), 2)
             if base:
                 row["speedup_vs_fairseq_fp32"] = round(base / best["wall"], 2)
             rows.append(row)

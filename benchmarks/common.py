@@ -83,7 +83,7 @@ def roofline(flops: float, seconds: float, peak: float, baseline_seconds: float 
     100% of the peak and nothing else took time. A target above the bound cannot be met with this arithmetic."""
     out = {"gflop": round(flops / 1e9, 1), "mfu_%": round(100 * flops / seconds / peak, 1)}
     if baseline_seconds:
-        out["bound"] = round(baseline_seconds * peak / flops, 1)
+        out["bound"] = round(baseline_seconds * peak / flops, 2)
     return out
 
 
