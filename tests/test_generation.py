@@ -176,6 +176,38 @@ def test_the_cache_gives_what_recomputing_gives():
                 torch.testing.assert_close(x["positional_scores"], y["positional_scores"], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("model", ["wiki_tied", "postln", "untied", "bos"])
+def test_prompts_prefilled_at_once_give_what_stepping_through_them_gives(model):
+    """The positions every prompt of a batch forces run in one pass on one row per prompt (``prefill``) instead of
+    one step per position on every beam row: the same hypotheses, the same scores up to summation order, for beam
+    search (with n-gram blocking and an unknown-word penalty) and seeded sampling; and the model runs S - 1 fewer
+    times, S being the shortest prompt's forced positions."""
+    lm = load(model)
+    prompts = [lm.encode(p) for p in ("It was in the early years of", "The first of the", "In 1996 , the band was")]
+    S = min(len(p) for p in prompts) - 1  # steps 0 .. S - 1 force a prompt word in every sentence (encode adds </s>)
+    calls = []
+    hook = lm.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        for kw in (
+            dict(beam=4),
+            dict(beam=3, no_repeat_ngram_size=2, unkpen=1.0, lenpen=0.7),
+            dict(beam=3, sampling=True, sampling_topk=8, seed=3),
+        ):
+            calls.clear()
+            a = lm.generate(prompts, max_len_b=12, **kw)
+            n_prefilled = len(calls)
+            calls.clear()
+            b = lm.generate(prompts, max_len_b=12, prefill=False, **kw)
+            assert n_prefilled == len(calls) - (S - 1), (model, kw)
+            for ha, hb in zip(a, b, strict=True):
+                assert [h["tokens"].tolist() for h in ha] == [h["tokens"].tolist() for h in hb], (model, kw)
+                for x, y in zip(ha, hb):
+                    torch.testing.assert_close(x["positional_scores"], y["positional_scores"], atol=1e-5, rtol=0)
+                    torch.testing.assert_close(x["score"], y["score"], atol=1e-5, rtol=0)
+    finally:
+        hook.remove()
+
+
 @pytest.mark.parametrize("unkpen", [0.0, 0.5])
 def test_nan_log_probs_become_minus_inf_as_fairseqs_rule(unkpen):
     """fairseq: ``lprobs[lprobs != lprobs] = -inf`` before the pad / unk / length rules; we look for a NaN through

@@ -62,6 +62,9 @@ class GenerationConfig:
     sampling_topp: float = opt(-1.0, "sample from the smallest set with probability mass p (-1: off)", kind="topp")
     temperature: float = opt(1.0, "divides the decoder output before the softmax", kind="positive")
     use_cache: bool = True  # False: recompute the whole prefix every step (the same numbers; for comparison)
+    # with the cache: the positions every prompt of a batch forces computed in one pass, once per prompt rather than
+    # once per beam row (the same numbers up to summation order; False: one position per step, as fairseq)
+    prefill: bool = True
 
     def check(self) -> None:
         """fairseq's asserts, as one line each."""
@@ -169,9 +172,34 @@ class _Stepper:
     def __init__(self, model: TransformerLM, cfg: GenerationConfig, capacity: int) -> None:
         self.model, self.cfg = model, cfg
         self.cache = model.new_cache(capacity) if cfg.use_cache else None
+        self.prefilled: Tensor | None = None  # (bsz, S, d): the features of the prompts' first S positions
+        self.k = 1
+
+    def prefill(self, starts: Tensor, k: int) -> None:
+        """Run the first S positions of every prompt at once: ``starts`` (bsz, S) = the start symbol and the first
+        S - 1 prompt tokens, which every prompt of the batch forces. The cache of each of a prompt's ``k`` beam rows
+        gets those S positions' keys and values; steps 0 .. S - 1 then read their distributions from the kept
+        features instead of running the model.
+
+        Why it gives fairseq's hypotheses: while a prompt is forced, the rows of a sentence other than its first
+        hold -inf hypotheses (at step 0 only the first beam is searched), and a -inf score stays -inf whatever the
+        row's tokens, cache or distribution; so only the first row's computation counts, and that is the prompt's.
+        Sampling draws the prompt's token on every row (the only word of non-zero probability): every row is the
+        prompt. The work of those positions drops from one step per position on bsz * k rows to one pass on bsz."""
+        B, S = starts.shape
+        pos = (torch.arange(S, device=starts.device) + self.model.padding_idx + 1).expand(B, S)  # (B, S)
+        plain = self.model.new_cache()  # dicts: whole (B, H, S, hd) keys and values
+        self.prefilled = self.model(starts, cache=plain, positions=pos)  # (B, S, d)
+        assert self.cache is not None
+        for layer, kv in zip(self.cache, plain):
+            layer.append(kv["k"].repeat_interleave(k, 0), kv["v"].repeat_interleave(k, 0))  # (B * k, H, S, hd)
+        self.k = k
 
     def __call__(self, tokens: Tensor, step: int) -> Tensor:
         """``tokens``: (rows, >= step + 1); the distribution of the token at ``step + 1``."""
+        if self.prefilled is not None and step < self.prefilled.shape[1]:
+            lp = self.model.log_probs_from_features(self.prefilled[:, step], self.cfg.temperature).float()  # (B, V)
+            return lp.repeat_interleave(self.k, 0)  # (B * k, V)
         if self.cache is not None:
             pos = torch.full((tokens.shape[0], 1), step + self.model.padding_idx + 1, device=tokens.device)  # (rows, 1)
             feats = self.model(tokens[:, step : step + 1], cache=self.cache, positions=pos)  # (rows, 1, d)
@@ -204,10 +232,26 @@ class _Batch:
         self.remaining = self.bsz
         self.step_fn = _Stepper(model, cfg, max_len + 2)
 
+    def forced_steps(self) -> int:
+        """S: steps 0 .. S - 1 force a prompt token other than ``</s>`` in every sentence (so none can finish and
+        the batch keeps its rows), below ``max_len``."""
+        stop = self.prefix.eq(self.sp.pad) | self.prefix.eq(self.sp.eos)  # (bsz, P)
+        cols = stop.any(0).nonzero()
+        S = int(cols[0]) if cols.numel() else self.prefix.shape[1]
+        return min(S, self.max_len)
+
     def run(self) -> list[list[dict[str, Tensor]]]:
         reorder: Tensor | None = None
         kept: Tensor | None = None  # the sentences still in the batch after the last step (None: all)
+        S = self.forced_steps() if self.cfg.use_cache and self.cfg.prefill else 0
+        S = S if S > 1 else 0  # positions computed at once (0: none)
+        if S:
+            starts = self.tokens[:: self.k, :S].clone()  # (bsz, S): start symbol, then the prompts' first S - 1
+            starts[:, 1:] = self.prefix[:, : S - 1]
+            self.step_fn.prefill(starts, self.k)
         for step in range(self.max_len + 1):  # the last step only ends hypotheses
+            if reorder is not None and step <= S:  # the rows of a sentence hold the same prefilled cache
+                reorder = None
             if reorder is not None:
                 if kept is not None:  # rows of removed sentences are gone: shift the beam indices
                     shift = kept - torch.arange(kept.numel(), device=kept.device)
