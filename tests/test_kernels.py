@@ -254,6 +254,43 @@ def test_linear_library_choice_goes_by_the_median_not_one_lucky_run(monkeypatch)
     assert all(next(t, None) is None for t in timed.values())  # every warm-up and trial ran, no more
 
 
+def test_weight_gradient_candidates_compute_dy_t_x_and_repeat_bit_for_bit(tmp_path, monkeypatch):
+    """Every candidate for dW = dy^T x (MKL, oneDNN's GEMM on transposed copies, oneDNN's backward-weights
+    primitive) gives dy^T x, and each gives the same bits when run again (a choice is kept so that runs repeat).
+    Tolerance: an fp32 sum of N = 300 products in any order is within N * 2**-24 * sum|a b| of the exact one
+    (the standard bound gamma_N), element by element; the reference is fp64."""
+    from adaptive_lm.core.kernels import choice, linears
+
+    monkeypatch.setenv("ADAPTIVE_LM_CACHE", str(tmp_path))
+    monkeypatch.delenv("ADAPTIVE_LM_LINEARS", raising=False)
+    assert linears._weight_grad_primitive_ok()  # PyTorch's CPU build ships it
+    g = torch.Generator().manual_seed(5)
+    gy, x = torch.randn(300, 70, generator=g), torch.randn(300, 45, generator=g)
+    want = gy.double().t() @ x.double()  # (70, 45)
+    seen: dict[str, torch.Tensor] = {}
+
+    class Every(choice.GemmChoice):
+        def pick(self, kind, rows, k, n, runs):  # run every candidate, keep what each gave
+            for name, f in runs.items():
+                seen[name] = f()
+            return "mkl"
+
+    monkeypatch.setattr(choice, "CHOICE", Every())
+    linears.weight_grad_gemm(gy, x)
+    assert sorted(seen) == ["mkl", "onednn", "onednn-ip"]
+    bound = 300 * 2**-24 * (gy.abs().double().t() @ x.abs().double())  # (70, 45)
+    for got in seen.values():
+        assert bool(((got.double() - want).abs() <= bound).all())
+    again = dict(seen)
+    linears.weight_grad_gemm(gy, x)
+    assert all(torch.equal(seen[n], again[n]) for n in seen)
+    # the measured path keeps one of the three for the shape and returns its numbers
+    monkeypatch.setattr(choice, "CHOICE", choice.GemmChoice())
+    got = linears.weight_grad_gemm(gy, x)
+    kept = json.loads(next((tmp_path / "kernels").glob("linears-*.json")).read_text())["dw:320x70x45"]
+    assert kept in seen and torch.equal(got, seen[kept])
+
+
 def test_linear_library_choice_is_measured_once_per_shape_and_kept_on_disk(tmp_path, monkeypatch):
     """The first fp32 linear of a shape times MKL and oneDNN and keeps the faster one; the choice is written to the
     machine's file and a new process (here: a fresh table) reads it instead of measuring again, so that processes

@@ -4,14 +4,16 @@ Why measure: MKL and oneDNN trade places between CPUs and shapes. On an AMD Zen 
 oneDNN's; on a Zen 4 the two are within 10% for square shapes while MKL's ``gy^T @ x`` (a weight gradient, read
 transposed in place) beats oneDNN, which needs both operands copied; with few rows (generation's 80 beams) each wins
 some shapes. A rule written for one CPU is wrong on the next, so the first time a (kind, rows, in, out) shape runs,
-both libraries run it on the real operands a few times and the one with the faster median is kept for that shape.
+each candidate (both libraries; for a weight gradient also oneDNN's backward-weights primitive) runs it on the real
+operands a few times and the one with the fastest median is kept for that shape.
 
 Why a disk cache: the two libraries round differently, so the choice must not change between the processes of one
 job (a resumed run must equal an uninterrupted one bit for bit, two ranks must compute alike). Choices are keyed by
 the machine (CPU model and flags, threads, PyTorch version, ISA caps) and written atomically to
 ``$ADAPTIVE_LM_CACHE/kernels/linears-<rule>-<machine>.json``; every later process on the machine reads them (a new
 measuring rule, ``RULE``, starts a new file, so the choices of one job stay those of one rule). Given the file, the
-numbers are deterministic. ``ADAPTIVE_LM_LINEARS=mkl`` or ``onednn`` forces one library (no measuring).
+numbers are deterministic. ``ADAPTIVE_LM_LINEARS=mkl`` or ``onednn`` forces one library (no measuring; forced
+oneDNN runs weight gradients through its GEMM, not through the backward-weights primitive a measurement may pick).
 
 Row counts are rounded to a coarse size (``bucket_rows``) for the key: evaluation and rescoring batches have a new
 row count nearly every time, and one measurement per size class is enough.
@@ -38,8 +40,9 @@ WARMUPS = 2  # untimed runs per library first (oneDNN builds its kernel on the f
 TRIALS = 5  # timed runs per library, alternating; the medians decide
 # The measuring rule's version, part of the file name: a new rule measures afresh instead of reading choices the old
 # one made. v2: medians of 5 (v1, the fastest of 3, let one quiet moment of MKL's jittery small GEMMs win: beam
-# search's 80-row tail GEMMs had been kept on MKL at 1.1-2x oneDNN's time)
-RULE = "v2"
+# search's 80-row tail GEMMs had been kept on MKL at 1.1-2x oneDNN's time). v3: weight gradients also try oneDNN's
+# backward-weights primitive ("onednn-ip", ``linears.weight_grad_gemm``)
+RULE = "v3"
 
 
 def bucket_rows(n: int) -> int:
