@@ -5,6 +5,7 @@ again when checkpointed activations are recomputed)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 
 import torch
@@ -41,20 +42,15 @@ def _onednn_weight_grad(gy2: Tensor, x2: Tensor) -> Tensor:
     return op(gy2.contiguous().to_mkldnn(), x2.contiguous().to_mkldnn(), gy2, False)[0]
 
 
+@functools.cache
 def _weight_grad_primitive_ok() -> bool:
     """Whether this PyTorch has the backward-weights primitive and it computes dy^T x (checked once)."""
-    global _WGRAD_OK
-    if _WGRAD_OK is None:
-        try:
-            g = torch.Generator().manual_seed(0)  # never the global generator: it is the user's
-            gy, x = torch.randn(5, 3, generator=g), torch.randn(5, 4, generator=g)
-            _WGRAD_OK = bool(torch.allclose(_onednn_weight_grad(gy, x), gy.t() @ x, atol=1e-5))
-        except (AttributeError, RuntimeError, TypeError):
-            _WGRAD_OK = False
-    return _WGRAD_OK
-
-
-_WGRAD_OK: bool | None = None
+    try:
+        g = torch.Generator().manual_seed(0)  # never the global generator: it is the user's
+        gy, x = torch.randn(5, 3, generator=g), torch.randn(5, 4, generator=g)
+        return bool(torch.allclose(_onednn_weight_grad(gy, x), gy.t() @ x, atol=1e-5))
+    except (AttributeError, RuntimeError, TypeError):
+        return False
 
 
 def weight_grad_gemm(gy2: Tensor, x2: Tensor) -> Tensor:
