@@ -521,3 +521,35 @@ def test_add_bos_token_evaluation_drops_the_bos_score(tmp_path):
             expect.append(lm.model.target_log_probs(src[None], tgt[None])[0, 1:])
     expect = torch.cat(expect).double().numpy()
     assert res.n_tokens == 50 and np.abs(res.scores - expect).max() < 1e-5
+
+
+def test_a_reordered_key_value_cache_decodes_what_the_reordered_histories_give():
+    """Beam search reorders the cache rows between steps (rows repeated, dropped, fewer rows when sentences end), and
+    ``LayerCache`` applies a reorder lazily, at the layer's next append; two reorders before an append compose.
+    Each row's features must be those of a full forward over the row's history as reordered, in fp64 to rounding."""
+    torch.manual_seed(0)
+    model = build_model("tiny", 50, dropout=0.0).double().eval()
+    g = torch.Generator().manual_seed(1)
+    rows, steps = 6, 9
+    tokens = torch.randint(4, 50, (rows, steps), generator=g)
+    hist = tokens[:, :0]
+    reorders = {  # before step t: the rows kept, in order (a list: several reorders before that step's append)
+        2: [torch.tensor([1, 1, 0, 3, 5, 2])],
+        4: [torch.tensor([5, 4, 3, 2, 1, 0]), torch.tensor([0, 0, 2, 2, 4, 4])],
+        6: [torch.tensor([3, 0, 1, 4])],  # two rows' sentences ended
+        8: [torch.tensor([2, 2, 0])],
+    }
+    cache = model.new_cache(steps + 1)
+    with torch.no_grad():
+        for t in range(steps):
+            for order in reorders.get(t, []):
+                for layer in cache:
+                    layer.reorder(order)
+                hist = hist[order]
+            step_tokens = tokens[: hist.shape[0], t : t + 1]  # (rows now, 1)
+            hist = torch.cat([hist, step_tokens], dim=1)
+            pos = torch.full_like(step_tokens, t + model.padding_idx + 1)
+            got = model(step_tokens, cache=cache, positions=pos)[:, -1]  # (rows now, d)
+            want = model(hist)[:, -1]
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+        assert all(layer["k"].shape[:3] == (3, layer["k"].shape[1], steps) for layer in cache)

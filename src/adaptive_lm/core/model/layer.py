@@ -21,15 +21,21 @@ class LayerCache(dict):
     Why: decoding one position at a time, a dict cache concatenates every layer's keys and values with the new ones
     (a copy of the whole cache per step) and beam search then reorders them (another copy), which took more time
     than the model's matmuls for an 8-layer d512 model. Here a new position is written in place, and a reorder is one
-    gather into the spare buffer (``reorder``)."""
+    gather into the spare buffer, done lazily: ``reorder`` only records the rows, and the next ``append`` (this
+    layer's turn in the next step) gathers them, just before the attention reads the same keys and values. Gathering
+    every layer's cache at the start of a step wrote 150 MB that the layers then read back from DRAM (8 layers d512,
+    80 rows); one layer's cache at a time is still in the CPU's cache when its attention reads it. Read ``"k"`` and
+    ``"v"`` only through ``append`` (or after ``flush``)."""
 
     def __init__(self, capacity: int) -> None:
         super().__init__()
         self.capacity = capacity
         self.bufs: list[Tensor] = []  # k, v, spare k, spare v: (B0, H, capacity, hd) each, made on first use
+        self.pending: Tensor | None = None  # rows of a reorder not yet applied
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Add (B, H, T, hd) keys and values; the whole (B, H, S + T, hd) views back."""
+        self.flush()
         S = self["k"].shape[2] if "k" in self else 0
         B, H, T, hd = k.shape
         if self.capacity < S + T:  # beyond the planned length: concatenate, as a plain dict
@@ -44,7 +50,15 @@ class LayerCache(dict):
         return k, v
 
     def reorder(self, rows: Tensor) -> None:
-        """Keep, in this order, the cache rows ``rows`` (beam search's choice, maybe fewer rows than before)."""
+        """Keep, in this order, the cache rows ``rows`` (beam search's choice, maybe fewer rows than before); applied
+        by the next ``append`` or ``flush``."""
+        self.pending = rows if self.pending is None else self.pending.index_select(0, rows)
+
+    def flush(self) -> None:
+        """Apply the pending reorder: one gather of the keys and values into the spare buffers."""
+        rows, self.pending = self.pending, None
+        if rows is None or "k" not in self:
+            return
         if not self.bufs or self["k"].data_ptr() != self.bufs[0].data_ptr():
             self["k"], self["v"] = self["k"].index_select(0, rows), self["v"].index_select(0, rows)
             return
