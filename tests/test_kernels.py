@@ -318,3 +318,24 @@ def test_linear_library_choice_is_measured_once_per_shape_and_kept_on_disk(tmp_p
     for lib in choice.LIBRARIES:
         monkeypatch.setenv("ADAPTIVE_LM_LINEARS", lib)
         assert choice.GemmChoice().pick("fwd", 7, 1, 1, {}) == lib
+
+
+def test_a_oneDNN_op_is_trusted_only_when_it_exists_and_computes_the_reference():
+    """The fast paths check each oneDNN op once (``_computes``): a build without the op, one that rejects the call,
+    or one that computes something else must fall back to PyTorch's own kernels, not fail or give other numbers."""
+    from adaptive_lm.core.kernels import linears
+
+    def missing(a, b):
+        return torch.ops.mkldnn._no_such_op(a, b)
+
+    def rejects(a, b):
+        raise RuntimeError("oneDNN is not compiled in")
+
+    ref = lambda a, b: a.t() @ b  # noqa: E731
+    assert linears._computes(ref, ref)
+    assert linears._computes(lambda a, b: (a.double().t() @ b.double()).float(), ref)  # rounding apart: the same
+    assert not linears._computes(missing, ref)
+    assert not linears._computes(rejects, ref)
+    assert not linears._computes(lambda a, b: a.t() @ b * (1 + 1e-3), ref)
+    assert not linears._computes(lambda a, b: a.t() @ b[:, :3], ref)  # a shape error
+    assert linears.FastLinears.available() == torch.backends.mkldnn.is_available()  # the CPU build ships the op
