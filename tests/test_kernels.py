@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from adaptive_lm import build_model
 from adaptive_lm.core import kernels as K
 
 
@@ -307,8 +309,8 @@ def test_linear_library_choice_is_measured_once_per_shape_and_kept_on_disk(tmp_p
     real = choice._fastest
     monkeypatch.setattr(choice, "_fastest", lambda runs: measured.append(sorted(runs)) or real(runs))
     with K.fast_linears(torch.device("cpu")), torch.no_grad():
-        y = torch.nn.functional.linear(x, w)
-        torch.nn.functional.linear(x[:49], w)  # the same size class: no second measurement
+        y = K.linear(x, w)
+        K.Linear(24, 33, bias=False).requires_grad_(False)(x[:49])  # the same size class: no second measurement
     assert measured == [["mkl", "onednn"]]
     saved = json.loads(next((tmp_path / "kernels").glob("linears-*.json")).read_text())
     assert set(saved) == {"fwd:64x24x33"} and saved["fwd:64x24x33"] in choice.LIBRARIES
@@ -339,3 +341,46 @@ def test_a_oneDNN_op_is_trusted_only_when_it_exists_and_computes_the_reference()
     assert not linears._computes(lambda a, b: a.t() @ b * (1 + 1e-3), ref)
     assert not linears._computes(lambda a, b: a.t() @ b[:, :3], ref)  # a shape error
     assert linears.FastLinears.available() == torch.backends.mkldnn.is_available()  # the CPU build ships the op
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),  # wiki103's shape: adaptive input and softmax, tied, with projections
+        dict(adaptive_input=False, tie_adaptive_weights=False, tie_adaptive_proj=False, decoder_output_dim=24),
+        dict(adaptive_input=False, tie_adaptive_weights=False, tie_adaptive_proj=False),  # untied adaptive softmax
+        dict(
+            adaptive_input=False,
+            tie_adaptive_weights=False,
+            tie_adaptive_proj=False,
+            adaptive_softmax_cutoff=None,
+            decoder_output_dim=24,
+        ),  # plain output layer  # fmt: skip
+    ],
+)
+def test_every_linear_layer_of_a_model_runs_on_the_measured_library(monkeypatch, overrides):
+    """The measured linears reach a model through its modules (``Linear``) and ``linear``, not by intercepting every
+    torch call (that cost beam search 14%): a layer left as a plain nn.Linear would silently run on PyTorch's
+    default. So every linear layer of the model kinds is a ``Linear``, and inside the block a forward and backward
+    run their GEMMs on oneDNN (forced) with the outside-the-block log-probs and gradients, to fp32 summation order."""
+    monkeypatch.setenv("ADAPTIVE_LM_LINEARS", "onednn")
+    torch.manual_seed(0)
+    model = build_model("tiny", 60, **overrides).eval()  # no dropout; gradients still flow
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is K.Linear for m in linears)
+    real, calls = torch.ops.mkldnn._linear_pointwise, []
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a[1].shape) or real(*a))
+    src = torch.randint(4, 60, (3, 9))
+    want = model.log_probs(src)
+    want.sum().backward()
+    want_grads = [p.grad.clone() for p in model.parameters()]
+    assert not calls  # outside the block: PyTorch's own linears
+    model.zero_grad()
+    with K.fast_linears(torch.device("cpu")):
+        got = model.log_probs(src)
+    got.sum().backward()
+    shapes = {tuple(s) for s in calls}
+    assert {tuple(m.weight.shape) for m in linears} <= shapes  # every layer's forward ran on oneDNN
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for p, g in zip(model.parameters(), want_grads):
+        torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-4)

@@ -17,6 +17,7 @@ import adaptive_lm
 from adaptive_lm.cli import main
 from adaptive_lm.cli.rescore import parse_grid
 from adaptive_lm.core.kernels import FastLinears
+from adaptive_lm.core.kernels import linear as fast_linear
 from adaptive_lm.inference.rescore import (
     LM_COLUMN,
     best_per_list,
@@ -108,9 +109,9 @@ def test_sentence_logprobs_equal_languagemodel_score_with_length_sorted_batches(
 
 
 def test_onednn_linears_equal_f_linear_only_inside_the_block(monkeypatch):
-    """The thread-local mode inference and training run under, with oneDNN chosen for every shape: the same fp32
-    results and gradients as F.linear (up to summation order), and untouched calls outside the block or in another
-    dtype."""
+    """The thread-local switch inference and training run under, with oneDNN chosen for every shape: ``linear`` gives
+    the same fp32 results and gradients as F.linear (up to summation order), and goes to F.linear outside the block
+    or in another dtype."""
     monkeypatch.setenv("ADAPTIVE_LM_LINEARS", "onednn")
     assert FastLinears.available()  # PyTorch's CPU build ships the op; the benchmark's speed depends on it
     real, calls = torch.ops.mkldnn._linear_pointwise, []
@@ -121,10 +122,10 @@ def test_onednn_linears_equal_f_linear_only_inside_the_block(monkeypatch):
 
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
     x, w, b = torch.randn(4, 7, 16), torch.randn(9, 16), torch.randn(9)
-    linear = torch.nn.functional.linear
+    fast, linear = fast_linear, torch.nn.functional.linear
     with torch.no_grad(), FastLinears():
-        y3, y2 = linear(x, w, b), linear(x[0], w)
-        yd = linear(x.double(), w.double())
+        y3, y2 = fast(x, w, b), fast(x[0], w)
+        yd = fast(x.double(), w.double())
     assert calls == [(28, 16), (7, 16)] and yd.dtype == torch.float64  # float64: the usual path
     torch.testing.assert_close(y3, linear(x, w, b), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(y2, x[0] @ w.T, atol=1e-5, rtol=1e-5)
@@ -132,7 +133,7 @@ def test_onednn_linears_equal_f_linear_only_inside_the_block(monkeypatch):
     # fp32 sums of at most 28 products of O(1) terms in another order, |error| < 28 * 2 * eps * sum|ab| ~ 1e-5
     xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
     with FastLinears():
-        y = linear(xg, wg, bg)
+        y = fast(xg, wg, bg)
     assert type(y.grad_fn).__name__ == "_FastLinearBackward" and len(calls) == 3
     gy = torch.randn_like(y)
     y.backward(gy)
@@ -142,7 +143,7 @@ def test_onednn_linears_equal_f_linear_only_inside_the_block(monkeypatch):
     for got, want in zip((y, xg.grad, wg.grad, bg.grad), (linear(x, w, b), *(t.grad for t in ref))):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
-        linear(x, w)  # outside the block
+        fast(x, w)  # outside the block
     assert len(calls) == 5
 
 

@@ -171,7 +171,6 @@ class _Stepper:
 
     def __init__(self, model: TransformerLM, cfg: GenerationConfig, capacity: int) -> None:
         self.model, self.cfg = model, cfg
-        self.device = next(model.parameters()).device
         self.cache = model.new_cache(capacity) if cfg.use_cache else None
         self.prefilled: Tensor | None = None  # (bsz, S, d): the features of the prompts' first S positions
         self.k = 1
@@ -190,28 +189,23 @@ class _Stepper:
         B, S = starts.shape
         pos = (torch.arange(S, device=starts.device) + self.model.padding_idx + 1).expand(B, S)  # (B, S)
         plain = self.model.new_cache()  # dicts: whole (B, H, S, hd) keys and values
-        with fast_linears(self.device):
-            self.prefilled = self.model(starts, cache=plain, positions=pos)  # (B, S, d)
+        self.prefilled = self.model(starts, cache=plain, positions=pos)  # (B, S, d)
         assert self.cache is not None
         for layer, kv in zip(self.cache, plain):
             layer.append(kv["k"].repeat_interleave(k, 0), kv["v"].repeat_interleave(k, 0))  # (B * k, H, S, hd)
         self.k = k
 
     def __call__(self, tokens: Tensor, step: int) -> Tensor:
-        """``tokens``: (rows, >= step + 1); the distribution of the token at ``step + 1``.
-
-        Our linears (``fast_linears``, a torch function mode) are on for the model's calls only: inside the mode
-        every torch call passes through Python, about 1 us each, and beam search's bookkeeping makes half of them."""
-        with fast_linears(self.device):
-            if self.prefilled is not None and step < self.prefilled.shape[1]:
-                lp = self.model.log_probs_from_features(self.prefilled[:, step], self.cfg.temperature)  # (B, V)
-                return lp.float().repeat_interleave(self.k, 0)  # (B * k, V)
-            if self.cache is not None:
-                pos = torch.full((tokens.shape[0], 1), step + self.model.padding_idx + 1, device=tokens.device)
-                feats = self.model(tokens[:, step : step + 1], cache=self.cache, positions=pos)  # (rows, 1, d)
-            else:
-                feats = self.model(tokens[:, : step + 1])  # (rows, step + 1, d)
-            return self.model.log_probs_from_features(feats[:, -1], self.cfg.temperature).float()  # (rows, V)
+        """``tokens``: (rows, >= step + 1); the distribution of the token at ``step + 1``."""
+        if self.prefilled is not None and step < self.prefilled.shape[1]:
+            lp = self.model.log_probs_from_features(self.prefilled[:, step], self.cfg.temperature).float()  # (B, V)
+            return lp.repeat_interleave(self.k, 0)  # (B * k, V)
+        if self.cache is not None:
+            pos = torch.full((tokens.shape[0], 1), step + self.model.padding_idx + 1, device=tokens.device)  # (rows, 1)
+            feats = self.model(tokens[:, step : step + 1], cache=self.cache, positions=pos)  # (rows, 1, d)
+        else:
+            feats = self.model(tokens[:, : step + 1])  # (rows, step + 1, d)
+        return self.model.log_probs_from_features(feats[:, -1], self.cfg.temperature).float()  # (rows, V)
 
     def reorder(self, rows: Tensor) -> None:
         if self.cache is not None:
@@ -453,7 +447,8 @@ def generate(
         prefix = torch.full((len(ids), width - 1), special.pad, dtype=torch.long)  # (B, W - 1)
         for r, i in enumerate(ids):
             prefix[r, : len(prompts[i])] = torch.tensor(prompts[i], dtype=torch.long)
-        hyps = _Batch(model, run_cfg, special, prefix.to(device), max_len).run()
+        with fast_linears(device):
+            hyps = _Batch(model, run_cfg, special, prefix.to(device), max_len).run()
         for i, h in zip(ids, hyps):
             out[i] = h[: cfg.nbest] if cfg.nbest else h
         if on_batch is not None:

@@ -21,8 +21,9 @@ probabilities and masks per layer (gigabytes at the recipe's T = 3072). Here:
   ``log_softmax_``: the scorers' log-softmax written over their logits.
 * ``pad_rows``: row counts rounded to a few sizes where oneDNN builds a kernel per shape (CPU half precision,
   and fp32 inside ``FastLinears``).
-* ``FastLinears``: fp32 ``F.linear`` (forward, and both backward GEMMs under autograd) on the faster of MKL and
-  oneDNN for each shape, measured once on the machine and cached (``choice.py``).
+* ``FastLinears``: within it, fp32 ``linear`` / ``Linear`` (``F.linear`` / ``nn.Linear`` as the model's modules call
+  them; forward, and both backward GEMMs under autograd) on the faster of MKL and oneDNN for each shape, measured
+  once on the machine and cached (``choice.py``).
 
 Which kernels run is an explicit setting, ``use_plain_kernels(True)`` (``--kernels plain`` on the command line):
 then CPU runs exactly what CUDA runs (PyTorch's dropout, ``F.scaled_dot_product_attention(is_causal=True)``, no
@@ -53,7 +54,7 @@ from adaptive_lm.core.kernels.dropout import _DropoutAdd as _DropoutAdd
 from adaptive_lm.core.kernels.dropout import _keep_mask as _keep_mask
 from adaptive_lm.core.kernels.dropout import _scale as _scale
 from adaptive_lm.core.kernels.dropout import add_dropout, dropout
-from adaptive_lm.core.kernels.linears import FastLinears, fast_linears, recompute_contexts
+from adaptive_lm.core.kernels.linears import FastLinears, Linear, fast_linears, linear, recompute_contexts
 from adaptive_lm.core.kernels.switch import SETTINGS, ours, plain_kernels, prepare_for_compile, use_plain_kernels
 from adaptive_lm.core.kernels.topk import topk_rows
 
@@ -95,12 +96,14 @@ __all__ = [
     "MATH_PATH_MAX_SCORES",
     "SETTINGS",
     "FastLinears",
+    "Linear",
     "add_dropout",
     "bucket",
     "causal_attention",
     "cross_entropy_sum",
     "dropout",
     "fast_linears",
+    "linear",
     "linear_cross_entropy_sum",
     "log_softmax_",
     "one_query_attention",

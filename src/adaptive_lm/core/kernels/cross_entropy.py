@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from adaptive_lm.core.kernels.linears import linear
 from adaptive_lm.core.kernels.switch import ours
 
 
@@ -77,7 +78,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         keep = target.ne(ignore_index)  # (N,)
         safe = target.masked_fill(~keep, 0)
         for i in range(0, x.shape[0], rows):
-            logits = F.linear(x[i : i + rows].to(dt), w).to(lse.dtype)  # (r, V)
+            logits = linear(x[i : i + rows].to(dt), w).to(lse.dtype)  # (r, V)
             lse[i : i + rows] = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, safe[i : i + rows, None]).squeeze(1)
             total += ((lse[i : i + rows] - picked) * keep[i : i + rows]).sum()
@@ -111,7 +112,7 @@ def linear_cross_entropy_sum(
     in the autocast dtype if one is active; chunked (see above) when N x V exceeds ``max_elements``."""
     dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     if x.shape[0] * weight.shape[0] <= max_elements:
-        logits = F.linear(x, weight)
+        logits = linear(x, weight)
         return cross_entropy_sum(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits,
                                  target, ignore_index)  # fmt: skip
     rows = max(1, max_elements // weight.shape[0])

@@ -1,6 +1,7 @@
-"""fp32 CPU linears on the faster of MKL and oneDNN for each shape (``choice.py`` measures and caches):
-``FastLinears`` (a torch function mode), ``fast_linears`` (it, where our CPU kernels run), ``recompute_contexts`` (it
-again when checkpointed activations are recomputed)."""
+"""fp32 CPU linears on the faster of MKL and oneDNN for each shape (``choice.py`` measures and caches): ``linear`` and
+``Linear`` (``F.linear`` and ``nn.Linear`` that use them inside ``FastLinears``, a thread-local switch),
+``fast_linears`` (the switch, where our CPU kernels run), ``recompute_contexts`` (it again when checkpointed
+activations are recomputed)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-from torch.overrides import TorchFunctionMode
+from torch import Tensor, nn
 
 from adaptive_lm.core.kernels import choice
 from adaptive_lm.core.kernels.switch import SETTINGS
@@ -94,19 +94,21 @@ class _FastLinear(torch.autograd.Function):
         return gx, gw, gb
 
 
-class FastLinears(TorchFunctionMode):
-    """Within ``with FastLinears():``, fp32 CPU ``F.linear`` calls (forward, and under autograd both backward
-    GEMMs: ``_FastLinear``) run on MKL or oneDNN, whichever ``choice.CHOICE`` measured faster for the shape.
+class FastLinears:
+    """Within ``with FastLinears():`` (this thread), fp32 CPU linears through ``linear`` / ``Linear`` (forward, and
+    under autograd both backward GEMMs: ``_FastLinear``) run on MKL or oneDNN, whichever ``choice.CHOICE`` measured
+    faster for the shape.
 
     Why: the faster library depends on the CPU and the shape (``choice.py``): on an AMD Zen 5 oneDNN's fp32 GEMMs ran
     at twice MKL's, on a Zen 4 they are even for square shapes and MKL wins the weight gradients and small row counts.
-    The results are equal up to summation order. A torch function mode is thread-local and ends with the block, so
-    no other code is affected; every other call (other dtypes or devices, autocast, a PyTorch without oneDNN's op)
-    goes through unchanged. Used by training, validation, evaluation, scoring, rescoring and generation on our CPU
-    kernels."""
+    The results are equal up to summation order. A thread-local flag, not a torch function mode: a mode passes every
+    torch call in the block through Python (about 1 us each), which cost beam search 14% of its time on a small
+    model; here only the linears look. Every other call (other dtypes or devices, autocast, a PyTorch without
+    oneDNN's op) goes through unchanged. Used by training, validation, evaluation, scoring, rescoring and generation
+    on our CPU kernels; a model of one's own gets it through ``Linear`` (an ``nn.Linear``) or ``linear``."""
 
     _ok: bool | None = None
-    _depth = threading.local()  # how many of these blocks this thread is in (row bucketing asks)
+    _depth = threading.local()  # how many of these blocks this thread is in
 
     @classmethod
     def active(cls) -> bool:
@@ -114,11 +116,10 @@ class FastLinears(TorchFunctionMode):
 
     def __enter__(self) -> FastLinears:
         FastLinears._depth.n = getattr(FastLinears._depth, "n", 0) + 1
-        return super().__enter__()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         FastLinears._depth.n -= 1
-        super().__exit__(*exc)
 
     @classmethod
     def available(cls) -> bool:
@@ -129,28 +130,42 @@ class FastLinears(TorchFunctionMode):
             )
         return cls._ok
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        kwargs = kwargs or {}
-        if func is F.linear and not torch.is_autocast_enabled("cpu"):
-            x, w = args[0], args[1]
-            b = args[2] if len(args) > 2 else kwargs.get("bias")
-            if x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" and x.dim() >= 1:
-                if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b)):
-                    return _FastLinear.apply(x, w, b)
-                y = forward_gemm(x.reshape(-1, x.shape[-1]), w, b)  # (N, out)
-                return y.view(*x.shape[:-1], w.shape[0])
-        return func(*args, **kwargs)
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """``F.linear(x, w, b)``, (..., in) -> (..., out); inside ``FastLinears`` an fp32 CPU call runs on the library
+    measured fastest for its shape (with autograd, both backward GEMMs too)."""
+    if (
+        not torch.compiler.is_compiling()  # first: a compiled graph never reads the thread-local flag
+        and FastLinears.active()
+        and x.dtype == torch.float32
+        and w.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.dim() >= 1
+        and not torch.is_autocast_enabled("cpu")
+    ):
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
+            return _FastLinear.apply(x, w, b)
+        y = forward_gemm(x.reshape(-1, x.shape[-1]), w, b)  # (N, out)
+        return y.view(*x.shape[:-1], w.shape[0])
+    return F.linear(x, w, b)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (the same parameters, initialisation and state-dict keys) whose call goes through ``linear``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 def recompute_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
     """``context_fn`` for ``torch.utils.checkpoint``: the recomputation in backward runs under the same linear
-    kernels as the forward did (a torch function mode is not active inside the autograd engine), so it saves the
-    same tensors and computes the same numbers."""
+    kernels as the forward did (backward may run outside the forward's block), so it saves the same tensors and
+    computes the same numbers."""
     again = FastLinears() if FastLinears.active() else contextlib.nullcontext()
     return contextlib.nullcontext(), again
 
 
 def fast_linears(device: torch.device) -> contextlib.AbstractContextManager:
-    """``FastLinears`` on our CPU kernels (not with plain kernels: CUDA's path has no such mode)."""
+    """``FastLinears`` on our CPU kernels (not with plain kernels: CUDA's path has no such switch)."""
     ok = device.type == "cpu" and not SETTINGS.plain and FastLinears.available()
     return FastLinears() if ok else contextlib.nullcontext()

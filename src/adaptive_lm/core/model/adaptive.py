@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from adaptive_lm.core.config import ModelConfig, band_dims
-from adaptive_lm.core.kernels import pad_rows
+from adaptive_lm.core.kernels import Linear, pad_rows
 from adaptive_lm.core.model.init import quant_noise_
 
 
@@ -88,7 +88,7 @@ class AdaptiveInput(nn.Module):
         for i, end in enumerate(self.cutoff):
             size, dim = end - prev, self.dims[i]
             self.embeddings.append(nn.Embedding(size, dim, padding_idx=padding_idx if i == 0 else None))
-            self.projections.append(nn.Linear(dim, output_dim, bias=False))
+            self.projections.append(Linear(dim, output_dim, bias=False))
             prev = end
         self.reset_parameters()
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adaptive_lm.core.config import ConfigError, ModelConfig, parse_character_filters
+from adaptive_lm.core.kernels import Linear
 from adaptive_lm.core.model.adaptive import AdaptiveInput
 
 
@@ -44,13 +45,13 @@ class CharacterEmbedder(nn.Module):
         self.symbol_embeddings = nn.Parameter(torch.empty(2, word_dim))  # </s>, <unk>
         self.convolutions = nn.ModuleList(nn.Conv1d(char_dim, c, kernel_size=w) for w, c in filters)
         width = sum(c for _, c in filters)
-        self.highway = nn.ModuleList(nn.Linear(width, 2 * width) for _ in range(highway))
+        self.highway = nn.ModuleList(Linear(width, 2 * width) for _ in range(highway))
         with torch.no_grad():  # fairseq's Highway.reset_parameters (in its constructor)
             for layer in self.highway:
                 layer.bias[width:].fill_(1.0)  # bias the gate towards carrying the input
                 layer.bias[:width].zero_()
                 nn.init.xavier_normal_(layer.weight)
-        self.projection = nn.Linear(width, word_dim)
+        self.projection = Linear(width, word_dim)
         self.register_buffer("word_to_char", char_table(symbols, self.MAX_CHARS, nspecial), persistent=False)
         with torch.no_grad():  # fairseq's CharacterTokenEmbedder.reset_parameters
             nn.init.xavier_normal_(self.char_embeddings.weight)

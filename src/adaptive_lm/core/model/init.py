@@ -9,6 +9,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from adaptive_lm.core.kernels import Linear
+
 
 def _linear_init_draw(out_features: int, in_features: int) -> None:
     """Consume the random numbers that building a bias-free ``nn.Linear(in_features, out_features)`` draws."""
@@ -18,7 +20,7 @@ def _linear_init_draw(out_features: int, in_features: int) -> None:
 def fairseq_linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
     """fairseq's ``transformer_decoder.Linear``: an ``nn.Linear`` (its default init draws), re-drawn xavier_uniform,
     bias 0 (``project_in_dim`` / ``project_out_dim``)."""
-    m = nn.Linear(in_features, out_features, bias)
+    m = Linear(in_features, out_features, bias)
     nn.init.xavier_uniform_(m.weight)
     if bias:
         nn.init.zeros_(m.bias)

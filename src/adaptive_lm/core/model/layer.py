@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adaptive_lm.core.config import ModelConfig
-from adaptive_lm.core.kernels import add_dropout, causal_attention, dropout, one_query_attention
+from adaptive_lm.core.kernels import Linear, add_dropout, causal_attention, dropout, one_query_attention
 from adaptive_lm.core.model.init import quant_noise_
 
 
@@ -76,12 +76,12 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.dim, self.heads, self.head_dim, self.dropout = dim, heads, dim // heads, dropout
         # no default init (its draws would break fairseq's order), on the current default device (meta when loading)
-        self.qkv = nn.utils.skip_init(nn.Linear, dim, 3 * dim, device=torch.empty(0).device)
+        self.qkv = nn.utils.skip_init(Linear, dim, 3 * dim, device=torch.empty(0).device)
         with torch.no_grad():  # fairseq builds k, v, q (default Linear init each), then out: same draws, same order
             for i in (1, 2, 0):  # rows of k, v, q in the fused [q; k; v] matrix
                 nn.init.kaiming_uniform_(self.qkv.weight[i * dim : (i + 1) * dim], a=math.sqrt(5))  # redrawn below
                 nn.init.uniform_(self.qkv.bias[i * dim : (i + 1) * dim], -(dim**-0.5), dim**-0.5)
-        self.out_proj = nn.Linear(dim, dim)
+        self.out_proj = Linear(dim, dim)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -164,8 +164,8 @@ class DecoderLayer(nn.Module):
         self.self_attn_layer_norm = nn.LayerNorm(d)
         self.ffn_layernorm = nn.LayerNorm(cfg.decoder_ffn_embed_dim) if cfg.scale_fc else None
         self.w_resid = nn.Parameter(torch.ones(d)) if cfg.scale_resids else None
-        self.fc1 = nn.Linear(d, cfg.decoder_ffn_embed_dim)
-        self.fc2 = nn.Linear(cfg.decoder_ffn_embed_dim, d)
+        self.fc1 = Linear(d, cfg.decoder_ffn_embed_dim)
+        self.fc2 = Linear(cfg.decoder_ffn_embed_dim, d)
         self.final_layer_norm = nn.LayerNorm(d)
         self.act_name = cfg.activation_fn
         self.act = ACTIVATION_FNS[cfg.activation_fn]

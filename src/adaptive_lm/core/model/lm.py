@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from adaptive_lm.core.config import ModelConfig, parse_layers_to_keep
-from adaptive_lm.core.kernels import dropout, linear_cross_entropy_sum, log_softmax_, recompute_contexts
+from adaptive_lm.core.kernels import Linear, dropout, linear_cross_entropy_sum, log_softmax_, recompute_contexts
 from adaptive_lm.core.model.adaptive import AdaptiveInput, Routes
 from adaptive_lm.core.model.embed import (
     CharacterEmbedder,
@@ -48,7 +48,7 @@ class TransformerLM(nn.Module):
         self.embed_tokens = token_embedder(cfg, symbols)
         self.embed_scale = 1.0 if cfg.no_scale_embedding else math.sqrt(d)
         # fairseq: with quant-noise and no adaptive input, an extra (noised) Linear(d, d) after the embedding scale
-        self.quant_noise = nn.Linear(d, d, bias=False) if cfg.quant_noise_pq > 0 and not cfg.adaptive_input else None
+        self.quant_noise = Linear(d, d, bias=False) if cfg.quant_noise_pq > 0 and not cfg.adaptive_input else None
         in_dim = cfg.input_embed_dim
         self.project_in_dim = fairseq_linear(in_dim, d, bias=False) if in_dim != d else None
         self.embed_positions: nn.Module | None = None
@@ -78,10 +78,10 @@ class TransformerLM(nn.Module):
                 cfg.adaptive_softmax_factor, tied, cfg.tie_adaptive_proj,  # type: ignore[arg-type]
             )  # fmt: skip
         elif cfg.share_decoder_input_output_embed:
-            self.output_projection = nn.Linear(self.embed_tokens.weight.shape[1], cfg.vocab_size, bias=False)
+            self.output_projection = Linear(self.embed_tokens.weight.shape[1], cfg.vocab_size, bias=False)
             self.output_projection.weight = self.embed_tokens.weight
         else:
-            self.output_projection = nn.Linear(d_out, cfg.vocab_size, bias=False)
+            self.output_projection = Linear(d_out, cfg.vocab_size, bias=False)
             nn.init.normal_(self.output_projection.weight, mean=0.0, std=d_out**-0.5)
 
     # ---- features --------------------------------------------------------------------------------------

@@ -4,10 +4,9 @@ cluster, each tail computed only for its own rows, optionally tied to the adapti
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaptive_lm.core.kernels import cross_entropy_sum, dropout, log_softmax_, pad_rows
+from adaptive_lm.core.kernels import Linear, cross_entropy_sum, dropout, linear, log_softmax_, pad_rows
 from adaptive_lm.core.model.adaptive import AdaptiveInput, complete_cutoff
 from adaptive_lm.core.model.init import _linear_init_draw
 
@@ -58,7 +57,7 @@ class AdaptiveSoftmax(nn.Module):
                 raise ValueError(f"tied cutoffs differ: input {adaptive_input.cutoff} vs softmax {self.cutoff}")
             self.word_weight = adaptive_input.embeddings[0].weight  # shared Parameter [c0, dim0]
             if self.word_weight.shape[1] != input_dim:
-                self.head_in_proj = nn.Linear(input_dim, self.word_weight.shape[1], bias=False)
+                self.head_in_proj = Linear(input_dim, self.word_weight.shape[1], bias=False)
         else:
             self.word_weight = nn.Parameter(torch.empty(c0, input_dim))
         self.class_weight = nn.Parameter(torch.empty(self.n_clusters, input_dim))
@@ -123,14 +122,14 @@ class AdaptiveSoftmax(nn.Module):
         """(N, d) -> (N, c0 + n_clusters): frequent-word logits, then one logit per tail cluster. ``weight``: the
         ``head_weight()`` already made (scoring in chunks concatenates it once, not per chunk)."""
         if self.head_in_proj is None:
-            return F.linear(x, self.head_weight() if weight is None else weight)  # (N, c0 + nc)
-        words = F.linear(self.head_in_proj(x), self.word_weight)  # (N, c0)
-        return torch.cat([words, F.linear(x, self.class_weight)], dim=-1)
+            return linear(x, self.head_weight() if weight is None else weight)  # (N, c0 + nc)
+        words = linear(self.head_in_proj(x), self.word_weight)  # (N, c0)
+        return torch.cat([words, linear(x, self.class_weight)], dim=-1)
 
     def tail_logits(self, i: int, x: Tensor) -> Tensor:
         """(N_i, d) -> (N_i, size_i) for tail cluster i (dropout between projection and output, as fairseq)."""
         h = dropout(x @ self.tail_proj[i], self.dropout, self.training)  # (N_i, dim_i)
-        return F.linear(h, self.tail_out[i])  # (N_i, size_i)
+        return linear(h, self.tail_out[i])  # (N_i, size_i)
 
     def _tail_rows(self, i: int, x: Tensor, rows: Tensor) -> Tensor:
         """Tail i's logits for ``rows`` of x, with the row count padded as the matmul kernels like it."""
