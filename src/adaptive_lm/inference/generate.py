@@ -300,10 +300,10 @@ class _Batch:
     def _force_prefix(self, lprobs: Tensor, step: int) -> Tensor:
         """``_prefix_tokens``: where the prompt has a token at this step, only it is allowed, with its own ln p."""
         toks = self.prefix[:, step].unsqueeze(-1).repeat(1, self.k).view(-1)  # (bsz * k,)
-        own = lprobs.gather(-1, toks.unsqueeze(-1))  # (bsz * k, 1)
-        forced = toks.ne(self.sp.pad)
-        lprobs[forced] = -math.inf
-        lprobs[forced] = lprobs[forced].scatter(-1, toks[forced].unsqueeze(-1), own[forced])
+        own = lprobs.gather(-1, toks.unsqueeze(-1)).squeeze(-1)  # (bsz * k,)
+        rows = toks.ne(self.sp.pad).nonzero().squeeze(-1)  # the rows whose prompt has a token here
+        lprobs.index_fill_(0, rows, -math.inf)  # in place: fairseq's masked copies of the rows, one pass
+        lprobs.index_put_((rows, toks[rows]), own[rows])
         eos = toks.eq(self.sp.eos)
         if eos.any():  # a prompt holding </s>: every beam of that sentence copies the first
             first = eos.view(-1, self.k)[:, 0]
