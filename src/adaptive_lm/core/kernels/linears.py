@@ -102,13 +102,13 @@ class FastLinears:
     Why: the faster library depends on the CPU and the shape (``choice.py``): on an AMD Zen 5 oneDNN's fp32 GEMMs ran
     at twice MKL's, on a Zen 4 they are even for square shapes and MKL wins the weight gradients and small row counts.
     The results are equal up to summation order. A thread-local flag, not a torch function mode: a mode passes every
-    torch call in the block through Python (about 1 us each), which cost beam search 14% of its time on a small
-    model; here only the linears look. Every other call (other dtypes or devices, autocast, a PyTorch without
-    oneDNN's op) goes through unchanged. Used by training, validation, evaluation, scoring, rescoring and generation
-    on our CPU kernels; a model of one's own gets it through ``Linear`` (an ``nn.Linear``) or ``linear``."""
+    torch call in the block through Python (about 1 us each), 8% of beam search's time on the fixture model; here
+    only the linears look. Every other call (other dtypes or devices, autocast, a PyTorch without oneDNN's op) goes
+    through unchanged. Used by training, validation, evaluation, scoring, rescoring and generation on our CPU
+    kernels; a model of one's own gets it through ``Linear`` (an ``nn.Linear``) or ``linear``."""
 
     _ok: bool | None = None
-    _depth = threading.local()  # how many of these blocks this thread is in
+    _depth = threading.local()  # how many of these blocks this thread is in (row bucketing asks too)
 
     @classmethod
     def active(cls) -> bool:
