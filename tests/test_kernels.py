@@ -384,3 +384,39 @@ def test_every_linear_layer_of_a_model_runs_on_the_measured_library(monkeypatch,
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for p, g in zip(model.parameters(), want_grads):
         torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-4)
+
+
+def test_packed_weights_compute_x_w_t_and_follow_a_weight_changed_in_place(tmp_path, monkeypatch):
+    """Inside ``packed_weights`` (generation) a no-grad fp32 linear has a third candidate, oneDNN on its packed copy
+    of W: it gives x W^T + b within the fp32 summation bound (K * 2**-24 * sum|x w| + |b| rounding, against fp64),
+    a weight changed in place is packed again (not the stale copy), and outside the block it is not a candidate."""
+    from adaptive_lm.core.kernels import choice, linears
+
+    monkeypatch.setenv("ADAPTIVE_LM_CACHE", str(tmp_path))
+    monkeypatch.delenv("ADAPTIVE_LM_LINEARS", raising=False)
+    assert linears._packing_ok()  # PyTorch's CPU build ships the packing op
+    seen: dict[str, torch.Tensor] = {}
+
+    class Every(choice.GemmChoice):
+        def pick(self, kind, rows, k, n, runs):  # run every candidate, use the packed one where it exists
+            seen.clear()
+            seen.update({name: f() for name, f in runs.items()})
+            return "onednn-packed" if "onednn-packed" in runs else "mkl"
+
+    monkeypatch.setattr(choice, "CHOICE", Every())
+    g = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(80, 48, generator=g), torch.randn(40, 48, generator=g), torch.randn(40, generator=g)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        with K.fast_linears(cpu), K.packed_weights():
+            for scale in (1.0, -3.0):  # the second pass: the same weight tensor, changed in place, in one block
+                w.mul_(scale)
+                y = K.linear(x, w, b)
+                assert sorted(seen) == ["mkl", "onednn", "onednn-packed"]
+                want = x.double() @ w.double().t() + b.double()  # (80, 40)
+                bound = 49 * 2**-24 * (x.abs().double() @ w.abs().double().t() + b.abs().double())
+                for got in (*seen.values(), y):
+                    assert bool(((got.double() - want).abs() <= bound).all())
+        with K.fast_linears(cpu):
+            K.linear(x, w, b)
+        assert sorted(seen) == ["mkl", "onednn"]  # outside the block: no packed candidate

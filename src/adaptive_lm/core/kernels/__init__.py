@@ -54,7 +54,14 @@ from adaptive_lm.core.kernels.dropout import _DropoutAdd as _DropoutAdd
 from adaptive_lm.core.kernels.dropout import _keep_mask as _keep_mask
 from adaptive_lm.core.kernels.dropout import _scale as _scale
 from adaptive_lm.core.kernels.dropout import add_dropout, dropout
-from adaptive_lm.core.kernels.linears import FastLinears, Linear, fast_linears, linear, recompute_contexts
+from adaptive_lm.core.kernels.linears import (
+    FastLinears,
+    Linear,
+    fast_linears,
+    linear,
+    packed_weights,
+    recompute_contexts,
+)
 from adaptive_lm.core.kernels.switch import SETTINGS, ours, plain_kernels, prepare_for_compile, use_plain_kernels
 from adaptive_lm.core.kernels.topk import topk_rows
 
@@ -108,6 +115,7 @@ __all__ = [
     "log_softmax_",
     "one_query_attention",
     "ours",
+    "packed_weights",
     "pad_rows",
     "plain_kernels",
     "prepare_for_compile",
