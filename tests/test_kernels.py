@@ -389,7 +389,8 @@ def test_every_linear_layer_of_a_model_runs_on_the_measured_library(monkeypatch,
 def test_packed_weights_compute_x_w_t_and_follow_a_weight_changed_in_place(tmp_path, monkeypatch):
     """Inside ``packed_weights`` (generation) a no-grad fp32 linear has a third candidate, oneDNN on its packed copy
     of W: it gives x W^T + b within the fp32 summation bound (K * 2**-24 * sum|x w| + |b| rounding, against fp64),
-    a weight changed in place is packed again (not the stale copy), and outside the block it is not a candidate."""
+    a weight changed in place is packed again (not the stale copy); a temporary weight (not a parameter) and any
+    weight outside the block are not packed."""
     from adaptive_lm.core.kernels import choice, linears
 
     monkeypatch.setenv("ADAPTIVE_LM_CACHE", str(tmp_path))
@@ -405,7 +406,8 @@ def test_packed_weights_compute_x_w_t_and_follow_a_weight_changed_in_place(tmp_p
 
     monkeypatch.setattr(choice, "CHOICE", Every())
     g = torch.Generator().manual_seed(3)
-    x, w, b = torch.randn(80, 48, generator=g), torch.randn(40, 48, generator=g), torch.randn(40, generator=g)
+    x, b = torch.randn(80, 48, generator=g), torch.randn(40, generator=g)
+    w = torch.nn.Parameter(torch.randn(40, 48, generator=g), requires_grad=False)  # only parameters are packed
     cpu = torch.device("cpu")
     with torch.no_grad():
         with K.fast_linears(cpu), K.packed_weights():
@@ -417,6 +419,8 @@ def test_packed_weights_compute_x_w_t_and_follow_a_weight_changed_in_place(tmp_p
                 bound = 49 * 2**-24 * (x.abs().double() @ w.abs().double().t() + b.abs().double())
                 for got in (*seen.values(), y):
                     assert bool(((got.double() - want).abs() <= bound).all())
+            K.linear(x, w.detach(), b)  # a plain tensor (a temporary weight): not packed
+            assert sorted(seen) == ["mkl", "onednn"]
         with K.fast_linears(cpu):
             K.linear(x, w, b)
         assert sorted(seen) == ["mkl", "onednn"]  # outside the block: no packed candidate
