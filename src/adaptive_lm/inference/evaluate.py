@@ -28,7 +28,7 @@ import torch
 from adaptive_lm.core.data import LMDataset, load_split
 from adaptive_lm.core.dictionary import Dictionary
 from adaptive_lm.core.errors import UserError
-from adaptive_lm.core.kernels import fast_linears, packed_weights
+from adaptive_lm.core.kernels import fast_linears
 from adaptive_lm.core.metrics import perplexity
 from adaptive_lm.core.options import opt
 from adaptive_lm.core.progress import Progress
@@ -182,7 +182,7 @@ def scored_batches(
     windows = context_windows(p.dataset, p.context, p.block)
     for _ in range(start_block):
         next(windows)
-    with torch.no_grad(), ctx, fast_linears(device), packed_weights():
+    with torch.no_grad(), ctx, fast_linears(device, packed=True):
         while True:
             chunk = [w for _, w in zip(range(p.rows), windows)]
             if not chunk:

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from adaptive_lm.core.data import batch_by_size
 from adaptive_lm.core.errors import UserError
-from adaptive_lm.core.kernels import fast_linears, packed_weights, topk_rows
+from adaptive_lm.core.kernels import fast_linears, topk_rows
 from adaptive_lm.core.model import TransformerLM
 from adaptive_lm.core.options import opt
 
@@ -447,7 +447,7 @@ def generate(
         prefix = torch.full((len(ids), width - 1), special.pad, dtype=torch.long)  # (B, W - 1)
         for r, i in enumerate(ids):
             prefix[r, : len(prompts[i])] = torch.tensor(prompts[i], dtype=torch.long)
-        with fast_linears(device), packed_weights():
+        with fast_linears(device, packed=True):
             hyps = _Batch(model, run_cfg, special, prefix.to(device), max_len).run()
         for i, h in zip(ids, hyps):
             out[i] = h[: cfg.nbest] if cfg.nbest else h

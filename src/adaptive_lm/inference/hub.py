@@ -19,7 +19,7 @@ import torch
 from adaptive_lm.core.config import ModelConfig
 from adaptive_lm.core.dictionary import Dictionary
 from adaptive_lm.core.errors import UserError
-from adaptive_lm.core.kernels import fast_linears, packed_weights
+from adaptive_lm.core.kernels import fast_linears
 from adaptive_lm.core.model import TransformerLM
 from adaptive_lm.core.precision import HALF, autocast
 from adaptive_lm.inference.framing import frame
@@ -117,7 +117,7 @@ class LanguageModel:
             knn.check_model(self)
         half = HALF[autocast_dtype] if autocast_dtype else None
         capture = knn.capture(self.model) if knn is not None else contextlib.nullcontext()
-        with capture as keys_of, fast_linears(self.device), packed_weights(), autocast(self.device, half):
+        with capture as keys_of, fast_linears(self.device, packed=True), autocast(self.device, half):
             for b in range(0, len(items), batch_size):
                 seqs = [self.ids(s, replace_newline_with_eos) for s in items[b : b + batch_size]]
                 src, tgt, n = frame(seqs, self.start_token, d.pad(), d.eos(), score_eos)  # (B, W), (B, W), (B,)

@@ -44,7 +44,8 @@ _PACK = threading.local()  # .cache: {key: (parameter, packed copy)} inside ``pa
 def packed_weights() -> Iterator[None]:
     """Within (this thread): no-grad fp32 linears may run on oneDNN's packed layout of their weight, made on first
     use and kept until the block ends (one extra copy of each weight used, up to ``PACK_MAX_BYTES`` each and
-    ``PACK_BUDGET_BYTES`` in all). Generation, evaluation, scoring and rescoring run in it.
+    ``PACK_BUDGET_BYTES`` in all). Generation, evaluation, scoring and rescoring run in it
+    (``fast_linears(device, packed=True)``).
 
     Why: they run the same weights on batch after batch, and oneDNN converts a plain weight to its blocked layout on
     every call; with the conversion done once the 80-row decoding linears took 0.65-0.8x the time (Zen 5, natively
@@ -219,7 +220,15 @@ def recompute_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.
     return contextlib.nullcontext(), again
 
 
-def fast_linears(device: torch.device) -> contextlib.AbstractContextManager:
-    """``FastLinears`` on our CPU kernels (not with plain kernels: CUDA's path has no such switch)."""
-    ok = device.type == "cpu" and not SETTINGS.plain and FastLinears.available()
-    return FastLinears() if ok else contextlib.nullcontext()
+def fast_linears(device: torch.device, packed: bool = False) -> contextlib.AbstractContextManager:
+    """``FastLinears`` on our CPU kernels (not with plain kernels: CUDA's path has no such switch); with ``packed``
+    (inference, the weights fixed for the block) inside ``packed_weights`` too."""
+    if not (device.type == "cpu" and not SETTINGS.plain and FastLinears.available()):
+        return contextlib.nullcontext()
+    return _fast_and_packed() if packed else FastLinears()
+
+
+@contextlib.contextmanager
+def _fast_and_packed() -> Iterator[None]:
+    with FastLinears(), packed_weights():
+        yield

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adaptive_lm.core.kernels import fast_linears, packed_weights
+from adaptive_lm.core.kernels import fast_linears
 from adaptive_lm.core.progress import Progress
 from adaptive_lm.inference.framing import frame
 
@@ -61,7 +61,7 @@ def sentence_logprobs(
     n = np.array([len(x) + 1 if score_eos else len(x) for x in ids], dtype=np.int64)  # scored positions
     out = np.zeros(len(ids), dtype=np.float64)
     todo = np.nonzero(n > 0)[0]  # an empty sentence without </s> scores nothing: 0
-    with Progress(len(ids), "rescore", enabled=progress, unit="hyp") as bar, fast_linears(device), packed_weights():
+    with Progress(len(ids), "rescore", enabled=progress, unit="hyp") as bar, fast_linears(device, packed=True):
         bar.update(len(ids) - len(todo))
         for batch in length_batches(n[todo], max_tokens, max_sentences):
             rows = todo[batch]
