@@ -424,3 +424,52 @@ def test_packed_weights_compute_x_w_t_and_follow_a_weight_changed_in_place(tmp_p
         with K.fast_linears(cpu):
             K.linear(x, w, b)
         assert sorted(seen) == ["mkl", "onednn"]  # outside the block: no packed candidate
+
+
+def test_a_block_weight_is_made_once_per_block_packed_and_made_again_when_a_source_changes(tmp_path, monkeypatch):
+    """``block_weight`` (the adaptive softmax's concatenated head): inside ``packed_weights`` made once, its linear
+    has the packed candidate and gives x W^T; a source changed in place gives a new weight with the new values;
+    outside the block, or when autograd must reach the sources, made at every call (gradients reach them)."""
+    from adaptive_lm.core.kernels import choice
+
+    monkeypatch.setenv("ADAPTIVE_LM_CACHE", str(tmp_path))
+    monkeypatch.delenv("ADAPTIVE_LM_LINEARS", raising=False)
+    seen: list[str] = []
+
+    class Packed(choice.GemmChoice):
+        def pick(self, kind, rows, k, n, runs):
+            seen[:] = sorted(runs)
+            return "onednn-packed" if "onednn-packed" in runs else "mkl"
+
+    monkeypatch.setattr(choice, "CHOICE", Packed())
+    g = torch.Generator().manual_seed(5)
+    a = torch.nn.Parameter(torch.randn(30, 48, generator=g))
+    c = torch.nn.Parameter(torch.randn(3, 48, generator=g))
+    x = torch.randn(80, 48, generator=g)
+    made: list[int] = []
+
+    def make() -> torch.Tensor:
+        made.append(1)
+        return torch.cat([a, c])  # (33, 48)
+
+    cpu = torch.device("cpu")
+    with torch.no_grad(), K.fast_linears(cpu, packed=True):
+        w1, w2 = K.block_weight((a, c), make), K.block_weight((a, c), make)
+        assert w1 is w2 and len(made) == 1
+        y = K.linear(x, w1)
+        assert seen == ["mkl", "onednn", "onednn-packed"]
+        want = x.double() @ torch.cat([a, c]).double().t()  # (80, 33)
+        bound = 48 * 2**-24 * (x.abs().double() @ torch.cat([a, c]).abs().double().t())
+        assert bool(((y.double() - want).abs() <= bound).all())
+        c.mul_(-2.0)  # a source changed in place: made again, with the new rows
+        w3 = K.block_weight((a, c), make)
+        assert len(made) == 2 and torch.equal(w3[30:], c)
+    with torch.no_grad():
+        K.block_weight((a, c), make)
+    assert len(made) == 3  # outside the block: every call
+    with K.fast_linears(cpu, packed=True):
+        w = K.block_weight((a, c), make)  # autograd on: made afresh, differentiable
+        K.linear(x, w).sum().backward()
+    assert len(made) == 4 and a.grad is not None
+    bound = 80 * 2**-24 * x.abs().sum(0).double()  # dL/dc_j = sum over rows of x, in some fp32 order
+    assert bool(((c.grad.double() - x.double().sum(0)).abs() <= bound).all())

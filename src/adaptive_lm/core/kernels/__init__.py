@@ -57,6 +57,7 @@ from adaptive_lm.core.kernels.dropout import add_dropout, dropout
 from adaptive_lm.core.kernels.linears import (
     FastLinears,
     Linear,
+    block_weight,
     fast_linears,
     linear,
     packed_weights,
@@ -105,6 +106,7 @@ __all__ = [
     "FastLinears",
     "Linear",
     "add_dropout",
+    "block_weight",
     "bucket",
     "causal_attention",
     "cross_entropy_sum",

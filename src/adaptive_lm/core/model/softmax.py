@@ -6,7 +6,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from adaptive_lm.core.kernels import Linear, cross_entropy_sum, dropout, linear, log_softmax_, pad_rows
+from adaptive_lm.core.kernels import (
+    Linear,
+    block_weight,
+    cross_entropy_sum,
+    dropout,
+    linear,
+    log_softmax_,
+    pad_rows,
+)
 from adaptive_lm.core.model.adaptive import AdaptiveInput, complete_cutoff
 from adaptive_lm.core.model.init import _linear_init_draw
 
@@ -115,8 +123,10 @@ class AdaptiveSoftmax(nn.Module):
 
     # ---- pieces --------------------------------------------------------------------------------------
     def head_weight(self) -> Tensor:
-        """[word_weight; class_weight] (c0 + nc, d): the untied or tied-without-projection head as one matrix."""
-        return torch.cat([self.word_weight, self.class_weight])
+        """[word_weight; class_weight] (c0 + nc, d): the untied or tied-without-projection head as one matrix (made
+        once per block inside ``packed_weights``, so that it is packed like a parameter)."""
+        parts = (self.word_weight, self.class_weight)
+        return block_weight(parts, lambda: torch.cat(parts))  # (c0 + nc, d)
 
     def head_logits(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
         """(N, d) -> (N, c0 + n_clusters): frequent-word logits, then one logit per tail cluster. ``weight``: the
