@@ -25,9 +25,10 @@ def test_attention_without_dropout_equals_sdpa_forward_and_backward():
         torch.testing.assert_close(a, b, atol=5e-6, rtol=0)
 
 
-def test_inference_attention_short_sequences_and_one_query_equal_sdpa():
+def test_inference_attention_short_sequences_one_query_and_suffix_queries_equal_sdpa():
     """The inference paths (no gradients, no dropout): causal attention at T <= SHORT_T_MAX, a few heads at a time
-    (200 heads of T = 40: several chunks), and a decoding step's one query over cached keys. fp64: the same sums in
+    (200 heads of T = 40: several chunks), a decoding step's one query over cached keys, and T queries after S - T
+    earlier positions. fp64: the same sums in
     another order, so within a few ulps; fp32 within its GEMM rounding at these sizes."""
     torch.manual_seed(0)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
@@ -40,6 +41,13 @@ def test_inference_attention_short_sequences_and_one_query_equal_sdpa():
         q, k, v = torch.randn(80, 4, 1, 16, dtype=dtype), *(torch.randn(80, 4, 33, 16, dtype=dtype) for _ in range(2))
         ref = F.scaled_dot_product_attention(q, k, v)
         torch.testing.assert_close(K.one_query_attention(q, k, v), ref, atol=tol, rtol=0)
+        for T, S in ((17, 40), (40, 40), (128, 256)):  # queries of the last T of S positions (context window)
+            q, k, v = torch.randn(50, 4, T, 16, dtype=dtype), *(torch.randn(50, 4, S, 16, dtype=dtype) for _ in "kv")
+            with torch.no_grad():
+                out = K.suffix_attention(q, k, v, 0.1, False)  # 200 heads: several chunks
+            mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)  # query t sees keys up to S - T + t
+            ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            torch.testing.assert_close(out, ref, atol=tol, rtol=0)
 
 
 def test_attention_with_dropout_matches_same_mask_reference_and_gradcheck():

@@ -16,6 +16,7 @@ probabilities and masks per layer (gigabytes at the recipe's T = 3072). Here:
   only q, k, v and one log-sum-exp per query are kept for backward. Without gradients or dropout and at
   T <= 128 (rescoring's sentences), scores, softmax and product a few heads at a time (``_short_attention``).
 * ``one_query_attention``: a decoding step's one query over the cached keys, as two batched products.
+* ``suffix_attention``: T queries after S - T earlier positions (evaluation's context window), the same way.
 * ``add_dropout``: a residual ``x + dropout(h)`` in one ``addcmul`` pass.
 * ``cross_entropy_sum``: summed cross-entropy whose backward is softmax - onehot in one pass (any device);
   ``log_softmax_``: the scorers' log-softmax written over their logits.
@@ -44,7 +45,12 @@ from torch import Tensor
 
 # the private names (``_Dropout as _Dropout``, ...) are re-exported for the kernel tests, which check the autograd
 # functions and the masks directly
-from adaptive_lm.core.kernels.attention import MATH_PATH_MAX_SCORES, causal_attention, one_query_attention
+from adaptive_lm.core.kernels.attention import (
+    MATH_PATH_MAX_SCORES,
+    causal_attention,
+    one_query_attention,
+    suffix_attention,
+)
 from adaptive_lm.core.kernels.attention import _CausalAttention as _CausalAttention
 from adaptive_lm.core.kernels.attention import _chunk as _chunk
 from adaptive_lm.core.kernels.attention import _StoredAttention as _StoredAttention
@@ -121,6 +127,7 @@ __all__ = [
     "pad_rows",
     "plain_kernels",
     "prepare_for_compile",
+    "suffix_attention",
     "recompute_contexts",
     "topk_rows",
     "use_plain_kernels",

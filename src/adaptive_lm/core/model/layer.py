@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adaptive_lm.core.config import ModelConfig
-from adaptive_lm.core.kernels import Linear, add_dropout, causal_attention, dropout, one_query_attention
+from adaptive_lm.core.kernels import (
+    Linear,
+    add_dropout,
+    causal_attention,
+    dropout,
+    one_query_attention,
+    suffix_attention,
+)
 from adaptive_lm.core.model.init import quant_noise_
 
 
@@ -114,8 +121,7 @@ class SelfAttention(nn.Module):
         elif T == 1:
             y = one_query_attention(q, k, v) if p == 0.0 else F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         else:  # T queries after S - T cached (or only keyed) positions: query t sees keys up to S - T + t
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)  # (T, S)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            y = suffix_attention(q, k, v, self.dropout, self.training)  # (B, H, T, hd)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
 
