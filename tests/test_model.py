@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 import adaptive_lm
 from adaptive_lm import AdaptiveInput, AdaptiveSoftmax, ConfigError, build_model
+from adaptive_lm.core import kernels as K
 from adaptive_lm.core.fairseq_format import (
     config_from_fairseq,
     load_into,
@@ -187,13 +189,52 @@ def test_head_and_target_scores_follow_weight_changes_made_through_data():
     assert sm.word_weight.grad.abs().sum() > 0 and sm.class_weight.grad.abs().sum() > 0
 
 
-def test_adaptive_input_refuses_ids_outside_the_vocabulary():
-    emb = AdaptiveInput(50, 1, 16, 4.0, 16, [10, 30])
+@pytest.mark.parametrize("table", [False, True], ids=["bands", "inference table"])
+def test_adaptive_input_refuses_ids_outside_the_vocabulary(table):
+    emb = AdaptiveInput(50, 1, 16, 4.0, 16, [10, 30]).eval()
     ok = torch.tensor([[0, 9, 10, 29, 30, 49]])
-    assert emb(ok).shape == (1, 6, 16) and emb(torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3, 16)
-    for bad in (50, -1):  # each position must fall in exactly one band: a stray id would leave its row unset
-        with pytest.raises(ValueError, match="outside the vocabulary"):
-            emb(torch.tensor([[3, bad, 12]]))
+    block = K.fast_linears(torch.device("cpu"), packed=True) if table else contextlib.nullcontext()
+    with torch.no_grad(), block:
+        assert K.weights_fixed() == table
+        assert emb(ok).shape == (1, 6, 16) and emb(torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3, 16)
+        for bad in (50, -1):  # each position must fall in exactly one band: a stray id would leave its row unset
+            with pytest.raises(ValueError, match="outside the vocabulary"):
+                emb(torch.tensor([[3, bad, 12]]))
+
+
+def test_adaptive_input_inference_table_gives_the_bands_embeddings_and_is_made_once_per_block(monkeypatch):
+    """Inside ``packed_weights`` without gradients a lookup in the whole-vocabulary table (made once per block)
+    replaces the per-band route; the rows are the same products, summed in another order: within the fp32
+    bound dim * 2**-24 * |e| . |p| (against fp64). Training or gradients: the bands, no table."""
+    torch.manual_seed(4)
+    emb = AdaptiveInput(50, 1, 16, 2.0, 24, [10, 30]).eval()
+    tok = torch.randint(0, 50, (5, 9))
+    made: list[int] = []
+    table = emb.table
+    monkeypatch.setattr(emb, "table", lambda: made.append(1) or table())
+
+    def exact(dtype: torch.dtype, absolute: bool = False) -> torch.Tensor:
+        rows = []
+        for t in tok.reshape(-1).tolist():
+            i = sum(t >= c for c in emb.cutoff[:-1])  # the token's band
+            e, p = emb.weights_for_band(i)
+            e, p = e[t - ([0, *emb.cutoff][i])].to(dtype), p.to(dtype)
+            rows.append(e.abs() @ p.abs().t() if absolute else e @ p.t())
+        return torch.stack(rows).view(5, 9, 24)
+
+    with torch.no_grad(), K.fast_linears(torch.device("cpu"), packed=True):
+        got, again = emb(tok), emb(tok)
+        assert len(made) == 1 and torch.equal(got, again)
+        bound = 16 * 2**-24 * exact(torch.float64, absolute=True)  # 16: the widest band's dimension
+        assert bool(((got.double() - exact(torch.float64)).abs() <= bound).all())
+        emb.train()
+        emb(tok)
+        emb.eval()
+    with K.fast_linears(torch.device("cpu"), packed=True):
+        emb(tok)  # with gradients
+    with torch.no_grad():
+        emb(tok)  # outside the block
+    assert len(made) == 1
 
 
 # ---- invariants -------------------------------------------------------------------------------------------

@@ -25,6 +25,10 @@ probabilities and masks per layer (gigabytes at the recipe's T = 3072). Here:
 * ``FastLinears``: within it, fp32 ``linear`` / ``Linear`` (``F.linear`` / ``nn.Linear`` as the model's modules call
   them; forward, and both backward GEMMs under autograd) on the faster of MKL and oneDNN for each shape, measured
   once on the machine and cached (``choice.py``).
+* ``packed_weights`` (inference, ``fast_linears(device, packed=True)``): within it, those linears may also run on
+  oneDNN's packed copy of each weight, and what is made from the weights (``block_weight``: the adaptive softmax's
+  concatenated head, the adaptive input's whole-vocabulary table; ``weights_fixed`` says whether one is inside) is
+  made once per block.
 
 Which kernels run is an explicit setting, ``use_plain_kernels(True)`` (``--kernels plain`` on the command line):
 then CPU runs exactly what CUDA runs (PyTorch's dropout, ``F.scaled_dot_product_attention(is_causal=True)``, no
@@ -68,6 +72,7 @@ from adaptive_lm.core.kernels.linears import (
     linear,
     packed_weights,
     recompute_contexts,
+    weights_fixed,
 )
 from adaptive_lm.core.kernels.switch import SETTINGS, ours, plain_kernels, prepare_for_compile, use_plain_kernels
 from adaptive_lm.core.kernels.topk import topk_rows
@@ -132,4 +137,5 @@ __all__ = [
     "topk_rows",
     "use_plain_kernels",
     "wants_buckets",
+    "weights_fixed",
 ]

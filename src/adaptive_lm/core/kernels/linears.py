@@ -51,7 +51,8 @@ def packed_weights() -> Iterator[None]:
     Why: they run the same weights on batch after batch, and oneDNN converts a plain weight to its blocked layout on
     every call; with the conversion done once the 80-row decoding linears took 0.65-0.8x the time (Zen 5, natively
     and under the AVX2 caps), rescoring 10,000 hypotheses 0.85x, evaluation 0.92x. Measured per shape against the
-    other two like any linear. A weight changed in place (its version counter moves) is packed again."""
+    other two like any linear. A weight changed in place (its version counter moves) is packed again; a change made
+    through ``.data`` moves no counter and would not be seen: the block is for inference, not for an optimizer."""
     prev = getattr(_PACK, "cache", None), getattr(_PACK, "made", None), getattr(_PACK, "made_ids", None)
     if prev[0] is None:
         _PACK.cache, _PACK.made, _PACK.made_ids = {}, {}, {}
@@ -59,6 +60,12 @@ def packed_weights() -> Iterator[None]:
         yield
     finally:
         _PACK.cache, _PACK.made, _PACK.made_ids = prev
+
+
+def weights_fixed() -> bool:
+    """Whether this thread is inside ``packed_weights`` (inference: the weights stay as they are for the block, so
+    what is made from them may be kept: ``block_weight``)."""
+    return getattr(_PACK, "cache", None) is not None
 
 
 def _key(t: Tensor) -> tuple:
