@@ -33,13 +33,13 @@ from common import FIXTURE, machine, save, table
 
 CATEGORIES = [  # (category, substrings of operator names); the first match wins
     ("optimizer", ("Optimizer.step", "NAG.step", "_foreach")),
-    ("GEMM", ("_linear_pointwise", "aten::mm", "aten::addmm", "aten::matmul")),
+    ("GEMM", ("_linear_pointwise", "mkldnn_linear_backward_weights", "aten::mm", "aten::addmm", "aten::matmul")),
     ("attention", ("bmm", "scaled_dot_product", "Attention", "aten::_softmax", "softmax_backward")),
     ("softmax/cross-entropy", ("log_softmax", "nll_loss", "aten::exp", "CrossEntropy", "logsumexp", "gather")),
     ("dropout", ("dropout", "Dropout", "bernoulli", "aten::ge", "addcmul")),
     ("layer norm", ("layer_norm",)),
     ("embedding/indexing", ("embedding", "index", "scatter", "nonzero", "masked")),
-    ("copies", ("copy_", "aten::cat", "clone", "contiguous", "_to_copy")),
+    ("copies", ("copy_", "aten::cat", "clone", "contiguous", "_to_copy", "to_mkldnn", "to_dense")),
     ("other element-wise", ("aten::",)),
 ]
 NESTED = ("Optimizer.step", "NAG.step")  # scopes whose total (not self) time is the category
