@@ -227,3 +227,36 @@ def test_raw_text_through_the_moses_tokenizer(fixture_dir):
     assert torch.equal(a["tokens"], b["tokens"])
     torch.testing.assert_close(a["positional_scores"], b["positional_scores"], atol=0, rtol=0)
     assert raw.decode(raw.encode("a state-of-the-art song.")) == "a state-of-the-art song."  # every word known
+
+
+def test_loading_a_model_imports_neither_torchdynamo_nor_symbolic_shapes(tmp_path):
+    """Building a model to load into happens on the meta device, where a ``normal_`` draw, an ``arange``, a
+    ``tensor`` or ``skip_init``'s ``to_empty`` runs through a Python reference that imports TorchDynamo or torch.fx's
+    symbolic shapes (0.7 + 0.2 s of every command that loads a model, a third of the fixture's evaluation end to
+    end). fairseq checkpoints with adaptive input and sinusoidal positions, post-LN, and a char-CNN input (its byte
+    table made after loading: the same outputs as the model saved), in a fresh process."""
+    import subprocess
+    import sys
+
+    from adaptive_lm.core.model.lm import TransformerLM, make_config
+
+    torch.manual_seed(0)
+    d = Dictionary.from_counts({f"w{i}": 100 - i for i in range(60)})
+    off = dict(adaptive_input=False, tie_adaptive_weights=False, tie_adaptive_proj=False)
+    cfg = make_config("tiny", len(d), character_embeddings=True, **off)
+    chars = LanguageModel(TransformerLM(cfg, d.symbols).eval(), d, "", 64)
+    char_path = save_fairseq(tmp_path, to_fairseq_checkpoint(chars.model, chars.cfg, 64), chars.dictionary)
+    torch.testing.assert_close(outputs(adaptive_lm.from_pretrained(char_path)), outputs(chars), atol=1e-5, rtol=0)
+    fixtures = Path(__file__).parent / "fixtures"
+    code = """
+import sys
+import adaptive_lm
+for path in sys.argv[1:]:
+    lm = adaptive_lm.from_pretrained(path)
+    assert lm.score("the")["positional_scores"].isfinite().all()
+print(sorted(m for m in ("torch._dynamo", "torch.fx.experimental.symbolic_shapes") if m in sys.modules))
+"""
+    paths = [fixtures / "fairseq_tiny" / "model" / "checkpoint_last.pt", fixtures / "fairseq_postln" / "checkpoint.pt"]
+    paths.append(char_path)
+    p = subprocess.run([sys.executable, "-c", code, *map(str, paths)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr

@@ -52,7 +52,11 @@ class CharacterEmbedder(nn.Module):
                 layer.bias[:width].zero_()
                 nn.init.xavier_normal_(layer.weight)
         self.projection = Linear(width, word_dim)
-        self.register_buffer("word_to_char", char_table(symbols, self.MAX_CHARS, nspecial), persistent=False)
+        if torch.empty(0).device.type == "meta":  # building to load into: materialize_buffers makes it afterwards
+            table = torch.empty(len(symbols), self.MAX_CHARS, dtype=torch.long)  # (V, 50)
+        else:
+            table = char_table(symbols, self.MAX_CHARS, nspecial)  # (V, 50)
+        self.register_buffer("word_to_char", table, persistent=False)
         with torch.no_grad():  # fairseq's CharacterTokenEmbedder.reset_parameters
             nn.init.xavier_normal_(self.char_embeddings.weight)
             nn.init.xavier_normal_(self.symbol_embeddings)
@@ -102,14 +106,17 @@ def make_positions(tokens: Tensor, padding_idx: int) -> Tensor:
 
 
 def sinusoidal_table(num: int, dim: int, padding_idx: int) -> Tensor:
-    """[sin | cos] halves (concatenated, not interleaved), fp32, row ``padding_idx`` zero: fairseq's formula."""
+    """[sin | cos] halves (concatenated, not interleaved), fp32, row ``padding_idx`` zero: fairseq's formula.
+    Computed on the CPU whatever the default device: on the meta device (building a model to load into) these ops
+    would run through Python references that import TorchDynamo (0.7 s)."""
     half = dim // 2
     scale = math.log(10000) / (half - 1)
-    freq = torch.exp(torch.arange(half, dtype=torch.float) * -scale)  # (half,)
-    angles = torch.arange(num, dtype=torch.float).unsqueeze(1) * freq.unsqueeze(0)  # (num, half)
+    cpu = torch.device("cpu")
+    freq = torch.exp(torch.arange(half, dtype=torch.float, device=cpu) * -scale)  # (half,)
+    angles = torch.arange(num, dtype=torch.float, device=cpu).unsqueeze(1) * freq.unsqueeze(0)  # (num, half)
     table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1).view(num, -1)  # (num, 2*half)
     if dim % 2 == 1:
-        table = torch.cat([table, torch.zeros(num, 1)], dim=1)
+        table = torch.cat([table, torch.zeros(num, 1, device=cpu)], dim=1)
     table[padding_idx, :] = 0
     return table
 
@@ -120,7 +127,8 @@ class SinusoidalPositions(nn.Module):
     def __init__(self, dim: int, padding_idx: int, init_size: int) -> None:
         super().__init__()
         self.dim, self.padding_idx = dim, padding_idx
-        self.register_buffer("weights", sinusoidal_table(init_size, dim, padding_idx), persistent=False)
+        table = sinusoidal_table(init_size, dim, padding_idx).to(torch.empty(0).device)  # to the default device
+        self.register_buffer("weights", table, persistent=False)
 
     def forward(self, positions: Tensor, max_position: int | None = None) -> Tensor:
         """``max_position``: an upper bound of ``positions`` known on the host (else it is read from the device)."""
