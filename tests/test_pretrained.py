@@ -234,7 +234,7 @@ def test_loading_a_model_imports_neither_torchdynamo_nor_symbolic_shapes(tmp_pat
     ``tensor`` or ``skip_init``'s ``to_empty`` runs through a Python reference that imports TorchDynamo or torch.fx's
     symbolic shapes (0.7 + 0.2 s of every command that loads a model, a third of the fixture's evaluation end to
     end). fairseq checkpoints with adaptive input and sinusoidal positions, post-LN, and a char-CNN input (its byte
-    table made after loading: the same outputs as the model saved), in a fresh process."""
+    table made after loading: the same outputs as the model saved), and a fresh model, in a fresh process."""
     import subprocess
     import sys
 
@@ -254,6 +254,7 @@ import adaptive_lm
 for path in sys.argv[1:]:
     lm = adaptive_lm.from_pretrained(path)
     assert lm.score("the")["positional_scores"].isfinite().all()
+adaptive_lm.build_model("tiny", 64)  # a fresh model (training), on the CPU
 print(sorted(m for m in ("torch._dynamo", "torch.fx.experimental.symbolic_shapes") if m in sys.modules))
 """
     paths = [fixtures / "fairseq_tiny" / "model" / "checkpoint_last.pt", fixtures / "fairseq_postln" / "checkpoint.pt"]

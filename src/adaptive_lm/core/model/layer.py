@@ -82,14 +82,13 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
         self.dim, self.heads, self.head_dim, self.dropout = dim, heads, dim // heads, dropout
-        # no default init (its draws would break fairseq's order), on the current default device; on meta (building
-        # to load into) nothing is drawn anyway, and skip_init's to_empty would run a Python reference there that
-        # imports torch.fx's symbolic shapes (0.2 s of every command that loads a model)
+        # no default init (its draws would break fairseq's order): built on meta, given empty parameters on the
+        # current default device (meta when loading). Not skip_init: its to_empty runs a Python reference that
+        # imports torch.fx's symbolic shapes (0.2 s of every command)
         here = torch.empty(0).device
-        if here.type == "meta":
-            self.qkv = Linear(dim, 3 * dim)
-        else:
-            self.qkv = nn.utils.skip_init(Linear, dim, 3 * dim, device=here)
+        self.qkv = Linear(dim, 3 * dim, device="meta")
+        self.qkv.weight = nn.Parameter(torch.empty(3 * dim, dim, device=here))  # (3C, C)
+        self.qkv.bias = nn.Parameter(torch.empty(3 * dim, device=here))  # (3C,)
         with torch.no_grad():  # fairseq builds k, v, q (default Linear init each), then out: same draws, same order
             for i in (1, 2, 0):  # rows of k, v, q in the fused [q; k; v] matrix
                 nn.init.kaiming_uniform_(self.qkv.weight[i * dim : (i + 1) * dim], a=math.sqrt(5))  # redrawn below
