@@ -21,6 +21,7 @@ MATH_PATH_MAX_SCORES = 16 << 20  # B*H*T*T up to this: store the probabilities (
 # PyTorch's flash kernel. Measured on Zen 4 (fp32, 2 threads, head dim 32): 2.8x at T = 20, 2.3x at 40, 1.5x at 80,
 # 1.2x at 128; flash wins from 256 on (rescoring's sentences are 10-50 tokens; eval blocks are usually longer).
 SHORT_T_MAX = 128
+SUFFIX_MAX_SCORES = 2 << 20  # ``suffix_attention``'s own path below this many scores per head (T x S), SDPA above
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -196,15 +197,17 @@ def suffix_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, training
     """(B, H, T, hd) queries of the last T of S positions, (B, H, S, hd) keys and values -> (B, H, T, hd): query t
     sees keys up to S - T + t (evaluation's context window, queries after cached positions).
 
-    Why: PyTorch's CPU flash kernel with an explicit mask took 1.4x the time of scores, softmax and product over all
-    heads at once (``_short_attention``, 1M scores per chunk: measured best of 64K-1M) at evaluation's shape (8 x 4
-    heads, 128 queries over 256 keys, head dim 32; Zen 5, natively and under the AVX2 caps). Training (dropout or
-    gradients) and plain kernels: SDPA with the mask."""
+    Why: PyTorch's CPU flash kernel with an explicit mask took 1.25-1.35x the time of scores, softmax and product
+    a few heads at a time (``_short_attention``, 1M scores per chunk: measured best of 64K-1M) at the fixture's
+    evaluation shape (8 x 4 heads, 128 queries over 256 keys, head dim 32; Zen 5, natively and under the AVX2 caps),
+    1.05-1.14x with 16 heads of 512 queries over 3,072 keys (the paper's evaluation), but 0.96-0.98x with 1,024
+    queries over 2,048 keys: from ``SUFFIX_MAX_SCORES`` scores per head on, SDPA. Training (dropout or gradients) and
+    plain kernels: SDPA with the mask."""
     p = dropout_p if training else 0.0
     B, H, T, hd = q.shape
     S = k.shape[2]
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if not ours(q) or p > 0.0 or grad:
+    if not ours(q) or p > 0.0 or grad or T * S >= SUFFIX_MAX_SCORES:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)  # (T, S)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
