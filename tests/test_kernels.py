@@ -86,18 +86,21 @@ def test_dropout_gradient_mask_statistics_and_reproducibility():
 
 
 def test_stored_attention_matches_same_mask_reference_gradcheck_and_bf16():
+    """T = 600: three chunks of heads (the last short) and five query blocks (the last short); T = 200: one block."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(5, 600, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    assert K._chunk(5, 600, 600) == 2  # three chunks, the last one short
-    out = K._StoredAttention.apply(q, k, v, 0.25, 7)
-    s = (q @ k.transpose(1, 2)) * 8**-0.5
-    s = s.masked_fill(torch.ones(600, 600, dtype=torch.bool).triu(1), float("-inf"))
-    keep = K._keep_mask((5, 600, 600), 0.25, 7, q.device).double()
-    ref = (s.softmax(-1) * keep * K._scale(0.25)) @ v
-    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
-    g = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    assert K._chunk(5, 600, 600) == 2 and len(K.attention._query_blocks(600)) == 5
+    assert len(K.attention._query_blocks(200)) == 1
+    for T in (200, 600):
+        q, k, v = (torch.randn(5, T, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        out = K._StoredAttention.apply(q, k, v, 0.25, 7)
+        s = (q @ k.transpose(1, 2)) * 8**-0.5
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        keep = K._keep_mask((5, T, T), 0.25, 7, q.device).double()
+        ref = (s.softmax(-1) * keep * K._scale(0.25)) @ v
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+        g = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     assert torch.autograd.gradcheck(
         lambda a, b, c: K._StoredAttention.apply(a, b, c, 0.3, 11), (q, k, v), fast_mode=True
     )
