@@ -37,8 +37,20 @@ def forward_gemm(x2: Tensor, w: Tensor, b: Tensor | None, packable: bool = False
 
 PACK_MAX_BYTES = 64 << 20  # larger weights (a wiki103 head: 82 MB) stay unpacked: the copy would cost more memory
 PACK_BUDGET_BYTES = 1 << 30  # packed copies kept per block at most (a 247M-parameter model's layers: about 0.8 GB)
-_PACK = threading.local()  # inside ``packed_weights``: .cache {key: (weight, packed copy)}, .made {key: (sources,
-# made weight)}, .made_ids {id: made weight}; else .cache is absent or None
+_PACK = threading.local()  # .block: the open ``packed_weights`` block's ``_Block`` (None or absent outside)
+
+
+class _Block:
+    """What a ``packed_weights`` block keeps: packed copies {key: (weight, packed)} and weights made from
+    parameters {sources' keys: (sources, weight)}; each entry holds its tensors, so no address under a key can be
+    reused by another tensor while the block lasts."""
+
+    def __init__(self) -> None:
+        self.packed: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self.made: dict[tuple, tuple[tuple[Tensor, ...], Tensor]] = {}
+
+    def is_made(self, w: Tensor) -> bool:
+        return any(m is w for _, m in self.made.values())  # a few entries: the head, the input table
 
 
 @contextlib.contextmanager
@@ -53,19 +65,18 @@ def packed_weights() -> Iterator[None]:
     and under the AVX2 caps), rescoring 10,000 hypotheses 0.85x, evaluation 0.92x. Measured per shape against the
     other two like any linear. A weight changed in place (its version counter moves) is packed again; a change made
     through ``.data`` moves no counter and would not be seen: the block is for inference, not for an optimizer."""
-    prev = getattr(_PACK, "cache", None), getattr(_PACK, "made", None), getattr(_PACK, "made_ids", None)
-    if prev[0] is None:
-        _PACK.cache, _PACK.made, _PACK.made_ids = {}, {}, {}
+    prev = getattr(_PACK, "block", None)
+    _PACK.block = _Block() if prev is None else prev  # a nested block shares the outer one
     try:
         yield
     finally:
-        _PACK.cache, _PACK.made, _PACK.made_ids = prev
+        _PACK.block = prev
 
 
 def weights_fixed() -> bool:
     """Whether this thread is inside ``packed_weights`` (inference: the weights stay as they are for the block, so
     what is made from them may be kept: ``block_weight``)."""
-    return getattr(_PACK, "cache", None) is not None
+    return getattr(_PACK, "block", None) is not None
 
 
 def _key(t: Tensor) -> tuple:
@@ -81,33 +92,31 @@ def block_weight(sources: tuple[Tensor, ...], make: Callable[[], Tensor]) -> Ten
 
     Why: a weight made afresh at every call cannot be packed (its packed copy would be made at every call too);
     made once, the head's linear runs on the packed layout (rescoring 10,000 hypotheses: 1.31 -> 1.22 s)."""
-    made = getattr(_PACK, "made", None)
-    if made is None or (torch.is_grad_enabled() and any(s.requires_grad for s in sources)):
+    block = getattr(_PACK, "block", None)
+    if block is None or (torch.is_grad_enabled() and any(s.requires_grad for s in sources)):
         return make()
     key = tuple(_key(s) for s in sources)
-    if key not in made:
-        w = make()
-        made[key] = (sources, w)  # holding the sources keeps the key's addresses theirs
-        _PACK.made_ids[id(w)] = w  # holding w keeps its id its own
-    return made[key][1]
+    if key not in block.made:
+        block.made[key] = (sources, make())
+    return block.made[key][1]
 
 
 def _packed(w: Tensor, rows: int) -> Tensor | None:
     """The packed copy of ``w`` inside ``packed_weights`` (None: outside, too large, or neither a parameter nor a
     ``block_weight``). Not a temporary weight: it would be packed anew at every call. The cache holds the weight
     itself, so its memory cannot be reused by another tensor under the same key."""
-    cache = getattr(_PACK, "cache", None)
+    block = getattr(_PACK, "block", None)
     size = w.numel() * w.element_size()
-    if cache is None or size > PACK_MAX_BYTES or not _packing_ok():
+    if block is None or size > PACK_MAX_BYTES or not _packing_ok():
         return None
-    if not (isinstance(w, nn.Parameter) or _PACK.made_ids.get(id(w)) is w):
+    if not (isinstance(w, nn.Parameter) or block.is_made(w)):
         return None
     key = _key(w)
-    if key not in cache:
-        if sum(p.numel() * p.element_size() for p, _ in cache.values()) + size > PACK_BUDGET_BYTES:
+    if key not in block.packed:
+        if sum(p.numel() * p.element_size() for p, _ in block.packed.values()) + size > PACK_BUDGET_BYTES:
             return None
-        cache[key] = (w, torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows))
-    return cache[key][1]
+        block.packed[key] = (w, torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows))
+    return block.packed[key][1]
 
 
 @functools.cache
