@@ -4,7 +4,7 @@ embedding, and the sinusoidal positions (learned ones are a plain ``nn.Embedding
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,15 @@ from torch import Tensor, nn
 from adaptive_lm.core.config import ConfigError, ModelConfig, parse_character_filters
 from adaptive_lm.core.kernels import Linear
 from adaptive_lm.core.model.adaptive import AdaptiveInput
+
+
+def derived_buffer(shape: tuple[int, ...], dtype: torch.dtype, make: Callable[[], Tensor]) -> Tensor:
+    """A buffer computed from the configuration: ``make()``, or on the meta device (building a model to load into)
+    an empty tensor of ``shape``, which ``TransformerLM.materialize_buffers`` fills after loading. Why not compute it
+    on meta: there these ops run through Python references that import TorchDynamo (0.7 s of every command)."""
+    if torch.empty(0).device.type == "meta":
+        return torch.empty(shape, dtype=dtype)
+    return make()
 
 
 def char_table(symbols: Sequence[str], max_chars: int = 50, nspecial: int = 4) -> Tensor:
@@ -52,11 +61,9 @@ class CharacterEmbedder(nn.Module):
                 layer.bias[:width].zero_()
                 nn.init.xavier_normal_(layer.weight)
         self.projection = Linear(width, word_dim)
-        if torch.empty(0).device.type == "meta":  # building to load into: materialize_buffers makes it afterwards
-            table = torch.empty(len(symbols), self.MAX_CHARS, dtype=torch.long)  # (V, 50)
-        else:
-            table = char_table(symbols, self.MAX_CHARS, nspecial)  # (V, 50)
-        self.register_buffer("word_to_char", table, persistent=False)
+        shape = (len(symbols), self.MAX_CHARS)
+        table = derived_buffer(shape, torch.long, lambda: char_table(symbols, self.MAX_CHARS, nspecial))
+        self.register_buffer("word_to_char", table, persistent=False)  # (V, 50)
         with torch.no_grad():  # fairseq's CharacterTokenEmbedder.reset_parameters
             nn.init.xavier_normal_(self.char_embeddings.weight)
             nn.init.xavier_normal_(self.symbol_embeddings)
@@ -106,17 +113,14 @@ def make_positions(tokens: Tensor, padding_idx: int) -> Tensor:
 
 
 def sinusoidal_table(num: int, dim: int, padding_idx: int) -> Tensor:
-    """[sin | cos] halves (concatenated, not interleaved), fp32, row ``padding_idx`` zero: fairseq's formula.
-    Computed on the CPU whatever the default device: on the meta device (building a model to load into) these ops
-    would run through Python references that import TorchDynamo (0.7 s)."""
+    """[sin | cos] halves (concatenated, not interleaved), fp32, row ``padding_idx`` zero: fairseq's formula."""
     half = dim // 2
     scale = math.log(10000) / (half - 1)
-    cpu = torch.device("cpu")
-    freq = torch.exp(torch.arange(half, dtype=torch.float, device=cpu) * -scale)  # (half,)
-    angles = torch.arange(num, dtype=torch.float, device=cpu).unsqueeze(1) * freq.unsqueeze(0)  # (num, half)
+    freq = torch.exp(torch.arange(half, dtype=torch.float) * -scale)  # (half,)
+    angles = torch.arange(num, dtype=torch.float).unsqueeze(1) * freq.unsqueeze(0)  # (num, half)
     table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1).view(num, -1)  # (num, 2*half)
     if dim % 2 == 1:
-        table = torch.cat([table, torch.zeros(num, 1, device=cpu)], dim=1)
+        table = torch.cat([table, torch.zeros(num, 1)], dim=1)
     table[padding_idx, :] = 0
     return table
 
@@ -127,8 +131,8 @@ class SinusoidalPositions(nn.Module):
     def __init__(self, dim: int, padding_idx: int, init_size: int) -> None:
         super().__init__()
         self.dim, self.padding_idx = dim, padding_idx
-        table = sinusoidal_table(init_size, dim, padding_idx).to(torch.empty(0).device)  # to the default device
-        self.register_buffer("weights", table, persistent=False)
+        table = derived_buffer((init_size, dim), torch.float, lambda: sinusoidal_table(init_size, dim, padding_idx))
+        self.register_buffer("weights", table, persistent=False)  # (init_size, dim)
 
     def forward(self, positions: Tensor, max_position: int | None = None) -> Tensor:
         """``max_position``: an upper bound of ``positions`` known on the host (else it is read from the device)."""
