@@ -50,6 +50,32 @@ def test_inference_attention_short_sequences_one_query_and_suffix_queries_equal_
             torch.testing.assert_close(out, ref, atol=tol, rtol=0)
 
 
+@pytest.mark.parametrize("plain", [False, True])
+def test_prefix_attention_equals_each_rows_own_causal_attention(plain):
+    """Rows continuing prefixes of different lengths (rescoring's shared prefixes): each row's new positions attend to
+    its own first P keys and the new keys up to themselves, exactly as that row's whole sequence attends causally
+    (its prefix then its new positions, with no padding); the padding slots change nothing. Ours (200 heads: several
+    chunks) and the plain kernels (SDPA with the mask); an off-by-one in the mask fails."""
+    torch.manual_seed(0)
+    P = torch.tensor([0, 3, 7, 1, 7])  # (B,) own earlier positions; the batch's prefix slots: 7
+    B, H, T, hd, Pm = len(P), 40, 6, 16, int(P.max())
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
+        q, kn, vn = (torch.randn(B, H, T, hd, dtype=dtype) for _ in range(3))
+        kp, vp = (torch.randn(B, H, Pm, hd, dtype=dtype) for _ in range(2))  # slots past a row's P: padding
+        with K.plain_kernels(plain), torch.no_grad():
+            out = K.prefix_attention(q, torch.cat([kp, kn], 2), torch.cat([vp, vn], 2), P)
+        for b in range(B):
+            p = int(P[b])
+            k, v = (
+                torch.cat([kp[b : b + 1, :, :p], kn[b : b + 1]], 2),
+                torch.cat([vp[b : b + 1, :, :p], vn[b : b + 1]], 2),
+            )
+            ref = F.scaled_dot_product_attention(
+                q[b : b + 1], k, v, attn_mask=torch.ones(T, p + T, dtype=torch.bool).tril(p)
+            )
+            torch.testing.assert_close(out[b : b + 1], ref, atol=tol, rtol=0)
+
+
 def test_attention_with_dropout_matches_same_mask_reference_and_gradcheck():
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 300, 8, dtype=torch.float64) for _ in range(3))

@@ -400,3 +400,77 @@ def test_frame_lays_out_inputs_targets_and_counts_as_the_hub():
     assert src.tolist() == [[0, 1, 1, 1], [0, 7, 1, 1], [0, 4, 5, 6]]
     assert tgt.tolist() == [[2, 1, 1, 1], [7, 2, 1, 1], [4, 5, 6, 2]]
     assert n.tolist() == [1, 2, 4] and src.dtype == tgt.dtype == n.dtype == torch.long
+
+
+# ---- shared prefixes -------------------------------------------------------------------------------------------
+def test_plan_reuses_the_longest_shared_prefix_of_an_earlier_hypothesis():
+    """Framed sequences (start token 2): a hypothesis reuses min(L - 1, n) positions of the earliest sorted one it
+    shares its longest common prefix (L tokens) with, if at least MIN_SHARED (or all of them: a duplicate)."""
+    from adaptive_lm.inference.rescore.prefixes import plan
+
+    seqs = [
+        [2, 5, 6, 7, 8, 9, 10],  # 0
+        [2, 5, 6, 7, 8, 9, 11, 12],  # 1: shares 6 tokens with 0 -> 5 positions
+        [2, 5, 6, 7, 8, 9, 11, 13],  # 2: shares 7 with 1 (6 with 0) -> 6 positions of 1
+        [2, 5, 6, 7, 8, 9, 10],  # 3: a duplicate of 0 -> all 6 positions
+        [2, 5, 6, 4],  # 4: shares 3 tokens -> 2 positions, fewer than MIN_SHARED: whole
+        [2, 5, 6],  # 5: a prefix of 4 (2 positions, all of it): sorted before 4, so 4 is not its parent
+        [2, 5, 6],  # 6: a duplicate of 5
+    ]
+    n = np.array([len(s) - 1 for s in seqs])
+    order, parent, shared = plan(seqs, n, min_shared=4)
+    assert order.tolist() == [5, 6, 4, 0, 3, 1, 2]
+    assert parent.tolist() == [-1, 0, 1, 0, -1, -1, 5]
+    assert shared.tolist() == [0, 5, 6, 6, 0, 0, 2]
+
+
+def nbest_with_shared_prefixes(lm, lists=40, per=8, seed=0):
+    """Word-id n-best lists made like bench_rescore's: edits of a random sentence (substitution, deletion,
+    insertion), duplicates and prefixes included, lengths 0-30."""
+    rng = np.random.default_rng(seed)
+    V = len(lm.dictionary)
+    out = []
+    for _ in range(lists):
+        base = rng.integers(4, V, size=int(rng.integers(1, 30))).tolist()
+        for _ in range(per):
+            h = list(base)
+            for _ in range(int(rng.integers(0, 3))):
+                i = int(rng.integers(0, len(h) + 1))
+                op = rng.random()
+                if op < 0.4 and i < len(h):
+                    h[i] = int(rng.integers(4, V))
+                elif op < 0.6 and i < len(h):
+                    del h[i]
+                elif op < 0.8:
+                    h.insert(i, int(rng.integers(4, V)))
+                else:
+                    h = h[:i]
+            out.append(h)
+    return out
+
+
+@pytest.mark.parametrize("score_eos", [False, True])
+@pytest.mark.parametrize("plain", [False, True])
+@pytest.mark.parametrize("cache_bytes", [None, 512 << 10])
+def test_shared_prefixes_score_as_whole_hypotheses(lm, monkeypatch, score_eos, plain, cache_bytes):
+    """Each hypothesis computed after the prefix it shares with an earlier one scores what it scores computed whole,
+    within the fp32 rounding of other batch shapes (sums of up to 31 position scores); through our kernels and the
+    plain ones, with segments cut by the key/value budget (512 KB: about 20 segments), and the model really runs on
+    fewer positions."""
+    from adaptive_lm.core.kernels import plain_kernels
+    from adaptive_lm.inference.rescore import prefixes
+
+    if cache_bytes is not None:
+        monkeypatch.setattr(prefixes, "CACHE_BYTES", cache_bytes)
+    ids = nbest_with_shared_prefixes(lm)
+    fed = []
+    hook = lm.model.register_forward_pre_hook(lambda m, args: fed.append(int((args[0] != lm.dictionary.pad()).sum())))
+    try:
+        with plain_kernels(plain):
+            whole = sentence_logprobs(lm, ids, score_eos=score_eos, max_tokens=256, share_prefixes=False)
+            n_whole, fed[:] = sum(fed), []
+            shared = sentence_logprobs(lm, ids, score_eos=score_eos, max_tokens=256)
+    finally:
+        hook.remove()
+    np.testing.assert_allclose(shared, whole, atol=2e-5, rtol=1e-6)
+    assert sum(fed) < 0.6 * n_whole  # about half of the positions are shared here

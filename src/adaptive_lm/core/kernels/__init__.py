@@ -16,6 +16,7 @@ probabilities and masks per layer (gigabytes at the recipe's T = 3072). Here:
   only q, k, v and one log-sum-exp per query are kept for backward. Without gradients or dropout and at
   T <= 128 (rescoring's sentences), scores, softmax and product a few heads at a time (``_short_attention``).
 * ``one_query_attention``: a decoding step's one query over the cached keys, as two batched products.
+* ``prefix_attention``: new positions after each row's own number of earlier ones (rescoring's shared prefixes).
 * ``suffix_attention``: T queries after S - T earlier positions (evaluation's context window), the same way.
 * ``add_dropout``: a residual ``x + dropout(h)`` in one ``addcmul`` pass.
 * ``cross_entropy_sum``: summed cross-entropy whose backward is softmax - onehot in one pass (any device);
@@ -53,6 +54,7 @@ from adaptive_lm.core.kernels.attention import (
     MATH_PATH_MAX_SCORES,
     causal_attention,
     one_query_attention,
+    prefix_attention,
     suffix_attention,
 )
 from adaptive_lm.core.kernels.attention import _CausalAttention as _CausalAttention
@@ -127,6 +129,7 @@ __all__ = [
     "linear_cross_entropy_sum",
     "log_softmax_",
     "one_query_attention",
+    "prefix_attention",
     "ours",
     "packed_weights",
     "pad_rows",

@@ -242,6 +242,43 @@ def suffix_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, training
         return _short_attention(qf, kf, vf, scores=1 << 20).view(B, H, T, hd)
 
 
+_PREFIX_BIAS: list = []  # the last (prefix_lens, shape, bias): the layers of one forward share it
+
+
+def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_lens: Tensor) -> Tensor:
+    """(B, H, T, hd) queries of T new positions, (B, H, P + T, hd) keys and values whose first P slots hold each
+    row's earlier positions (row b's first ``prefix_lens[b]`` of them; the rest is padding) -> (B, H, T, hd): new
+    position t of row b sees that row's ``prefix_lens[b]`` earlier keys and the new keys up to t. No dropout or
+    gradients (inference).
+
+    Why: rescoring computes a hypothesis only after the prefix it shares with one already scored
+    (``inference.rescore.prefixes``), and the rows of a batch share prefixes of different lengths. Scores, masked
+    softmax and the product a few heads at a time, as ``_short_attention``; plain kernels: SDPA with the mask."""
+    B, H, T, hd = q.shape
+    S = k.shape[2]
+    key = (T, S, H, q.dtype, q.device)
+    if not _PREFIX_BIAS or _PREFIX_BIAS[0] is not prefix_lens or _PREFIX_BIAS[1] != key:
+        j = torch.arange(S, device=q.device)  # (S,) key slots
+        t = torch.arange(T, device=q.device)  # (T,) new positions
+        new = j - (S - T)  # (S,) slots P.. hold the new positions 0..
+        seen = (j[None, None, :] < prefix_lens[:, None, None]) | (
+            (new[None, None, :] >= 0) & (new[None, None, :] <= t[None, :, None])
+        )  # (B, T, S): the row's own earlier positions, and the new ones up to t
+        bias = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(~seen, float("-inf"))
+        _PREFIX_BIAS[:] = [prefix_lens, key, seen, bias.repeat_interleave(H, dim=0)]  # bias (BH, T, S)
+    seen, bias = _PREFIX_BIAS[2], _PREFIX_BIAS[3]
+    if not ours(q):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=seen[:, None])
+    qf = q.reshape(B * H, T, hd)  # (BH, T, hd)
+    kf, vf = (x.reshape(B * H, S, hd) for x in (k, v))  # (BH, S, hd)
+    out = torch.empty(B * H, T, hd, dtype=q.dtype, device=q.device)  # (BH, T, hd)
+    c = _chunk(B * H, T, S, scores=1 << 18)
+    for i in range(0, B * H, c):
+        s = torch.baddbmm(bias[i : i + c], qf[i : i + c], kf[i : i + c].transpose(1, 2), alpha=hd**-0.5)  # (c, T, S)
+        torch.bmm(torch._softmax(s, -1, False), vf[i : i + c], out=out[i : i + c])  # (c, T, hd)
+    return out.view(B, H, T, hd)
+
+
 def one_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """(B, H, 1, hd), (B, H, S, hd) x2 -> (B, H, 1, hd): one new query over every cached key (a decoding step), no
     dropout. Why not SDPA: for one query its CPU kernels cost 1.5-2.2x two batched products and a softmax (Zen 4,

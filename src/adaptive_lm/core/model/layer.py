@@ -16,6 +16,7 @@ from adaptive_lm.core.kernels import (
     causal_attention,
     dropout,
     one_query_attention,
+    prefix_attention,
     suffix_attention,
 )
 from adaptive_lm.core.model.init import quant_noise_
@@ -105,9 +106,12 @@ class SelfAttention(nn.Module):
         nn.init.xavier_uniform_(self.out_proj.weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: Tensor, cache: dict[str, Tensor] | None = None, keep_from: int = 0) -> Tensor:
+    def forward(
+        self, x: Tensor, cache: dict[str, Tensor] | None = None, keep_from: int = 0, prefix_lens: Tensor | None = None
+    ) -> Tensor:
         """(B, T, C) -> (B, T - keep_from, C): every position's keys and values, the queries of positions
-        ``keep_from`` on (``TransformerLM.forward``'s ``keep_from``)."""
+        ``keep_from`` on (``TransformerLM.forward``'s ``keep_from``). ``prefix_lens`` (B,): how many of the cached
+        positions each row has (``TransformerLM.forward``)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
         q = q[:, :, keep_from:] if keep_from else q  # (B, H, T - keep_from, hd)
@@ -121,7 +125,9 @@ class SelfAttention(nn.Module):
             cache["k"], cache["v"] = k, v
         S = k.shape[2]
         p = self.dropout if self.training else 0.0
-        if S == T:
+        if prefix_lens is not None:
+            y = prefix_attention(q, k, v, prefix_lens)  # (B, H, T, hd)
+        elif S == T:
             y = causal_attention(q, k, v, self.dropout, self.training)  # (B, H, T, hd)
         elif T == 1:
             y = one_query_attention(q, k, v) if p == 0.0 else F.scaled_dot_product_attention(q, k, v, dropout_p=p)
@@ -183,9 +189,11 @@ class DecoderLayer(nn.Module):
         self.dropout, self.act_dropout = cfg.dropout, cfg.act_dropout
         self.q_noise, self.qn_block_size = cfg.quant_noise_pq, cfg.quant_noise_pq_block_size
 
-    def forward(self, x: Tensor, cache: dict[str, Tensor] | None = None, keep_from: int = 0) -> Tensor:
+    def forward(
+        self, x: Tensor, cache: dict[str, Tensor] | None = None, keep_from: int = 0, prefix_lens: Tensor | None = None
+    ) -> Tensor:
         """(B, T, d) -> (B, T - keep_from, d): with ``keep_from`` only the later positions' outputs."""
-        h = self.self_attn(self.self_attn_layer_norm(x) if self.pre_ln else x, cache, keep_from)  # (B, T', d)
+        h = self.self_attn(self.self_attn_layer_norm(x) if self.pre_ln else x, cache, keep_from, prefix_lens)
         x = x[:, keep_from:] if keep_from else x  # (B, T', d) the residual of the kept positions
         if self.c_attn is not None:
             h = (h.unflatten(-1, (self.heads, -1)) * self.c_attn[:, None]).flatten(-2)  # (B, T, H, hd) -> (B, T, d)

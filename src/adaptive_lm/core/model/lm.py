@@ -93,6 +93,7 @@ class TransformerLM(nn.Module):
         return_all_hiddens: bool = False,
         routes: Routes | None = None,
         keep_from: int = 0,
+        prefix_lens: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """(B, T) token ids -> (B, T, d_out) features before the softmax ((B, T - keep_from, d_out) with ``keep_from``).
 
@@ -105,9 +106,14 @@ class TransformerLM(nn.Module):
         and final norms of those positions alone (every earlier layer still runs on all of them, whose keys and
         values the kept positions attend to), and (B, T - keep_from, d_out) comes back. About a quarter of a
         2-layer model's work at ``--context-window`` = half the block.
+        ``prefix_lens`` (B,): the rows continue prefixes of different lengths; each layer's cache holds P positions
+        per row, of which row b's first ``prefix_lens[b]`` are its own (the rest padding), and ``positions`` gives
+        the new tokens' positions (rescoring after shared prefixes: ``inference.rescore.score``).
         """
         if keep_from and (cache is not None or return_all_hiddens):
             raise ValueError("keep_from needs the whole sequence in one call and only the last states")
+        if prefix_lens is not None and (cache is None or positions is None):
+            raise ValueError("prefix_lens needs a cache holding the prefixes and the new tokens' positions")
         max_position = None
         if positions is None:
             positions = make_positions(src_tokens, self.padding_idx)  # (B, T)
@@ -133,7 +139,7 @@ class TransformerLM(nn.Module):
         layers = self.active_layers()
         for n, (i, layer) in enumerate(layers):
             keep = keep_from if n == len(layers) - 1 else 0
-            x = self.run_layer(layer, x, cache[i] if cache is not None else None, keep)  # (B, T or T - keep, d)
+            x = self.run_layer(layer, x, cache[i] if cache is not None else None, keep, prefix_lens)  # (B, T', d)
             states.append(x)
         if keep_from and not layers:  # no layer ran (all dropped): the embeddings of the kept positions
             x = x[:, keep_from:]
@@ -152,15 +158,24 @@ class TransformerLM(nn.Module):
             layers = [pair for pair, ui in zip(layers, u.tolist()) if ui > self.cfg.decoder_layerdrop]
         return layers  # type: ignore[return-value]
 
-    def run_layer(self, layer: DecoderLayer, x: Tensor, cache: dict[str, Tensor] | None, keep_from: int = 0) -> Tensor:
+    def run_layer(
+        self,
+        layer: DecoderLayer,
+        x: Tensor,
+        cache: dict[str, Tensor] | None,
+        keep_from: int = 0,
+        prefix_lens: Tensor | None = None,
+    ) -> Tensor:
         """One layer; with ``checkpoint_activations`` (training) its activations are recomputed in backward
         instead of kept (the RNG state is restored, so dropout draws the same masks), and with
         ``offload_activations`` the layer inputs it keeps wait in CPU memory."""
         if not (self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled()):
-            return layer(x, cache, keep_from)
+            return layer(x, cache, keep_from, prefix_lens)
         offload = self.cfg.offload_activations and x.device.type != "cpu"
         with torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext():
-            return checkpoint(layer, x, cache, keep_from, use_reentrant=False, context_fn=recompute_contexts)
+            return checkpoint(
+                layer, x, cache, keep_from, prefix_lens, use_reentrant=False, context_fn=recompute_contexts
+            )
 
     def tie_weights(self) -> None:
         """Make tied tensors one Parameter again (loading with ``assign=True`` replaces each name separately)."""

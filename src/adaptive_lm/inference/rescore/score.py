@@ -11,7 +11,8 @@ import torch
 
 from adaptive_lm.core.kernels import fast_linears
 from adaptive_lm.core.progress import Progress
-from adaptive_lm.inference.framing import frame
+from adaptive_lm.inference.framing import frame, length_batches
+from adaptive_lm.inference.rescore.prefixes import shared_prefix_logprobs
 
 LM_COLUMN = "lm_logprob (natural log)"
 LM_COLUMN_EOS = "lm_logprob (natural log, </s> included)"
@@ -23,24 +24,6 @@ def encode_hypotheses(lm: Any, texts: Sequence[str]) -> list[list[int]]:
     return [lm.ids(t) for t in texts]
 
 
-def length_batches(lengths: Sequence[int], max_tokens: int, max_sentences: int | None = None) -> list[np.ndarray]:
-    """Indices grouped into batches of similar length, longest first, each at most ``max_tokens`` padded positions.
-
-    Why longest first: the largest batch shape is met at once (memory peak known from the start, the allocator
-    reuses its blocks for the smaller ones)."""
-    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
-    batches: list[np.ndarray] = []
-    start = 0
-    while start < len(order):
-        width = max(1, int(lengths[order[start]]))  # the widest row of this batch (sorted: the first)
-        n = max(1, max_tokens // width)
-        if max_sentences:
-            n = min(n, max_sentences)
-        batches.append(order[start : start + n])
-        start += n
-    return batches
-
-
 @torch.no_grad()
 def sentence_logprobs(
     lm: Any,
@@ -49,13 +32,15 @@ def sentence_logprobs(
     max_tokens: int = 4096,
     max_sentences: int | None = None,
     progress: bool = False,
+    share_prefixes: bool = True,
 ) -> np.ndarray:
     """Natural-log probability of each sentence (word ids, no ``</s>``), in input order, float64 sums of the float32
     position scores; framed by ``framing.frame`` exactly as ``LanguageModel.score`` frames it (``<s>`` first for
     ``add_bos_token`` models).
 
     Length-sorted batches of at most ``max_tokens`` padded positions; the softmax only for the scored positions
-    (``target_log_probs_from_features``: no (N, V) tensor, nothing for padding)."""
+    (``target_log_probs_from_features``: no (N, V) tensor, nothing for padding). ``share_prefixes``: each hypothesis
+    computed after the prefix it shares with an earlier one (``prefixes``: n-best lists repeat their first words)."""
     model, d = lm.model, lm.dictionary
     device = next(model.parameters()).device
     n = np.array([len(x) + 1 if score_eos else len(x) for x in ids], dtype=np.int64)  # scored positions
@@ -63,6 +48,9 @@ def sentence_logprobs(
     todo = np.nonzero(n > 0)[0]  # an empty sentence without </s> scores nothing: 0
     with Progress(len(ids), "rescore", enabled=progress, unit="hyp") as bar, fast_linears(device, packed=True):
         bar.update(len(ids) - len(todo))
+        if share_prefixes and max_sentences is None:
+            out[todo] = shared_prefix_logprobs(lm, [ids[i] for i in todo.tolist()], score_eos, max_tokens, bar)
+            return out
         for batch in length_batches(n[todo], max_tokens, max_sentences):
             rows = todo[batch]
             src, tgt, m = frame([ids[i] for i in rows.tolist()], lm.start_token, d.pad(), d.eos(), score_eos)
