@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from adaptive_lm.inference.framing import frame, length_batches
+from adaptive_lm.inference.framing import length_batches
 
 MIN_SHARED = 4  # scored positions: sharing fewer, a hypothesis is computed whole (measured: 1 and 4 save the same)
 CACHE_BYTES = 256 << 20  # keys and values kept for a segment of the sorted hypotheses
@@ -88,15 +88,15 @@ class _Store:
         self.kv: list[Tensor] = []  # every layer's keys, then every layer's values
 
     def put(
-        self, cache: list[dict[str, Tensor]], who: np.ndarray, seg: np.ndarray, P: np.ndarray, n: np.ndarray
+        self, cache: list[dict[str, Tensor]], who: np.ndarray, seg: np.ndarray, P: np.ndarray, lens: np.ndarray
     ) -> None:
-        """Keep the keys and values of batch rows ``who`` (parents, segment indices ``seg``): in the layer caches
-        (B, H, Pm + T, hd), row b's position p sits at slot p below its ``P[b]`` shared positions, at Pm + p - ``P[b]``
-        from there on."""
+        """Keep the first ``lens`` (B,) positions' keys and values of batch rows ``who`` (parents, segment indices
+        ``seg``): in the layer caches (B, H, Pm + T, hd), row b's position p sits at slot p below its ``P[b]`` shared
+        positions, at Pm + p - ``P[b]`` from there on."""
         tensors = [c["k"] for c in cache] + [c["v"] for c in cache]
         _, H, S, hd = tensors[0].shape
-        Pm = S - (int((n - P).max()))
-        ln = n[who]
+        Pm = int(P.max())
+        ln = lens[who]
         b = np.repeat(who, ln)  # (M,) batch row of each kept position
         p = np.arange(int(ln.sum())) - np.repeat(np.cumsum(ln) - ln, ln)  # (M,) its position
         slot = np.where(p < P[b], p, Pm + p - P[b])  # (M,)
@@ -156,15 +156,14 @@ def shared_prefix_logprobs(
     while start < len(order):
         before = int(csum[start - 1]) if start else 0
         stop = max(start + 1, int(np.searchsorted(csum, before + CACHE_BYTES // per_token, side="right")))
-        _segment(lm, ids, score_eos, order[start:stop], parent, shared, n, max_tokens, out, bar)
+        _segment(lm, seqs, order[start:stop], parent, shared, n, max_tokens, out, bar)
         start = stop
     return out
 
 
 def _segment(
     lm: Any,
-    ids: Sequence[Sequence[int]],
-    score_eos: bool,
+    seqs: Sequence[Sequence[int]],
     rows: np.ndarray,
     parent: np.ndarray,
     shared: np.ndarray,
@@ -183,25 +182,45 @@ def _segment(
         if p >= 0:
             wave[j] = wave[p] + 1
     waves = np.array(wave, dtype=np.int64)
-    is_parent = np.zeros(len(rows), dtype=bool)
-    is_parent[par[par >= 0]] = True
+    has = par >= 0
+    need = np.zeros(len(rows), dtype=np.int64)  # (N,) positions a hypothesis' children read: its largest child's P
+    np.maximum.at(need, par[has], P[has])
+    is_parent = need > 0
     cum = np.zeros((len(rows), int(n.max()) + 1), dtype=np.float64)  # (N, W + 1) sums of the first p scores
     store: _Store | None = None
     for w in range(int(waves.max()) + 1):
         sel = np.nonzero(waves == w)[0]
+        sel = sel[np.argsort(-P[sel], kind="stable")]  # batches of one suffix length: similar prefix lengths
         keep = sel[is_parent[sel]]
-        cur = _Store(int(n[keep].sum())) if len(keep) else None
+        cur = _Store(int(need[keep].sum())) if len(keep) else None
         for batch in length_batches(n[sel] - P[sel], max_tokens):
             j = sel[batch]
-            _batch(lm, ids, score_eos, rows[j], j, par[j], P[j], n[j], store, cur, is_parent[j], cum, out)
+            _batch(lm, seqs, rows[j], j, par[j], P[j], n[j], store, cur, need[j], cum, out)
             bar.update(len(j))
         store = cur
 
 
+def _suffixes(
+    seqs: Sequence[Sequence[int]], rows: np.ndarray, P: np.ndarray, n: np.ndarray, T: int, pad: int
+) -> tuple[Tensor, Tensor]:
+    """Inputs and targets (B, T) of positions ``P`` .. ``n`` - 1 of each framed sequence, right-padded."""
+    ln = n - P + 1  # (B,) tokens from position P on: T_b inputs, the last only a target
+    flat = np.fromiter(
+        itertools.chain.from_iterable(seqs[r][p:] for r, p in zip(rows.tolist(), P.tolist())), np.int64, int(ln.sum())
+    )  # (sum ln,)
+    row = np.repeat(np.arange(len(rows)), ln)
+    col = np.arange(len(flat)) - np.repeat(np.cumsum(ln) - ln, ln)  # (sum ln,) index from position P on
+    src = np.full((len(rows), T + 1), pad, dtype=np.int64)  # (B, T + 1): the last column only as room
+    tgt = np.full((len(rows), T + 1), pad, dtype=np.int64)
+    last = col == ln[row] - 1
+    src[row[~last], col[~last]] = flat[~last]
+    tgt[row[col > 0], col[col > 0] - 1] = flat[col > 0]
+    return torch.from_numpy(src[:, :T]), torch.from_numpy(tgt[:, :T])
+
+
 def _batch(
     lm: Any,
-    ids: Sequence[Sequence[int]],
-    score_eos: bool,
+    seqs: Sequence[Sequence[int]],
     rows: np.ndarray,
     j: np.ndarray,
     par: np.ndarray,
@@ -209,24 +228,23 @@ def _batch(
     n: np.ndarray,
     store: _Store | None,
     cur: _Store | None,
-    keep: np.ndarray,
+    need: np.ndarray,
     cum: np.ndarray,
     out: np.ndarray,
 ) -> None:
     """Score batch rows ``rows`` (segment indices ``j``) after their ``P`` (B,) positions shared with ``par``, into
-    ``out``; keep the parents' keys and values in ``cur`` and their score sums in ``cum``."""
+    ``out``; keep the first ``need`` (B,) positions' keys and values of the parents in ``cur``, their score sums in
+    ``cum``."""
+    keep = need > 0
     model, d = lm.model, lm.dictionary
     device = next(model.parameters()).device
     pad, layers = d.pad(), len(model.layers)
     B, T = len(rows), int((n - P).max())
     own = np.zeros((B, max(T, 0)), dtype=np.float64)  # (B, T) the computed position scores
     if T > 0:
-        src_full, tgt_full, _ = frame([ids[i] for i in rows.tolist()], lm.start_token, pad, d.eos(), score_eos)
+        src, tgt = _suffixes(seqs, rows, P, n, T, pad)  # (B, T) each
         cols = torch.from_numpy(P)[:, None] + torch.arange(T)[None, :]  # (B, T) positions
-        valid = cols < torch.from_numpy(n)[:, None]  # (B, T) scored positions
-        at = cols.clamp(max=src_full.shape[1] - 1)
-        src = src_full.gather(1, at).masked_fill_(~valid, pad)  # (B, T)
-        tgt = tgt_full.gather(1, at)  # (B, T)
+        valid = torch.arange(T)[None, :] < torch.from_numpy(n - P)[:, None]  # (B, T) scored positions
         cache, positions, prefix_lens = None, None, None
         if P.max() > 0:
             assert store is not None
@@ -242,7 +260,7 @@ def _batch(
         if cur is not None and keep.any():
             assert cache is not None
             who = np.nonzero(keep)[0]
-            cur.put(cache, who, j[who], P, n)
+            cur.put(cache, who, j[who], P, need)
     has = par >= 0
     base = np.where(has, cum[np.maximum(par, 0), P], 0.0)  # (B,) the parents' sums of the shared positions
     out[rows] = base + own.sum(axis=1)
