@@ -474,3 +474,24 @@ def test_shared_prefixes_score_as_whole_hypotheses(lm, monkeypatch, score_eos, p
         hook.remove()
     np.testing.assert_allclose(shared, whole, atol=2e-5, rtol=1e-6)
     assert sum(fed) < 0.6 * n_whole  # about half of the positions are shared here
+
+
+def test_suffix_batches_trade_padding_for_fewer_batches():
+    """Every index once, at most max_tokens padded positions per batch (or one row), widest first; without a cost per
+    batch nothing is padded, and the dearer a batch, the fewer batches and the more padding (the optimum of padding
+    + cost x batches moves that way)."""
+    from adaptive_lm.inference.rescore.prefixes import suffix_batches
+
+    widths = np.random.default_rng(0).integers(1, 40, size=500)
+    seen = []
+    for per_batch in (0.0, 10.0, 50.0, 1e9):
+        batches = suffix_batches(widths, 256, per_batch)
+        assert sorted(np.concatenate(batches).tolist()) == list(range(len(widths)))
+        tops = [int(widths[b].max()) for b in batches]
+        assert tops == sorted(tops, reverse=True)
+        assert all(len(b) * widths[b].max() <= 256 or len(b) == 1 for b in batches)
+        padding = sum(int(widths[b].max()) * len(b) - int(widths[b].sum()) for b in batches)
+        seen.append((len(batches), padding))
+    assert seen[0][1] == 0
+    assert [b for b, _ in seen] == sorted((b for b, _ in seen), reverse=True) and seen[-1][0] < seen[0][0]
+    assert [p for _, p in seen] == sorted(p for _, p in seen) and seen[-1][1] > 0

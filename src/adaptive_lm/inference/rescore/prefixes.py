@@ -25,8 +25,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from adaptive_lm.inference.framing import length_batches
-
 MIN_SHARED = 4  # scored positions: sharing fewer, a hypothesis is computed whole (measured: 1 and 4 save the same)
 CACHE_BYTES = 256 << 20  # keys and values kept for a segment of the sorted hypotheses
 PLAN_ROWS = 4096  # sorted hypotheses compared with their predecessors at a time (``plan``)
@@ -75,6 +73,50 @@ def plan(seqs: Sequence[Sequence[int]], n: np.ndarray, min_shared: int = MIN_SHA
         if s > 0 and (s >= min_shared or s == scored[i]):
             parent[i], shared[i] = o[first], s
     return order, np.array(parent, dtype=np.int64), np.array(shared, dtype=np.int64)
+
+
+def suffix_batches(widths: np.ndarray, max_tokens: int, per_batch: float) -> list[np.ndarray]:
+    """Indices grouped into batches of at most ``max_tokens`` padded positions, widest first, grouped so that the
+    padded positions plus ``per_batch`` positions' worth of fixed cost per batch are fewest.
+
+    Why: a wave's suffixes have lengths from 1 to the longest sentence; filling batches up to ``max_tokens`` in
+    length order (``framing.length_batches``) pads a few hundred rows to the widest one when a wave is small (a large
+    model's segments are small), and a batch per length costs each batch's fixed work when it is large. Dynamic
+    programming over the distinct widths (a group is a run of widths, padded to its widest, cut into batches)."""
+    order = np.argsort(-widths, kind="stable")
+    w, counts = np.unique(widths[order], return_counts=True)
+    w, counts = w[::-1], counts[::-1]  # widest first
+    K = len(w)
+    best = np.full(K + 1, np.inf)
+    best[0], cut = 0.0, np.zeros(K + 1, dtype=np.int64)
+    for k in range(1, K + 1):
+        rows = 0
+        for i in range(k - 1, -1, -1):  # the group of widths i .. k - 1, padded to w[i]
+            rows += int(counts[i])
+            width = max(1, int(w[i]))
+            per = max(1, max_tokens // width)
+            cost = best[i] + -(-rows // per) * per_batch + rows * width
+            if cost < best[k]:
+                best[k], cut[k] = cost, i
+    groups, k = [], K
+    while k > 0:
+        groups.append((int(cut[k]), k))
+        k = int(cut[k])
+    batches, start = [], 0
+    for i, k in reversed(groups):  # each group in batches of as many rows as its widest allows
+        rows = int(counts[i:k].sum())
+        per = max(1, max_tokens // max(1, int(w[i])))
+        batches += [order[start + a : start + min(rows, a + per)] for a in range(0, rows, per)]
+        start += rows
+    return batches
+
+
+def _batch_cost(model: Any) -> float:
+    """A batch's fixed cost in positions' worth of work: about 1 ms of per-call work (tens of operators per layer)
+    over a position's FLOPs at 200 GFLOP/s (its layers' and the softmax head's multiply-adds)."""
+    layers = sum(p.numel() for p in model.layers.parameters())
+    head = model.cfg.decoder_output_dim * (model.cfg.adaptive_softmax_cutoff or [model.cfg.vocab_size])[0]
+    return max(1.0, 2e8 / (2.0 * (layers + head)))
 
 
 class _Store:
@@ -141,7 +183,7 @@ def _rows(t: Tensor) -> tuple[Tensor, Any]:
 
 @torch.no_grad()
 def shared_prefix_logprobs(
-    lm: Any, ids: Sequence[Sequence[int]], score_eos: bool, max_tokens: int, bar: Any, min_shared: int = MIN_SHARED
+    lm: Any, ids: Sequence[Sequence[int]], score_eos: bool, max_tokens: int, bar: Any, min_shared: int | None = None
 ) -> np.ndarray:
     """Natural-log probability of each sentence, as ``score.sentence_logprobs`` (float64 sums of the float32 position
     scores), computing each hypothesis after the prefix it shares with an earlier one (module docstring)."""
@@ -149,14 +191,17 @@ def shared_prefix_logprobs(
     seqs = framed(ids, lm.start_token, d.eos(), score_eos)
     n = np.array([len(s) - 1 for s in seqs], dtype=np.int64)  # (N,) scored positions
     out = np.zeros(len(ids), dtype=np.float64)
-    order, parent, shared = plan(seqs, n, min_shared)
+    order, parent, shared = plan(seqs, n, MIN_SHARED if min_shared is None else min_shared)
     per_token = len(model.layers) * 2 * model.cfg.decoder_embed_dim * next(model.parameters()).element_size()
-    csum = np.cumsum(n[order] + 1)  # (N,) positions up to each sorted hypothesis
+    need = np.zeros(len(ids), dtype=np.int64)  # (N,) positions each one's children read (fewer if cut off)
+    np.maximum.at(need, parent[parent >= 0], shared[parent >= 0])
+    csum = np.cumsum(need[order])  # (N,) kept positions up to each sorted hypothesis
+    per_batch = _batch_cost(model)
     start = 0
     while start < len(order):
         before = int(csum[start - 1]) if start else 0
         stop = max(start + 1, int(np.searchsorted(csum, before + CACHE_BYTES // per_token, side="right")))
-        _segment(lm, seqs, order[start:stop], parent, shared, n, max_tokens, out, bar)
+        _segment(lm, seqs, order[start:stop], parent, shared, n, max_tokens, per_batch, out, bar)
         start = stop
     return out
 
@@ -169,6 +214,7 @@ def _segment(
     shared: np.ndarray,
     n_all: np.ndarray,
     max_tokens: int,
+    per_batch: float,
     out: np.ndarray,
     bar: Any,
 ) -> None:
@@ -193,7 +239,7 @@ def _segment(
         sel = sel[np.argsort(-P[sel], kind="stable")]  # batches of one suffix length: similar prefix lengths
         keep = sel[is_parent[sel]]
         cur = _Store(int(need[keep].sum())) if len(keep) else None
-        for batch in length_batches(n[sel] - P[sel], max_tokens):
+        for batch in suffix_batches(n[sel] - P[sel], max_tokens, per_batch):
             j = sel[batch]
             _batch(lm, seqs, rows[j], j, par[j], P[j], n[j], store, cur, need[j], cum, out)
             bar.update(len(j))
