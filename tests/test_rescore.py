@@ -470,10 +470,13 @@ def test_shared_prefixes_score_as_whole_hypotheses(lm, monkeypatch, score_eos, p
             whole = sentence_logprobs(lm, ids, score_eos=score_eos, max_tokens=256, share_prefixes=False)
             n_whole, fed[:] = sum(fed), []
             shared = sentence_logprobs(lm, ids, score_eos=score_eos, max_tokens=256)
+            n_shared = sum(fed)
+            few = sentence_logprobs(lm, ids, score_eos=score_eos, max_tokens=256, max_sentences=3)
     finally:
         hook.remove()
     np.testing.assert_allclose(shared, whole, atol=2e-5, rtol=1e-6)
-    assert sum(fed) < 0.6 * n_whole  # about half of the positions are shared here
+    np.testing.assert_allclose(few, whole, atol=2e-5, rtol=1e-6)
+    assert n_shared < 0.6 * n_whole  # about half of the positions are shared here
 
 
 def test_suffix_batches_trade_padding_for_fewer_batches():

@@ -75,8 +75,11 @@ def plan(seqs: Sequence[Sequence[int]], n: np.ndarray, min_shared: int = MIN_SHA
     return order, np.array(parent, dtype=np.int64), np.array(shared, dtype=np.int64)
 
 
-def suffix_batches(widths: np.ndarray, max_tokens: int, per_batch: float) -> list[np.ndarray]:
-    """Indices grouped into batches of at most ``max_tokens`` padded positions, widest first, grouped so that the
+def suffix_batches(
+    widths: np.ndarray, max_tokens: int, per_batch: float, max_sentences: int | None = None
+) -> list[np.ndarray]:
+    """Indices grouped into batches of at most ``max_tokens`` padded positions (and ``max_sentences`` rows), widest
+    first, grouped so that the
     padded positions plus ``per_batch`` positions' worth of fixed cost per batch are fewest.
 
     Why: a wave's suffixes have lengths from 1 to the longest sentence; filling batches up to ``max_tokens`` in
@@ -94,7 +97,7 @@ def suffix_batches(widths: np.ndarray, max_tokens: int, per_batch: float) -> lis
         for i in range(k - 1, -1, -1):  # the group of widths i .. k - 1, padded to w[i]
             rows += int(counts[i])
             width = max(1, int(w[i]))
-            per = max(1, max_tokens // width)
+            per = min(max(1, max_tokens // width), max_sentences or max_tokens)
             cost = best[i] + -(-rows // per) * per_batch + rows * width
             if cost < best[k]:
                 best[k], cut[k] = cost, i
@@ -105,7 +108,7 @@ def suffix_batches(widths: np.ndarray, max_tokens: int, per_batch: float) -> lis
     batches, start = [], 0
     for i, k in reversed(groups):  # each group in batches of as many rows as its widest allows
         rows = int(counts[i:k].sum())
-        per = max(1, max_tokens // max(1, int(w[i])))
+        per = min(max(1, max_tokens // max(1, int(w[i]))), max_sentences or max_tokens)
         batches += [order[start + a : start + min(rows, a + per)] for a in range(0, rows, per)]
         start += rows
     return batches
@@ -183,7 +186,13 @@ def _rows(t: Tensor) -> tuple[Tensor, Any]:
 
 @torch.no_grad()
 def shared_prefix_logprobs(
-    lm: Any, ids: Sequence[Sequence[int]], score_eos: bool, max_tokens: int, bar: Any, min_shared: int | None = None
+    lm: Any,
+    ids: Sequence[Sequence[int]],
+    score_eos: bool,
+    max_tokens: int,
+    bar: Any,
+    max_sentences: int | None = None,
+    min_shared: int | None = None,
 ) -> np.ndarray:
     """Natural-log probability of each sentence, as ``score.sentence_logprobs`` (float64 sums of the float32 position
     scores), computing each hypothesis after the prefix it shares with an earlier one (module docstring)."""
@@ -201,7 +210,7 @@ def shared_prefix_logprobs(
     while start < len(order):
         before = int(csum[start - 1]) if start else 0
         stop = max(start + 1, int(np.searchsorted(csum, before + CACHE_BYTES // per_token, side="right")))
-        _segment(lm, seqs, order[start:stop], parent, shared, n, max_tokens, per_batch, out, bar)
+        _segment(lm, seqs, order[start:stop], parent, shared, n, (max_tokens, max_sentences), per_batch, out, bar)
         start = stop
     return out
 
@@ -213,7 +222,7 @@ def _segment(
     parent: np.ndarray,
     shared: np.ndarray,
     n_all: np.ndarray,
-    max_tokens: int,
+    limits: tuple[int, int | None],
     per_batch: float,
     out: np.ndarray,
     bar: Any,
@@ -239,7 +248,7 @@ def _segment(
         sel = sel[np.argsort(-P[sel], kind="stable")]  # batches of one suffix length: similar prefix lengths
         keep = sel[is_parent[sel]]
         cur = _Store(int(need[keep].sum())) if len(keep) else None
-        for batch in suffix_batches(n[sel] - P[sel], max_tokens, per_batch):
+        for batch in suffix_batches(n[sel] - P[sel], limits[0], per_batch, limits[1]):
             j = sel[batch]
             _batch(lm, seqs, rows[j], j, par[j], P[j], n[j], store, cur, need[j], cum, out)
             bar.update(len(j))

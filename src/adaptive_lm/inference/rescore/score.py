@@ -38,9 +38,11 @@ def sentence_logprobs(
     position scores; framed by ``framing.frame`` exactly as ``LanguageModel.score`` frames it (``<s>`` first for
     ``add_bos_token`` models).
 
-    Length-sorted batches of at most ``max_tokens`` padded positions; the softmax only for the scored positions
-    (``target_log_probs_from_features``: no (N, V) tensor, nothing for padding). ``share_prefixes``: each hypothesis
-    computed after the prefix it shares with an earlier one (``prefixes``: n-best lists repeat their first words)."""
+    Batches of at most ``max_tokens`` padded positions (and ``max_sentences`` rows); the softmax only for the scored
+    positions (``target_log_probs_from_features``: no (N, V) tensor, nothing for padding). ``share_prefixes`` (the
+    default): each hypothesis is computed after the prefix it shares with an earlier one (``prefixes``: n-best lists
+    repeat their first words; the same scores up to the rounding of other batch shapes); otherwise each whole, in
+    length-sorted batches."""
     model, d = lm.model, lm.dictionary
     device = next(model.parameters()).device
     n = np.array([len(x) + 1 if score_eos else len(x) for x in ids], dtype=np.int64)  # scored positions
@@ -48,8 +50,9 @@ def sentence_logprobs(
     todo = np.nonzero(n > 0)[0]  # an empty sentence without </s> scores nothing: 0
     with Progress(len(ids), "rescore", enabled=progress, unit="hyp") as bar, fast_linears(device, packed=True):
         bar.update(len(ids) - len(todo))
-        if share_prefixes and max_sentences is None:
-            out[todo] = shared_prefix_logprobs(lm, [ids[i] for i in todo.tolist()], score_eos, max_tokens, bar)
+        if share_prefixes:
+            todo_ids = [ids[i] for i in todo.tolist()]
+            out[todo] = shared_prefix_logprobs(lm, todo_ids, score_eos, max_tokens, bar, max_sentences)
             return out
         for batch in length_batches(n[todo], max_tokens, max_sentences):
             rows = todo[batch]
