@@ -498,3 +498,17 @@ def test_suffix_batches_trade_padding_for_fewer_batches():
     assert seen[0][1] == 0
     assert [b for b, _ in seen] == sorted((b for b, _ in seen), reverse=True) and seen[-1][0] < seen[0][0]
     assert [p for _, p in seen] == sorted(p for _, p in seen) and seen[-1][1] > 0
+
+
+def test_hypotheses_sharing_little_are_scored_whole(lm):
+    """Below MIN_SAVED of shared positions the shared path declines (None, nothing computed): sentences of running
+    text share about 1% of their positions, and the waves would cost more than they save."""
+    from adaptive_lm.inference.rescore.prefixes import MIN_SAVED, plan, shared_prefix_logprobs
+
+    rng = np.random.default_rng(1)
+    ids = [rng.integers(4, len(lm.dictionary), size=int(rng.integers(5, 30))).tolist() for _ in range(50)]
+    ids += [ids[0][:4] + [5, 6, 7]]  # one shares 4 positions: planned, but too little overall
+    seqs = [[2, *x] for x in ids]
+    _, parent, shared = plan(seqs, np.array([len(x) for x in ids]))
+    assert (parent >= 0).sum() == 1 and shared.sum() == 4 < MIN_SAVED * sum(len(x) for x in ids)
+    assert shared_prefix_logprobs(lm, ids, False, 4096, None) is None

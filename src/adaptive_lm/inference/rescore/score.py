@@ -52,8 +52,10 @@ def sentence_logprobs(
         bar.update(len(ids) - len(todo))
         if share_prefixes:
             todo_ids = [ids[i] for i in todo.tolist()]
-            out[todo] = shared_prefix_logprobs(lm, todo_ids, score_eos, max_tokens, bar, max_sentences)
-            return out
+            got = shared_prefix_logprobs(lm, todo_ids, score_eos, max_tokens, bar, max_sentences)
+            if got is not None:
+                out[todo] = got
+                return out
         for batch in length_batches(n[todo], max_tokens, max_sentences):
             rows = todo[batch]
             src, tgt, m = frame([ids[i] for i in rows.tolist()], lm.start_token, d.pad(), d.eos(), score_eos)
