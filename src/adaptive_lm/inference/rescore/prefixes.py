@@ -9,10 +9,11 @@ shapes (the fp32 bound of the tests).
 
 How: the hypotheses are sorted (their framed tokens, lexicographically); each one's parent is the earliest earlier
 hypothesis with which it shares its longest prefix, found for all at once with a stack (the previous smaller
-common-prefix length). A hypothesis that shares fewer than ``MIN_SHARED`` scored positions is computed whole. The
-rows then run in waves, a parent's wave before its children's, in length-sorted batches of the part after the shared
-prefix; each layer's cache holds the parents' keys and values of the shared positions (``TransformerLM.forward``'s
-``prefix_lens``). The sorted order is cut into segments whose keys and values fit ``CACHE_BYTES``.
+common-prefix length). A hypothesis that shares fewer than ``MIN_SHARED`` scored positions is computed whole, and
+all are when fewer than ``MIN_SAVED`` of the positions would be shared. The rows then run in waves, a parent's wave
+before its children's, in batches of the part after the shared prefix (``suffix_batches``); each layer's cache holds
+the parents' keys and values of the shared positions (``TransformerLM.forward``'s ``prefix_lens``,
+``kernels.prefix_attention``). The sorted order is cut into segments whose kept keys and values fit ``CACHE_BYTES``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ MIN_SHARED = 4  # scored positions: sharing fewer, a hypothesis is computed whol
 CACHE_BYTES = 256 << 20  # keys and values kept for a segment of the sorted hypotheses
 MIN_SAVED = 0.12  # of the positions: sharing fewer, every hypothesis is scored whole (break-even measured ~0.12)
 PLAN_ROWS = 4096  # sorted hypotheses compared with their predecessors at a time (``plan``)
+GROUP_WIDTHS = 64  # distinct suffix widths one batch group may span (``suffix_batches``)
 
 
 def framed(ids: Sequence[Sequence[int]], start: int, eos: int, score_eos: bool) -> list[list[int]]:
@@ -80,8 +82,8 @@ def suffix_batches(
     widths: np.ndarray, max_tokens: int, per_batch: float, max_sentences: int | None = None
 ) -> list[np.ndarray]:
     """Indices grouped into batches of at most ``max_tokens`` padded positions (and ``max_sentences`` rows), widest
-    first, grouped so that the
-    padded positions plus ``per_batch`` positions' worth of fixed cost per batch are fewest.
+    first, grouped so that the padded positions plus ``per_batch`` positions' worth of fixed cost per batch are
+    fewest (a group spans at most ``GROUP_WIDTHS`` distinct widths: the search stays small for long sentences).
 
     Why: a wave's suffixes have lengths from 1 to the longest sentence; filling batches up to ``max_tokens`` in
     length order (``framing.length_batches``) pads a few hundred rows to the widest one when a wave is small (a large
@@ -95,7 +97,7 @@ def suffix_batches(
     best[0], cut = 0.0, np.zeros(K + 1, dtype=np.int64)
     for k in range(1, K + 1):
         rows = 0
-        for i in range(k - 1, -1, -1):  # the group of widths i .. k - 1, padded to w[i]
+        for i in range(k - 1, max(-1, k - 1 - GROUP_WIDTHS), -1):  # the group of widths i .. k - 1, padded to w[i]
             rows += int(counts[i])
             width = max(1, int(w[i]))
             per = min(max(1, max_tokens // width), max_sentences or max_tokens)
