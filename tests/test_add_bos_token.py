@@ -103,3 +103,28 @@ def test_fusion_word_scores_equal_languagemodel_score(lm, sentences):
             states[j] = state
     for got, ps in zip(batched, want):
         within_one_f32_ulp(got, ps)
+
+
+def test_rescore_with_shared_prefixes_starts_from_bos(lm, sentences):
+    """Hypotheses sharing prefixes (rescoring computes each after the prefix it shares with an earlier one, from the
+    ``<s>`` both start with): the same sums, within the float32 rounding of the positional scores and the float64
+    slack of other batch shapes; the shared path did run (the model was fed fewer positions than the words)."""
+    from adaptive_lm.inference.rescore.prefixes import framed, plan
+
+    base = [s.split() for s in sentences if len(s.split()) >= 7]
+    texts = [" ".join(b[: len(b) - k] + WORDS[k : k + j]) for b in base for k in (0, 1, 2) for j in (0, 2)]
+    ids = [lm.ids(t) for t in texts]
+    seqs = framed(ids, lm.start_token, lm.dictionary.eos(), False)
+    _, parent, shared = plan(seqs, np.array([len(x) for x in ids]))
+    assert (parent >= 0).sum() >= len(texts) - len(base) and lm.start_token == lm.dictionary.bos()
+    fed = []
+    hook = lm.model.register_forward_pre_hook(lambda m, args: fed.append(int(args[0].numel())))
+    try:
+        got = sentence_logprobs(lm, ids, max_tokens=16)
+    finally:
+        hook.remove()
+    assert sum(fed) < sum(len(x) for x in ids)
+    for g, ps in zip(got, reference_scores(lm, texts)):
+        want = ps.double().sum().item()
+        tol = ps.double().abs().sum().item() * F32_HALF_ULP + FP64_SLACK
+        assert abs(g - want) <= tol, (g, want, tol)
