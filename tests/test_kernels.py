@@ -50,6 +50,41 @@ def test_inference_attention_short_sequences_one_query_and_suffix_queries_equal_
             torch.testing.assert_close(out, ref, atol=tol, rtol=0)
 
 
+def test_inference_attention_of_middle_lengths_by_query_blocks_or_sdpa_measured(tmp_path, monkeypatch):
+    """From SHORT_T_MAX + 1 to BLOCKS_T_MAX tokens without gradients or dropout, queries in blocks (each over the keys
+    up to its last query) or PyTorch's flash kernel, whichever measured faster: both equal SDPA (fp64 to a few ulps,
+    fp32 within its rounding), the choice is recorded per shape, and a recorded choice is what runs."""
+    from adaptive_lm.core.kernels.choice import CHOICE
+
+    monkeypatch.setenv("ADAPTIVE_LM_CACHE", str(tmp_path))
+    CHOICE.forget()
+    torch.manual_seed(0)
+    try:
+        for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
+            for T in (K.attention.SHORT_T_MAX + 1, 200, K.attention.BLOCKS_T_MAX):
+                q, k, v = (torch.randn(3, 2, T, 16, dtype=dtype) for _ in range(3))
+                ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                blocks = K.attention._query_block_attention(*(t.reshape(6, T, 16) for t in (q, k, v)))
+                torch.testing.assert_close(blocks.view(3, 2, T, 16), ref, atol=tol, rtol=0)
+                with torch.no_grad():
+                    torch.testing.assert_close(K.causal_attention(q, k, v, 0.1, False), ref, atol=tol, rtol=0)
+        chosen = {key: v for key, v in CHOICE.table.items() if key.startswith("causal-")}
+        assert len(chosen) == 6 and set(chosen.values()) <= {"sdpa", "blocks"}, chosen
+        q, k, v = (torch.randn(3, 2, 200, 16) for _ in range(3))
+        for forced in ("sdpa", "blocks"):  # a recorded choice runs, bit for bit that kernel
+            CHOICE.table.update({key: forced for key in chosen})
+            with torch.no_grad():
+                got = K.causal_attention(q, k, v, 0.0, False)
+            want = (
+                F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                if forced == "sdpa"
+                else K.attention._query_block_attention(*(t.reshape(6, 200, 16) for t in (q, k, v))).view(3, 2, 200, 16)
+            )
+            assert torch.equal(got, want)
+    finally:
+        CHOICE.forget()
+
+
 @pytest.mark.parametrize("plain", [False, True])
 def test_prefix_attention_equals_each_rows_own_causal_attention(plain):
     """Rows continuing prefixes of different lengths (rescoring's shared prefixes): each row's new positions attend to

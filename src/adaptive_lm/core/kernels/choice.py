@@ -1,4 +1,5 @@
-"""Which GEMM library runs a given fp32 CPU linear: measured once per shape on this machine, then cached on disk.
+"""Which GEMM library runs a given fp32 CPU linear (and which kernel an inference attention of middle length, see
+``attention.BLOCKS_T_MAX``): measured once per shape on this machine, then cached on disk.
 
 Why measure: MKL and oneDNN trade places between CPUs and shapes. On an AMD Zen 5, MKL's fp32 path ran at half of
 oneDNN's; on a Zen 4 the two are within 10% for square shapes while MKL's ``gy^T @ x`` (a weight gradient, read
@@ -88,11 +89,13 @@ class GemmChoice:
                 self.table = {}
         return self.table
 
-    def pick(self, kind: str, rows: int, k: int, n: int, runs: dict[str, Callable[[], Tensor]]) -> str:
-        """The library for this shape: forced by the environment, known, or measured now on ``runs`` (each a call of
-        one library on the real operands)."""
+    def pick(
+        self, kind: str, rows: int, k: int, n: int, runs: dict[str, Callable[[], Tensor]], linear: bool = True
+    ) -> str:
+        """The library for this shape: forced by the environment (``linear``: a linear's GEMM library), known, or
+        measured now on ``runs`` (each a call of one library, or kernel, on the real operands)."""
         forced = os.environ.get("ADAPTIVE_LM_LINEARS", "measure")
-        if forced in LIBRARIES:
+        if linear and forced in LIBRARIES:
             return forced
         key = f"{kind}:{bucket_rows(rows)}x{k}x{n}"
         with self.lock:
