@@ -42,21 +42,3 @@ def frame(
     if score_eos:
         tgt[np.arange(len(ids)), lens] = eos
     return torch.from_numpy(src), torch.from_numpy(tgt), torch.from_numpy(n)
-
-
-def length_batches(lengths: Sequence[int], max_tokens: int, max_sentences: int | None = None) -> list[np.ndarray]:
-    """Indices grouped into batches of similar length, longest first, each at most ``max_tokens`` padded positions.
-
-    Why longest first: the largest batch shape is met at once (memory peak known from the start, the allocator
-    reuses its blocks for the smaller ones)."""
-    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
-    batches: list[np.ndarray] = []
-    start = 0
-    while start < len(order):
-        width = max(1, int(lengths[order[start]]))  # the widest row of this batch (sorted: the first)
-        n = max(1, max_tokens // width)
-        if max_sentences:
-            n = min(n, max_sentences)
-        batches.append(order[start : start + n])
-        start += n
-    return batches

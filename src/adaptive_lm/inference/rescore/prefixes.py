@@ -86,7 +86,7 @@ def suffix_batches(
     fewest (a group spans at most ``GROUP_WIDTHS`` distinct widths: the search stays small for long sentences).
 
     Why: a wave's suffixes have lengths from 1 to the longest sentence; filling batches up to ``max_tokens`` in
-    length order (``framing.length_batches``) pads a few hundred rows to the widest one when a wave is small (a large
+    length order (``score.length_batches``) pads a few hundred rows to the widest one when a wave is small (a large
     model's segments are small), and a batch per length costs each batch's fixed work when it is large. Dynamic
     programming over the distinct widths (a group is a run of widths, padded to its widest, cut into batches)."""
     order = np.argsort(-widths, kind="stable")

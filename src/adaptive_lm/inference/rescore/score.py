@@ -11,7 +11,7 @@ import torch
 
 from adaptive_lm.core.kernels import fast_linears
 from adaptive_lm.core.progress import Progress
-from adaptive_lm.inference.framing import frame, length_batches
+from adaptive_lm.inference.framing import frame
 from adaptive_lm.inference.rescore.prefixes import shared_prefix_logprobs
 
 LM_COLUMN = "lm_logprob (natural log)"
@@ -22,6 +22,24 @@ PROGRESS_LOG_MIN = 100_000  # hypotheses: below this, no progress lines in a log
 def encode_hypotheses(lm: Any, texts: Sequence[str]) -> list[list[int]]:
     """Word ids of each text (the model's text pipeline applied, no ``</s>``): what ``LanguageModel.score`` feeds."""
     return [lm.ids(t) for t in texts]
+
+
+def length_batches(lengths: Sequence[int], max_tokens: int, max_sentences: int | None = None) -> list[np.ndarray]:
+    """Indices grouped into batches of similar length, longest first, each at most ``max_tokens`` padded positions.
+
+    Why longest first: the largest batch shape is met at once (memory peak known from the start, the allocator
+    reuses its blocks for the smaller ones)."""
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    batches: list[np.ndarray] = []
+    start = 0
+    while start < len(order):
+        width = max(1, int(lengths[order[start]]))  # the widest row of this batch (sorted: the first)
+        n = max(1, max_tokens // width)
+        if max_sentences:
+            n = min(n, max_sentences)
+        batches.append(order[start : start + n])
+        start += n
+    return batches
 
 
 @torch.no_grad()
