@@ -512,3 +512,45 @@ def test_hypotheses_sharing_little_are_scored_whole(lm):
     _, parent, shared = plan(seqs, np.array([len(x) for x in ids]))
     assert (parent >= 0).sum() == 1 and shared.sum() == 4 < MIN_SAVED * sum(len(x) for x in ids)
     assert shared_prefix_logprobs(lm, ids, False, 4096, None) is None
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),  # wiki103's shape: pre-LN, adaptive input and softmax, sinusoidal positions
+        dict(decoder_normalize_before=False),  # post-LN (fairseq 0.12's plain transformer_lm)
+        dict(decoder_learned_pos=True, layernorm_embedding=True),
+        dict(no_token_positional_embeddings=True, no_scale_embedding=True),
+        dict(scale_attn=True, scale_fc=True, scale_heads=True, scale_resids=True),  # NormFormer
+        dict(
+            adaptive_input=False,
+            tie_adaptive_weights=False,
+            tie_adaptive_proj=False,
+            adaptive_softmax_cutoff=None,
+            decoder_output_dim=24,
+            activation_fn="gelu",
+        ),  # plain output layer  # fmt: skip
+    ],
+)
+def test_shared_prefixes_equal_whole_scores_across_model_configurations(overrides):
+    """Differential over model kinds, float64 random weights: every position of a hypothesis computed after a
+    shared prefix (positions, layer norms, embeddings, output layer) equals the whole computation to float64
+    rounding; the model ran on fewer positions."""
+    from adaptive_lm import build_model
+    from adaptive_lm.core.dictionary import Dictionary
+    from adaptive_lm.inference.hub import LanguageModel
+
+    d = Dictionary.from_counts({f"w{i}": 100 - i for i in range(60)})
+    torch.manual_seed(0)
+    lm = LanguageModel(build_model("tiny", len(d), **overrides).double().eval(), d)
+    ids = [h[:40] for h in nbest_with_shared_prefixes(lm, lists=12, per=6, seed=3)]  # the preset has 64 positions
+    fed = []
+    hook = lm.model.register_forward_pre_hook(lambda m, args: fed.append(int(args[0].numel())))
+    try:
+        whole = sentence_logprobs(lm, ids, max_tokens=128, share_prefixes=False)
+        n_whole, fed[:] = sum(fed), []
+        shared = sentence_logprobs(lm, ids, max_tokens=128)
+    finally:
+        hook.remove()
+    np.testing.assert_allclose(shared, whole, atol=1e-9, rtol=0)
+    assert sum(fed) < 0.7 * n_whole
