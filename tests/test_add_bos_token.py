@@ -109,7 +109,7 @@ def test_rescore_with_shared_prefixes_starts_from_bos(lm, sentences):
     """Hypotheses sharing prefixes (rescoring computes each after the prefix it shares with an earlier one, from the
     ``<s>`` both start with): the same sums, within the float32 rounding of the positional scores and the float64
     slack of other batch shapes; the shared path did run (the model was fed fewer positions than the words)."""
-    from adaptive_lm.inference.rescore.prefixes import framed, plan
+    from adaptive_lm.inference.scoring import framed, plan
 
     base = [s.split() for s in sentences if len(s.split()) >= 7]
     texts = [" ".join(b[: len(b) - k] + WORDS[k : k + j]) for b in base for k in (0, 1, 2) for j in (0, 2)]

@@ -406,7 +406,7 @@ def test_frame_lays_out_inputs_targets_and_counts_as_the_hub():
 def test_plan_reuses_the_longest_shared_prefix_of_an_earlier_hypothesis():
     """Framed sequences (start token 2): a hypothesis reuses min(L - 1, n) positions of the earliest sorted one it
     shares its longest common prefix (L tokens) with, if at least MIN_SHARED (or all of them: a duplicate)."""
-    from adaptive_lm.inference.rescore.prefixes import plan
+    from adaptive_lm.inference.scoring import plan
 
     seqs = [
         [2, 5, 6, 7, 8, 9, 10],  # 0
@@ -458,10 +458,10 @@ def test_shared_prefixes_score_as_whole_hypotheses(lm, monkeypatch, score_eos, p
     plain ones, with segments cut by the key/value budget (512 KB: about 20 segments), and the model really runs on
     fewer positions."""
     from adaptive_lm.core.kernels import plain_kernels
-    from adaptive_lm.inference.rescore import prefixes
+    from adaptive_lm.inference import scoring
 
     if cache_bytes is not None:
-        monkeypatch.setattr(prefixes, "CACHE_BYTES", cache_bytes)
+        monkeypatch.setattr(scoring, "CACHE_BYTES", cache_bytes)
     ids = nbest_with_shared_prefixes(lm)
     fed = []
     hook = lm.model.register_forward_pre_hook(lambda m, args: fed.append(int((args[0] != lm.dictionary.pad()).sum())))
@@ -483,7 +483,7 @@ def test_suffix_batches_trade_padding_for_fewer_batches():
     """Every index once, at most max_tokens padded positions per batch (or one row), widest first; without a cost per
     batch nothing is padded, and the dearer a batch, the fewer batches and the more padding (the optimum of padding
     + cost x batches moves that way)."""
-    from adaptive_lm.inference.rescore.prefixes import suffix_batches
+    from adaptive_lm.inference.scoring import suffix_batches
 
     widths = np.random.default_rng(0).integers(1, 40, size=500)
     seen = []
@@ -501,9 +501,10 @@ def test_suffix_batches_trade_padding_for_fewer_batches():
 
 
 def test_hypotheses_sharing_little_are_scored_whole(lm):
-    """Below MIN_SAVED of shared positions the shared path declines (None, nothing computed): sentences of running
-    text share about 1% of their positions, and the waves would cost more than they save."""
-    from adaptive_lm.inference.rescore.prefixes import MIN_SAVED, plan, shared_prefix_logprobs
+    """Below MIN_SAVED of shared positions every sentence is scored whole (the model fed each one's positions in
+    full): sentences of running text share about 1% of their positions, and the waves would cost more than they
+    save."""
+    from adaptive_lm.inference.scoring import MIN_SAVED, plan
 
     rng = np.random.default_rng(1)
     ids = [rng.integers(4, len(lm.dictionary), size=int(rng.integers(5, 30))).tolist() for _ in range(50)]
@@ -511,7 +512,13 @@ def test_hypotheses_sharing_little_are_scored_whole(lm):
     seqs = [[2, *x] for x in ids]
     _, parent, shared = plan(seqs, np.array([len(x) for x in ids]))
     assert (parent >= 0).sum() == 1 and shared.sum() == 4 < MIN_SAVED * sum(len(x) for x in ids)
-    assert shared_prefix_logprobs(lm, ids, False, 4096, None) is None
+    fed = []
+    hook = lm.model.register_forward_pre_hook(lambda m, args: fed.append(int((args[0] != lm.dictionary.pad()).sum())))
+    try:
+        sentence_logprobs(lm, ids)
+    finally:
+        hook.remove()
+    assert sum(fed) == sum(len(x) for x in ids)  # <start> + all but the last word of each: its positions
 
 
 @pytest.mark.parametrize(
@@ -554,3 +561,29 @@ def test_shared_prefixes_equal_whole_scores_across_model_configurations(override
         hook.remove()
     np.testing.assert_allclose(shared, whole, atol=1e-9, rtol=0)
     assert sum(fed) < 0.7 * n_whole
+
+
+def test_languagemodel_score_of_a_list_shares_prefixes_and_keeps_input_order(lm):
+    """``LanguageModel.score(list)`` runs the same position scorer (length-sorted batches, shared prefixes): each
+    sentence's positional scores equal those of scoring it alone (one sentence, nothing shared) within the fp32
+    rounding of other batch shapes, in input order, with its tokens and mean; ``batch_size`` caps the rows of every
+    model call; the model ran on fewer positions than the sentences have."""
+    ids = nbest_with_shared_prefixes(lm, lists=10, per=5, seed=5)
+    texts = [" ".join(lm.dictionary[i] for i in x) for x in ids]
+    alone = [lm.score(t)["positional_scores"] for t in texts]
+    fed: list[tuple[int, int]] = []  # (rows, real positions) of every model call
+    pad = lm.dictionary.pad()
+    hook = lm.model.register_forward_pre_hook(lambda m, a: fed.append((a[0].shape[0], int((a[0] != pad).sum()))))
+    try:
+        got = lm.score(texts)
+        n_fed = sum(n for _, n in fed)
+        fed.clear()
+        capped = lm.score(texts, batch_size=3)
+    finally:
+        hook.remove()
+    assert n_fed < 0.7 * sum(len(x) for x in ids) and max(b for b, _ in fed) <= 3
+    for x, a, g, c in zip(ids, alone, got, capped):
+        assert g["tokens"].tolist() == x and len(g["positional_scores"]) == len(x)
+        torch.testing.assert_close(g["positional_scores"], a, atol=1e-5, rtol=0)  # the per-token fp32 bound
+        torch.testing.assert_close(c["positional_scores"], a, atol=1e-5, rtol=0)
+        assert g["score"] == pytest.approx(float(g["positional_scores"].mean()) if len(x) else 0.0)

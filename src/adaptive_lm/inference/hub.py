@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from adaptive_lm.core.kernels import fast_linears
 from adaptive_lm.core.model import TransformerLM
 from adaptive_lm.core.precision import HALF, autocast
 from adaptive_lm.inference.framing import frame
+from adaptive_lm.inference.scoring import position_scores
 
 log = logging.getLogger("adaptive_lm.generate")
 
@@ -96,7 +96,7 @@ class LanguageModel:
         self,
         sentences: str | list[str],
         replace_newline_with_eos: bool = False,
-        batch_size: int = 16,
+        batch_size: int | None = None,
         knn: Any = None,
         lmbda: float = 0.25,
         score_eos: bool = False,
@@ -107,17 +107,28 @@ class LanguageModel:
         hub, the final ``</s>`` is not scored (``score_eos=True``: it is, last): a two-word sentence has two scores.
         Perplexity = ``positional_scores.mean().neg().exp()``. ``autocast_dtype``: "bf16" or "fp16".
 
-        ``knn``: an ``adaptive_lm.knn.KNN`` (a datastore of this model) makes the scores kNN-LM's,
-        ln(lmbda p_kNN + (1 - lmbda) p_LM), with ``lm_positional_scores`` and ``knn_positional_scores`` beside them.
+        Batches: length-sorted, of at most 4,096 positions and ``batch_size`` sentences, sentences that share
+        prefixes (an n-best list) computed once (``scoring.position_scores``; the same scores up to the rounding of
+        other batch shapes). ``knn``: an ``adaptive_lm.knn.KNN`` (a datastore of this model) makes the scores
+        kNN-LM's, ln(lmbda p_kNN + (1 - lmbda) p_LM), with ``lm_positional_scores`` and ``knn_positional_scores``
+        beside them; then ``batch_size`` (default 16) sentences per batch, in input order.
         """
         single = isinstance(sentences, str)
         items = [sentences] if single else list(sentences)
         d, out = self.dictionary, []
-        if knn is not None:
-            knn.check_model(self)
         half = HALF[autocast_dtype] if autocast_dtype else None
-        capture = knn.capture(self.model) if knn is not None else contextlib.nullcontext()
-        with capture as keys_of, fast_linears(self.device, packed=True), autocast(self.device, half):
+        if knn is None:
+            ids = [self.ids(s, replace_newline_with_eos) for s in items]
+            with fast_linears(self.device, packed=True), autocast(self.device, half):
+                scores, offsets = position_scores(self, ids, score_eos, max_sentences=batch_size)
+            for x, a, b in zip(ids, offsets[:-1].tolist(), offsets[1:].tolist()):
+                ps = torch.from_numpy(scores[a:b])  # (n,) float32, a view of the run's scores
+                out.append({"tokens": torch.tensor(x, dtype=torch.long), "positional_scores": ps,
+                            "score": float(ps.mean()) if len(ps) else 0.0})  # fmt: skip
+            return out[0] if single else out
+        knn.check_model(self)
+        batch_size = batch_size or 16
+        with knn.capture(self.model) as keys_of, fast_linears(self.device, packed=True), autocast(self.device, half):
             for b in range(0, len(items), batch_size):
                 seqs = [self.ids(s, replace_newline_with_eos) for s in items[b : b + batch_size]]
                 src, tgt, n = frame(seqs, self.start_token, d.pad(), d.eos(), score_eos)  # (B, W), (B, W), (B,)
@@ -125,8 +136,7 @@ class LanguageModel:
                 feats = self.model(src)  # (B, W, d)
                 lp = self.model.target_log_probs_from_features(feats, tgt).float().cpu()  # (B, W)
                 rows = [{"positional_scores": lp[r, : int(n[r])]} for r in range(len(seqs))]
-                if knn is not None:
-                    rows = knn.interpolate_rows(keys_of(src), tgt, rows, lmbda)
+                rows = knn.interpolate_rows(keys_of(src), tgt, rows, lmbda)
                 for x, row in zip(seqs, rows):
                     ps = row["positional_scores"]
                     out.append({"tokens": torch.tensor(x, dtype=torch.long), **row,

@@ -260,7 +260,7 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_lens: Tensor) -> Te
     gradients (inference).
 
     Why: rescoring computes a hypothesis only after the prefix it shares with one already scored
-    (``inference.rescore.prefixes``), and the rows of a batch share prefixes of different lengths. Scores, masked
+    (``inference.scoring``), and the rows of a batch share prefixes of different lengths. Scores, masked
     softmax and the product a few heads at a time, as ``_short_attention``; plain kernels: SDPA with the mask."""
     B, H, T, hd = q.shape
     S = k.shape[2]

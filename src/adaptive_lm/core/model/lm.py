@@ -108,7 +108,7 @@ class TransformerLM(nn.Module):
         2-layer model's work at ``--context-window`` = half the block.
         ``prefix_lens`` (B,): the rows continue prefixes of different lengths; each layer's cache holds P positions
         per row, of which row b's first ``prefix_lens[b]`` are its own (the rest padding), and ``positions`` gives
-        the new tokens' positions (rescoring after shared prefixes: ``inference.rescore.prefixes``).
+        the new tokens' positions (rescoring after shared prefixes: ``inference.scoring``).
         """
         if keep_from and (cache is not None or return_all_hiddens):
             raise ValueError("keep_from needs the whole sequence in one call and only the last states")

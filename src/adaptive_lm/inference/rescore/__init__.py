@@ -32,7 +32,6 @@ from adaptive_lm.inference.rescore.score import (
     LM_COLUMN_EOS,
     PROGRESS_LOG_MIN,
     encode_hypotheses,
-    length_batches,
     sentence_logprobs,
 )
 from adaptive_lm.inference.rescore.tune import (
@@ -46,6 +45,7 @@ from adaptive_lm.inference.rescore.tune import (
     wer_report,
     word_errors,
 )
+from adaptive_lm.inference.scoring import length_batches
 
 __all__ = [
     "LM_COLUMN",

@@ -1,19 +1,23 @@
-"""Scoring hypotheses that share prefixes: each one is computed only after the longest prefix it shares with a
-hypothesis scored before it, whose keys, values and position scores it reuses.
+"""Position scores of many sentences at once, for rescoring (``rescore.sentence_logprobs``) and the hub's
+``LanguageModel.score``: length-sorted batches, and sentences that share prefixes computed once.
 
-Why: the hypotheses of an n-best list differ in a few words, so most of them repeat the first words of another.
-A causal model's states at a shared prefix are the same in both, and so are the position scores there. On
-``benchmarks/bench_rescore.py``'s lists (word-level edits of WikiText sentences) about a fifth of the positions are
-not computed again. The numbers are those of scoring each hypothesis whole, up to the rounding of different batch
+Shared prefixes. Why: the hypotheses of an n-best list differ in a few words, so most of them repeat the first words
+of another. A causal model's states at a shared prefix are the same in both, and so are the position scores there.
+On ``benchmarks/bench_rescore.py``'s lists (word-level edits of WikiText sentences) about a fifth of the positions
+are not computed again. The numbers are those of scoring each sentence whole, up to the rounding of different batch
 shapes (the fp32 bound of the tests).
 
-How: the hypotheses are sorted (their framed tokens, lexicographically); each one's parent is the earliest earlier
-hypothesis with which it shares its longest prefix, found for all at once with a stack (the previous smaller
-common-prefix length). A hypothesis that shares fewer than ``MIN_SHARED`` scored positions is computed whole, and
-all are when fewer than ``MIN_SAVED`` of the positions would be shared. The rows then run in waves, a parent's wave
-before its children's, in batches of the part after the shared prefix (``suffix_batches``); each layer's cache holds
-the parents' keys and values of the shared positions (``TransformerLM.forward``'s ``prefix_lens``,
-``kernels.prefix_attention``). The sorted order is cut into segments whose kept keys and values fit ``CACHE_BYTES``.
+How: the sentences are sorted (their framed tokens, lexicographically); each one's parent is the earliest earlier
+sentence with which it shares its longest prefix, found for all at once with a stack (the previous smaller
+common-prefix length). A sentence that shares fewer than ``MIN_SHARED`` scored positions is computed whole, and all
+are when fewer than ``MIN_SAVED`` of the positions would be shared (then length-sorted batches, ``length_batches``).
+The rows run in waves, a parent's wave before its children's, in batches of the part after the shared prefix
+(``suffix_batches``); each layer's cache holds the parents' keys and values of the shared positions
+(``TransformerLM.forward``'s ``prefix_lens``, ``kernels.prefix_attention``), and a row's shared positions' scores are
+copied from its parent's. The sorted order is cut into segments whose kept keys and values fit ``CACHE_BYTES``.
+
+Output (``position_scores``): every sentence's float32 position scores, one after the other in input order (a flat
+array and each sentence's offset), as ``LanguageModel.score`` returns them one sentence at a time.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from adaptive_lm.inference.framing import frame
 
 MIN_SHARED = 4  # scored positions: sharing fewer, a hypothesis is computed whole (measured: 1 and 4 save the same)
 CACHE_BYTES = 256 << 20  # keys and values kept for a segment of the sorted hypotheses
@@ -187,39 +193,115 @@ def _rows(t: Tensor) -> tuple[Tensor, Any]:
     return flat, lambda b, h, s: off + (b * st[0] + h * st[1] + s * st[2]) // hd
 
 
+def length_batches(lengths: Sequence[int], max_tokens: int, max_sentences: int | None = None) -> list[np.ndarray]:
+    """Indices grouped into batches of similar length, longest first, each at most ``max_tokens`` padded positions.
+
+    Why longest first: the largest batch shape is met at once (memory peak known from the start, the allocator
+    reuses its blocks for the smaller ones)."""
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    batches: list[np.ndarray] = []
+    start = 0
+    while start < len(order):
+        width = max(1, int(lengths[order[start]]))  # the widest row of this batch (sorted: the first)
+        n = max(1, max_tokens // width)
+        if max_sentences:
+            n = min(n, max_sentences)
+        batches.append(order[start : start + n])
+        start += n
+    return batches
+
+
+def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """The indices ``starts[i] .. starts[i] + lens[i] - 1`` of every i, one after the other."""
+    return np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
+
+
 @torch.no_grad()
-def shared_prefix_logprobs(
+def position_scores(
     lm: Any,
     ids: Sequence[Sequence[int]],
-    score_eos: bool,
-    max_tokens: int,
-    bar: Any,
+    score_eos: bool = False,
+    max_tokens: int = 4096,
     max_sentences: int | None = None,
+    bar: Any = None,
+    share_prefixes: bool = True,
     min_shared: int | None = None,
-) -> np.ndarray | None:
-    """Natural-log probability of each sentence, as ``score.sentence_logprobs`` (float64 sums of the float32 position
-    scores), computing each hypothesis after the prefix it shares with an earlier one (module docstring). None, with
-    nothing computed, when fewer than ``MIN_SAVED`` of the positions are shared: then the waves, the longer key rows
-    and the kept keys and values cost more than they save (sentences of running text share 1%: 6% slower)."""
-    model, d = lm.model, lm.dictionary
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, offsets): the float32 ln p of every scored position of every sentence (word ids, no ``</s>``), one
+    sentence after the other in input order, sentence i's at ``scores[offsets[i] : offsets[i + 1]]``; framed as
+    ``framing.frame`` frames it (``<start> w1 .. wn``, targets ``w1 .. wn``, then ``</s>`` with ``score_eos``).
+
+    Batches of at most ``max_tokens`` padded positions (and ``max_sentences`` rows), the softmax only for the scored
+    positions (``target_log_probs_from_features``: no (N, V) tensor, nothing for padding). ``share_prefixes``: each
+    sentence computed after the prefix it shares with an earlier one when enough are shared (module docstring);
+    otherwise each whole, in length-sorted batches. ``bar``: a progress bar, advanced by sentences."""
+    d = lm.dictionary
     seqs = framed(ids, lm.start_token, d.eos(), score_eos)
     n = np.array([len(s) - 1 for s in seqs], dtype=np.int64)  # (N,) scored positions
-    out = np.zeros(len(ids), dtype=np.float64)
-    order, parent, shared = plan(seqs, n, MIN_SHARED if min_shared is None else min_shared)
-    if shared.sum() < MIN_SAVED * n.sum():
-        return None
+    offsets = np.concatenate([[0], np.cumsum(n)])  # (N + 1,)
+    scores = np.zeros(int(offsets[-1]), dtype=np.float32)
+    todo = np.nonzero(n > 0)[0]  # an empty sentence without </s> scores nothing
+    if bar is not None:
+        bar.update(len(ids) - len(todo))
+    if share_prefixes and len(todo):
+        order, parent, shared = plan(seqs, n, MIN_SHARED if min_shared is None else min_shared)
+        if shared.sum() >= MIN_SAVED * n.sum():
+            _shared(lm, seqs, order[n[order] > 0], parent, shared, n, offsets, scores, (max_tokens, max_sentences), bar)
+            return scores, offsets
+    _whole(lm, ids, todo, n, score_eos, offsets, scores, (max_tokens, max_sentences), bar)
+    return scores, offsets
+
+
+def _whole(
+    lm: Any,
+    ids: Sequence[Sequence[int]],
+    todo: np.ndarray,
+    n: np.ndarray,
+    score_eos: bool,
+    offsets: np.ndarray,
+    scores: np.ndarray,
+    limits: tuple[int, int | None],
+    bar: Any,
+) -> None:
+    """Every sentence ``todo`` whole, in length-sorted batches, its scores into ``scores``."""
+    model, d = lm.model, lm.dictionary
+    device = next(model.parameters()).device
+    for batch in length_batches(n[todo], *limits):
+        rows = todo[batch]
+        src, tgt, m = frame([ids[i] for i in rows.tolist()], lm.start_token, d.pad(), d.eos(), score_eos)
+        valid = torch.arange(src.shape[1])[None, :] < m[:, None]  # (B, W) the scored positions
+        feats = model(src.to(device))  # (B, W, d)
+        lp = model.target_log_probs_from_features(feats[valid.to(device)], tgt[valid].to(device))  # (N,) row-major
+        scores[_ranges(offsets[rows], n[rows])] = lp.float().cpu().numpy()
+        if bar is not None:
+            bar.update(len(rows))
+
+
+def _shared(
+    lm: Any,
+    seqs: Sequence[Sequence[int]],
+    order: np.ndarray,
+    parent: np.ndarray,
+    shared: np.ndarray,
+    n: np.ndarray,
+    offsets: np.ndarray,
+    scores: np.ndarray,
+    limits: tuple[int, int | None],
+    bar: Any,
+) -> None:
+    """The sentences in sorted ``order``, each after its ``shared`` positions with ``parent``, segment by segment."""
+    model = lm.model
     per_token = len(model.layers) * 2 * model.cfg.decoder_embed_dim * next(model.parameters()).element_size()
-    need = np.zeros(len(ids), dtype=np.int64)  # (N,) positions each one's children read (fewer if cut off)
+    need = np.zeros(len(seqs), dtype=np.int64)  # (N,) positions each one's children read (fewer if cut off)
     np.maximum.at(need, parent[parent >= 0], shared[parent >= 0])
-    csum = np.cumsum(need[order])  # (N,) kept positions up to each sorted hypothesis
+    csum = np.cumsum(need[order])  # kept positions up to each sorted sentence
     per_batch = _batch_cost(model)
     start = 0
     while start < len(order):
         before = int(csum[start - 1]) if start else 0
         stop = max(start + 1, int(np.searchsorted(csum, before + CACHE_BYTES // per_token, side="right")))
-        _segment(lm, seqs, order[start:stop], parent, shared, n, (max_tokens, max_sentences), per_batch, out, bar)
+        _segment(lm, seqs, order[start:stop], parent, shared, n, offsets, scores, limits, per_batch, bar)
         start = stop
-    return out
 
 
 def _segment(
@@ -229,12 +311,13 @@ def _segment(
     parent: np.ndarray,
     shared: np.ndarray,
     n_all: np.ndarray,
+    offsets: np.ndarray,
+    scores: np.ndarray,
     limits: tuple[int, int | None],
     per_batch: float,
-    out: np.ndarray,
     bar: Any,
 ) -> None:
-    """Score hypotheses ``rows`` (consecutive in sorted order; a parent outside them is not used), wave by wave."""
+    """Score sentences ``rows`` (consecutive in sorted order; a parent outside them is not used), wave by wave."""
     local = dict(zip(rows.tolist(), range(len(rows))))
     par = np.array([local.get(p, -1) for p in parent[rows].tolist()], dtype=np.int64)  # (N,) segment index or -1
     P = np.where(par >= 0, shared[rows], 0)  # (N,) positions taken from the parent
@@ -245,20 +328,22 @@ def _segment(
             wave[j] = wave[p] + 1
     waves = np.array(wave, dtype=np.int64)
     has = par >= 0
-    need = np.zeros(len(rows), dtype=np.int64)  # (N,) positions a hypothesis' children read: its largest child's P
+    need = np.zeros(len(rows), dtype=np.int64)  # (N,) positions a sentence's children read: its largest child's P
     np.maximum.at(need, par[has], P[has])
-    is_parent = need > 0
-    cum = np.zeros((len(rows), int(n.max()) + 1), dtype=np.float64)  # (N, W + 1) sums of the first p scores
+    copy = np.nonzero(has)[0]  # the shared positions' scores, copied from the parents once they are computed
     store: _Store | None = None
     for w in range(int(waves.max()) + 1):
         sel = np.nonzero(waves == w)[0]
         sel = sel[np.argsort(-P[sel], kind="stable")]  # batches of one suffix length: similar prefix lengths
-        keep = sel[is_parent[sel]]
+        keep = sel[need[sel] > 0]
         cur = _Store(int(need[keep].sum())) if len(keep) else None
         for batch in suffix_batches(n[sel] - P[sel], limits[0], per_batch, limits[1]):
             j = sel[batch]
-            _batch(lm, seqs, rows[j], j, par[j], P[j], n[j], store, cur, need[j], cum, out)
-            bar.update(len(j))
+            _batch(lm, seqs, rows[j], j, par[j], P[j], n[j], store, cur, need[j], offsets, scores)
+            if bar is not None:
+                bar.update(len(j))
+        now = copy[waves[copy] == w]  # this wave's rows: their parents are done (and theirs before them)
+        scores[_ranges(offsets[rows[now]], P[now])] = scores[_ranges(offsets[rows[par[now]]], P[now])]
         store = cur
 
 
@@ -291,44 +376,34 @@ def _batch(
     store: _Store | None,
     cur: _Store | None,
     need: np.ndarray,
-    cum: np.ndarray,
-    out: np.ndarray,
+    offsets: np.ndarray,
+    scores: np.ndarray,
 ) -> None:
     """Score batch rows ``rows`` (segment indices ``j``) after their ``P`` (B,) positions shared with ``par``, into
-    ``out``; keep the first ``need`` (B,) positions' keys and values of the parents in ``cur``, their score sums in
-    ``cum``."""
+    ``scores``; keep the first ``need`` (B,) positions' keys and values of the parents in ``cur``."""
     keep = need > 0
     model, d = lm.model, lm.dictionary
     device = next(model.parameters()).device
     pad, layers = d.pad(), len(model.layers)
-    B, T = len(rows), int((n - P).max())
-    own = np.zeros((B, max(T, 0)), dtype=np.float64)  # (B, T) the computed position scores
-    if T > 0:
-        src, tgt = _suffixes(seqs, rows, P, n, T, pad)  # (B, T) each
-        cols = torch.from_numpy(P)[:, None] + torch.arange(T)[None, :]  # (B, T) positions
-        valid = torch.arange(T)[None, :] < torch.from_numpy(n - P)[:, None]  # (B, T) scored positions
-        cache, positions, prefix_lens = None, None, None
-        if P.max() > 0:
-            assert store is not None
-            kv = store.get(par, P)
-            cache = [{"k": kv[i], "v": kv[layers + i]} for i in range(layers)]
-            positions = (cols + pad + 1).masked_fill_(~valid, pad).to(device)  # (B, T)
-            prefix_lens = torch.from_numpy(P).to(device)
-        elif cur is not None and keep.any():
-            cache = [{} for _ in range(layers)]
-        feats = model(src.to(device), cache=cache, positions=positions, prefix_lens=prefix_lens)  # (B, T, d)
-        lp = model.target_log_probs_from_features(feats[valid.to(device)], tgt[valid].to(device))  # (N,)
-        own[valid.numpy()] = lp.double().cpu().numpy()
-        if cur is not None and keep.any():
-            assert cache is not None
-            who = np.nonzero(keep)[0]
-            cur.put(cache, who, j[who], P, need)
-    has = par >= 0
-    base = np.where(has, cum[np.maximum(par, 0), P], 0.0)  # (B,) the parents' sums of the shared positions
-    out[rows] = base + own.sum(axis=1)
-    if keep.any():  # sums of the first p scores: the parent's up to P, then this row's own
-        k = np.nonzero(keep)[0]
-        p = np.arange(cum.shape[1])[None, :]  # (1, W + 1)
-        inherited = np.where(has[k, None], cum[np.maximum(par[k], 0)[:, None], np.minimum(p, P[k, None])], 0.0)
-        own_c = np.concatenate([np.zeros((len(k), 1)), np.cumsum(own[k], axis=1)], axis=1)  # (K, T + 1)
-        cum[j[k]] = inherited + own_c[np.arange(len(k))[:, None], np.clip(p - P[k, None], 0, T)]
+    T = int((n - P).max())
+    if T == 0:  # duplicates: every position shared (a duplicate is never a parent: its first copy comes earlier)
+        return
+    src, tgt = _suffixes(seqs, rows, P, n, T, pad)  # (B, T) each
+    cols = torch.from_numpy(P)[:, None] + torch.arange(T)[None, :]  # (B, T) positions
+    valid = torch.arange(T)[None, :] < torch.from_numpy(n - P)[:, None]  # (B, T) scored positions
+    cache, positions, prefix_lens = None, None, None
+    if P.max() > 0:
+        assert store is not None
+        kv = store.get(par, P)
+        cache = [{"k": kv[i], "v": kv[layers + i]} for i in range(layers)]
+        positions = (cols + pad + 1).masked_fill_(~valid, pad).to(device)  # (B, T)
+        prefix_lens = torch.from_numpy(P).to(device)
+    elif cur is not None and keep.any():
+        cache = [{} for _ in range(layers)]
+    feats = model(src.to(device), cache=cache, positions=positions, prefix_lens=prefix_lens)  # (B, T, d)
+    lp = model.target_log_probs_from_features(feats[valid.to(device)], tgt[valid].to(device))  # (N,) row-major
+    scores[_ranges(offsets[rows] + P, n - P)] = lp.float().cpu().numpy()
+    if cur is not None and keep.any():
+        assert cache is not None
+        who = np.nonzero(keep)[0]
+        cur.put(cache, who, j[who], P, need)
