@@ -12,6 +12,15 @@ import torch
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FAIRSEQ_TINY = FIXTURES / "fairseq_tiny"  # made by fixtures/make_fairseq_tiny.sh with fairseq itself
 
+# the model overrides of a plain output layer (no adaptive input or softmax) on the tiny preset, used by several tests
+PLAIN_OUTPUT_LAYER = dict(
+    adaptive_input=False,
+    tie_adaptive_weights=False,
+    tie_adaptive_proj=False,
+    adaptive_softmax_cutoff=None,
+    decoder_output_dim=24,
+)
+
 torch.set_num_threads(2)
 
 

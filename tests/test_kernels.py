@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from adaptive_lm import build_model
 from adaptive_lm.core import kernels as K
+from conftest import PLAIN_OUTPUT_LAYER
 
 
 def test_attention_without_dropout_equals_sdpa_forward_and_backward():
@@ -421,13 +422,7 @@ def test_a_oneDNN_op_is_trusted_only_when_it_exists_and_computes_the_reference()
         dict(),  # wiki103's shape: adaptive input and softmax, tied, with projections
         dict(adaptive_input=False, tie_adaptive_weights=False, tie_adaptive_proj=False, decoder_output_dim=24),
         dict(adaptive_input=False, tie_adaptive_weights=False, tie_adaptive_proj=False),  # untied adaptive softmax
-        dict(
-            adaptive_input=False,
-            tie_adaptive_weights=False,
-            tie_adaptive_proj=False,
-            adaptive_softmax_cutoff=None,
-            decoder_output_dim=24,
-        ),  # plain output layer  # fmt: skip
+        PLAIN_OUTPUT_LAYER,
     ],
 )
 def test_every_linear_layer_of_a_model_runs_on_the_measured_library(monkeypatch, overrides):

@@ -27,6 +27,7 @@ from adaptive_lm.inference.rescore import (
     sentence_logprobs,
     word_errors,
 )
+from conftest import PLAIN_OUTPUT_LAYER
 
 HYPS = {  # utterance -> hypotheses (words of the fixture's dictionary, and a few unknown ones)
     "u1": ["the song war released in the united states", "the song was released in the united states"],
@@ -529,14 +530,7 @@ def test_hypotheses_sharing_little_are_scored_whole(lm):
         dict(decoder_learned_pos=True, layernorm_embedding=True),
         dict(no_token_positional_embeddings=True, no_scale_embedding=True),
         dict(scale_attn=True, scale_fc=True, scale_heads=True, scale_resids=True),  # NormFormer
-        dict(
-            adaptive_input=False,
-            tie_adaptive_weights=False,
-            tie_adaptive_proj=False,
-            adaptive_softmax_cutoff=None,
-            decoder_output_dim=24,
-            activation_fn="gelu",
-        ),  # plain output layer  # fmt: skip
+        dict(PLAIN_OUTPUT_LAYER, activation_fn="gelu"),
     ],
 )
 def test_shared_prefixes_equal_whole_scores_across_model_configurations(overrides):
