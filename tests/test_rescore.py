@@ -5,6 +5,7 @@ input."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -581,3 +582,24 @@ def test_languagemodel_score_of_a_list_shares_prefixes_and_keeps_input_order(lm)
         torch.testing.assert_close(g["positional_scores"], a, atol=1e-5, rtol=0)  # the per-token fp32 bound
         torch.testing.assert_close(c["positional_scores"], a, atol=1e-5, rtol=0)
         assert g["score"] == pytest.approx(float(g["positional_scores"].mean()) if len(x) else 0.0)
+
+
+def test_score_command_records_in_chunks_equal_per_line_scores(lm, model_path, tmp_path, monkeypatch, capsys):
+    """``adaptive-lm score`` scores its lines ``SCORE_CHUNK_LINES`` at a time (here 7: several chunks) through
+    ``LanguageModel.score`` (length-sorted, shared prefixes): one record per line, in input order, each line's
+    log-probs those of scoring it alone (within the per-token fp32 bound, then rounded to 6 decimals), with and
+    without ``--batch-size``."""
+    from adaptive_lm.inference import hub
+
+    monkeypatch.setattr(hub, "SCORE_CHUNK_LINES", 7)
+    texts = [h for _, h, _ in rows()] + ["", "the"]
+    (tmp_path / "s.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    for extra in ([], ["--batch-size", "2"]):
+        assert main(["score", str(tmp_path / "s.txt"), "--path", model_path, *extra]) == 0
+        got = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+        assert [r["text"] for r in got] == texts
+        for r, t in zip(got, texts):
+            want = lm.score(t)["positional_scores"].tolist()
+            assert len(r["logprobs"]) == len(want) and all(
+                abs(a - b) <= 1e-5 + 5e-7 for a, b in zip(r["logprobs"], want)
+            )

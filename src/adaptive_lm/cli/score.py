@@ -23,7 +23,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="text, one sentence per line; - reads standard input")
     add_model_flags(p)
     p.add_argument("--output", default=None, type=output_file, help="write the JSON lines here, not to stdout")
-    p.add_argument("--batch-size", type=positive, default=16, help="sentences per batch (default: 16)")
+    p.add_argument("--batch-size", type=positive, default=None,
+                   help="at most this many sentences per batch (default: length-sorted batches of up to 4,096 "
+                        "positions; lines sharing prefixes are computed once)")  # fmt: skip
     p.add_argument("--score-eos", action="store_true",
                    help="also score each line's final </s> (fairseq's hub score does not)")  # fmt: skip
     add_text_flags(p)

@@ -27,6 +27,9 @@ from adaptive_lm.inference.scoring import position_scores
 log = logging.getLogger("adaptive_lm.generate")
 
 
+SCORE_CHUNK_LINES = 4096  # ``score_rows``: lines per ``score`` call (records come out as each chunk finishes)
+
+
 @dataclass
 class LanguageModel:
     """A model with its dictionary: what ``from_pretrained`` returns (scoring and generation build on it).
@@ -144,12 +147,14 @@ class LanguageModel:
         return out[0] if single else out
 
     def score_rows(
-        self, lines: list[str], batch_size: int = 16, score_eos: bool = False, autocast: str | None = None
+        self, lines: list[str], batch_size: int | None = None, score_eos: bool = False, autocast: str | None = None
     ) -> Iterator[dict[str, Any]]:
         """``adaptive-lm score``'s records, one per line in order: the text, its tokens, each token's ln p, their
-        sum and mean, and the perplexity exp(-mean)."""
-        for b in range(0, len(lines), batch_size):
-            chunk = lines[b : b + batch_size]
+        sum and mean, and the perplexity exp(-mean). Lines are scored ``SCORE_CHUNK_LINES`` at a time (``score``:
+        length-sorted batches of at most ``batch_size`` sentences, shared prefixes), so records come out as chunks
+        finish."""
+        for b in range(0, len(lines), SCORE_CHUNK_LINES):
+            chunk = lines[b : b + SCORE_CHUNK_LINES]
             scored = self.score(chunk, batch_size=batch_size, score_eos=score_eos, autocast_dtype=autocast)
             for line, r in zip(chunk, scored):  # type: ignore[arg-type]
                 ps = r["positional_scores"].tolist()
