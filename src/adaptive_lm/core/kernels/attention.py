@@ -207,6 +207,22 @@ class _CausalAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
+def _masked_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scores: int) -> Tensor:
+    """(BH, T, hd) queries, (BH, S, hd) keys and values, an additive mask ``bias`` ((T, S) for every head, or one
+    (BH, T, S) per head) -> (BH, T, hd): scores, softmax and product a few heads (about ``scores`` scores) at a time,
+    no dropout or gradients. The softmax of half types accumulates in fp32 inside the kernel."""
+    BH, T, hd = q.shape
+    S = k.shape[1]
+    out = torch.empty_like(q)
+    c = _chunk(BH, T, S, scores=scores)
+    for i in range(0, BH, c):
+        j = min(BH, i + c)
+        b = bias if bias.dim() == 2 else bias[i:j]
+        s = torch.baddbmm(b, q[i:j], k[i:j].transpose(1, 2), alpha=hd**-0.5)  # (c, T, S)
+        torch.bmm(torch._softmax(s, -1, False), v[i:j], out=out[i:j])  # (c, T, hd)
+    return out
+
+
 def _short_attention(q: Tensor, k: Tensor, v: Tensor, scores: int = 1 << 18) -> Tensor:
     """Causal attention without dropout or gradients, (BH, T, hd) queries of the last T of S positions, (BH, S, hd)
     keys and values -> (BH, T, hd), a few heads (about ``scores`` scores) at a time.
@@ -214,16 +230,8 @@ def _short_attention(q: Tensor, k: Tensor, v: Tensor, scores: int = 1 << 18) -> 
     Why: at short T PyTorch's CPU flash kernel spends its time on per-block bookkeeping; here every pass over a
     chunk's scores (about 256K of them, 1 MiB in fp32, measured best) stays in the L2 cache. The softmax of half
     types accumulates in fp32 inside the kernel, as in ``_StoredAttention``."""
-    BH, T, hd = q.shape
-    S = k.shape[1]
-    out = torch.empty_like(q)
-    bias = _bias(T, S - T, S, q.device, q.dtype)  # (T, S): query t sees keys up to S - T + t
-    c = _chunk(BH, T, S, scores=scores)
-    for i in range(0, BH, c):
-        j = min(BH, i + c)
-        s = torch.baddbmm(bias, q[i:j], k[i:j].transpose(1, 2), alpha=hd**-0.5)  # (c, T, T)
-        torch.bmm(torch._softmax(s, -1, False), v[i:j], out=out[i:j])  # (c, T, hd)
-    return out
+    T, S = q.shape[1], k.shape[1]
+    return _masked_attention(q, k, v, _bias(T, S - T, S, q.device, q.dtype), scores)  # query t: keys to S - T + t
 
 
 def suffix_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, training: bool) -> Tensor:
@@ -250,9 +258,6 @@ def suffix_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, training
         return _short_attention(qf, kf, vf, scores=1 << 20).view(B, H, T, hd)
 
 
-_PREFIX_BIAS: list = []  # the last (prefix_lens, shape, bias): the layers of one forward share it
-
-
 def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_lens: Tensor) -> Tensor:
     """(B, H, T, hd) queries of T new positions, (B, H, P + T, hd) keys and values whose first P slots hold each
     row's earlier positions (row b's first ``prefix_lens[b]`` of them; the rest is padding) -> (B, H, T, hd): new
@@ -264,27 +269,19 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_lens: Tensor) -> Te
     softmax and the product a few heads at a time, as ``_short_attention``; plain kernels: SDPA with the mask."""
     B, H, T, hd = q.shape
     S = k.shape[2]
-    key = (T, S, H, q.dtype, q.device)
-    if not _PREFIX_BIAS or _PREFIX_BIAS[0] is not prefix_lens or _PREFIX_BIAS[1] != key:
-        j = torch.arange(S, device=q.device)  # (S,) key slots
-        t = torch.arange(T, device=q.device)  # (T,) new positions
-        new = j - (S - T)  # (S,) slots P.. hold the new positions 0..
-        seen = (j[None, None, :] < prefix_lens[:, None, None]) | (
-            (new[None, None, :] >= 0) & (new[None, None, :] <= t[None, :, None])
-        )  # (B, T, S): the row's own earlier positions, and the new ones up to t
-        bias = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(~seen, float("-inf"))
-        _PREFIX_BIAS[:] = [prefix_lens, key, seen, bias.repeat_interleave(H, dim=0)]  # bias (BH, T, S)
-    seen, bias = _PREFIX_BIAS[2], _PREFIX_BIAS[3]
+    j = torch.arange(S, device=q.device)  # (S,) key slots
+    t = torch.arange(T, device=q.device)  # (T,) new positions
+    new = j - (S - T)  # (S,) slots P.. hold the new positions 0..
+    seen = (j[None, None, :] < prefix_lens[:, None, None]) | (
+        (new[None, None, :] >= 0) & (new[None, None, :] <= t[None, :, None])
+    )  # (B, T, S): the row's own earlier positions, and the new ones up to t
     if not ours(q):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=seen[:, None])
+    bias = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(~seen, float("-inf"))
+    bias = bias.repeat_interleave(H, dim=0)  # (BH, T, S)
     qf = q.reshape(B * H, T, hd)  # (BH, T, hd)
     kf, vf = (x.reshape(B * H, S, hd) for x in (k, v))  # (BH, S, hd)
-    out = torch.empty(B * H, T, hd, dtype=q.dtype, device=q.device)  # (BH, T, hd)
-    c = _chunk(B * H, T, S, scores=1 << 18)
-    for i in range(0, B * H, c):
-        s = torch.baddbmm(bias[i : i + c], qf[i : i + c], kf[i : i + c].transpose(1, 2), alpha=hd**-0.5)  # (c, T, S)
-        torch.bmm(torch._softmax(s, -1, False), vf[i : i + c], out=out[i : i + c])  # (c, T, hd)
-    return out.view(B, H, T, hd)
+    return _masked_attention(qf, kf, vf, bias, scores=1 << 18).view(B, H, T, hd)
 
 
 def one_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -314,25 +311,29 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, training
     B, H, T, hd = q.shape
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     short = p == 0.0 and not grad and T <= SHORT_T_MAX
+    middle = p == 0.0 and not grad and SHORT_T_MAX < T <= BLOCKS_T_MAX
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
-    if ours(q) and p == 0.0 and not grad and SHORT_T_MAX < T <= BLOCKS_T_MAX:
 
-        def blocks() -> Tensor:
-            with torch.autocast("cpu", enabled=False):
-                qf, kf, vf = (t.to(dtype).reshape(B * H, T, hd).contiguous() for t in (q, k, v))
-                return _query_block_attention(qf, kf, vf).view(B, H, T, hd)
-
-        runs = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), "blocks": blocks}
-        width = -(-T // INFERENCE_BLOCK) * INFERENCE_BLOCK  # T rounded up: one measurement per block count
-        return runs[CHOICE.pick(f"causal-{str(dtype)[6:]}", B * H, width, hd, runs, linear=False)]()
-    if not ours(q) or (p == 0.0 and not short):
+    def sdpa() -> Tensor:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-    with torch.autocast("cpu", enabled=False):
-        qf, kf, vf = (t.to(dtype).reshape(B * H, T, hd).contiguous() for t in (q, k, v))
-        if short:
-            out = _short_attention(qf, kf, vf)
-        elif B * H * T * T <= MATH_PATH_MAX_SCORES:  # small: keep the T x T probabilities rather than recompute
-            out = _StoredAttention.apply(qf, kf, vf, p, _new_seed())
-        else:
-            out = _CausalAttention.apply(qf, kf, vf, p, _new_seed())
-    return out.view(B, H, T, hd)
+
+    def own() -> Tensor:
+        with torch.autocast("cpu", enabled=False):
+            qf, kf, vf = (t.to(dtype).reshape(B * H, T, hd).contiguous() for t in (q, k, v))
+            if short:
+                out = _short_attention(qf, kf, vf)
+            elif middle:
+                out = _query_block_attention(qf, kf, vf)
+            elif B * H * T * T <= MATH_PATH_MAX_SCORES:  # small: keep the T x T probabilities rather than recompute
+                out = _StoredAttention.apply(qf, kf, vf, p, _new_seed())
+            else:
+                out = _CausalAttention.apply(qf, kf, vf, p, _new_seed())
+        return out.view(B, H, T, hd)
+
+    if not ours(q) or (p == 0.0 and not short and not middle):
+        return sdpa()
+    if middle:  # PyTorch's kernel or query blocks, as measured for the shape (T rounded up to whole blocks)
+        runs = {"sdpa": sdpa, "blocks": own}
+        width = -(-T // INFERENCE_BLOCK) * INFERENCE_BLOCK
+        return runs[CHOICE.pick(f"causal-{str(dtype)[6:]}", B * H, width, hd, runs, linear=False)]()
+    return own()
