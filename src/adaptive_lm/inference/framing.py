@@ -16,6 +16,14 @@ import torch
 from torch import Tensor
 
 
+def ragged(lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) of every element of rows of ``lens`` elements laid one after the other: its row and its place in
+    that row (the index arithmetic of flat, variable-length batches)."""
+    row = np.repeat(np.arange(len(lens)), lens)  # (total,)
+    col = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)  # (total,)
+    return row, col
+
+
 def frame(
     ids: Sequence[Sequence[int]], start: int, pad: int, eos: int, score_eos: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -34,8 +42,7 @@ def frame(
     # every word at once (no per-sentence tensor work: rescoring frames 10,000s of sentences): word j of row r is
     # the target at (r, j) and, when a later position still scores, the input at (r, j + 1)
     words = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lens.sum()))  # (total,)
-    row = np.repeat(np.arange(len(ids)), lens)  # (total,)
-    col = np.arange(len(words)) - np.repeat(np.cumsum(lens) - lens, lens)  # (total,) position within its sentence
+    row, col = ragged(lens)  # (total,) each word's sentence and position in it
     tgt[row, col] = words
     fed = col + 1 < n[row]  # (total,) without score_eos the last word is never fed
     src[row[fed], col[fed] + 1] = words[fed]

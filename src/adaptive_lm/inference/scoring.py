@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from adaptive_lm.inference.framing import frame
+from adaptive_lm.inference.framing import frame, ragged
 
 MIN_SHARED = 4  # scored positions: sharing fewer, a hypothesis is computed whole (measured: 1 and 4 save the same)
 CACHE_BYTES = 256 << 20  # keys and values kept for a segment of the sorted hypotheses
@@ -64,7 +64,7 @@ def plan(seqs: Sequence[Sequence[int]], n: np.ndarray, min_shared: int = MIN_SHA
         m = np.full((b - a, width), -1, dtype=np.int64)  # (rows, width)
         ln = lens[a:b]
         flat = np.fromiter(itertools.chain.from_iterable(seqs[i] for i in order[a:b].tolist()), np.int64, int(ln.sum()))
-        m[np.repeat(np.arange(b - a), ln), np.arange(len(flat)) - np.repeat(np.cumsum(ln) - ln, ln)] = flat
+        m[ragged(ln)] = flat
         differ = m[1:] != m[:-1]  # (rows - 1, width)
         first = np.where(differ.any(axis=1), differ.argmax(axis=1), width)  # (rows - 1,)
         common[a + 1 : b] = np.minimum(first, np.minimum(lens[a : b - 1], lens[a + 1 : b]))
@@ -82,6 +82,13 @@ def plan(seqs: Sequence[Sequence[int]], n: np.ndarray, min_shared: int = MIN_SHA
         if s > 0 and (s >= min_shared or s == scored[i]):
             parent[i], shared[i] = o[first], s
     return order, np.array(parent, dtype=np.int64), np.array(shared, dtype=np.int64)
+
+
+def _rows_per_batch(width: int, max_tokens: int, max_sentences: int | None) -> int:
+    """Rows of ``width`` positions in a batch of at most ``max_tokens`` padded positions and ``max_sentences`` rows
+    (one row at least)."""
+    n = max(1, max_tokens // max(1, width))
+    return min(n, max_sentences) if max_sentences else n
 
 
 def suffix_batches(
@@ -105,9 +112,8 @@ def suffix_batches(
         rows = 0
         for i in range(k - 1, max(-1, k - 1 - GROUP_WIDTHS), -1):  # the group of widths i .. k - 1, padded to w[i]
             rows += int(counts[i])
-            width = max(1, int(w[i]))
-            per = min(max(1, max_tokens // width), max_sentences or max_tokens)
-            cost = best[i] + -(-rows // per) * per_batch + rows * width
+            per = _rows_per_batch(int(w[i]), max_tokens, max_sentences)
+            cost = best[i] + -(-rows // per) * per_batch + rows * max(1, int(w[i]))
             if cost < best[k]:
                 best[k], cut[k] = cost, i
     groups, k = [], K
@@ -117,7 +123,7 @@ def suffix_batches(
     batches, start = [], 0
     for i, k in reversed(groups):  # each group in batches of as many rows as its widest allows
         rows = int(counts[i:k].sum())
-        per = min(max(1, max_tokens // max(1, int(w[i]))), max_sentences or max_tokens)
+        per = _rows_per_batch(int(w[i]), max_tokens, max_sentences)
         batches += [order[start + a : start + min(rows, a + per)] for a in range(0, rows, per)]
         start += rows
     return batches
@@ -151,8 +157,8 @@ class _Store:
         _, H, S, hd = tensors[0].shape
         Pm = int(P.max())
         ln = lens[who]
-        b = np.repeat(who, ln)  # (M,) batch row of each kept position
-        p = np.arange(int(ln.sum())) - np.repeat(np.cumsum(ln) - ln, ln)  # (M,) its position
+        row, p = ragged(ln)  # (M,) each kept position's parent and the position
+        b = who[row]  # (M,) its batch row
         slot = np.where(p < P[b], p, Pm + p - P[b])  # (M,)
         if not self.kv:
             self.kv = [t.new_empty(self.total, H, hd) for t in tensors]
@@ -202,10 +208,7 @@ def length_batches(lengths: Sequence[int], max_tokens: int, max_sentences: int |
     batches: list[np.ndarray] = []
     start = 0
     while start < len(order):
-        width = max(1, int(lengths[order[start]]))  # the widest row of this batch (sorted: the first)
-        n = max(1, max_tokens // width)
-        if max_sentences:
-            n = min(n, max_sentences)
+        n = _rows_per_batch(int(lengths[order[start]]), max_tokens, max_sentences)  # sorted: the first is the widest
         batches.append(order[start : start + n])
         start += n
     return batches
@@ -213,7 +216,8 @@ def length_batches(lengths: Sequence[int], max_tokens: int, max_sentences: int |
 
 def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
     """The indices ``starts[i] .. starts[i] + lens[i] - 1`` of every i, one after the other."""
-    return np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
+    row, col = ragged(lens)
+    return starts[row] + col
 
 
 @torch.no_grad()
@@ -355,8 +359,7 @@ def _suffixes(
     flat = np.fromiter(
         itertools.chain.from_iterable(seqs[r][p:] for r, p in zip(rows.tolist(), P.tolist())), np.int64, int(ln.sum())
     )  # (sum ln,)
-    row = np.repeat(np.arange(len(rows)), ln)
-    col = np.arange(len(flat)) - np.repeat(np.cumsum(ln) - ln, ln)  # (sum ln,) index from position P on
+    row, col = ragged(ln)  # (sum ln,) each token's row and index from position P on
     src = np.full((len(rows), T + 1), pad, dtype=np.int64)  # (B, T + 1): the last column only as room
     tgt = np.full((len(rows), T + 1), pad, dtype=np.int64)
     last = col == ln[row] - 1
