@@ -296,8 +296,7 @@ def _shared(
     """The sentences in sorted ``order``, each after its ``shared`` positions with ``parent``, segment by segment."""
     model = lm.model
     per_token = len(model.layers) * 2 * model.cfg.decoder_embed_dim * next(model.parameters()).element_size()
-    need = np.zeros(len(seqs), dtype=np.int64)  # (N,) positions each one's children read (fewer if cut off)
-    np.maximum.at(need, parent[parent >= 0], shared[parent >= 0])
+    need = _needs(parent, shared)  # (N,) at most: a segment's cut drops some children
     csum = np.cumsum(need[order])  # kept positions up to each sorted sentence
     per_batch = _batch_cost(model)
     start = 0
@@ -306,6 +305,13 @@ def _shared(
         stop = max(start + 1, int(np.searchsorted(csum, before + CACHE_BYTES // per_token, side="right")))
         _segment(lm, seqs, order[start:stop], parent, shared, n, offsets, scores, limits, per_batch, bar)
         start = stop
+
+
+def _needs(parent: np.ndarray, shared: np.ndarray) -> np.ndarray:
+    """Positions of each sentence that its children read: its largest child's ``shared`` (0 without children)."""
+    need = np.zeros(len(parent), dtype=np.int64)
+    np.maximum.at(need, parent[parent >= 0], shared[parent >= 0])
+    return need
 
 
 def _segment(
@@ -332,8 +338,7 @@ def _segment(
             wave[j] = wave[p] + 1
     waves = np.array(wave, dtype=np.int64)
     has = par >= 0
-    need = np.zeros(len(rows), dtype=np.int64)  # (N,) positions a sentence's children read: its largest child's P
-    np.maximum.at(need, par[has], P[has])
+    need = _needs(par, P)  # (N,) positions a sentence's children in this segment read
     copy = np.nonzero(has)[0]  # the shared positions' scores, copied from the parents once they are computed
     store: _Store | None = None
     for w in range(int(waves.max()) + 1):
