@@ -27,6 +27,13 @@ from adaptive_lm.inference.scoring import position_scores
 log = logging.getLogger("adaptive_lm.generate")
 
 
+def _scored(ids: list[int], row: dict[str, Any]) -> dict[str, Any]:
+    """``LanguageModel.score``'s record of one sentence: its tokens, ``row`` (the positional scores, and kNN-LM's
+    parts), and the mean score."""
+    ps = row["positional_scores"]
+    return {"tokens": torch.tensor(ids, dtype=torch.long), **row, "score": float(ps.mean()) if len(ps) else 0.0}
+
+
 SCORE_CHUNK_LINES = 4096  # ``score_rows``: lines per ``score`` call (records come out as each chunk finishes)
 
 
@@ -125,9 +132,7 @@ class LanguageModel:
             with fast_linears(self.device, packed=True), autocast(self.device, half):
                 scores, offsets = position_scores(self, ids, score_eos, max_sentences=batch_size)
             for x, a, b in zip(ids, offsets[:-1].tolist(), offsets[1:].tolist()):
-                ps = torch.from_numpy(scores[a:b])  # (n,) float32, a view of the run's scores
-                out.append({"tokens": torch.tensor(x, dtype=torch.long), "positional_scores": ps,
-                            "score": float(ps.mean()) if len(ps) else 0.0})  # fmt: skip
+                out.append(_scored(x, {"positional_scores": torch.from_numpy(scores[a:b])}))  # a view, float32
             return out[0] if single else out
         knn.check_model(self)
         batch_size = batch_size or 16
@@ -140,10 +145,7 @@ class LanguageModel:
                 lp = self.model.target_log_probs_from_features(feats, tgt).float().cpu()  # (B, W)
                 rows = [{"positional_scores": lp[r, : int(n[r])]} for r in range(len(seqs))]
                 rows = knn.interpolate_rows(keys_of(src), tgt, rows, lmbda)
-                for x, row in zip(seqs, rows):
-                    ps = row["positional_scores"]
-                    out.append({"tokens": torch.tensor(x, dtype=torch.long), **row,
-                                "score": float(ps.mean()) if len(ps) else 0.0})  # fmt: skip
+                out += [_scored(x, row) for x, row in zip(seqs, rows)]
         return out[0] if single else out
 
     def score_rows(
