@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 WRAPPER = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
@@ -92,6 +93,10 @@ def test_mfu_never_exceeds_100_percent_and_says_when_the_peak_was_raised():
     assert mfu(0.5, peak) == (25.0, False)
     assert mfu(2.0, peak) == (100.0, False)
     assert mfu(3.0, peak) == (100.0, True)  # a peak measured below the achieved rate is raised to it
+    # achieved rates whose 100 * a / a rounds above 100 (one failed the dry run under the AVX2 caps)
+    rates = [r for r in np.random.default_rng(0).uniform(0.1, 10.0, 20_000).tolist() if 100.0 * r / r > 100.0]
+    assert rates and all(mfu(r, Peak(r / 2, "fp32", "measured")) == (100.0, True) for r in rates)
+    assert all(mfu(r, Peak(r, "fp32", "measured"))[0] == 100.0 for r in rates)
 
 
 def test_a_failing_check_fails_the_run_and_the_others_still_run(tmp_path, monkeypatch):

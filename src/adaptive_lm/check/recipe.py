@@ -76,9 +76,10 @@ def measured_peak(ctx: Ctx, cfg: TrainConfig) -> Peak:
 
 
 def mfu(achieved_tflops: float, peak: Peak) -> tuple[float, bool]:
-    """(MFU in percent, whether the peak was raised to the achieved rate): achieved / max(peak, achieved)."""
+    """(MFU in percent, whether the peak was raised to the achieved rate): achieved / max(peak, achieved). The ratio
+    first, then the percentage: 100 * a / a rounds to 100.00000000000001 for about 5% of floats a."""
     raised = achieved_tflops > peak.tflops
-    return 100.0 * achieved_tflops / max(peak.tflops, achieved_tflops), raised
+    return 100.0 * (achieved_tflops / max(peak.tflops, achieved_tflops)), raised
 
 
 def timed_updates(ctx: Ctx, uf: int, flops_per_token: float, peak: Peak) -> tuple[dict[str, Any], list[float]]:
