@@ -13,8 +13,9 @@ softmax, fp32 linears on oneDNN as the command runs them), and again with PyTorc
 ``adaptive-lm, MKL linears``: MKL takes its AVX2 path on AMD CPUs). fairseq runs in its own venv, as a user
 would call it:
 ``TransformerLanguageModel.from_pretrained(folder, checkpoint).score(list_of_10000_strings)`` (the hub batches
-the list itself). Both time scoring only (tokenisation included), the model already loaded, best of ``--repeats``
-runs that alternate between the tools; the scores (sums of the positional scores, natural log) must agree within
+the list itself). Both time scoring only (tokenisation included), the model already loaded and warm (each fairseq
+process makes one untimed call first; our runs share one process), best of ``--repeats`` runs that alternate
+between the tools; the scores (sums of the positional scores, natural log) must agree within
 1e-4. Models: the shared fixture (fairseq-trained, 0.9M parameters) and, with ``--larger``, bench_eval's random
 8-layer d512 model written as a fairseq checkpoint. ``gflop`` / ``mfu_%`` / ``bound``: our run's FLOPs as torch's
 FlopCounterMode counts them, their rate over this machine's measured fp32 matmul peak, and the speedup over fairseq
@@ -53,6 +54,7 @@ folder, ckpt, hyp_file, out_file, threads, repeats = sys.argv[1:7]
 hyps = [line.rstrip("\n") for line in open(hyp_file, encoding="utf-8")]
 lm = TransformerLanguageModel.from_pretrained(folder, ckpt, data_name_or_path=folder)
 lm.eval()
+lm.score(hyps)  # untimed warm-up: our side's best run is a warm one too
 best, res = None, None
 for _ in range(int(repeats)):
     t0 = time.perf_counter()
