@@ -87,14 +87,25 @@ def test_inference_attention_of_middle_lengths_by_query_blocks_or_sdpa_measured(
 
 
 @pytest.mark.parametrize("plain", [False, True])
-def test_prefix_attention_equals_each_rows_own_causal_attention(plain):
+@pytest.mark.parametrize(
+    "prefixes,H,T",
+    [
+        ([0, 3, 7, 1, 7], 40, 6),  # 200 heads: several chunks of heads
+        ([0, 50, 120, 10, 120, 3, 77], 4, 300),  # the additive mask made two rows at a time: four chunks of rows
+        ([0, 900, 400], 2, 1200),  # 1,200 x 2,100 scores per head: SDPA with the mask
+    ],
+)
+def test_prefix_attention_equals_each_rows_own_causal_attention(plain, prefixes, H, T):
     """Rows continuing prefixes of different lengths (rescoring's shared prefixes): each row's new positions attend to
     its own first P keys and the new keys up to themselves, exactly as that row's whole sequence attends causally
-    (its prefix then its new positions, with no padding); the padding slots change nothing. Ours (200 heads: several
-    chunks) and the plain kernels (SDPA with the mask); an off-by-one in the mask fails."""
+    (its prefix then its new positions, with no padding); the padding slots change nothing. Ours (chunks of heads,
+    chunks of rows, SDPA for long rows) and the plain kernels (SDPA with the mask); an off-by-one in the mask
+    fails."""
     torch.manual_seed(0)
-    P = torch.tensor([0, 3, 7, 1, 7])  # (B,) own earlier positions; the batch's prefix slots: 7
-    B, H, T, hd, Pm = len(P), 40, 6, 16, int(P.max())
+    P = torch.tensor(prefixes)  # (B,) own earlier positions; the batch's prefix slots: max(P)
+    B, hd, Pm = len(P), 16, int(P.max())
+    if not plain and T > 100:
+        assert (1 << 20) // (H * T * (Pm + T)) < B or T * (Pm + T) >= K.attention.SUFFIX_MAX_SCORES  # the path meant
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
         q, kn, vn = (torch.randn(B, H, T, hd, dtype=dtype) for _ in range(3))
         kp, vp = (torch.randn(B, H, Pm, hd, dtype=dtype) for _ in range(2))  # slots past a row's P: padding

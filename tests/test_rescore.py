@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import jiwer  # a plain import: a missing extra fails loudly
 import numpy as np
@@ -424,6 +425,75 @@ def test_plan_reuses_the_longest_shared_prefix_of_an_earlier_hypothesis():
     assert order.tolist() == [5, 6, 4, 0, 3, 1, 2]
     assert parent.tolist() == [-1, 0, 1, 0, -1, -1, 5]
     assert shared.tolist() == [0, 5, 6, 6, 0, 0, 2]
+
+
+def test_plan_equals_pairwise_common_prefixes_and_one_long_hypothesis_costs_its_length():
+    """The common prefix of each sorted hypothesis with the previous one, compared pair by pair in flat arrays, is the
+    brute-force one on random lists (duplicates, prefixes, empty ones), and one 200,000-token hypothesis among 4,095
+    short ones plans with memory of the order of the tokens (the padded (rows, longest) matrix of the earlier plan
+    took 6.5 GB for this input)."""
+    import tracemalloc
+
+    from adaptive_lm.inference.scoring import plan
+
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        base = rng.integers(3, 9, size=12).tolist()
+        seqs = [[2] + base[: int(rng.integers(0, 13))] + rng.integers(3, 9, size=int(rng.integers(0, 4))).tolist()
+                for _ in range(int(rng.integers(1, 40)))]  # fmt: skip
+        n = np.array([len(x) - 1 for x in seqs])
+        order, parent, shared = plan(seqs, n, min_shared=1)
+        srt = [seqs[i] for i in order.tolist()]
+        assert srt == sorted(seqs)
+        for a in range(1, len(srt)):
+            lcps = [next((j for j, (x, y) in enumerate(zip(srt[b], srt[a])) if x != y), min(len(srt[b]), len(srt[a])))
+                    for b in range(a)]  # fmt: skip
+            best = max(lcps)  # the longest common prefix with any earlier sorted hypothesis
+            i, s_ = int(order[a]), min(best - 1, int(n[order[a]]))
+            if s_ > 0:
+                assert shared[i] == s_ and parent[i] == order[lcps.index(best)], trial  # the earliest sharing it
+            else:
+                assert shared[i] == 0 and parent[i] == -1, trial
+    seqs = [[2, 7, 8, 9, 10, 11, int(x)] for x in rng.integers(3, 1000, size=4095)] + [[2] + [5] * 200_000]
+    n = np.array([len(x) - 1 for x in seqs])
+    tracemalloc.start()
+    plan(seqs, n)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 60 * 8 * sum(len(x) for x in seqs)  # a few flat int64 arrays of the tokens, not rows x 200,000
+
+
+def test_bad_scoring_inputs_are_one_line_user_errors(lm):
+    """A batch size below one, a word id outside the vocabulary (as the last word it would be a target only, scored
+    silently), and a sentence longer than a learned position table fail with one line naming the problem; the
+    kNN path of ``score`` checks the same."""
+    from adaptive_lm.core.errors import UserError
+    from adaptive_lm.inference.scoring import position_scores
+
+    ids = [[10, 11, 12, 13, 14, 15], [10, 11, 12, 13, 14, 16]]
+    for bad in (0, -1):
+        with pytest.raises(UserError, match="positive number of sentences"):
+            position_scores(lm, ids, max_sentences=bad)
+        with pytest.raises(UserError, match="positive number of sentences"):
+            lm.score(["the song", "the"], batch_size=bad)
+    V = lm.model.cfg.vocab_size
+    for share in (True, False):
+        with pytest.raises(UserError, match=rf"sentence 2: 1 word ids outside the model's vocabulary \[0, {V}\)"):
+            sentence_logprobs(lm, [[10, 11], [5, V]], share_prefixes=share)
+    with pytest.raises(UserError, match="outside the model's vocabulary"):
+        sentence_logprobs(lm, [[-1, 5]])
+    assert lm.model.position_limit() is None  # sinusoidal: any length computes
+    learned = adaptive_lm.from_pretrained(Path(__file__).parent / "generation" / "models" / "spm", "model.pt")
+    limit = learned.model.position_limit()
+    assert limit == learned.model.cfg.max_target_positions
+    ok = [[5] * (limit - 1), [5] * limit]  # limit positions scored with </s> excluded: fits
+    sentence_logprobs(learned, ok)
+    for share in (True, False):
+        message = rf"sentence 2 has {limit + 1} positions to score, more than the model's {limit}"
+        with pytest.raises(UserError, match=message):
+            sentence_logprobs(learned, [[5], [5] * (limit + 1)], share_prefixes=share)
+    with pytest.raises(UserError, match=f"more than the model's {limit}"):
+        sentence_logprobs(learned, [[5] * limit], score_eos=True)
 
 
 def nbest_with_shared_prefixes(lm, lists=40, per=8, seed=0):

@@ -22,7 +22,7 @@ from adaptive_lm.core.kernels import fast_linears
 from adaptive_lm.core.model import TransformerLM
 from adaptive_lm.core.precision import HALF, autocast
 from adaptive_lm.inference.framing import frame
-from adaptive_lm.inference.scoring import position_scores
+from adaptive_lm.inference.scoring import check_inputs, framed, position_scores
 
 log = logging.getLogger("adaptive_lm.generate")
 
@@ -135,10 +135,12 @@ class LanguageModel:
                 out.append(_scored(x, {"positional_scores": torch.from_numpy(scores[a:b])}))  # a view, float32
             return out[0] if single else out
         knn.check_model(self)
+        ids = [self.ids(s, replace_newline_with_eos) for s in items]
+        check_inputs(self, framed(ids, self.start_token, d.eos(), score_eos), batch_size)
         batch_size = batch_size or 16
         with knn.capture(self.model) as keys_of, fast_linears(self.device, packed=True), autocast(self.device, half):
             for b in range(0, len(items), batch_size):
-                seqs = [self.ids(s, replace_newline_with_eos) for s in items[b : b + batch_size]]
+                seqs = ids[b : b + batch_size]
                 src, tgt, n = frame(seqs, self.start_token, d.pad(), d.eos(), score_eos)  # (B, W), (B, W), (B,)
                 src, tgt = src.to(self.device), tgt.to(self.device)
                 feats = self.model(src)  # (B, W, d)

@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from adaptive_lm.core.errors import UserError
 from adaptive_lm.inference.framing import frame, ragged
 
 MIN_SHARED = 4  # scored positions: sharing fewer, a hypothesis is computed whole (measured: 1 and 4 save the same)
 CACHE_BYTES = 256 << 20  # keys and values kept for a segment of the sorted hypotheses
 MIN_SAVED = 0.12  # of the positions: sharing fewer, every hypothesis is scored whole (break-even measured ~0.12)
-PLAN_ROWS = 4096  # sorted hypotheses compared with their predecessors at a time (``plan``)
 GROUP_WIDTHS = 64  # distinct suffix widths one batch group may span (``suffix_batches``)
 
 
@@ -44,6 +44,32 @@ def framed(ids: Sequence[Sequence[int]], start: int, eos: int, score_eos: bool) 
     positions are the first n (n + 1) tokens and their targets the next ones (``framing.frame``)."""
     end = [eos] if score_eos else []
     return [[start, *x, *end] for x in ids]
+
+
+def check_inputs(lm: Any, seqs: Sequence[Sequence[int]], max_sentences: int | None = None, max_tokens: int = 1) -> None:
+    """Refuse, with one line, what would otherwise score garbage or fail deep inside the model: a batch limit below
+    one, a word id outside the model's vocabulary (as a target it would be scored silently), a sentence longer than
+    a learned position table. ``seqs``: framed tokens (``framed``)."""
+    if max_sentences is not None and max_sentences < 1:
+        raise UserError(f"the batch size must be a positive number of sentences (None: no limit), not {max_sentences}")
+    if max_tokens < 1:
+        raise UserError(f"max_tokens must be positive, not {max_tokens}")
+    if not seqs:
+        return
+    lens = np.fromiter((len(x) for x in seqs), np.int64, len(seqs))  # (N,)
+    flat = np.fromiter(itertools.chain.from_iterable(seqs), np.int64, int(lens.sum()))
+    V = lm.model.cfg.vocab_size
+    bad = (flat < 0) | (flat >= V)
+    if bad.any():
+        first = int(np.searchsorted(np.cumsum(lens), int(np.argmax(bad)), side="right"))
+        raise UserError(f"sentence {first + 1}: {int(bad.sum())} word ids outside the model's vocabulary [0, {V})")
+    limit = lm.model.position_limit()
+    if limit is not None and int(lens.max()) - 1 > limit:
+        first = int(np.argmax(lens - 1 > limit))
+        raise UserError(
+            f"sentence {first + 1} has {int(lens[first]) - 1} positions to score, more than the model's {limit} "
+            f"(learned positions, --max-target-positions); split it into shorter pieces"
+        )
 
 
 def plan(seqs: Sequence[Sequence[int]], n: np.ndarray, min_shared: int = MIN_SHARED) -> tuple[np.ndarray, ...]:
@@ -56,18 +82,17 @@ def plan(seqs: Sequence[Sequence[int]], n: np.ndarray, min_shared: int = MIN_SHA
     compute."""
     N = len(seqs)
     order = np.array(sorted(range(N), key=seqs.__getitem__), dtype=np.int64)  # (N,)
-    common = np.zeros(N, dtype=np.int64)  # (N,) common prefix length with the previous sorted sequence
     lens = np.array([len(seqs[i]) for i in order.tolist()], dtype=np.int64)  # (N,) in sorted order
-    for a in range(0, N - 1, PLAN_ROWS):  # sorted rows a .. b against their predecessors, as padded matrices
-        b = min(N, a + PLAN_ROWS + 1)
-        width = int(lens[a:b].max())
-        m = np.full((b - a, width), -1, dtype=np.int64)  # (rows, width)
-        ln = lens[a:b]
-        flat = np.fromiter(itertools.chain.from_iterable(seqs[i] for i in order[a:b].tolist()), np.int64, int(ln.sum()))
-        m[ragged(ln)] = flat
-        differ = m[1:] != m[:-1]  # (rows - 1, width)
-        first = np.where(differ.any(axis=1), differ.argmax(axis=1), width)  # (rows - 1,)
-        common[a + 1 : b] = np.minimum(first, np.minimum(lens[a : b - 1], lens[a + 1 : b]))
+    flat = np.fromiter(itertools.chain.from_iterable(seqs[i] for i in order.tolist()), np.int64, int(lens.sum()))
+    starts = np.cumsum(lens) - lens  # (N,)
+    m = np.minimum(lens[:-1], lens[1:])  # (N - 1,) each sorted sequence against the next, up to the shorter's length
+    pair, col = ragged(m)  # (sum m,) flat memory: one long sequence costs its length, not rows x its length
+    differ = flat[starts[:-1][pair] + col] != flat[starts[1:][pair] + col]  # (sum m,)
+    common = np.zeros(N, dtype=np.int64)  # (N,) common prefix length with the previous sorted sequence
+    common[1:] = m
+    hit = pair[differ]
+    firsts, at = np.unique(hit, return_index=True)  # each pair's first differing place (places ascend in a pair)
+    common[1:][firsts] = col[differ][at]
     c, o, scored = common.tolist(), order.tolist(), n.tolist()
     parent, shared = [-1] * N, [0] * N
     stack: list[int] = [0]  # sorted positions of increasing ``common`` (the first's 0 stays): previous smaller ones
@@ -241,6 +266,7 @@ def position_scores(
     otherwise each whole, in length-sorted batches. ``bar``: a progress bar, advanced by sentences."""
     d = lm.dictionary
     seqs = framed(ids, lm.start_token, d.eos(), score_eos)
+    check_inputs(lm, seqs, max_sentences, max_tokens)
     n = np.array([len(s) - 1 for s in seqs], dtype=np.int64)  # (N,) scored positions
     offsets = np.concatenate([[0], np.cumsum(n)])  # (N + 1,)
     scores = np.zeros(int(offsets[-1]), dtype=np.float32)

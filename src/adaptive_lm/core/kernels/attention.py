@@ -266,7 +266,9 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_lens: Tensor) -> Te
 
     Why: rescoring computes a hypothesis only after the prefix it shares with one already scored
     (``inference.scoring``), and the rows of a batch share prefixes of different lengths. Scores, masked
-    softmax and the product a few heads at a time, as ``_short_attention``; plain kernels: SDPA with the mask."""
+    softmax and the product a few heads at a time, as ``_short_attention``, the additive mask made for about 1M
+    scores at a time; from ``SUFFIX_MAX_SCORES`` scores per head on (hypotheses of thousands of words) and with the
+    plain kernels, SDPA with the mask."""
     B, H, T, hd = q.shape
     S = k.shape[2]
     j = torch.arange(S, device=q.device)  # (S,) key slots
@@ -275,13 +277,18 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_lens: Tensor) -> Te
     seen = (j[None, None, :] < prefix_lens[:, None, None]) | (
         (new[None, None, :] >= 0) & (new[None, None, :] <= t[None, :, None])
     )  # (B, T, S): the row's own earlier positions, and the new ones up to t
-    if not ours(q):
+    if not ours(q) or T * S >= SUFFIX_MAX_SCORES:  # long rows: SDPA's kernel, no (T, S) scores per head kept
         return F.scaled_dot_product_attention(q, k, v, attn_mask=seen[:, None])
-    bias = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(~seen, float("-inf"))
-    bias = bias.repeat_interleave(H, dim=0)  # (BH, T, S)
-    qf = q.reshape(B * H, T, hd)  # (BH, T, hd)
-    kf, vf = (x.reshape(B * H, S, hd) for x in (k, v))  # (BH, S, hd)
-    return _masked_attention(qf, kf, vf, bias, scores=1 << 18).view(B, H, T, hd)
+    out = torch.empty_like(q)  # (B, H, T, hd)
+    step = max(1, (1 << 20) // (H * T * S))  # rows whose additive mask is made at once: about 1M scores
+    for b in range(0, B, step):
+        e = min(B, b + step)
+        bias = torch.zeros(seen[b:e].shape, dtype=q.dtype, device=q.device).masked_fill_(~seen[b:e], float("-inf"))
+        bias = bias.repeat_interleave(H, dim=0)  # (rows * H, T, S)
+        qf = q[b:e].reshape(-1, T, hd)  # (rows * H, T, hd)
+        kf, vf = (x[b:e].reshape(-1, S, hd) for x in (k, v))  # (rows * H, S, hd)
+        out[b:e] = _masked_attention(qf, kf, vf, bias, scores=1 << 18).view(e - b, H, T, hd)
+    return out
 
 
 def one_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -193,6 +193,12 @@ class TransformerLM(nn.Module):
         if isinstance(self.embed_tokens, CharacterEmbedder) and self.embed_tokens.word_to_char.is_meta and symbols:
             self.embed_tokens.word_to_char = char_table(symbols, CharacterEmbedder.MAX_CHARS).to(device)
 
+    def position_limit(self) -> int | None:
+        """The most positions one sequence can have: ``max_target_positions`` with learned positions (the table's
+        size), None with sinusoidal or no positions (any length can be computed; fairseq's hub and eval-lm still
+        refuse longer inputs, and so do our generation and evaluation)."""
+        return self.cfg.max_target_positions if isinstance(self.embed_positions, nn.Embedding) else None
+
     def new_cache(self, capacity: int | None = None) -> KVCache:
         """An empty key/value cache, one dict per layer; with ``capacity`` (positions) preallocated buffers that grow
         in place and reorder with one gather (``LayerCache``: what generation uses)."""
