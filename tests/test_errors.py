@@ -295,3 +295,177 @@ def test_failed_preprocess_leaves_the_previous_data_bin_untouched(data, tmp_path
     one_line(r, "bad.txt", "UTF-8")
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bin.tmp")]
+
+
+# ---- files and values that reached a traceback (found by an audit of every command's bad inputs) ----------------
+def in_process(capsys, *argv: str) -> str:
+    """``main(argv)`` fails with code 2 and one ``error:`` line (in this process: no interpreter start per case)."""
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "error:" in err[0], (code, err)
+    return err[0]
+
+
+def test_a_damaged_exported_folder_is_one_line(data, model, tmp_path, capsys):
+    """config.json that is not JSON, not UTF-8, without model settings, with a setting of the wrong type or another
+    format, and a truncated model.safetensors: each named, with what to do."""
+    from adaptive_lm.inference.convert import convert
+
+    good = convert(str(model), str(tmp_path / "good"))
+    config = (good / "config.json").read_text()
+    cases = {
+        b"{bad": "not valid JSON",
+        b"\xff\xfe\x00": "not valid JSON",
+        b"{}": 'no "model" settings',
+        b"[1, 2]": 'no "model" settings',
+        config.replace('"decoder_layers": ', '"decoder_layers": "two", "x": ').encode(): "decoder_layers = 'two'",
+        config.replace('"adaptive-lm/1"', '"adaptive-lm/9"').encode(): "format 'adaptive-lm/9'",
+    }
+    for i, (content, fragment) in enumerate(cases.items()):
+        folder = convert(str(model), str(tmp_path / f"bad{i}"))
+        (folder / "config.json").write_bytes(content)
+        line = in_process(capsys, "score", str(data / "valid.txt"), "--path", str(folder))
+        assert fragment in line and "config.json" in line, line
+    folder = convert(str(model), str(tmp_path / "cut"))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    line = in_process(capsys, "score", str(data / "valid.txt"), "--path", str(folder))
+    assert "model.safetensors: not a readable safetensors file" in line
+
+
+def test_bpe_files_that_are_not_bpe_files(tmp_path):
+    from adaptive_lm.core.errors import UserError
+    from adaptive_lm.inference.bpe import make_bpe
+
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "encoder.json").write_text("{bad")
+    with pytest.raises(UserError, match="junk.bin: not a SentencePiece model"):
+        make_bpe("sentencepiece", sentencepiece_model=str(junk))
+    with pytest.raises(UserError, match="not GPT-2 BPE files"):
+        make_bpe("gpt2", gpt2_encoder_json=str(tmp_path / "encoder.json"), gpt2_vocab_bpe=str(junk))
+    (tmp_path / "encoder.json").write_text('{"a": 0}')
+    with pytest.raises(UserError, match="not GPT-2 BPE files"):
+        make_bpe("gpt2", gpt2_encoder_json=str(tmp_path / "encoder.json"), gpt2_vocab_bpe=str(junk))
+
+
+def test_values_that_reached_a_traceback(data, model, tmp_path, capsys):
+    """A sampling top-k above the vocabulary (fairseq fails inside torch.topk), a corpus of fewer words than its
+    source's states or with a negative seed, cutoffs that are not numbers, a mirror that is not a URL."""
+    from adaptive_lm.core.errors import UserError
+    from adaptive_lm.inference.download import fetch
+
+    line = in_process(capsys, "generate", "--path", str(model), "--prompt", "w1", "--sampling",
+                      "--sampling-topk", "100000")  # fmt: skip
+    assert "--sampling-topk 100000 exceeds the model's" in line
+    assert "at least 24, one word per state" in in_process(capsys, "make-corpus", "--out", str(tmp_path / "c"),
+                                                           "--vocab", "5")  # fmt: skip
+    assert "at least 0" in in_process(capsys, "make-corpus", "--out", str(tmp_path / "c"), "--seed", "-1")
+    assert not (tmp_path / "c").exists()
+    for flag in ("--adaptive-softmax-cutoff", "--adaptive-input-cutoff"):
+        line = in_process(capsys, *train_args(data, tmp_path / "s", "--max-update", "1", "--adaptive-input",
+                                              "--adaptive-softmax-cutoff", "100", flag, "a,b"))  # fmt: skip
+        assert "cutoff 'a,b' is not a list of word counts" in line
+    with pytest.raises(UserError, match="notaurl/.*: not a URL"):
+        fetch("gbw", directory=tmp_path / "dl", base_url="notaurl", progress=False)
+
+
+def test_plot_reads_metrics_it_can_and_names_a_bad_record(tmp_path):
+    """A record that is not JSON is named (the last line, cut short by an interrupted run, is left out); a file that
+    is not text is refused."""
+    from adaptive_lm.core.errors import UserError
+    from adaptive_lm.core.plots import plot_run
+
+    (tmp_path / "metrics.jsonl").write_text('{"split": "valid", "num_updates": 1, "loss": 3.0}\n{bad\n{"split": "v')
+    with pytest.raises(UserError, match="record 2 is not JSON"):
+        plot_run(tmp_path, tmp_path / "p.png")
+    (tmp_path / "metrics.jsonl").write_bytes(b"\xff\xfe\x00\x01")
+    with pytest.raises(UserError, match="not text"):
+        plot_run(tmp_path, tmp_path / "p.png")
+    (tmp_path / "metrics.jsonl").write_text('{"split": "train_inner"}\n{"split": "v')  # no loss, a cut last line
+    with pytest.raises(UserError, match="no train_inner or valid records"):
+        plot_run(tmp_path, tmp_path / "p.png")
+
+
+def test_misleading_or_silent_cases_now_say_what_is_wrong(data, model, tmp_path, capsys, monkeypatch):
+    """Each of these printed a wrong reason or went through silently."""
+    m = str(model)
+    long_prompt = " ".join(["w1"] * 40)  # the model has 32 positions; batching would have blamed --max-tokens
+    assert "a prompt of 40 tokens does not fit the model's 32 positions" in in_process(
+        capsys, "generate", "--path", m, "--prompt", long_prompt
+    )
+    assert "--nbest 5 exceeds --beam 2" in in_process(capsys, "generate", "--path", m, "--prompt", "w1", "--beam",
+                                                      "2", "--nbest", "5")  # fmt: skip
+    line = in_process(capsys, "score", str(data / "valid.txt"), "--path", m, "--model-overrides",
+                      "{'decoder_layers_to_keep': '0,7'}")  # fmt: skip
+    assert "decoder_layers_to_keep '0,7': the stored model has no layer 7" in line
+    assert "a folder, not a file" in in_process(capsys, "score", str(tmp_path), "--path", m, "--dict", str(tmp_path))
+    assert "a file, not a folder" in in_process(capsys, "eval", str(data / "valid.txt"), "--path", m)
+    (tmp_path / "f.txt").write_text("x")
+    assert "a file, not a folder" in in_process(capsys, "convert", m, str(tmp_path / "f.txt"))
+    assert "--bf16 and --fp16 together" in in_process(capsys, "eval", str(data / "bin"), "--path", m, "--bf16",
+                                                      "--fp16")  # fmt: skip
+    for subset, fragment in (("nosuch", "nosuch.idx not found"), ("valid,test", "one split only")):
+        line = in_process(capsys, *train_args(data, tmp_path / "s", "--max-update", "1", "--valid-subset", subset))
+        assert fragment in line
+    (tmp_path / "empty.txt").write_text("")
+    line = in_process(capsys, "preprocess", "--trainpref", str(data / "train.txt"), "--srcdict",
+                      str(tmp_path / "empty.txt"), "--destdir", str(tmp_path / "b"))  # fmt: skip
+    assert "no words in this dictionary" in line and not (tmp_path / "b").exists()
+    assert "'bogus' names no check" in in_process(capsys, "check", "--dry-run", "--quick", "--only", "bogus")
+
+
+def test_dictionary_mismatch_names_the_data_side_first(data, model, tmp_path, capsys):
+    from adaptive_lm.core.dictionary import Dictionary
+
+    other = tmp_path / "bin"
+    other.mkdir()
+    for f in (data / "bin").iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    d = Dictionary.load(data / "bin" / "dict.txt")
+    for i in range(8):
+        d.add_symbol(f"extra{i}")
+    d.save(other / "dict.txt")
+    line = in_process(capsys, "eval", str(other), "--path", str(model))
+    assert f"sizes {len(d)} vs {len(d) - 8}" in line and "the data's first" in line
+
+
+def test_rescore_tsv_score_column_and_outputs(data, model, tmp_path, capsys):
+    """A header without '#', or a bad first score, is named instead of dropping the score column; nan is refused;
+    a grid without references, and --best and --output on one file, are refused."""
+    m = str(model)
+    rows = ["1\tw1 w2\t-1.5", "1\tw2 w1\t-1.2", "2\tw3 w1\t-0.7"]
+    for first, fragment in (("id\ttext\tscore", "'score' in the score column (3)"), ("1\tw1 w3\tfoo", "'foo' in")):
+        (tmp_path / "nb.tsv").write_text("\n".join([first, *rows]) + "\n")
+        line = in_process(capsys, "rescore", str(tmp_path / "nb.tsv"), "--path", m)
+        assert fragment in line and "a header line starts with '#'" in line and "nb.tsv:1:" in line
+    (tmp_path / "nb.tsv").write_text("\n".join(["1\tw1\tnan", *rows]) + "\n")
+    assert "'nan', not a finite number" in in_process(capsys, "rescore", str(tmp_path / "nb.tsv"), "--path", m)
+    (tmp_path / "nb.tsv").write_text("\n".join(rows) + "\n")
+    assert "tune against references" in in_process(capsys, "rescore", str(tmp_path / "nb.tsv"), "--path", m,
+                                                   "--lm-weight-grid", "0:1:0.5")  # fmt: skip
+    same = str(tmp_path / "o.txt")
+    assert "the same file" in in_process(capsys, "rescore", str(tmp_path / "nb.tsv"), "--path", m, "--best", same,
+                                         "--output", same)  # fmt: skip
+
+
+def test_score_reads_stdin_as_strict_utf8_and_drops_a_byte_order_mark(model, tmp_path, capsys, monkeypatch):
+    import io
+    import json
+
+    class Stdin:
+        def __init__(self, data: bytes) -> None:
+            self.buffer = io.BytesIO(data)
+
+    monkeypatch.setattr("sys.stdin", Stdin("caf\xe9 w1\n".encode("latin-1")))
+    assert "standard input: not valid UTF-8" in in_process(capsys, "score", "-", "--path", str(model))
+    monkeypatch.setattr("sys.stdin", Stdin(b"\xef\xbb\xbfw1 w2\r\nw3\n"))
+    assert main(["score", "-", "--path", str(model)]) == 0
+    records = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["tokens"] for r in records] == [["w1", "w2"], ["w3"]]
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfw1 w2\n")
+    assert main(["score", str(tmp_path / "bom.txt"), "--path", str(model)]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == ["w1", "w2"]

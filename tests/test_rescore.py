@@ -482,18 +482,15 @@ def test_bad_scoring_inputs_are_one_line_user_errors(lm):
             sentence_logprobs(lm, [[10, 11], [5, V]], share_prefixes=share)
     with pytest.raises(UserError, match="outside the model's vocabulary"):
         sentence_logprobs(lm, [[-1, 5]])
-    assert lm.model.position_limit() is None  # sinusoidal: any length computes
-    learned = adaptive_lm.from_pretrained(Path(__file__).parent / "generation" / "models" / "spm", "model.pt")
-    limit = learned.model.position_limit()
-    assert limit == learned.model.cfg.max_target_positions
-    ok = [[5] * (limit - 1), [5] * limit]  # limit positions scored with </s> excluded: fits
-    sentence_logprobs(learned, ok)
-    for share in (True, False):
-        message = rf"sentence 2 has {limit + 1} positions to score, more than the model's {limit}"
-        with pytest.raises(UserError, match=message):
-            sentence_logprobs(learned, [[5], [5] * (limit + 1)], share_prefixes=share)
-    with pytest.raises(UserError, match=f"more than the model's {limit}"):
-        sentence_logprobs(learned, [[5] * limit], score_eos=True)
+    for model in (lm, adaptive_lm.from_pretrained(Path(__file__).parent / "generation" / "models" / "spm", "model.pt")):
+        limit = model.cfg.max_target_positions  # sinusoidal (the fixture) and learned positions (spm) alike
+        sentence_logprobs(model, [[5] * (limit - 1)], score_eos=True)  # with its </s>: the limit
+        for share in (True, False):  # as fairseq's hub: words + </s> > max positions is refused
+            message = rf"sentence 2 has {limit} tokens: with its </s> more than the model's {limit} positions"
+            with pytest.raises(UserError, match=message):
+                sentence_logprobs(model, [[5], [5] * limit], share_prefixes=share)
+        with pytest.raises(UserError, match=message.replace("sentence 2", "sentence 1")):
+            model.score([" ".join([model.dictionary[5]] * limit)])
 
 
 def nbest_with_shared_prefixes(lm, lists=40, per=8, seed=0):

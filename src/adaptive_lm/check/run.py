@@ -94,6 +94,12 @@ def selected(only: set[str] | None) -> list[tuple[str, str, Callable[[Ctx], Reco
     """The checks ``only`` names: whole groups, or any check whose name contains one of its other words."""
     groups = {c[0] for c in CHECKS}
     names = [o for o in only or () if o not in groups]
+    unknown = [o for o in names if not any(o in c[1] for c in CHECKS)]
+    if unknown:
+        raise UserError(
+            f"--only {','.join(sorted(only or ()))}: {unknown[0]!r} names no check; groups: "
+            f"{', '.join(sorted(groups))} (or a word of a check's name)"
+        )
     return [c for c in CHECKS if not only or c[0] in only or any(o in c[1] for o in names)]
 
 
@@ -136,6 +142,7 @@ def output_path(cfg: CheckConfig, cuda: bool) -> Path:
 def main(cfg: CheckConfig) -> Outcome:
     """Run the checks ``cfg`` selects on this machine's GPU (or, in a dry run, its CPU with the GPU code path), write
     the JSON report and return the outcome. The work folder is removed at the end unless kept."""
+    selected(cfg.selection())  # an --only naming no check fails here, before any work
     ctx = Ctx(cfg)
     why = "" if ctx.cuda else (" (--dry-run)" if cfg.dry_run and torch.cuda.is_available() else " (no CUDA device)")
     t0 = time.perf_counter()

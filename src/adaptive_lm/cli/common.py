@@ -106,12 +106,16 @@ def topp(s: str) -> float:
 
 
 def existing_file(s: str) -> str:
+    if os.path.isdir(s):
+        raise argparse.ArgumentTypeError(f"{s}: a folder, not a file")
     if not os.path.isfile(s):
         raise argparse.ArgumentTypeError(f"{s}: no such file")
     return s
 
 
 def existing_dir(s: str) -> str:
+    if os.path.exists(s) and not os.path.isdir(s):
+        raise argparse.ArgumentTypeError(f"{s}: a file, not a folder")
     if not os.path.isdir(s):
         raise argparse.ArgumentTypeError(f"{s}: no such folder")
     return s

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from adaptive_lm.cli.common import existing_file, model_path
 
@@ -20,7 +21,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
+    from adaptive_lm.core.errors import UserError
     from adaptive_lm.inference.convert import convert
 
+    dst = Path(ns.dst)
+    if dst.is_file() and (ns.to == "folder" or dst.suffix != ".pt"):
+        raise UserError(f"{dst}: a file, not a folder; name a new or existing folder for the converted model")
     print(f"wrote {convert(ns.src, ns.dst, to=ns.to, dictionary=ns.dict)}")
     return 0

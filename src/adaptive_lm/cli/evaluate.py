@@ -17,6 +17,7 @@ from adaptive_lm.cli.common import (
     unk_line,
     weight,
 )
+from adaptive_lm.core.errors import UserError
 from adaptive_lm.inference.evaluate import EvalConfig
 
 HELP = "perplexity of a binarised split (fairseq-eval-lm), optionally with kNN-LM"
@@ -53,6 +54,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run(ns: argparse.Namespace) -> int:
     from adaptive_lm.inference.evaluate import evaluate, summary_lines, word_prob_lines, word_stats
 
+    if ns.bf16 and ns.fp16:
+        raise UserError("--bf16 and --fp16 together: choose one autocast type")
     lm = load_model(ns)
     half_notice(ns, lm.device.type)
     cfg = config_from_args(EvalConfig, ns)

@@ -15,6 +15,7 @@ from adaptive_lm.cli.common import (
     integer,
     load_model,
 )
+from adaptive_lm.core.errors import UserError
 from adaptive_lm.inference.generate import GenerationConfig
 
 
@@ -37,9 +38,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run(ns: argparse.Namespace) -> int:
     import torch
 
+    cfg = config_from_args(GenerationConfig, ns)
+    if cfg.nbest is not None and cfg.nbest > cfg.beam:  # fairseq prints up to beam silently; say so instead
+        raise UserError(f"--nbest {cfg.nbest} exceeds --beam {cfg.beam}: a beam finishes at most beam hypotheses")
     lm = load_model(ns, torch.bfloat16 if ns.bf16 else None)
     half_notice(ns, lm.device.type)
-    cfg = config_from_args(GenerationConfig, ns)
     options = {k: v for k, v in cfg.__dict__.items() if k != "beam"}
 
     def emit(prompts: list[str]) -> None:

@@ -6,6 +6,7 @@ import argparse
 import math
 import sys
 import time
+from pathlib import Path
 from typing import TextIO
 
 import numpy as np
@@ -22,6 +23,7 @@ from adaptive_lm.cli.common import (
     positive,
     unk_line,
 )
+from adaptive_lm.core.errors import UserError
 from adaptive_lm.inference.rescore import (
     LM_COLUMN,
     LM_COLUMN_EOS,
@@ -60,8 +62,12 @@ def parse_grid(s: str) -> list[float]:
         ) from None
 
 
+LM_GRID, BONUS_GRID = "0:2:0.1", "-2:2:0.25"  # the grid search's defaults
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("nbest", type=existing_file, help="n-best lists: TSV (id<TAB>hypothesis[...]) or fairseq-generate")
+    p.add_argument("nbest", type=existing_file, help="n-best lists: TSV (id<TAB>hypothesis[...], an optional first "
+                   "line '#name<TAB>name...' naming the columns) or fairseq-generate output")  # fmt: skip
     add_model_flags(p)
     p.add_argument("--format", default="auto", choices=["auto", "tsv", "fairseq"], help="default: detected")
     p.add_argument("--id-column", default="1", help="TSV: utterance id column, number or header name (default 1)")
@@ -85,10 +91,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm-weight", type=nonneg, default=1.0, help="score = existing + W * lm + B * words (W: 1)")
     p.add_argument("--word-bonus", type=finite, default=0.0, help="B in that score, per word (default 0)")
     p.add_argument(
-        "--lm-weight-grid", type=parse_grid, default="0:2:0.1", help="with references: W values tried (0:2:0.1)"
+        "--lm-weight-grid", type=parse_grid, default=None, help=f"with references: W values tried ({LM_GRID})"
     )
     p.add_argument(
-        "--word-bonus-grid", type=parse_grid, default="-2:2:0.25", help="with references: B values tried (-2:2:0.25)"
+        "--word-bonus-grid", type=parse_grid, default=None, help=f"with references: B values tried ({BONUS_GRID})"
     )
     p.add_argument("--max-tokens", type=positive, default=4096, help="padded positions per batch (default 4096)")
     add_progress_flag(p)
@@ -135,6 +141,11 @@ def run(ns: argparse.Namespace) -> int:
         ns.nbest, ns.format, ns.id_column, ns.text_column, ns.score_column, ns.reference, ns.references
     )  # all input checks before the model loads
     wer = _wants_wer(nb, bool(ns.reference or ns.references))
+    if not wer and (ns.lm_weight_grid or ns.word_bonus_grid):
+        raise UserError("--lm-weight-grid / --word-bonus-grid tune against references: add --reference COLUMN or "
+                        "--references FILE (or give --lm-weight / --word-bonus directly)")  # fmt: skip
+    if ns.best and ns.output and Path(ns.best).resolve() == Path(ns.output).resolve():
+        raise UserError(f"--best and --output are the same file ({ns.output}): one would overwrite the other")
     if wer:
         jiwer_module()  # a missing extra or reference fails now, not after scoring
         check_references(nb)
@@ -181,8 +192,8 @@ def run(ns: argparse.Namespace) -> int:
             n_words,
             ns.lm_weight,
             ns.word_bonus,
-            ns.lm_weight_grid,
-            ns.word_bonus_grid,
+            ns.lm_weight_grid or parse_grid(LM_GRID),
+            ns.word_bonus_grid or parse_grid(BONUS_GRID),
         )
         print("\n".join(lines), file=info)
     return 0

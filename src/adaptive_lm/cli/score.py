@@ -33,15 +33,20 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _lines(path: str) -> list[str]:
-    if path == "-":
-        return [line.rstrip("\n") for line in sys.stdin]
+    """The input's lines, UTF-8 (a byte-order mark dropped) from a file or from stdin's bytes (the text layer of
+    stdin would let undecodable bytes through as escapes under a C locale)."""
+    name = "standard input" if path == "-" else path
     try:
-        with open(path, encoding="utf-8") as f:
-            return [line.rstrip("\n") for line in f]
+        if path == "-":
+            text = sys.stdin.buffer.read().decode("utf-8-sig")
+        else:
+            with open(path, encoding="utf-8-sig") as f:
+                text = f.read()
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not valid UTF-8 ({e.reason}); convert it to UTF-8") from None
+        raise UserError(f"{name}: not valid UTF-8 ({e.reason}); convert it to UTF-8") from None
+    return [line.rstrip("\r") for line in text.split("\n")][: -1 if text.endswith("\n") else None] if text else []
 
 
 def run(ns: argparse.Namespace) -> int:

@@ -29,10 +29,13 @@ def parse_cutoff(value: Any) -> tuple[int, ...] | None:
     """Cutoffs arrive as fairseq strings ("20000,60000"), lists, or None."""
     if value is None or value == "" or value == "None":
         return None
-    if isinstance(value, str):
-        value = value.strip().strip("[]()")
-        return tuple(int(float(v)) for v in value.split(",") if v.strip())
-    return tuple(int(v) for v in value)
+    try:
+        if isinstance(value, str):
+            value = value.strip().strip("[]()")
+            return tuple(int(float(v)) for v in value.split(",") if v.strip())
+        return tuple(int(v) for v in value)
+    except (ValueError, TypeError):
+        raise ConfigError(f"cutoff {value!r} is not a list of word counts such as 20000,60000") from None
 
 
 def parse_character_filters(value: str) -> list[tuple[int, int]]:

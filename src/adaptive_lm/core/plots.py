@@ -37,9 +37,25 @@ def plot_run(run_dir, path) -> None:
     f = Path(run_dir) / "metrics.jsonl"
     if not f.is_file():
         raise UserError(f"{f}: not found; point at a --save-dir of adaptive-lm train")
-    rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
-    train = [(r["update"], r["loss"]) for r in rows if r.get("split") == "train_inner"]
-    valid = [(r["num_updates"], r["loss"]) for r in rows if r.get("split") == "valid"]
+    try:
+        lines = [x for x in f.read_text(encoding="utf-8").splitlines() if x.strip()]
+    except UnicodeDecodeError:
+        raise UserError(f"{f}: not text (not UTF-8); point at a --save-dir of adaptive-lm train") from None
+    rows = []
+    for i, x in enumerate(lines):
+        try:
+            rows.append(json.loads(x))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:  # a last line cut short by an interrupted run is left out
+                raise UserError(
+                    f"{f}: record {i + 1} is not JSON; is this a metrics.jsonl of adaptive-lm train?"
+                ) from None
+
+    def curve(split: str, x: str) -> list[tuple[float, float]]:
+        keep = [r for r in rows if isinstance(r, dict) and r.get("split") == split and {x, "loss"} <= r.keys()]
+        return [(r[x], r["loss"]) for r in keep]
+
+    train, valid = curve("train_inner", "update"), curve("valid", "num_updates")
     if not train and not valid:
         raise UserError(f"{f}: no train_inner or valid records yet")
     plt = _plt()

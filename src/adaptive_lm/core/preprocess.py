@@ -240,6 +240,8 @@ def preprocess(cfg: PreprocessConfig) -> list[str]:
     t0 = time.time()
     try:
         d = Dictionary.load(cfg.srcdict) if cfg.srcdict else build_dictionary(cfg.trainpref, cfg)  # type: ignore[arg-type]
+        if cfg.srcdict and len(d) <= d.nspecial:
+            raise UserError(f"{cfg.srcdict}: no words in this dictionary (an empty dict.txt?); pass the model's one")
         d.save(tmp / "dict.txt")
         log.append(f"dictionary: {len(d)} types (written to {dest / 'dict.txt'})")
         for split, path in splits:

@@ -55,10 +55,16 @@ class GPT2BPE:
         enc = _file(gpt2_encoder_json, "gpt2_encoder_json", "gpt2")
         merges = _file(gpt2_vocab_bpe, "gpt2_vocab_bpe", "gpt2")
         tokenizers = _need("tokenizers", "gpt2")
-        self.tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(enc, merges))
+        try:
+            self.tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(enc, merges))
+            self.token_of = {i: t for t, i in json.loads(Path(enc).read_text(encoding="utf-8")).items()}
+        except Exception as e:  # the library's own errors (bad JSON, bad merges, bytes that are not UTF-8)
+            raise UserError(
+                f"{enc} / {merges}: not GPT-2 BPE files ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                "pass fairseq's encoder.json and vocab.bpe"
+            ) from None
         # GPT-2's pre-tokenisation regex and byte mapping, no prefix space: what fairseq's Encoder does
         self.tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        self.token_of = {i: t for t, i in json.loads(Path(enc).read_text(encoding="utf-8")).items()}
         self.byte_of = {c: b for b, c in byte_to_unicode().items()}
 
     def encode(self, text: str) -> str:
@@ -75,7 +81,13 @@ class SentencePieceBPE:
     def __init__(self, sentencepiece_model: str | None = None) -> None:
         path = _file(sentencepiece_model, "sentencepiece_model", "sentencepiece")
         spm = _need("sentencepiece", "sentencepiece")
-        self.sp = spm.SentencePieceProcessor(model_file=path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=path)
+        except Exception as e:  # sentencepiece raises RuntimeError/OSError with its parser's message
+            raise UserError(
+                f"{path}: not a SentencePiece model ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                "pass the model's .model file"
+            ) from None
 
     def encode(self, text: str) -> str:
         return " ".join(self.sp.encode(text, out_type=str))

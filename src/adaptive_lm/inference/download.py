@@ -46,7 +46,10 @@ def download(url: str, dest: Path, progress: bool = True, timeout: float = 30.0)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
-    req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    except ValueError as e:  # not a URL (a --url or $ADAPTIVE_LM_BASE_URL without a scheme)
+        raise UserError(f"{url}: not a URL ({e}); give the mirror as http(s)://host/path") from None
     try:
         resp = urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as e:
@@ -57,7 +60,8 @@ def download(url: str, dest: Path, progress: bool = True, timeout: float = 30.0)
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise UserError(
-            f"cannot reach {url} ({reason}): no network? Download the file elsewhere and pass its path instead"
+            f"cannot reach {url} ({reason}): no network? Download it elsewhere; --path (from_pretrained) reads "
+            "the archive as it is"
         ) from None
     with resp:
         resumed = resp.status == 206

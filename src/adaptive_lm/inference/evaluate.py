@@ -120,17 +120,19 @@ def check_dictionary(lm: LanguageModel, data: Path) -> None:
     """Scores of data binarised with another dictionary are meaningless (fairseq#2124): refuse, naming the first
     difference."""
     d = Dictionary.load(data / "dict.txt")
-    how = lm.dictionary.diff(d)
+    how = d.diff(lm.dictionary)  # this file's side first, as the message reads
     if how is not None:
         raise UserError(
-            f"{data / 'dict.txt'} differs from the model's dictionary ({how}); binarise the text with the "
-            f"model's dict.txt (preprocess --srcdict) or the perplexity is meaningless"
+            f"{data / 'dict.txt'} differs from the model's dictionary ({how}; the data's first); binarise the text "
+            "with the model's dict.txt (preprocess --srcdict) or the perplexity is meaningless"
         )
 
 
 def plan(lm: LanguageModel, cfg: EvalConfig) -> EvalPlan:
     """Blocks and batch size for ``cfg``; refuses a window that leaves no new tokens per block."""
     data = Path(cfg.data)
+    if cfg.bf16 and cfg.fp16:
+        raise UserError("--bf16 and --fp16 together: choose one autocast type")
     tps = cfg.tokens_per_sample or lm.tokens_per_sample or lm.cfg.max_target_positions
     C = cfg.context_window
     if C < 0 or (C > 0 and tps <= C):

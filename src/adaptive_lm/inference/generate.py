@@ -434,9 +434,14 @@ def generate(
     torch.empty((), dtype=torch.int64).random_()
     device = next(model.parameters()).device
     limit = model.cfg.max_target_positions
+    if cfg.sampling and cfg.sampling_topk > model.cfg.vocab_size:  # fairseq fails inside torch.topk
+        raise UserError(f"--sampling-topk {cfg.sampling_topk} exceeds the model's {model.cfg.vocab_size} words")
     beam = min(cfg.beam, model.cfg.vocab_size - 1)
     run_cfg = cfg if beam == cfg.beam else GenerationConfig(**{**cfg.__dict__, "beam": beam})
     out: list[list[dict[str, Tensor]]] = [[] for _ in prompts]
+    longest = max((len(p) for p in prompts), default=0)
+    if longest + 1 > limit:  # before batching, whose own limit (the stored --max-tokens) is not this command's flag
+        raise UserError(f"a prompt of {longest} tokens does not fit the model's {limit} positions")
     for ids in prompt_batches([len(p) + 1 for p in prompts], max_tokens, batch_size):
         width = max(len(prompts[i]) for i in ids) + 1  # fairseq's src_len: the padded source with its start symbol
         if width > limit:

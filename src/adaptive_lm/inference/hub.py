@@ -22,7 +22,7 @@ from adaptive_lm.core.kernels import fast_linears
 from adaptive_lm.core.model import TransformerLM
 from adaptive_lm.core.precision import HALF, autocast
 from adaptive_lm.inference.framing import frame
-from adaptive_lm.inference.scoring import check_inputs, framed, position_scores
+from adaptive_lm.inference.scoring import check_inputs, position_scores
 
 log = logging.getLogger("adaptive_lm.generate")
 
@@ -136,7 +136,7 @@ class LanguageModel:
             return out[0] if single else out
         knn.check_model(self)
         ids = [self.ids(s, replace_newline_with_eos) for s in items]
-        check_inputs(self, framed(ids, self.start_token, d.eos(), score_eos), batch_size)
+        check_inputs(self, ids, batch_size)
         batch_size = batch_size or 16
         with knn.capture(self.model) as keys_of, fast_linears(self.device, packed=True), autocast(self.device, half):
             for b in range(0, len(items), batch_size):

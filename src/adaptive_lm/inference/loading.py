@@ -8,6 +8,7 @@ archive, or a released model's name.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -205,6 +206,8 @@ def from_pretrained(
         ckpt = safe_load(p)
         if not isinstance(ckpt, dict) or "model" not in ckpt:
             raise UserError(f"{p}: not a model checkpoint (no 'model' entry)")
+        if ckpt.get("format") != FORMAT and not ckpt.get("cfg") and not ckpt.get("args"):
+            raise UserError(f"{p}: no model settings in it (neither fairseq's 'cfg' nor 'args', nor ours)")
         if ckpt.get("format") == FORMAT:
             model, d, tps, batching = _load_ours(p, ckpt, dictionary, dtype, overrides)
         else:
@@ -240,15 +243,47 @@ def _load_folder(
             f"{p}: an exported model folder needs config.json beside model.safetensors (written by "
             f"adaptive-lm convert); it is missing"
         )
-    meta = json.loads((p / "config.json").read_text())
+    meta = _folder_config(p / "config.json")
     from safetensors.torch import load_file
 
     d = Dictionary.load(Path(dictionary) if dictionary else p / "dict.txt")
     _check_vocab(d, meta["model"]["vocab_size"], p, dictionary)
     cfg = _with_overrides(ModelConfig.from_dict(meta["model"]), overrides)
-    sd = prune_layers(load_file(str(p / "model.safetensors")), cfg.decoder_layers_to_keep)
+    try:
+        weights = load_file(str(p / "model.safetensors"))
+    except Exception as e:  # safetensors' own errors: a truncated or foreign file
+        raise UserError(
+            f"{p / 'model.safetensors'}: not a readable safetensors file ({str(e).splitlines()[0]}); write the "
+            "folder again with adaptive-lm convert"
+        ) from None
+    sd = prune_layers(weights, cfg.decoder_layers_to_keep)
     batching = tuple(meta.get("batching") or (None, None))
     return _build(cfg, sd, str(p), dtype, d), d, meta.get("tokens_per_sample"), batching
+
+
+def _folder_config(path: Path) -> dict[str, Any]:
+    """An exported folder's config.json, checked: JSON of our format, model settings of the types their defaults
+    have (a hand-edited file otherwise fails deep inside the model's construction)."""
+    redo = "write the folder again with adaptive-lm convert"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); {redo}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise UserError(f'{path}: no "model" settings in it; {redo}')
+    if meta.get("format", FORMAT) != FORMAT:
+        raise UserError(f"{path}: format {meta['format']!r}, this version reads {FORMAT!r}; {redo}")
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    for key, value in meta["model"].items():
+        want = defaults.get(key, dataclasses.MISSING)
+        if want is dataclasses.MISSING or want is None or value is None:
+            continue
+        kind = bool if isinstance(want, bool) else (int, float) if isinstance(want, float) else type(want)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise UserError(f"{path}: model setting {key} = {value!r} is not of the type of {want!r}; {redo}")
+    if not isinstance(meta["model"].get("vocab_size"), int):
+        raise UserError(f"{path}: model setting vocab_size missing; {redo}")
+    return meta
 
 
 def _load_ours(p: Path, ckpt: dict[str, Any], dictionary: Any, dtype: Any, overrides: dict[str, Any]):

@@ -46,29 +46,30 @@ def framed(ids: Sequence[Sequence[int]], start: int, eos: int, score_eos: bool) 
     return [[start, *x, *end] for x in ids]
 
 
-def check_inputs(lm: Any, seqs: Sequence[Sequence[int]], max_sentences: int | None = None, max_tokens: int = 1) -> None:
+def check_inputs(lm: Any, ids: Sequence[Sequence[int]], max_sentences: int | None = None, max_tokens: int = 1) -> None:
     """Refuse, with one line, what would otherwise score garbage or fail deep inside the model: a batch limit below
-    one, a word id outside the model's vocabulary (as a target it would be scored silently), a sentence longer than
-    a learned position table. ``seqs``: framed tokens (``framed``)."""
+    one, a word id outside the model's vocabulary (as a target it would be scored silently), a sentence that with its
+    ``</s>`` exceeds the model's positions (fairseq's hub refuses it; a learned position table cannot embed it).
+    ``ids``: each sentence's word ids."""
     if max_sentences is not None and max_sentences < 1:
         raise UserError(f"the batch size must be a positive number of sentences (None: no limit), not {max_sentences}")
     if max_tokens < 1:
         raise UserError(f"max_tokens must be positive, not {max_tokens}")
-    if not seqs:
+    if not ids:
         return
-    lens = np.fromiter((len(x) for x in seqs), np.int64, len(seqs))  # (N,)
-    flat = np.fromiter(itertools.chain.from_iterable(seqs), np.int64, int(lens.sum()))
+    lens = np.fromiter((len(x) for x in ids), np.int64, len(ids))  # (N,) words
+    flat = np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(lens.sum()))
     V = lm.model.cfg.vocab_size
     bad = (flat < 0) | (flat >= V)
     if bad.any():
         first = int(np.searchsorted(np.cumsum(lens), int(np.argmax(bad)), side="right"))
         raise UserError(f"sentence {first + 1}: {int(bad.sum())} word ids outside the model's vocabulary [0, {V})")
-    limit = lm.model.position_limit()
-    if limit is not None and int(lens.max()) - 1 > limit:
-        first = int(np.argmax(lens - 1 > limit))
+    limit = lm.model.cfg.max_target_positions
+    if int(lens.max()) + 1 > limit:
+        first = int(np.argmax(lens + 1 > limit))
         raise UserError(
-            f"sentence {first + 1} has {int(lens[first]) - 1} positions to score, more than the model's {limit} "
-            f"(learned positions, --max-target-positions); split it into shorter pieces"
+            f"sentence {first + 1} has {int(lens[first])} tokens: with its </s> more than the model's {limit} "
+            "positions (fairseq's hub refuses it too); split it into shorter pieces"
         )
 
 
@@ -265,8 +266,8 @@ def position_scores(
     sentence computed after the prefix it shares with an earlier one when enough are shared (module docstring);
     otherwise each whole, in length-sorted batches. ``bar``: a progress bar, advanced by sentences."""
     d = lm.dictionary
+    check_inputs(lm, ids, max_sentences, max_tokens)
     seqs = framed(ids, lm.start_token, d.eos(), score_eos)
-    check_inputs(lm, seqs, max_sentences, max_tokens)
     n = np.array([len(s) - 1 for s in seqs], dtype=np.int64)  # (N,) scored positions
     offsets = np.concatenate([[0], np.cumsum(n)])  # (N + 1,)
     scores = np.zeros(int(offsets[-1]), dtype=np.float32)

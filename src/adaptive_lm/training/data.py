@@ -43,8 +43,18 @@ def load_datasets(cfg: TrainConfig, world: int, rank: int, add_bos: bool, log: R
             f"{cfg.max_tokens} and --required-batch-size-multiple {cfg.required_batch_size_multiple})"
         )
     valid = None
+    if "," in cfg.valid_subset and not cfg.disable_validation:
+        raise UserError(
+            f"--valid-subset {cfg.valid_subset}: one split only (fairseq validates on each of a comma-separated "
+            "list, which is not reproduced); name one"
+        )
     has_valid = (data / f"{cfg.valid_subset}.idx").is_file()
     if not cfg.disable_validation and not has_valid:
+        if cfg.valid_subset != "valid":  # named on purpose: a typo must not turn validation off
+            raise UserError(
+                f"--valid-subset {cfg.valid_subset}: {data}/{cfg.valid_subset}.idx not found; name a split of "
+                f"{data} or pass --disable-validation"
+            )
         log.info(f"note: {data}/{cfg.valid_subset}.idx not found: training without validation")
     if not cfg.disable_validation and has_valid:
         split = load_split(data, cfg.valid_subset, vocab_size=len(dictionary))

@@ -7,6 +7,7 @@ import os
 import pickle
 import re
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,10 @@ def safe_load(path: str | os.PathLike, mmap: bool = True) -> Any:
             f"{path}: not a PyTorch checkpoint (neither a zip nor a pickle file); pass a model.pt or "
             f"checkpoint*.pt written by fairseq or adaptive-lm"
         )
-    with torch.serialization.safe_globals(SAFE_GLOBALS):
+    with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+        # a legacy pickle of another protocol: PyTorch warns that its safe unpickler "might not support" it; it
+        # reads it, or fails with one of the errors below
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and kind == "zip")
         except pickle.UnpicklingError as e:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from adaptive_lm.core.config import ModelConfig, parse_layers_to_keep
+from adaptive_lm.core.errors import ConfigError
 from adaptive_lm.core.kernels import Linear, dropout, linear_cross_entropy_sum, log_softmax_, recompute_contexts
 from adaptive_lm.core.model.adaptive import AdaptiveInput, Routes
 from adaptive_lm.core.model.embed import (
@@ -193,12 +194,6 @@ class TransformerLM(nn.Module):
         if isinstance(self.embed_tokens, CharacterEmbedder) and self.embed_tokens.word_to_char.is_meta and symbols:
             self.embed_tokens.word_to_char = char_table(symbols, CharacterEmbedder.MAX_CHARS).to(device)
 
-    def position_limit(self) -> int | None:
-        """The most positions one sequence can have: ``max_target_positions`` with learned positions (the table's
-        size), None with sinusoidal or no positions (any length can be computed; fairseq's hub and eval-lm still
-        refuse longer inputs, and so do our generation and evaluation)."""
-        return self.cfg.max_target_positions if isinstance(self.embed_positions, nn.Embedding) else None
-
     def new_cache(self, capacity: int | None = None) -> KVCache:
         """An empty key/value cache, one dict per layer; with ``capacity`` (positions) preallocated buffers that grow
         in place and reorder with one gather (``LayerCache``: what generation uses)."""
@@ -265,6 +260,13 @@ def prune_layers(state_dict: dict[str, Tensor], layers_to_keep: str | None) -> d
     keep = parse_layers_to_keep(layers_to_keep)
     if keep is None:
         return state_dict
+    stored = {int(k.split(".")[k.split(".").index("layers") + 1]) for k in state_dict if "layers" in k.split(".")[:-1]}
+    missing = [i for i in keep if i not in stored]
+    if missing:
+        raise ConfigError(
+            f"decoder_layers_to_keep {layers_to_keep!r}: the stored model has no layer {missing[0]} (its layers: "
+            f"0-{max(stored, default=-1)}); list layers it has"
+        )
     mapping = {str(old): str(new) for new, old in enumerate(keep)}
     out = {}
     for k, v in state_dict.items():

@@ -41,7 +41,7 @@ class NBest:
 
 def _read_lines(path: str) -> list[str]:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of the first id
             return [line.rstrip("\r\n") for line in f]
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not valid UTF-8 ({e.reason}); convert it to UTF-8") from None
@@ -103,14 +103,15 @@ def _tsv_columns(
     names: list[str] | None,
     n: int,
     line0: int,
-    first_row: list[str],
+    rows: list[list[str]],
     id_column: str,
     text_column: str,
     score_column: str | None,
     reference_column: str | None,
 ) -> tuple[int, int, int | None, int | None]:
     """The 0-based id, text, reference and score columns from the flags (numbers or header names); with no
-    ``--score-column``, the first other column whose first value is a number (None: no existing score)."""
+    ``--score-column``, the first other column holding numbers in at least half of the rows (None: no existing
+    score). Not the first row alone: one bad value there would drop the whole column without a word."""
     id_c = _column(id_column, names, n, path, line0, "--id-column")
     text_c = _column(text_column, names, n, path, line0, "--text-column")
     ref_c = _column(reference_column, names, n, path, line0, "--reference") if reference_column else None
@@ -122,13 +123,18 @@ def _tsv_columns(
             raise UserError(f"{path}: --score-column {score_column} is the id or the hypothesis column")
         return id_c, text_c, ref_c, score_c
     for c in range(n):
-        if c not in (id_c, text_c, ref_c):
-            try:
-                if math.isfinite(float(first_row[c])):
-                    return id_c, text_c, ref_c, c
-            except ValueError:
-                pass
+        if c not in (id_c, text_c, ref_c) and 2 * sum(_is_number(r[c]) for r in rows) >= len(rows):
+            return id_c, text_c, ref_c, c
     return id_c, text_c, ref_c, None
+
+
+def _is_number(text: str) -> bool:
+    """Reads as a number (nan and inf too: such a score column is found, and its values then refused)."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def read_tsv(
@@ -147,7 +153,7 @@ def read_tsv(
     names, data, n = _tsv_table(path, lines)
     line0 = 1 if names is not None else data[0][0] + 1
     id_c, text_c, ref_c, score_c = _tsv_columns(
-        path, names, n, line0, data[0][1], id_column, text_column, score_column, reference_column
+        path, names, n, line0, [f for _, f in data], id_column, text_column, score_column, reference_column
     )
     nb = NBest(path, "tsv", lines, header=names is not None)
     nb.columns = list(names) if names is not None else [f"column{c + 1}" for c in range(n)]
@@ -165,7 +171,13 @@ def read_tsv(
             raise UserError(f"{where}: empty hypothesis (column {text_c + 1}); drop the row or write a placeholder")
         score = 0.0
         if score_c is not None:
-            score = _number(fields[score_c].strip(), where, f"score column {nb.columns[score_c]!r}")
+            value = fields[score_c].strip()
+            if names is None and k == data[0][0] and not _is_number(value):
+                raise UserError(
+                    f"{where}: {value!r} in the score column ({score_c + 1}), whose other rows hold numbers: a "
+                    f"header line starts with '#' (#id<TAB>text<TAB>...), a score is a number"
+                )
+            score = _number(value, where, f"score column {nb.columns[score_c]!r}")
         if ref_c is not None:
             _add_ref(nb, list_id, fields[ref_c].strip(), where)
         nb.row_line.append(k)
