@@ -75,7 +75,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--score-column",
         default=None,
-        help="TSV: the existing score (default: the first numeric column other than id/text/reference, else 0)",
+        help="TSV: the existing score (default: the first column other than id/text/reference holding numbers in at "
+        "least half of the rows, else 0)",
     )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--reference", default=None, metavar="COLUMN", help="TSV column holding each list's reference")
