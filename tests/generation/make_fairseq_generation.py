@@ -343,11 +343,13 @@ def score_cases(hubs, pools):
             sents = [" ".join(pools[name].sents[i][:12]) for i in (3, 40, 77)]  # may contain <unk>
         else:
             sents = SCORE_SENTENCES_RAW
-        # one sentence at a time, then all together (one batch), then two lines joined with replace_newline_with_eos
+        # one sentence at a time, then all together (one batch), then two lines joined with replace_newline_with_eos,
+        # then with newlines at the ends and a blank line between (fairseq strips the </s> at either end)
         for mode, arg, kw in [
             ("single", sents[0], {}),
             ("batch", sents, {}),
             ("newline_eos", sents[1] + "\n" + sents[2], {"replace_newline_with_eos": True}),
+            ("newline_ends", "\n" + sents[1] + "\n\n" + sents[2] + "\r\n", {"replace_newline_with_eos": True}),
         ]:
             out = hub.score(arg, **kw)
             out = out if isinstance(out, list) else [out]

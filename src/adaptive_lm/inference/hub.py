@@ -95,10 +95,11 @@ class LanguageModel:
         return self.detokenize(self.dictionary.string(ids))
 
     def ids(self, sentence: str, replace_newline_with_eos: bool = False) -> list[int]:
-        """A sentence's word ids without the final ``</s>`` (each line of it ending in ``</s>`` when
-        ``replace_newline_with_eos``, as fairseq's hub)."""
-        lines = sentence.split("\n") if replace_newline_with_eos else [sentence]
-        return [i for line in lines for i in self._line_ids(line)][:-1]
+        """A sentence's word ids as fairseq's hub scores them: ``encode``'s ids (with ``replace_newline_with_eos``
+        each of ``str.splitlines()``'s lines encoded, ``</s>`` after each), then every ``</s>`` at either end
+        dropped (``StripTokenDataset``), so a leading, trailing or blank line adds nothing."""
+        lines = sentence.splitlines() if replace_newline_with_eos else [sentence]
+        return _strip([i for line in lines for i in self._line_ids(line)], self.dictionary.eos())
 
     # ---- scoring --------------------------------------------------------------------------------------------
     @torch.no_grad()

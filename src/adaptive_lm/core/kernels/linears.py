@@ -81,8 +81,10 @@ def weights_fixed() -> bool:
 
 def _key(t: Tensor) -> tuple:
     """What identifies a tensor's values within a block: its memory, version counter (moved by in-place changes),
-    shape and strides. Only sound while the cache holds the tensor (its memory cannot be reused meanwhile)."""
-    return (t.data_ptr(), t._version, tuple(t.shape), t.stride())
+    shape and strides. Only sound while the cache holds the tensor (its memory cannot be reused meanwhile). An
+    inference tensor (made under ``torch.inference_mode``: a model loaded there) has no version counter; its values
+    are taken as fixed for the block."""
+    return (t.data_ptr(), -1 if t.is_inference() else t._version, tuple(t.shape), t.stride())
 
 
 def block_weight(sources: tuple[Tensor, ...], make: Callable[[], Tensor]) -> Tensor:
