@@ -67,13 +67,40 @@ class GenerationConfig:
     prefill: bool = True
 
     def check(self) -> None:
-        """fairseq's asserts, as one line each."""
+        """Every value as the command line checks it (the Python API passes them straight here), and fairseq's
+        asserts, as one line each."""
+
+        def integer(name: str, low: int, off: int | None = None) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or (v < low and v != off):
+                also = f" (or {off}: off)" if off is not None else ""
+                raise UserError(f"{name} must be an integer of at least {low}{also}, not {v!r}")
+
+        def number(name: str, low: float | None = None) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise UserError(f"{name} must be a finite number, not {v!r}")
+            if low is not None and v < low:
+                raise UserError(f"{name} must be at least {low}, not {v!r}")
+
+        integer("beam", 1)
+        if self.nbest is not None:
+            integer("nbest", 1)
+        for name in ("max_len_b", "min_len", "no_repeat_ngram_size"):
+            integer(name, 0)
+        integer("sampling_topk", 1, off=-1)
+        number("max_len_a", 0.0)
+        for name in ("lenpen", "unkpen", "temperature"):
+            number(name)
+        if not self.temperature > 0:
+            raise UserError(f"temperature must be positive, not {self.temperature}")
+        number("sampling_topp")
+        if self.sampling_topp != -1 and not 0 < self.sampling_topp <= 1:
+            raise UserError(f"sampling_topp must be in (0, 1] (or -1: off), not {self.sampling_topp!r}")
         if self.sampling_topk > 0 and self.sampling_topp > 0:
             pass  # fairseq accepts both; top-p wins (search.Sampling)
         if (self.sampling_topk > 0 or self.sampling_topp > 0) and not self.sampling:
             raise UserError("--sampling-topk / --sampling-topp need --sampling (fairseq asserts the same)")
-        if not self.temperature > 0:
-            raise UserError(f"temperature must be positive, not {self.temperature}")
 
 
 # ---- the searches (fairseq/search.py) ----------------------------------------------------------------------
@@ -439,6 +466,18 @@ def generate(
     beam = min(cfg.beam, model.cfg.vocab_size - 1)
     run_cfg = cfg if beam == cfg.beam else GenerationConfig(**{**cfg.__dict__, "beam": beam})
     out: list[list[dict[str, Tensor]]] = [[] for _ in prompts]
+    n = cfg.no_repeat_ngram_size
+    for i, p in enumerate(prompts if n > 0 else []):
+        seq = [special.bos, *p]
+        seen: set[tuple[int, ...]] = set()
+        for j in range(len(seq) - n + 1):
+            gram = tuple(seq[j : j + n])
+            if gram in seen:  # the blocker (fairseq's CUDA rule) would ban this forced token: -inf hypotheses
+                raise UserError(
+                    f"prompt {i + 1} repeats a {n}-gram (ids {list(gram)}): no_repeat_ngram_size {n} forbids its "
+                    "own forced words; use a larger size or another prompt"
+                )
+            seen.add(gram)
     longest = max((len(p) for p in prompts), default=0)
     if longest + 1 > limit:  # before batching, whose own limit (the stored --max-tokens) is not this command's flag
         raise UserError(f"a prompt of {longest} tokens does not fit the model's {limit} positions")

@@ -125,9 +125,13 @@ class LanguageModel:
         beside them; then ``batch_size`` (default 16) sentences per batch, in input order.
         """
         single = isinstance(sentences, str)
+        if torch.is_tensor(sentences) or not (single or all(isinstance(s, str) for s in sentences)):
+            raise UserError("score takes text: a str or a list of str (for word ids: rescore.sentence_logprobs)")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)):
+            raise UserError(f"batch_size must be a positive integer (None: no limit), not {batch_size!r}")
         items = [sentences] if single else list(sentences)
         d, out = self.dictionary, []
-        half = HALF[autocast_dtype] if autocast_dtype else None
+        half = self._autocast(autocast_dtype)
         if knn is None:
             ids = [self.ids(s, replace_newline_with_eos) for s in items]
             with fast_linears(self.device, packed=True), autocast(self.device, half):
@@ -151,6 +155,22 @@ class LanguageModel:
                 out += [_scored(x, row) for x, row in zip(seqs, rows)]
         return out[0] if single else out
 
+    def _autocast(self, name: Any) -> torch.dtype | None:
+        """``autocast_dtype``: "bf16"/"fp16" (or the torch dtype, or its name) for an fp32 model; None: no autocast."""
+        if name is None:
+            return None
+        half = (
+            name
+            if name in (torch.bfloat16, torch.float16)
+            else HALF.get({"bfloat16": "bf16", "float16": "fp16"}.get(name, name))
+        )
+        if half is None:
+            raise UserError(f"autocast_dtype {name!r}: use 'bf16' or 'fp16' (None: the model's own dtype)")
+        dtype = next(self.model.parameters()).dtype
+        if dtype != torch.float32:
+            raise UserError(f"autocast_dtype {name!r} needs an fp32 model; this one is {dtype}")
+        return half
+
     def score_rows(
         self, lines: list[str], batch_size: int | None = None, score_eos: bool = False, autocast: str | None = None
     ) -> Iterator[dict[str, Any]]:
@@ -158,6 +178,8 @@ class LanguageModel:
         sum and mean, and the perplexity exp(-mean). Lines are scored ``SCORE_CHUNK_LINES`` at a time (``score``:
         length-sorted batches of at most ``batch_size`` sentences, shared prefixes), so records come out as chunks
         finish."""
+        if isinstance(lines, str):
+            raise UserError("score_rows takes a list of lines, not one str")
         for b in range(0, len(lines), SCORE_CHUNK_LINES):
             chunk = lines[b : b + SCORE_CHUNK_LINES]
             scored = self.score(chunk, batch_size=batch_size, score_eos=score_eos, autocast_dtype=autocast)
@@ -182,7 +204,9 @@ class LanguageModel:
         single = isinstance(sentences, str)
         res = []
         for s in [sentences] if single else sentences:
-            src = torch.tensor([[self.start_token] + self.ids(s)], device=self.device)
+            ids = self.ids(s)
+            check_inputs(self, [ids])
+            src = torch.tensor([[self.start_token] + ids], device=self.device)
             x, states = self.model(src, return_all_hiddens=True)
             res.append([h[0] for h in states] + [x[0]] if all_layers else x[0])
         return res[0] if single else res
@@ -205,9 +229,11 @@ class LanguageModel:
         if unknown:
             raise UserError(f"generate: unknown option(s) {', '.join(unknown)} (see GenerationConfig)")
         if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+                raise UserError(f"seed must be an integer in [-2**63, 2**64), not {seed!r}")
             torch.manual_seed(seed)
         d = self.dictionary
-        prompts = [_strip(t.tolist() if torch.is_tensor(t) else list(t), d.eos()) for t in tokenized_sentences]
+        prompts = [_strip(_prompt_ids(t, i, self.cfg.vocab_size), d.eos()) for i, t in enumerate(tokenized_sentences)]
         special = Special(bos=self.start_token, eos=d.eos(), pad=d.pad(), unk=d.unk())
         out = generate(self.model, prompts, special, GenerationConfig(beam=beam, **kwargs), *self.batching)
         if verbose:
@@ -224,8 +250,32 @@ class LanguageModel:
         single = isinstance(sentences, str)
         items = [sentences] if single else list(sentences)
         hyps = self.generate([self.encode(s) for s in items], beam=beam, verbose=verbose, **kwargs)
+        if any(not h for h in hyps):  # no hypothesis finished: nothing to return for that prompt
+            raise UserError("no hypothesis finished for a prompt (every candidate was forbidden); relax the options")
         texts = [self.decode(h[0]["tokens"]) for h in hyps]
         return texts[0] if single else texts
+
+
+def _prompt_ids(t: Any, i: int, vocab: int) -> list[int]:
+    """Prompt ``i`` of ``generate`` as a list of word ids, checked: a 1-D integer tensor or a list of ints (what
+    ``encode`` returns), each a word of the dictionary."""
+    if isinstance(t, str):
+        raise UserError(f"prompt {i + 1} is text: generate takes encoded prompts (lm.encode(text)); sample takes text")
+    if torch.is_tensor(t):
+        if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise UserError(f"prompt {i + 1}: a {t.dim()}-D {t.dtype} tensor; give 1-D integer ids (lm.encode(text))")
+        ids = t.tolist()
+    elif isinstance(t, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in t):
+        ids = list(t)
+    else:
+        raise UserError(
+            f"prompt {i + 1} is {type(t).__name__}: give a list of prompts, each a 1-D tensor of ids or a list of "
+            "ints (one prompt: [lm.encode(text)])"
+        )
+    bad = [x for x in ids if not 0 <= x < vocab]
+    if bad:
+        raise UserError(f"prompt {i + 1}: word id {bad[0]} outside the vocabulary [0, {vocab})")
+    return ids
 
 
 def _strip(ids: list[int], eos: int) -> list[int]:

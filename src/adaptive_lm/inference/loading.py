@@ -194,8 +194,10 @@ def from_pretrained(
     ``{"decoder_layers_to_keep": "0,2"}`` to evaluate a LayerDrop-trained model with fewer layers.
     """
     bpe_args, overrides, batch_overrides = _split_kwargs(dict(kwargs), overrides)
+    dtype = _dtype(dtype)
     p = _resolve(model_name_or_path, checkpoint_file)
     folder = p if p.is_dir() else p.parent
+    _check_data_path(folder, data_name_or_path, dictionary)
     for name, arg in BPE_FILES.items():
         if (folder / name).is_file():
             bpe_args.setdefault(arg, str(folder / name))
@@ -214,8 +216,9 @@ def from_pretrained(
             given = dictionary or _dictionary_in(folder, data_name_or_path)
             d = Dictionary.load(Path(given) if given else find_dictionary(p))
             _check_vocab(d, stored_vocab_size(ckpt["model"]), p, dictionary)
-            model = load_fairseq(p, d, ckpt, dtype, overrides)
             settings = stored_settings(ckpt)
+            _check_overrides(p, overrides, settings)
+            model = load_fairseq(p, d, ckpt, dtype, overrides)
             tps = settings.get("tokens_per_sample")
             batching = _fairseq_batching(ckpt)
             stored_text = _stored_text_settings(ckpt)
@@ -225,6 +228,36 @@ def from_pretrained(
     if batch_overrides:  # as fairseq's arg_overrides of cfg.dataset: how the hub batches prompts
         batching = (batch_overrides.get("max_tokens", batching[0]), batch_overrides.get("batch_size", batching[1]))
     return LanguageModel(model, d, str(p), tps, pipeline, batching).to(device).eval()
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+
+
+def _dtype(dtype: Any) -> torch.dtype | None:
+    """``from_pretrained``'s ``dtype``: a floating torch dtype or its name."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise UserError(f"dtype {dtype!r}: give a floating torch dtype or one of {', '.join(DTYPES)}")
+
+
+def _check_data_path(folder: Path, data_name_or_path: str, dictionary: Any) -> None:
+    """A ``data_name_or_path`` given (not the default) must hold dict.txt: fairseq's hub fails there too."""
+    if data_name_or_path in (".", "", None) or dictionary is not None:
+        return
+    if _dictionary_in(folder, data_name_or_path) is None:
+        raise UserError(f"data_name_or_path {data_name_or_path!r}: no dict.txt there (relative to {folder})")
+
+
+def _check_overrides(p: Path, overrides: dict[str, Any] | None, settings: dict[str, Any]) -> None:
+    """fairseq's ``arg_overrides`` may name any stored setting; a key that is neither one of those nor a model
+    setting is a typo that would change nothing."""
+    unknown = sorted(set(overrides or {}) - set(ModelConfig.__dataclass_fields__) - set(settings))
+    if unknown:
+        raise UserError(f"{p}: unknown override(s) {', '.join(unknown)} (ModelConfig fields or the stored fairseq "
+                        "settings)")  # fmt: skip
 
 
 def _dictionary_in(folder: Path, data_name_or_path: str) -> Path | None:

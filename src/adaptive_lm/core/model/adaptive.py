@@ -3,6 +3,7 @@ the routing of token ids to their bands that the adaptive input and the adaptive
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -16,6 +17,14 @@ from adaptive_lm.core.model.init import quant_noise_
 def complete_cutoff(cutoff: tuple[int, ...] | list[int], vocab_size: int) -> list[int]:
     """fairseq appends the vocabulary size as the last band's end unless it is already there."""
     cut = list(cutoff)
+    if (
+        not cut
+        or not all(isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in cut)
+        or cut != sorted(set(cut))
+    ):
+        raise ValueError(f"cutoff {cut}: strictly increasing positive integers, e.g. [20000, 60000]")
+    if cut[0] <= 0:
+        raise ValueError(f"cutoff {cut}: the first band must hold at least one word")
     if vocab_size > cut[-1]:
         cut.append(vocab_size)
     elif vocab_size < cut[-1]:
@@ -81,7 +90,12 @@ class AdaptiveInput(nn.Module):
         self.padding_idx = padding_idx
         self.embedding_dim = output_dim
         self.q_noise, self.qn_block_size = q_noise, qn_block_size
+        if not factor > 0 or min(initial_dim, output_dim) < 1:
+            raise ValueError(f"factor {factor} and dims {initial_dim}, {output_dim} must be positive")
         self.dims = band_dims(initial_dim, factor, len(self.cutoff))
+        if min(self.dims) < 1:
+            raise ValueError(f"bands {self.dims} wide ({initial_dim} divided by {factor:g} per band): every band "
+                             "needs at least one dimension; lower the factor or use fewer cutoffs")  # fmt: skip
         self.embeddings = nn.ModuleList()
         self.projections = nn.ModuleList()
         prev = 0

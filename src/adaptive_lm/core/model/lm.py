@@ -86,6 +86,14 @@ class TransformerLM(nn.Module):
             nn.init.normal_(self.output_projection.weight, mean=0.0, std=d_out**-0.5)
 
     # ---- features --------------------------------------------------------------------------------------
+    def _positions(self, src_tokens: Tensor) -> tuple[Tensor, int]:
+        """(B, T) position ids of whole sequences, and the largest (known without reading the device); a sequence
+        longer than a learned table is refused (its lookup would fail with an index error)."""
+        T = src_tokens.shape[-1]
+        if isinstance(self.embed_positions, nn.Embedding) and self.cfg.max_target_positions < T:
+            raise ValueError(f"{T} positions: more than the {self.cfg.max_target_positions} of the learned table")
+        return make_positions(src_tokens, self.padding_idx), self.padding_idx + T  # (B, T)
+
     def forward(
         self,
         src_tokens: Tensor,
@@ -117,8 +125,7 @@ class TransformerLM(nn.Module):
             raise ValueError("prefix_lens needs a cache holding the prefixes and the new tokens' positions")
         max_position = None
         if positions is None:
-            positions = make_positions(src_tokens, self.padding_idx)  # (B, T)
-            max_position = self.padding_idx + src_tokens.shape[-1]  # known without reading the device
+            positions, max_position = self._positions(src_tokens)
         if routes is not None and routes.input is not None:
             x = self.embed_scale * self.embed_tokens(src_tokens, routes.input)  # (B, T, d)
         else:
@@ -214,6 +221,7 @@ class TransformerLM(nn.Module):
 
     def target_log_probs_from_features(self, x: Tensor, target: Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
         """log p(target) at every position, the full softmax in row chunks of at most ``chunk_elements`` logits."""
+        _check_rows(x, target)
         if self.adaptive_softmax is not None:
             return self.adaptive_softmax.target_log_prob(x, target, chunk_elements)
         flat, t = x.reshape(-1, x.shape[-1]), target.reshape(-1)
@@ -243,6 +251,7 @@ class TransformerLM(nn.Module):
         self, x: Tensor, target: Tensor, tail_ignore_quirk: bool = False, routes: Routes | None = None
     ) -> Tensor:
         """``loss`` on features already computed (the trainer runs the forward pass itself, maybe compiled)."""
+        _check_rows(x, target)
         if self.adaptive_softmax is not None:
             rows = routes.target if routes is not None else None
             return self.adaptive_softmax.loss(x, target, self.padding_idx, tail_ignore_quirk, rows)
@@ -252,6 +261,13 @@ class TransformerLM(nn.Module):
     def num_parameters(self) -> int:
         """Unique parameters (tied tensors once), the way fairseq and the paper count them."""
         return sum(p.numel() for p in self.parameters())
+
+
+def _check_rows(x: Tensor, target: Tensor) -> None:
+    """One target per feature row (``gather`` would take a shorter target list without a word). Shapes only: a
+    check of the values would read the device."""
+    if x.shape[:-1].numel() != target.numel():
+        raise ValueError(f"{tuple(target.shape)} targets for features of shape {tuple(x.shape)}: one per position")
 
 
 def prune_layers(state_dict: dict[str, Tensor], layers_to_keep: str | None) -> dict[str, Tensor]:

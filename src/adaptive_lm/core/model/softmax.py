@@ -3,6 +3,8 @@ cluster, each tail computed only for its own rows, optionally tied to the adapti
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -29,6 +31,28 @@ def fp32(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def _check_args(cutoff: list[int], input_dim: int, factor: float, tied: Any, tie_proj: bool) -> None:
+    """What the constructor cannot build, or what would fail only at the first forward: one message each."""
+    if tied is not None and not isinstance(tied, AdaptiveInput):
+        raise TypeError(f"adaptive_input must be an AdaptiveInput to tie to, not {type(tied).__name__}")
+    if not factor > 0 or input_dim < 1:
+        raise ValueError(f"factor {factor} and input_dim {input_dim} must be positive")
+    for i in range(1, len(cutoff)):
+        dim = int(input_dim // factor**i)
+        if dim < 1:
+            raise ValueError(f"tail {i} would be {dim} wide ({input_dim} divided by {factor:g}**{i}): lower the factor "
+                             "or use fewer cutoffs")  # fmt: skip
+        if tied is None:
+            continue
+        emb, proj = tied.weights_for_band(i)
+        if tie_proj and proj.shape[0] != input_dim:
+            raise ValueError(f"input_dim {input_dim} differs from the adaptive input's output_dim {proj.shape[0]}: "
+                             "tied projections need the same width")  # fmt: skip
+        if not tie_proj and emb.shape[1] != dim:
+            raise ValueError(f"tail {i}: {dim} wide here, {emb.shape[1]} in the adaptive input it ties to: give the "
+                             "same factor (and widths) as the input")  # fmt: skip
+
+
 class AdaptiveSoftmax(nn.Module):
     """Head over the ``c_0`` frequent words plus one logit per tail cluster; tail i = proj, dropout, out.
 
@@ -50,6 +74,7 @@ class AdaptiveSoftmax(nn.Module):
     ) -> None:
         super().__init__()
         self.cutoff = complete_cutoff(cutoff, vocab_size)
+        _check_args(self.cutoff, input_dim, factor, adaptive_input, tie_proj)
         self.vocab_size = vocab_size
         self.n_clusters = len(self.cutoff) - 1
         self.head_size = self.cutoff[0] + self.n_clusters
@@ -163,6 +188,17 @@ class AdaptiveSoftmax(nn.Module):
             clusters.append((rows, target.index_select(0, rows) - lo) if rows.numel() > 0 else None)
         return head_target, clusters
 
+    def _check_targets(self, x: Tensor, target: Tensor, ignore: int | None, values: bool = True) -> None:
+        """One target per row, each a word of the vocabulary (or ``ignore``): a shorter target list or an id past
+        the last cluster would give a number without a word. The values are checked on the CPU only (on a GPU the
+        check would wait for the device)."""
+        if x.shape[0] != target.numel():
+            raise ValueError(f"{target.numel()} targets for {x.shape[0]} rows of features: one per row")
+        if values and target.device.type == "cpu" and target.numel():
+            lo, hi = int(target.min()), int(target.max())
+            if (lo < 0 and lo != ignore) or hi >= self.vocab_size:
+                raise ValueError(f"target ids from {lo} to {hi}: outside the vocabulary [0, {self.vocab_size})")
+
     def _bounds(self, like: Tensor) -> Tensor:
         """Tail cluster starts (c_0 .. c_{n-1}) as a tensor on ``like``'s device, cached."""
         key = (like.device, like.dtype)
@@ -188,6 +224,7 @@ class AdaptiveSoftmax(nn.Module):
         validation turn it on for fairseq's numbers (``--criterion adaptive_loss``); a reused module should not.
         """
         x = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
+        self._check_targets(x, target, None, values=False)  # training's data is checked when loaded; no reads
         x = dropout(x, self.dropout, self.training)
         head_target, clusters = self.split_targets(target, routes)
         loss = cross_entropy_sum(fp32(self.head_logits(x)), head_target, ignore_index)
@@ -221,6 +258,7 @@ class AdaptiveSoftmax(nn.Module):
         ``chunk_elements`` logits: memory stays bounded whatever the number of tokens and the vocabulary size."""
         shape = target.shape
         x = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
+        self._check_targets(x, target, None)
         head_target, clusters = self.split_targets(target)
         out = torch.empty(
             x.shape[0], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device
