@@ -469,3 +469,19 @@ def test_score_reads_stdin_as_strict_utf8_and_drops_a_byte_order_mark(model, tmp
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfw1 w2\n")
     assert main(["score", str(tmp_path / "bom.txt"), "--path", str(model)]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == ["w1", "w2"]
+
+
+def test_an_empty_split_and_knn_with_the_lms_own_reports(data, model, tmp_path, capsys):
+    """A split with nothing to score reported perplexity 1.00; --output-word-probs and the like were ignored silently
+    with --knn."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    (tmp_path / "short.txt").write_text("\n\n")  # two </s>: no block of 32 tokens
+    assert main(["preprocess", "--validpref", str(tmp_path / "short.txt"), "--srcdict", str(data / "bin" / "dict.txt"),
+                 "--destdir", str(empty), "--no-progress-bar"]) == 0  # fmt: skip
+    capsys.readouterr()
+    line = in_process(capsys, "eval", str(empty), "--path", str(model), "--gen-subset", "valid", "--full-blocks-only")
+    assert "valid: no tokens to score (an empty split, or --full-blocks-only with no block of 32 tokens)" in line
+    line = in_process(capsys, "eval", str(data / "bin"), "--path", str(model), "--knn", str(tmp_path),
+                      "--output-word-probs")  # fmt: skip
+    assert "run them without --knn" in line

@@ -24,6 +24,7 @@ from adaptive_lm.core.kernels import fast_linears
 from adaptive_lm.inference.evaluate import EvalConfig, context_windows, plan, scored_batches
 from adaptive_lm.inference.knn import KNN, first_blocks, interpolate, knn_evaluate, knn_score, knn_summary_lines
 from adaptive_lm.inference.knn.keys import KEYTYPES, KeyCapture
+from adaptive_lm.inference.knn.records import load_manifest
 
 TPS = "64"  # small blocks keep the stores small: 200 blocks = 12,800 keys
 
@@ -235,6 +236,50 @@ def test_store_interrupted_by_sigint_then_sigkill_resumes_to_the_same_bytes(fx, 
     stamps = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "cut").iterdir()}
     assert main(store_args(fx, tmp_path / "cut", *extra)) == 0  # complete: nothing to do
     assert stamps == {f.name: f.stat().st_mtime_ns for f in (tmp_path / "cut").iterdir()}  # nothing rewritten
+
+
+def test_store_stopped_by_sigterm_saves_like_ctrl_c_and_resumes(fx, tmp_path):
+    """SIGTERM (kill, timeout, a batch scheduler) takes the interruption path of Ctrl-C: progress saved, one line,
+    exit 143; it had killed the process at once, losing up to --flush-every batches."""
+    extra = ("--max-blocks", "200", "--flush-every", "4", "--batch-size", "8")
+    assert main(store_args(fx, tmp_path / "ref", *extra)) == 0
+    cmd = [sys.executable, "-m", "adaptive_lm", *store_args(fx, tmp_path / "cut", *extra)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    manifest = tmp_path / "cut" / "manifest.json"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    _wait_for_progress(manifest, proc, 0)
+    seen = json.loads(manifest.read_text())["progress"]["blocks_done"]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "interrupted" in err and "Traceback" not in err
+    saved = json.loads(manifest.read_text())["progress"]
+    assert not saved["complete"] and seen <= saved["blocks_done"] < 200
+    assert main(store_args(fx, tmp_path / "cut", *extra)) == 0
+    for name in ("keys.npy", "vals.npy", "lm_logprobs.npy"):
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+
+
+def test_truncated_store_files_are_refused_by_name(fx, tmp_path, capsys):
+    """A truncated keys or values file: a complete store is refused by eval and knn-index (numpy had failed to map
+    it, or an index was built over a short file), an incomplete one when resumed (its missing rows would have stayed
+    zeros)."""
+    extra = ("--max-blocks", "40", "--flush-every", "2", "--batch-size", "8")
+    assert main(store_args(fx, tmp_path / "s", *extra)) == 0
+    for name in ("keys.npy", "vals.npy"):
+        f = tmp_path / "s" / name
+        good = f.read_bytes()
+        f.write_bytes(good[: len(good) // 2])
+        with pytest.raises(UserError, match=f"{name}: .* bytes where its .* rows take"):
+            load_manifest(tmp_path / "s")
+        f.write_bytes(good)
+    m = tmp_path / "s" / "manifest.json"
+    record = json.loads(m.read_text())
+    record["progress"]["complete"], record["progress"]["blocks_done"] = False, 8
+    m.write_text(json.dumps(record))
+    keys = tmp_path / "s" / "keys.npy"
+    keys.write_bytes(keys.read_bytes()[:4096])
+    assert main(store_args(fx, tmp_path / "s", *extra)) == 2
+    assert "keys.npy" in capsys.readouterr().err
 
 
 # ---- interpolated evaluation: exactness --------------------------------------------------------------------------

@@ -10,11 +10,14 @@ when a command needs it: ``adaptive-lm --help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import os
 import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from adaptive_lm import __version__
@@ -79,6 +82,32 @@ def main(argv: list[str] | None = None) -> int:
     # once held ~1 GB when every row count was its own shape; too small a cache rebuilds kernels every step).
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
     keep_freed_memory()
+    with _sigterm_as_interrupt():
+        return _run(ns)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or ``kill``'s stop), raised where Ctrl-C would be: long jobs (datastores,
+    preprocessing) then save their progress the same way, and the exit code is 143."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(ns: argparse.Namespace) -> int:
+    """The command, its bad input as one line and its interruption as an exit code."""
     try:
         rc = int(ns.run(ns) or 0)
         gc.freeze()  # interpreter shutdown then skips walking torch's objects (0.2 s of every command's exit)
@@ -86,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ConfigError) as e:
         print(f"adaptive-lm {ns.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(f"adaptive-lm {ns.command}: interrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
     except BrokenPipeError:  # `adaptive-lm score ... | head`
         return 0
     except OSError as e:  # a file the user named cannot be read or written: one line, not a traceback

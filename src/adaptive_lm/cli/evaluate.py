@@ -56,6 +56,10 @@ def run(ns: argparse.Namespace) -> int:
 
     if ns.bf16 and ns.fp16:
         raise UserError("--bf16 and --fp16 together: choose one autocast type")
+    details = ns.output_word_probs or ns.output_word_stats or ns.freq_bins or ns.plot
+    if ns.knn and details:
+        raise UserError("--output-word-probs, --output-word-stats, --freq-bins and --plot report the LM's own "
+                        "scores: run them without --knn")  # fmt: skip
     lm = load_model(ns)
     half_notice(ns, lm.device.type)
     cfg = config_from_args(EvalConfig, ns)
@@ -75,7 +79,6 @@ def run(ns: argparse.Namespace) -> int:
             nprobe=ns.nprobe,
         )
         return emit(ns, lines + knn_summary_lines(res))
-    details = ns.output_word_probs or ns.output_word_stats or ns.freq_bins or ns.plot
     res = evaluate(lm, cfg, keep_scores=bool(details))
     lines.append(res.plan)
     if ns.output_word_probs:

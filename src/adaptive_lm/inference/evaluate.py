@@ -163,6 +163,16 @@ def plan(lm: LanguageModel, cfg: EvalConfig) -> EvalPlan:
     return EvalPlan(ds, cfg.gen_subset, block, tps, C, rows, int(ds.sizes.sum()))
 
 
+def nonempty(p: EvalPlan) -> EvalPlan:
+    """A plan with tokens to score: an empty split (or ``--full-blocks-only`` on one shorter than a block) would
+    otherwise report perplexity 1.00."""
+    if p.n_tokens == 0:
+        raise UserError(
+            f"{p.split}: no tokens to score (an empty split, or --full-blocks-only with no block of {p.block} tokens)"
+        )
+    return p
+
+
 def scored_batches(
     lm: LanguageModel,
     cfg: EvalConfig,
@@ -226,7 +236,7 @@ def evaluate(
     ``keep_scores``) every token's score in stream order."""
     if dictionary_check:
         check_dictionary(lm, Path(cfg.data))
-    p = plan(lm, cfg)
+    p = nonempty(plan(lm, cfg))
     score_sum, count, n_unk = 0.0, 0, 0
     unk = lm.dictionary.unk()
     scores: list[np.ndarray] = []

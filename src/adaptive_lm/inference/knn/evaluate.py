@@ -16,7 +16,7 @@ import numpy as np
 from adaptive_lm.core.errors import UserError
 from adaptive_lm.core.metrics import perplexity
 from adaptive_lm.core.progress import Progress
-from adaptive_lm.inference.evaluate import EvalConfig, EvalPlan, check_dictionary, plan, scored_batches
+from adaptive_lm.inference.evaluate import EvalConfig, EvalPlan, check_dictionary, nonempty, plan, scored_batches
 from adaptive_lm.inference.hub import LanguageModel
 from adaptive_lm.inference.knn.search import KNN, interpolate
 from adaptive_lm.inference.knn.store import first_blocks
@@ -105,7 +105,7 @@ def knn_evaluate(
     knn = KNN.load(dstore, k=k, temperature=temperature, sim=sim, approximate=approximate, nprobe=nprobe)
     knn.check_model(lm)
     check_dictionary(lm, Path(cfg.data))
-    p = first_blocks(plan(lm, cfg), max_blocks)
+    p = nonempty(first_blocks(plan(lm, cfg), max_blocks))
     t0 = time.time()
     lm_lp, knn_lp, targets = _knn_pass(lm, cfg, p, knn)
     seconds = time.time() - t0

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from adaptive_lm.core.errors import UserError
+from adaptive_lm.inference.knn.rows import check_npy
 
 STORE_FORMAT = "adaptive-lm-knn-datastore"
 INDEX_FORMAT = "adaptive-lm-knn-index"
@@ -128,6 +129,12 @@ def load_manifest(dstore: str | os.PathLike, for_what: str = "this") -> dict[str
     if not mpath.is_file():
         raise UserError(f"{mpath}: missing: {d} is not a kNN datastore (make one with adaptive-lm knn-store)")
     m = read_record(mpath, STORE_FORMAT, "datastore")
+    missing = [k for k in ("progress", "identity") if not isinstance(m.get(k), dict)]
+    missing += [f"identity.{k}" for k in ("count", "dim", "key_dtype", "val_dtype") if k not in m.get("identity", {})]
+    if missing:
+        raise UserError(
+            f"{mpath}: no {missing[0]} in it; the datastore is damaged: rebuild it with knn-store --overwrite"
+        )
     prog = m["progress"]
     if not prog["complete"]:
         raise UserError(
@@ -138,4 +145,7 @@ def load_manifest(dstore: str | os.PathLike, for_what: str = "this") -> dict[str
     for f in (KEYS, VALS):
         if not (d / f).is_file():
             raise UserError(f"{d / f}: missing although {mpath} says complete; rebuild with knn-store --overwrite")
+    ident = m["identity"]
+    check_npy(d / KEYS, np.dtype(ident["key_dtype"]), (ident["count"], ident["dim"]))
+    check_npy(d / VALS, np.dtype(ident["val_dtype"]), (ident["count"],))
     return m
