@@ -98,7 +98,8 @@ def test_validate_after_updates_and_max_valid_steps(data, tmp_path):
                      "4", "--max-valid-steps", "1", "--batch-size-valid", "2")) == 0  # fmt: skip
     valid = [m for m in metrics(save) if m["split"] == "valid"]
     assert [m["num_updates"] for m in valid] == [4, 5, 6]
-    assert all(m["tokens"] <= 2 * 32 for m in valid)  # one batch of two 32-token blocks
+    assert all(2 * 32 < m["tokens"] <= 2 * 2 * 32 for m in valid)  # N + 1 = 2 batches of two 32-token blocks, as
+    # fairseq counts (it stops at batch i > --max-valid-steps)
 
 
 def test_stop_time_hours(data, tmp_path):
@@ -175,3 +176,62 @@ def test_checkpoint_activations_change_no_number(data, tmp_path, kernels):
         assert main(args(data, save, "--max-update", "4", "--kernels", kernels, *extra)) == 0
         runs.append([(m["loss"], m["gnorm"]) for m in metrics(save) if "gnorm" in m])
     assert len(runs[0]) == 4 and runs[0] == runs[1]
+
+
+# ---- fairseq-train's rules where an audit found ours different ---------------------------------------------------
+def test_the_best_checkpoint_moves_only_when_a_checkpoint_is_saved(data, tmp_path):
+    """fairseq's ``save_checkpoint.best`` changes only inside ``save_checkpoint``: with --save-interval 2 the first
+    epoch's validation is not a candidate, so checkpoint_best.pt is the second epoch's (ours had kept epoch 1's
+    value as the best and, never saving it, wrote no checkpoint_best.pt)."""
+    save = tmp_path / "s"
+    assert main(args(data, save, "--max-epoch", "3", "--save-interval", "2", "--lr-period-updates", "60")) == 0
+    best = torch.load(save / "checkpoint_best.pt", weights_only=True)["train_state"]
+    assert best["epoch"] == 2 and best["best_val"] == round(best["best_val"], 3)  # the logged (rounded) loss
+    valid = [m for m in metrics(save) if m["split"] == "valid"]
+    assert valid[2]["best_loss"] == min(valid[1]["loss"], valid[2]["loss"])  # epoch 1 was never a candidate
+
+
+def test_reset_optimizer_forgets_the_best_as_fairseq(data, tmp_path):
+    """fairseq restores ``save_checkpoint.best`` only without --reset-optimizer and --reset-meters (ours had kept it
+    with --reset-optimizer); the training time is restored whatever is reset (fairseq's previous_training_time)."""
+    from adaptive_lm.cli.train import train_config
+    from adaptive_lm.training.loop import train
+
+    save = tmp_path / "s"
+    assert main(args(data, save, "--max-epoch", "1", "--lr-period-updates", "60")) == 0
+    first = torch.load(save / "checkpoint_last.pt", weights_only=True)["train_state"]
+    for flags, best in (((), first["best_val"]), (("--reset-optimizer",), None), (("--reset-meters",), None)):
+        seen: list[tuple] = []
+        record = seen.append
+        cfg = train_config(build_parser().parse_args(args(data, save, "--max-epoch", "1", "--lr-period-updates", "60",
+                                                          *flags)))  # fmt: skip
+        train(cfg, on_start=lambda t, record=record: record((t.state.best_val, t.state.train_seconds)))
+        assert seen == [(best, first["train_seconds"])], flags
+
+
+def test_update_freq_lists_and_long_validation_samples(data, tmp_path, capsys):
+    """fairseq's per-epoch --update-freq lists are refused by name (one value, or the same value repeated, runs);
+    validation samples longer than --tokens-per-sample stop fairseq unless skipped, and ours."""
+    assert main(args(data, tmp_path / "a", "--max-update", "1", "--update-freq", "2,2")) == 0
+    assert main(args(data, tmp_path / "b", "--max-update", "1", "--update-freq", "1,2")) == 2
+    assert "fairseq's per-epoch values are not reproduced" in capsys.readouterr().err
+    d = tmp_path / "long"
+    (d / "txt").mkdir(parents=True)
+    short = [x for x in (data / "train.txt").read_text().splitlines() if len(x.split()) < 30]
+    (d / "txt" / "train.txt").write_text("\n".join(short) + "\n")
+    (d / "txt" / "valid.txt").write_text("\n".join([short[0], " ".join(short[:8])]) + "\n")  # one line > 32 words
+    txt = d / "txt"
+    pre = ["preprocess", "--trainpref", str(txt / "train.txt"), "--validpref", str(txt / "valid.txt"), "--srcdict",
+           str(data / "bin" / "dict.txt"), "--destdir", str(d / "bin"), "--no-progress-bar"]  # fmt: skip
+    assert main(pre) == 0
+    eos = ("--max-update", "1", "--sample-break-mode", "eos")
+    assert main(args(d, tmp_path / "c", *eos)) == 2
+    assert "1 samples longer than --tokens-per-sample 32" in capsys.readouterr().err
+    assert main(args(d, tmp_path / "d", *eos, "--skip-invalid-size-inputs-valid-test")) == 0
+
+
+def test_the_scheduler_fairseq_defaults_to_is_named(data, tmp_path, capsys):
+    assert main(args(data, tmp_path / "a", "--max-update", "1")) == 0
+    assert "no --lr-scheduler given: cosine (fairseq's default, fixed, is not reproduced)" in capsys.readouterr().out
+    assert main(args(data, tmp_path / "b", "--max-update", "1", "--lr-scheduler", "cosine")) == 0
+    assert "no --lr-scheduler given" not in capsys.readouterr().out

@@ -39,6 +39,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "lr": dict(default=str(TrainConfig.lr), metavar="LR", type=lr_list),
         "update_freq": dict(default=str(TrainConfig.update_freq), metavar="N", type=int_list),
         "min_lr": dict(default=None, help=f"floor of the cosine schedule (default: {TrainConfig.min_lr})"),
+        "lr_scheduler": dict(
+            default=None,
+            help="fairseq's cosine schedule with linear warmup (fairseq's default, "
+            "fixed, is not reproduced: cosine is used, with a note)",
+        ),  # fmt: skip
     }
     add_config_flags(p, TrainConfig, groups, special=special)
     groups["optimization"].add_argument(
@@ -117,7 +122,12 @@ def train_config(ns: argparse.Namespace) -> TrainConfig:
         given.update(lr=ns.max_lr, min_lr=lrs[0], stop_min_lr=ns.min_lr if ns.min_lr is not None else ns.stop_min_lr)
     elif ns.min_lr is None:
         given["min_lr"] = TrainConfig.min_lr
-    given["update_freq"] = int(str(ns.update_freq).split(",")[0])  # checked by the parser (int_list)
+    freqs = [int(x) for x in str(ns.update_freq).split(",")]  # checked by the parser (int_list)
+    if len(set(freqs)) > 1:
+        raise UserError(f"--update-freq {ns.update_freq}: fairseq's per-epoch values are not reproduced; give one")
+    given["update_freq"] = freqs[0]
+    if ns.lr_scheduler is None:  # said at the start of training (report.start_lines)
+        given["lr_scheduler"], given["lr_scheduler_given"] = "cosine", False
     given["tail_ignore_quirk"] = ns.tail_ignore_quirk and ns.criterion == "adaptive_loss"
     given["model_overrides"] = model_overrides(ns)
     return config_from_args(TrainConfig, ns, **given)

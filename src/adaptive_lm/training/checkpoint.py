@@ -26,6 +26,7 @@ from adaptive_lm.core.dictionary import Dictionary
 from adaptive_lm.core.errors import UserError
 from adaptive_lm.core.fairseq_format import safe_load, state_dict_from_fairseq
 from adaptive_lm.core.files import atomic_link, atomic_torch_save
+from adaptive_lm.core.metrics import perplexity
 from adaptive_lm.core.model import TransformerLM
 from adaptive_lm.core.optim import NAG
 from adaptive_lm.core.serialization import FORMAT
@@ -38,8 +39,9 @@ class TrainState:
     num_updates: int = 0
     epoch: int = 1
     iterations_in_epoch: int = 0  # batches of this epoch done
-    best_val: float | None = None
+    best_val: float | None = None  # fairseq's ``save_checkpoint.best``: moves only when a checkpoint is saved
     bad_valid: int = 0  # validations in a row without improvement (--patience)
+    patience_best: float | None = None  # fairseq's ``should_stop_early.best``: moves at every validation
     train_seconds: float = 0.0
     loss_scale: float = 1.0  # fp16 dynamic loss scaling (optim.LossScaler)
     scaler_iter: int = 0
@@ -64,6 +66,14 @@ def write_checkpoints(state: dict[str, Any], paths: list[str]) -> None:
     atomic_torch_save(state, paths[0])
     for p in paths[1:]:
         atomic_link(paths[0], p)
+
+
+def metric_value(cfg: Any, val_bits: float) -> float:
+    """The validation value fairseq compares and names checkpoints by: the logged one, the loss (bits) rounded to 3
+    decimals, the perplexity to 2 (its ``get_smoothed_values``)."""
+    if cfg.best_checkpoint_metric == "ppl":
+        return round(perplexity(val_bits), 2)
+    return round(val_bits, 3)
 
 
 def checkpoint_names(

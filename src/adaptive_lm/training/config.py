@@ -67,7 +67,7 @@ class TrainConfig:
     train_subset: str = opt("train", "the split to train on", "dataset")
     valid_subset: str = opt("valid", "the split to validate on", "dataset")
     max_valid_steps: int | None = opt(
-        None, "validate on at most this many batches", "dataset", kind="positive", flags=("--nval",)
+        None, "validate on N + 1 batches at most (fairseq's count)", "dataset", kind="positive", flags=("--nval",)
     )
     validate_interval: int = opt(1, "validate every N epochs", "dataset", kind="positive")
     validate_interval_updates: int = opt(0, "also validate every N updates (0: off)", "dataset", kind="nonneg")
@@ -131,8 +131,14 @@ class TrainConfig:
         "meters reset) unless --save-dir already has checkpoint_last.pt",
         "checkpoint",
     )
-    reset_optimizer: bool = opt(False, "do not restore the momentum buffers", "checkpoint")
-    reset_lr_scheduler: bool = opt(False, "restart the lr schedule", "checkpoint")
+    reset_optimizer: bool = opt(
+        False, "do not restore the momentum buffers (nor the best loss, as fairseq)", "checkpoint"
+    )
+    reset_lr_scheduler: bool = opt(
+        False,
+        "accepted as fairseq's: the cosine schedule keeps no state, the lr follows the update count",
+        "checkpoint",
+    )
     reset_dataloader: bool = opt(False, "start at the first batch of epoch 1", "checkpoint")
     reset_meters: bool = opt(False, "forget the best validation loss and the training time", "checkpoint")
     save_interval: int = opt(1, "save every N epochs", "checkpoint", kind="positive")
@@ -203,6 +209,7 @@ class TrainConfig:
     # stop after this many updates *in this process* (tests of resume / interruption), 0 = off
     stop_after_updates: int = opt(0, "", "optimization", kind="nonneg", hidden=True)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields set by model flags
+    lr_scheduler_given: bool = True  # False: the command line had no --lr-scheduler (fairseq's default is fixed)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))

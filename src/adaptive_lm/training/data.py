@@ -61,6 +61,12 @@ def load_datasets(cfg: TrainConfig, world: int, rank: int, add_bos: bool, log: R
         vds = LMDataset.from_split(split, cfg.tokens_per_sample, cfg.sample_break_mode, add_bos=add_bos)
         if cfg.skip_invalid_size_inputs_valid_test:
             vds = vds.subset(vds.sizes <= cfg.tokens_per_sample)
+        elif (vds.sizes > cfg.tokens_per_sample).any():  # fairseq stops there too ("Size of sample #i is invalid")
+            n = int((vds.sizes > cfg.tokens_per_sample).sum())
+            raise UserError(
+                f"{data}/{cfg.valid_subset}: {n} samples longer than --tokens-per-sample {cfg.tokens_per_sample} "
+                f"(break mode {cfg.sample_break_mode}); skip them with --skip-invalid-size-inputs-valid-test"
+            )
         valid = EpochBatches(
             vds,
             cfg.max_tokens_valid or cfg.max_tokens,

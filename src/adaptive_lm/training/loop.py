@@ -16,6 +16,7 @@ import torch
 from adaptive_lm.core.kernels import plain_kernels
 from adaptive_lm.core.progress import Progress
 from adaptive_lm.training import saving
+from adaptive_lm.training.checkpoint import metric_value
 from adaptive_lm.training.config import TrainConfig
 from adaptive_lm.training.data import Prefetcher
 from adaptive_lm.training.lock import SaveDirLock
@@ -38,14 +39,26 @@ class Run:
         self.updates_this_run = 0
         self.last_val: float | None = None
         self.patience_out = False
+        self.clock = (time.time(), 0.0)  # (this run's start, the time restored): fairseq's cumulative training time
+
+    def start_clock(self) -> None:
+        """After the restore: wall time from here on adds to the restored time (validation and saving included)."""
+        self.clock = (time.time(), self.t.state.train_seconds)
+
+    def elapsed(self) -> float:
+        """fairseq's ``cumulative_training_time``: the restored time plus this run's wall time."""
+        start, before = self.clock
+        return before + time.time() - start
 
     # ---- decisions (fairseq_cli/train.py::validate_and_save) ----
-    def should_stop(self) -> bool:
+    def should_stop(self, clock: bool = True) -> bool:
+        """fairseq's stop conditions after an update; ``clock=False`` before an epoch (fairseq checks the time only
+        after updates: an epoch it starts has at least one)."""
         cfg, s = self.cfg, self.t.state
         return bool(
             self.t.stopping
             or (cfg.max_update and s.num_updates >= cfg.max_update)
-            or (cfg.stop_time_hours > 0 and s.train_seconds / 3600 > cfg.stop_time_hours)
+            or (clock and cfg.stop_time_hours > 0 and self.elapsed() / 3600 > cfg.stop_time_hours)
             or (cfg.stop_after_updates and self.updates_this_run >= cfg.stop_after_updates)
         )
 
@@ -118,9 +131,8 @@ class Run:
 
     def update(self, samples: list[dict[str, Any]], n_batches: int) -> dict[str, float]:
         t = self.t
-        t0 = time.time()
         out = t.train_step(samples)
-        t.state.train_seconds += time.time() - t0
+        t.state.train_seconds = self.elapsed()  # what a checkpoint carries on
         t.state.iterations_in_epoch += n_batches
         t.critical = False  # the update is complete and counted
         self.updates_this_run += 1
@@ -133,18 +145,23 @@ class Run:
             saving.save(t, end_of_epoch, None, s.best_val, last_only=True)
             return
         save = self.should_save(end_of_epoch, stop)
-        val = validate(t) if self.should_validate(end_of_epoch, stop, save) else None
-        prev_best = s.best_val
+        raw = validate(t) if self.should_validate(end_of_epoch, stop, save) else None
+        val = metric_value(self.cfg, raw) if raw is not None else None  # what fairseq compares: the logged value
+        maximize = self.cfg.maximize_best_checkpoint_metric
         if val is not None:
-            self.last_val = val
-            better = max if self.cfg.maximize_best_checkpoint_metric else min
-            improved = prev_best is None or (val != prev_best and better(val, prev_best) == val)
-            s.bad_valid = 0 if improved else s.bad_valid + 1
-            s.best_val = val if prev_best is None else better(val, prev_best)
+            self.last_val = raw
+            pb = s.patience_best  # fairseq's should_stop_early: its own best, strict improvement, every validation
+            if pb is None or (val > pb if maximize else val < pb):
+                s.patience_best, s.bad_valid = val, 0
+            else:
+                s.bad_valid += 1
             if self.cfg.patience > 0 and s.bad_valid >= self.cfg.patience:
                 t.log.info(f"stopping: validation did not improve for {self.cfg.patience} validations (--patience)")
                 self.patience_out = True
-        if save or self.patience_out:
+        if save or self.patience_out:  # fairseq's save_checkpoint: the best moves only here
+            prev_best = s.best_val
+            if val is not None:
+                s.best_val = val if prev_best is None else (max if maximize else min)(val, prev_best)
             saving.save(t, end_of_epoch, val, prev_best)
 
     def install_signal_handlers(self) -> None:
@@ -183,6 +200,7 @@ def train(cfg: TrainConfig, on_start: Callable[[Trainer], None] | None = None) -
                 trainer.log.info(lock.notice)
         with plain_kernels(True) if cfg.kernels == "plain" else contextlib.nullcontext():
             restore(trainer)
+            run.start_clock()
             if on_start is not None:
                 on_start(trainer)
             for line in start_lines(trainer):
@@ -212,7 +230,7 @@ def train(cfg: TrainConfig, on_start: Callable[[Trainer], None] | None = None) -
     else:
         trainer.log.info(
             f"done training: {s.num_updates} updates, {done_epochs} epoch(s) completed or begun, "
-            f"{s.train_seconds:.1f}s in updates"
+            f"{s.train_seconds:.1f}s of training"
         )
     return {
         "num_updates": s.num_updates,
@@ -226,7 +244,7 @@ def train(cfg: TrainConfig, on_start: Callable[[Trainer], None] | None = None) -
 def _loop(run: Run) -> None:
     t, cfg = run.t, run.cfg
     try:
-        while not (cfg.max_epoch and t.state.epoch > cfg.max_epoch) and not run.should_stop():
+        while not (cfg.max_epoch and t.state.epoch > cfg.max_epoch) and not run.should_stop(clock=False):
             if not run.epoch() or run.patience_out:
                 break
             if t.lr <= cfg.stop_min_lr:

@@ -12,7 +12,6 @@ import torch
 
 from adaptive_lm.core.errors import UserError
 from adaptive_lm.core.fairseq_format import load_into
-from adaptive_lm.core.metrics import perplexity
 from adaptive_lm.core.serialization import FORMAT, dictionary_payload
 from adaptive_lm.training import checkpoint as ckpt
 from adaptive_lm.training.distributed import all_gather_ints
@@ -44,8 +43,7 @@ def save(
     cfg = t.cfg
     if cfg.no_save or t.rank != 0:
         return
-    metric = perplexity if cfg.best_checkpoint_metric == "ppl" else (lambda v: v)  # same order as the loss
-    score, prev = (metric(v) if v is not None else None for v in (val_loss, prev_best))
+    score, prev = val_loss, prev_best  # the metric's logged values (``checkpoint.metric_value``)
     names = ["checkpoint_last.pt"] if last_only else ckpt.checkpoint_names(cfg, t.state, end_of_epoch, score, prev)
     if not names:
         return
@@ -84,8 +82,10 @@ def restore(t: Trainer) -> None:
         t.state.num_updates = r.state.num_updates
     if not (cfg.reset_dataloader or finetune):
         t.state.epoch, t.state.iterations_in_epoch = r.state.epoch, r.state.iterations_in_epoch
-    if not (cfg.reset_meters or finetune):
+    if not (cfg.reset_meters or cfg.reset_optimizer or finetune):  # fairseq forgets the best with either
         t.state.best_val, t.state.bad_valid = r.state.best_val, r.state.bad_valid
+        t.state.patience_best = r.state.best_val if r.state.patience_best is None else r.state.patience_best
+    if not finetune:  # fairseq's previous_training_time: restored whatever is reset
         t.state.train_seconds = r.state.train_seconds
     t.scaler.load(r.state.to_dict())
     if r.rng is not None and not finetune:

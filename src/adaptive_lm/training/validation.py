@@ -8,6 +8,7 @@ import torch
 
 from adaptive_lm.core.metrics import perplexity
 from adaptive_lm.core.progress import Progress
+from adaptive_lm.training.checkpoint import metric_value
 from adaptive_lm.training.distributed import all_reduce_sum
 from adaptive_lm.training.trainer import Trainer
 
@@ -27,8 +28,8 @@ def _validate(t: Trainer) -> float | None:
     loss_sum = torch.zeros((), dtype=torch.float64, device=t.device)  # nats, summed on the device
     tokens = batches = 0
     n = len(t.valid_batches)
-    if t.cfg.max_valid_steps:
-        n = min(n, t.cfg.max_valid_steps)
+    if t.cfg.max_valid_steps:  # fairseq breaks at ``i > max_valid_steps``: N + 1 batches
+        n = min(n, t.cfg.max_valid_steps + 1)
     with Progress(n, f"valid on '{t.cfg.valid_subset}'", t.cfg.progress_bar and t.rank == 0) as bar:
         for s in t.valid_batches.iterate(epoch=1, stop=n):
             if t.world == 1 and t.stop_requested:  # a signal: abandon it, the checkpoint comes first
@@ -46,7 +47,13 @@ def _validate(t: Trainer) -> float | None:
     loss_sum, tokens, batches = all_reduce_sum(stats).tolist()
     val = loss_sum / max(tokens, 1) / math.log(2)
     t.valid_history.append(val)
-    best = val if t.state.best_val is None else min(val, t.state.best_val)
+    metric = t.cfg.best_checkpoint_metric
+    now = metric_value(t.cfg, val)  # fairseq logs best_<metric> = best(save_checkpoint.best, this one)
+    best = (
+        now
+        if t.state.best_val is None
+        else (max if t.cfg.maximize_best_checkpoint_metric else min)(now, t.state.best_val)
+    )
     t.log.log(
         "valid",
         {
@@ -54,7 +61,7 @@ def _validate(t: Trainer) -> float | None:
             "loss": round(val, 3),
             "ppl": round(perplexity(val), 2),
             "num_updates": t.state.num_updates,
-            "best_loss": round(best, 3),
+            f"best_{metric}": best,
             "wpb": round(tokens / max(batches, 1)),  # per batch, as fairseq logs it
             "tokens": int(tokens),
         },
