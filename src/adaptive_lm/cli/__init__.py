@@ -73,7 +73,12 @@ def _chosen(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(only=_chosen(argv) or "")
-    ns = parser.parse_args(argv)
+    ns, extra = parser.parse_known_args(argv)
+    if extra:  # named by the command's own parser: "adaptive-lm train: error: ... (see adaptive-lm train --help)"
+        sub = next(
+            (a.choices.get(ns.command) for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None
+        )
+        (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if ns.command is None:  # bare `adaptive-lm`: the overview, not an error
         parser.print_help()
         return 0

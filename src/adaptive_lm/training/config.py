@@ -177,7 +177,10 @@ class TrainConfig:
     bf16: bool = opt(False, "bfloat16 autocast (fp32 weights and optimizer)", "hardware")
     fp16: bool = opt(False, "float16 autocast with dynamic loss scaling (fp32 master weights)", "hardware")
     amp: bool = opt(False, "fairseq's automatic mixed precision: the same as --fp16 here", "hardware")
-    fp16_init_scale: float = opt(128.0, "initial loss scale for --fp16/--amp", "hardware", kind="positive")
+    fp16_init_scale: float = opt(
+        128.0, "initial loss scale for --fp16/--amp (fairseq's --amp-init-scale for --amp; both default to 128)",
+        "hardware", kind="positive", flags=("--amp-init-scale",),
+    )  # fmt: skip
     fp16_scale_window: int | None = opt(
         None,
         "updates without overflow before the loss scale doubles (default: "
