@@ -10,18 +10,15 @@ when a command needs it: ``adaptive-lm --help`` answers at once.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import importlib
 import os
 import signal
 import sys
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 from adaptive_lm import __version__
-from adaptive_lm.cli.common import OneLineParser
+from adaptive_lm.cli.common import OneLineParser, Terminated
 from adaptive_lm.core.errors import ConfigError, UserError
 from adaptive_lm.core.malloc import keep_freed_memory
 
@@ -87,28 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     # once held ~1 GB when every row count was its own shape; too small a cache rebuilds kernels every step).
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
     keep_freed_memory()
-    with _sigterm_as_interrupt():
-        return _run(ns)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's or ``kill``'s stop), raised where Ctrl-C would be: long jobs (datastores,
-    preprocessing) then save their progress the same way, and the exit code is 143."""
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    def terminate(signum: int, frame: Any) -> None:
-        raise Terminated
-
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return _run(ns)
 
 
 def _run(ns: argparse.Namespace) -> int:

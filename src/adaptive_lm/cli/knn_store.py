@@ -11,6 +11,7 @@ from adaptive_lm.cli.common import (
     console_log,
     half_notice,
     load_model,
+    sigterm_as_interrupt,
 )
 from adaptive_lm.inference.evaluate import EvalConfig
 from adaptive_lm.inference.knn import StoreConfig
@@ -32,7 +33,7 @@ def run(ns: argparse.Namespace) -> int:
 
     lm = load_model(ns)
     half_notice(ns, lm.device.type)
-    with console_log():
+    with console_log(), sigterm_as_interrupt():  # a scheduler's stop saves the progress as Ctrl-C does
         _, lines = build_store(lm, config_from_args(EvalConfig, ns), config_from_args(StoreConfig, ns))
     print("\n".join(lines))
     return 0
