@@ -185,3 +185,16 @@ def test_adaptive_modules_refuse_what_they_cannot_build(build, message):
     built with empty bands."""
     with pytest.raises((ValueError, TypeError), match=message):
         build()
+
+
+def test_data_name_or_path_is_read_as_fairseqs_hub_reads_it(tmp_path, monkeypatch):
+    """fairseq's hub takes a ``data_name_or_path`` starting with "." relative to the model folder and any other
+    relative to the working directory."""
+    (tmp_path / "dbin").mkdir()
+    (tmp_path / "dbin" / "dict.txt").write_bytes((MODELS / "wiki_tied" / "dict.txt").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    lm = adaptive_lm.from_pretrained(MODELS / "wiki_tied", "model.pt", "dbin")
+    assert lm.score("the first")["tokens"].tolist() == load().score("the first")["tokens"].tolist()
+    assert (
+        adaptive_lm.from_pretrained(MODELS / "wiki_tied", "model.pt", ".").dictionary.symbols == lm.dictionary.symbols
+    )

@@ -248,7 +248,9 @@ def _check_data_path(folder: Path, data_name_or_path: str, dictionary: Any) -> N
     if data_name_or_path in (".", "", None) or dictionary is not None:
         return
     if _dictionary_in(folder, data_name_or_path) is None:
-        raise UserError(f"data_name_or_path {data_name_or_path!r}: no dict.txt there (relative to {folder})")
+        raise UserError(
+            f"data_name_or_path {data_name_or_path!r}: no dict.txt there (as given, or relative to {folder})"
+        )
 
 
 def _check_overrides(p: Path, overrides: dict[str, Any] | None, settings: dict[str, Any]) -> None:
@@ -261,10 +263,14 @@ def _check_overrides(p: Path, overrides: dict[str, Any] | None, settings: dict[s
 
 
 def _dictionary_in(folder: Path, data_name_or_path: str) -> Path | None:
-    """fairseq's hub: ``data_name_or_path`` relative to the model folder (or absolute) holds dict.txt."""
-    base = Path(data_name_or_path)
-    base = base if base.is_absolute() else folder / base
-    return base / "dict.txt" if (base / "dict.txt").is_file() else None
+    """The dict.txt in ``data_name_or_path``: fairseq's hub reads a path starting with "." relative to the model
+    folder and any other as given (relative to the working directory); the model folder is tried second."""
+    given = Path(data_name_or_path)
+    first = folder / given if str(data_name_or_path).startswith(".") else given
+    for base in (first, folder / given):
+        if (base / "dict.txt").is_file():
+            return base / "dict.txt"
+    return None
 
 
 def _load_folder(
