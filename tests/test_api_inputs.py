@@ -198,3 +198,16 @@ def test_data_name_or_path_is_read_as_fairseqs_hub_reads_it(tmp_path, monkeypatc
     assert (
         adaptive_lm.from_pretrained(MODELS / "wiki_tied", "model.pt", ".").dictionary.symbols == lm.dictionary.symbols
     )
+
+
+def test_score_and_generate_take_iterables_and_numpy_numbers():
+    """The input checks read a generator once and accept numpy numbers where Python ones are accepted."""
+    import numpy as np
+
+    lm = load()
+    want = [r["tokens"].tolist() for r in lm.score(["the first", "in the city"])]
+    assert [r["tokens"].tolist() for r in lm.score(s for s in ["the first", "in the city"])] == want
+    assert [r["tokens"].tolist() for r in lm.score(["the first", "in the city"], batch_size=np.int64(1))] == want
+    hyps = lm.generate([lm.encode("the first")], beam=np.int64(2), max_len_b=np.int64(5), lenpen=np.float32(1.0),
+                       max_len_a=np.int64(0))  # fmt: skip
+    assert len(hyps[0]) == 2

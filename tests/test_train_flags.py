@@ -235,3 +235,24 @@ def test_the_scheduler_fairseq_defaults_to_is_named(data, tmp_path, capsys):
     assert "no --lr-scheduler given: cosine (fairseq's default, fixed, is not reproduced)" in capsys.readouterr().out
     assert main(args(data, tmp_path / "b", "--max-update", "1", "--lr-scheduler", "cosine")) == 0
     assert "no --lr-scheduler given" not in capsys.readouterr().out
+
+
+def test_a_checkpoint_of_the_previous_format_resumes_with_its_best_converted(data, tmp_path):
+    """Before stop 36 the best was kept as the loss in bits whatever --best-checkpoint-metric said (and without a
+    separate patience best); resumed with ppl it must become the rounded perplexity, not be compared raw."""
+    from adaptive_lm.cli.train import train_config
+    from adaptive_lm.core.metrics import perplexity
+    from adaptive_lm.training.loop import train
+
+    save = tmp_path / "s"
+    flags = ("--lr-period-updates", "60", "--best-checkpoint-metric", "ppl")
+    assert main(args(data, save, "--max-epoch", "1", *flags)) == 0
+    ck = torch.load(save / "checkpoint_last.pt", weights_only=True)
+    bits = [m for m in metrics(save) if m["split"] == "valid"][-1]["loss"]
+    ck["train_state"]["best_val"] = bits  # the old format: bits, no patience_best
+    del ck["train_state"]["patience_best"]
+    torch.save(ck, save / "checkpoint_last.pt")
+    seen: list[tuple] = []
+    cfg = train_config(build_parser().parse_args(args(data, save, "--max-epoch", "1", *flags)))
+    train(cfg, on_start=lambda t: seen.append((t.state.best_val, t.state.patience_best)))
+    assert seen == [(round(perplexity(bits), 2), round(perplexity(bits), 2))]

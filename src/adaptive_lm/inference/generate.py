@@ -78,7 +78,7 @@ class GenerationConfig:
 
         def number(name: str, low: float | None = None) -> None:
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
                 raise UserError(f"{name} must be a finite number, not {v!r}")
             if low is not None and v < low:
                 raise UserError(f"{name} must be at least {low}, not {v!r}")

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from adaptive_lm.core.config import ModelConfig
@@ -125,11 +126,13 @@ class LanguageModel:
         beside them; then ``batch_size`` (default 16) sentences per batch, in input order.
         """
         single = isinstance(sentences, str)
-        if torch.is_tensor(sentences) or not (single or all(isinstance(s, str) for s in sentences)):
+        if torch.is_tensor(sentences):
             raise UserError("score takes text: a str or a list of str (for word ids: rescore.sentence_logprobs)")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)):
+        items = [sentences] if single else list(sentences)  # any iterable, read once
+        if not all(isinstance(s, str) for s in items):
+            raise UserError("score takes text: a str or a list of str (for word ids: rescore.sentence_logprobs)")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))):
             raise UserError(f"batch_size must be a positive integer (None: no limit), not {batch_size!r}")
-        items = [sentences] if single else list(sentences)
         d, out = self.dictionary, []
         half = self._autocast(autocast_dtype)
         if knn is None:

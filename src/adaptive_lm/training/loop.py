@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,16 +38,13 @@ class Run:
         self.updates_this_run = 0
         self.last_val: float | None = None
         self.patience_out = False
-        self.clock = (time.time(), 0.0)  # (this run's start, the time restored): fairseq's cumulative training time
 
     def start_clock(self) -> None:
-        """After the restore: wall time from here on adds to the restored time (validation and saving included)."""
-        self.clock = (time.time(), self.t.state.train_seconds)
+        self.t.start_clock()
 
     def elapsed(self) -> float:
-        """fairseq's ``cumulative_training_time``: the restored time plus this run's wall time."""
-        start, before = self.clock
-        return before + time.time() - start
+        """fairseq's ``cumulative_training_time`` as of the last update (``Trainer.elapsed``: all processes agree)."""
+        return self.t.elapsed
 
     # ---- decisions (fairseq_cli/train.py::validate_and_save) ----
     def should_stop(self, clock: bool = True) -> bool:

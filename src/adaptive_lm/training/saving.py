@@ -83,8 +83,11 @@ def restore(t: Trainer) -> None:
     if not (cfg.reset_dataloader or finetune):
         t.state.epoch, t.state.iterations_in_epoch = r.state.epoch, r.state.iterations_in_epoch
     if not (cfg.reset_meters or cfg.reset_optimizer or finetune):  # fairseq forgets the best with either
-        t.state.best_val, t.state.bad_valid = r.state.best_val, r.state.bad_valid
-        t.state.patience_best = r.state.best_val if r.state.patience_best is None else r.state.patience_best
+        best = r.state.best_val
+        if best is not None and r.state.patience_best is None:  # written before stop 36: the loss in bits
+            best = ckpt.metric_value(cfg, best)
+        t.state.best_val, t.state.bad_valid = best, r.state.bad_valid
+        t.state.patience_best = best if r.state.patience_best is None else r.state.patience_best
     if not finetune:  # fairseq's previous_training_time: restored whatever is reset
         t.state.train_seconds = r.state.train_seconds
     t.scaler.load(r.state.to_dict())

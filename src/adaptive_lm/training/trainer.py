@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,15 @@ class Trainer:
         self.stop_agreed = 0  # the signal any process got, as of the last update's all-reduce
         self.critical = False  # between the optimizer step and the bookkeeping, or writing a checkpoint
         self.valid_history: list[float] = []  # every validation loss of this process (bits per token)
+        # fairseq's cumulative training time: the restored time plus this run's wall time, averaged over the
+        # processes at every update (as fairseq does), so that all of them stop on --stop-time-hours together
+        self.clock = (time.time(), 0.0)  # (this run's start, the time restored)
+        self.elapsed = 0.0  # as of the last update, agreed by all processes
+
+    def start_clock(self) -> None:
+        """After the restore: from here on, wall time adds to the restored time (validation and saving included)."""
+        self.clock = (time.time(), self.state.train_seconds)
+        self.elapsed = self.state.train_seconds
 
     @property
     def stopping(self) -> int:
@@ -178,7 +188,8 @@ class Trainer:
         # built by fills, not copies from the host: a host-to-device copy of a Python number is a sync on CUDA;
         # the stop request travels as counts of SIGINT and SIGTERM, so every process learns which signal it was
         sig = self.stop_requested
-        flags = (ntokens, sig == signal.SIGINT, sig == signal.SIGTERM)
+        start, before = self.clock
+        flags = (ntokens, sig == signal.SIGINT, sig == signal.SIGTERM, before + time.time() - start)
         stats = torch.stack([loss_sum, *(loss_sum.new_full((), float(v)) for v in flags)])  # device (NCCL)
         if self.reducer is not None:
             self.reducer.finish()
@@ -188,8 +199,11 @@ class Trainer:
             torch._foreach_mul_(grads, (stats[1].clamp(min=1).reciprocal() / self.scaler.scale).float())
         gnorm_t = clip_grad_norm_(self.params, self.cfg.clip_norm)
         # the one host sync of the update: statistics, stop flag and gradient norm together
-        total_loss, total_tokens, n_int, n_term, gnorm = torch.cat([stats, gnorm_t.double().reshape(1)]).tolist()
+        total_loss, total_tokens, n_int, n_term, seconds, gnorm = torch.cat(
+            [stats, gnorm_t.double().reshape(1)]
+        ).tolist()
         self.stop_agreed = int(signal.SIGTERM if n_term else signal.SIGINT if n_int else 0)
+        self.elapsed = seconds / self.world
         loss = total_loss / (total_tokens or 1.0) / math.log(2)
         if not math.isfinite(gnorm) and self.scaler.enabled:  # fp16: skip the update, lower the scale
             self.scaler.overflow()
