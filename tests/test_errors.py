@@ -473,7 +473,7 @@ def test_score_reads_stdin_as_strict_utf8_and_drops_a_byte_order_mark(model, tmp
 
 def test_an_empty_split_and_knn_with_the_lms_own_reports(data, model, tmp_path, capsys):
     """A split with nothing to score reported perplexity 1.00; --output-word-probs and the like were ignored silently
-    with --knn."""
+    with --knn, and --k / --lmbda without it."""
     empty = tmp_path / "bin"
     empty.mkdir()
     (tmp_path / "short.txt").write_text("\n\n")  # two </s>: no block of 32 tokens
@@ -485,6 +485,8 @@ def test_an_empty_split_and_knn_with_the_lms_own_reports(data, model, tmp_path, 
     line = in_process(capsys, "eval", str(data / "bin"), "--path", str(model), "--knn", str(tmp_path),
                       "--output-word-probs")  # fmt: skip
     assert "run them without --knn" in line
+    line = in_process(capsys, "eval", str(data / "bin"), "--path", str(model), "--k", "5", "--lmbda", "0.5")
+    assert "--k, --lmbda set the kNN-LM interpolation: add --knn DSTORE" in line  # they had been ignored
 
 
 def test_forked_workers_end_quietly_when_their_pool_stops_them(data, tmp_path, capfd):

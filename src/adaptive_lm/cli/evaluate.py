@@ -38,10 +38,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-workers", type=int, default=0, help="accepted for compatibility (ignored)")
     k = p.add_argument_group("kNN-LM (Khandelwal et al. 2020; see adaptive-lm knn-store)")
     k.add_argument("--knn", type=existing_dir, default=None, metavar="DSTORE", help="interpolate with this datastore")
-    k.add_argument("--k", type=positive, default=1024, help="neighbours per token (default: 1024)")
-    k.add_argument("--lmbda", type=weight, default=0.25, help="weight of the kNN distribution (default: 0.25)")
-    k.add_argument("--knn-temp", type=positive, default=1.0, help="softmax temperature over -distances (default: 1)")
-    k.add_argument("--knn-sim", default="l2", choices=["l2", "ip"], help="similarity: -squared L2 or inner product")
+    # defaults None here and filled in with --knn: given without --knn they are refused, not ignored
+    k.add_argument("--k", type=positive, default=None, help=f"neighbours per token (default: {KNN_DEFAULTS['k']})")
+    k.add_argument("--lmbda", type=weight, default=None,
+                   help=f"weight of the kNN distribution (default: {KNN_DEFAULTS['lmbda']})")  # fmt: skip
+    k.add_argument("--knn-temp", type=positive, default=None,
+                   help=f"softmax temperature over -distances (default: {KNN_DEFAULTS['knn_temp']:g})")  # fmt: skip
+    k.add_argument("--knn-sim", default=None, choices=["l2", "ip"],
+                   help="similarity: -squared L2 (default) or inner product")  # fmt: skip
     k.add_argument("--knn-approx-dists", action="store_true", help="use the index's approximate distances")
     k.add_argument(
         "--nprobe",
@@ -51,8 +55,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+KNN_DEFAULTS = {"k": 1024, "lmbda": 0.25, "knn_temp": 1.0, "knn_sim": "l2"}
+KNN_FLAGS = ("k", "lmbda", "knn_temp", "knn_sim", "knn_approx_dists", "nprobe")
+
+
 def run(ns: argparse.Namespace) -> int:
     from adaptive_lm.inference.evaluate import evaluate, summary_lines, word_prob_lines, word_stats
+
+    given = [f"--{f.replace('_', '-')}" for f in KNN_FLAGS if getattr(ns, f) not in (None, False)]
+    if given and not ns.knn:
+        raise UserError(f"{', '.join(given)} set the kNN-LM interpolation: add --knn DSTORE (or drop them)")
+    for name, value in KNN_DEFAULTS.items():
+        if getattr(ns, name) is None:
+            setattr(ns, name, value)
 
     if ns.bf16 and ns.fp16:
         raise UserError("--bf16 and --fp16 together: choose one autocast type")
