@@ -126,9 +126,7 @@ class LanguageModel:
         beside them; then ``batch_size`` (default 16) sentences per batch, in input order.
         """
         single = isinstance(sentences, str)
-        if torch.is_tensor(sentences):
-            raise UserError("score takes text: a str or a list of str (for word ids: rescore.sentence_logprobs)")
-        items = [sentences] if single else list(sentences)  # any iterable, read once
+        items = [sentences] if single else list(sentences)  # any iterable, read once (a tensor: its rows, refused)
         if not all(isinstance(s, str) for s in items):
             raise UserError("score takes text: a str or a list of str (for word ids: rescore.sentence_logprobs)")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))):

@@ -39,13 +39,6 @@ class Run:
         self.last_val: float | None = None
         self.patience_out = False
 
-    def start_clock(self) -> None:
-        self.t.start_clock()
-
-    def elapsed(self) -> float:
-        """fairseq's ``cumulative_training_time`` as of the last update (``Trainer.elapsed``: all processes agree)."""
-        return self.t.elapsed
-
     # ---- decisions (fairseq_cli/train.py::validate_and_save) ----
     def should_stop(self, clock: bool = True) -> bool:
         """fairseq's stop conditions after an update; ``clock=False`` before an epoch (fairseq checks the time only
@@ -54,7 +47,7 @@ class Run:
         return bool(
             self.t.stopping
             or (cfg.max_update and s.num_updates >= cfg.max_update)
-            or (clock and cfg.stop_time_hours > 0 and self.elapsed() / 3600 > cfg.stop_time_hours)
+            or (clock and cfg.stop_time_hours > 0 and self.t.elapsed / 3600 > cfg.stop_time_hours)  # all ranks agree
             or (cfg.stop_after_updates and self.updates_this_run >= cfg.stop_after_updates)
         )
 
@@ -128,7 +121,7 @@ class Run:
     def update(self, samples: list[dict[str, Any]], n_batches: int) -> dict[str, float]:
         t = self.t
         out = t.train_step(samples)
-        t.state.train_seconds = self.elapsed()  # what a checkpoint carries on
+        t.state.train_seconds = t.elapsed  # what a checkpoint carries on
         t.state.iterations_in_epoch += n_batches
         t.critical = False  # the update is complete and counted
         self.updates_this_run += 1
@@ -196,7 +189,7 @@ def train(cfg: TrainConfig, on_start: Callable[[Trainer], None] | None = None) -
                 trainer.log.info(lock.notice)
         with plain_kernels(True) if cfg.kernels == "plain" else contextlib.nullcontext():
             restore(trainer)
-            run.start_clock()
+            trainer.start_clock()
             if on_start is not None:
                 on_start(trainer)
             for line in start_lines(trainer):
