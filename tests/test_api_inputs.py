@@ -90,8 +90,10 @@ def test_a_prompt_that_repeats_a_blocked_ngram_is_refused_and_others_run():
     repeats = lm.encode("the history of the city and the history of the state")
     with pytest.raises(UserError, match=r"prompt 1 repeats a 3-gram .*no_repeat_ngram_size 3"):
         lm.generate([repeats], beam=2, max_len_b=20, no_repeat_ngram_size=3)
-    with pytest.raises(UserError, match="repeats a 1-gram"):
+    with pytest.raises(UserError, match="no_repeat_ngram_size 1 forbids </s>"):  # every sequence starts with it
         lm.sample("the city of the state", beam=2, max_len_b=12, no_repeat_ngram_size=1)
+    with pytest.raises(UserError, match="no_repeat_ngram_size 1 forbids </s>"):  # sampling failed in multinomial
+        lm.sample("the city", sampling=True, max_len_b=12, no_repeat_ngram_size=1)
     hyps = lm.generate([repeats], beam=2, max_len_b=20, no_repeat_ngram_size=5)  # no 5-gram repeats: it runs
     assert hyps[0] and all(h["tokens"][: len(repeats) - 1].tolist() == repeats[:-1].tolist() for h in hyps[0])
 

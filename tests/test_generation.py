@@ -1,5 +1,5 @@
 """Generation exactly as fairseq 0.12's hub: the differential set of ``tests/generation/`` (six fairseq-trained models,
-96 beam-search cases, seeded sampling, the sampling filter's distributions, ``score`` on raw text through the BPEs),
+112 beam-search cases, seeded sampling, the sampling filter's distributions, ``score`` on raw text through the BPEs),
 every case through our kernels and through the plain ones (what CUDA runs).
 
 Tolerances, from the arithmetic: a token's ln p agrees with fairseq's to about 1e-6 (other summation orders, the
@@ -30,7 +30,7 @@ KERNELS = ["ours", "plain"]
 
 
 @cache
-def load(model: str, batch_size: int | None = None) -> adaptive_lm.LanguageModel:
+def load(model: str, batch_size: int | None = None, max_tokens: int | None = None) -> adaptive_lm.LanguageModel:
     info = REF["models"][model]
     folder = HERE / info["dir"]
     kw = {
@@ -38,6 +38,8 @@ def load(model: str, batch_size: int | None = None) -> adaptive_lm.LanguageModel
     }
     if batch_size is not None:
         kw["batch_size"] = batch_size
+    if max_tokens is not None:
+        kw["max_tokens"] = max_tokens
     return adaptive_lm.from_pretrained(folder, "model.pt", **kw)
 
 
@@ -77,12 +79,17 @@ BEAM = [c for c in REF["beam_cases"] if c["ngram_impl"] != "fairseq_cpu"]
 def test_beam_search_equals_fairseqs_hub(case, kind):
     """The same hypotheses in the same order, the same scores: prefix forcing and scoring, 2 x beam candidates,
     </s> finished among the first beam, lenpen, unkpen, min_len, max_len_a/b and the forced </s>, n-gram blocking
-    (fairseq's CUDA rule), prompts of different lengths in one batch and in batches of two, add_bos_token, BPEs."""
-    lm = load(case["model"], case["load_overrides"].get("batch_size"))
-    assert [lm.encode(p).tolist() for p in case["prompts"]] == case["prompt_ids"]
+    (fairseq's CUDA rule), prompts of different lengths in one batch and in batches of two, add_bos_token, BPEs;
+    prompts given as ids without ``</s>`` or with several (batched and checked on their own lengths, as the hub)."""
+    lm = load(case["model"], case["load_overrides"].get("batch_size"), case["load_overrides"].get("max_tokens"))
+    if case["prompts"] is None:  # given as ids, as fairseq's hub took them (without </s>, with several, ...)
+        prompts = [torch.tensor(p) for p in case["prompt_ids"]]
+    else:
+        prompts = [lm.encode(p) for p in case["prompts"]]
+        assert [p.tolist() for p in prompts] == case["prompt_ids"]
     kw = dict(case["generate_kwargs"])
     with kernels(kind):
-        out = lm.generate([lm.encode(p) for p in case["prompts"]], **kw)
+        out = lm.generate(prompts, **kw)
     for j, (hyps, ref) in enumerate(zip(out, case["hypos"], strict=True)):
         if kw.get("nbest"):  # fairseq's hub ignores nbest and returns every hypothesis; ours keeps the first n
             ref = ref[: kw["nbest"]]

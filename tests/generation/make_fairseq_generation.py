@@ -316,6 +316,48 @@ def run_beam_case(rec, hubs, name, pools, kind, kwargs, opts, tries=40):
     return best
 
 
+# prompts given as ids, as a caller of generate may pass them (fairseq's hub batches and checks their own lengths,
+# </s> markers included): without </s>, with several, repeating an n-gram after the length limit cuts them, as long
+# as the model's positions ("full": max_positions ids without </s>)
+ID_SETTINGS = [
+    ([[15, 42, 7, 4, 16], [35, 4]], dict(beam=2, max_len_a=1.0, max_len_b=2), {"load": {"max_tokens": 10}}),
+    ([[2, 15, 42, 7, 4, 16, 2, 2], [35, 4, 2]], dict(beam=2, max_len_a=1.0, max_len_b=2), {"load": {"max_tokens": 10}}),
+    ([[15, 42, 7, 4, 15, 42, 2]], dict(beam=3, max_len_b=4, no_repeat_ngram_size=2), {"ngram": "fixed"}),
+    ("full", dict(beam=2, max_len_b=10), {}),
+]
+
+
+def id_cases(rec, hubs, first):
+    cases = []
+    for name in WORD_MODELS:
+        for prompts, kwargs, opts in ID_SETTINGS:
+            hub = hubs[(name, json.dumps(opts.get("load", {})))]
+            if prompts == "full":
+                prompts = [list(range(10, 10 + hub.max_positions))]
+            if opts.get("ngram") == "fixed":
+                NGramRepeatBlock._no_repeat_ngram = fixed_no_repeat_ngram
+            rec.reset()
+            try:
+                outputs = hub.generate([torch.tensor(p) for p in prompts], **kwargs)
+            finally:
+                NGramRepeatBlock._no_repeat_ngram = rec.orig_ngram
+            case = {
+                "id": f"b{first + len(cases):03d}",
+                "model": name,
+                "load_overrides": opts.get("load", {}),
+                "ngram_impl": opts.get("ngram", "fairseq_cpu") if kwargs.get("no_repeat_ngram_size") else None,
+                "prompts": None,
+                "prompt_ids": prompts,
+                "generate_kwargs": kwargs,
+                "batches": [{k: b[k] for k in ("ids", "src_len", "max_len", "src_tokens")} for b in rec.batches],
+                "min_gap": min(rec.gap, final_gap(outputs)),
+                "hypos": [[hypo_json(hub, h) for h in hypos] for hypos in outputs],
+            }
+            cases.append(case)
+            print(f"{case['id']} {name:9s} ids {json.dumps(kwargs):56s} gap {case['min_gap']:.2e}")
+    return cases
+
+
 def beam_cases(rec, hubs, pools):
     cases = []
     for name in WORD_MODELS + BPE_MODELS:
@@ -513,7 +555,7 @@ def main():
     rec = Recorder()
     hubs = {}
     for name in LOAD:
-        for opts in [{}, {"batch_size": 2}] if name in WORD_MODELS else [{}]:
+        for opts in [{}, {"batch_size": 2}, {"max_tokens": 10}] if name in WORD_MODELS else [{}]:
             hubs[(name, json.dumps(opts))] = load(name, **opts)
             rec.wrap_hub(hubs[(name, json.dumps(opts))])
     pools = {name: Pools(hubs[(name, "{}")], raw=name in BPE_MODELS) for name in LOAD}
@@ -525,6 +567,7 @@ def main():
         "models": {name: model_info(hubs[(name, "{}")], name) for name in LOAD},
     }
     ref["beam_cases"] = beam_cases(rec, hubs, pools)
+    ref["beam_cases"] += id_cases(rec, hubs, len(ref["beam_cases"]))
     ref["min_beam_gap"] = min(c["min_gap"] for c in ref["beam_cases"])
     ref["score_cases"] = score_cases(hubs, pools)
     ref["sampling_filter_cases"] = sampling_filter_cases(rec, hubs, tensors)

@@ -153,10 +153,10 @@ def sampling_step(step: int, lprobs: Tensor, scores: Tensor, topk: int, topp: fl
         lprobs = lprobs[:, ::beam, :].contiguous()
     probs, columns = sampling_filter(lprobs, topk, topp)
     if step == 0:
-        picked = torch.multinomial(probs.view(bsz, -1), beam, replacement=True).view(bsz, beam)
+        picked = _draw(probs.view(bsz, -1), beam).view(bsz, beam)
         probs = probs.expand(bsz, beam, -1)
     else:
-        picked = torch.multinomial(probs.view(bsz * beam, -1), 1, replacement=True).view(bsz, beam)
+        picked = _draw(probs.view(bsz * beam, -1), 1).view(bsz, beam)
     cand_scores = torch.gather(probs, dim=2, index=picked.unsqueeze(-1)).log_().view(bsz, -1)  # (bsz, beam)
     if columns is not None:
         picked = torch.gather(columns.expand(bsz, beam, -1), dim=2, index=picked.unsqueeze(-1)).squeeze(2)
@@ -166,6 +166,18 @@ def sampling_step(step: int, lprobs: Tensor, scores: Tensor, topk: int, topp: fl
         beams = torch.arange(0, beam).to(picked).repeat(bsz, 1)
         cand_scores.add_(torch.gather(scores[:, :, step - 1], dim=1, index=beams))
     return cand_scores, picked, beams
+
+
+def _draw(probs: Tensor, n: int) -> Tensor:
+    """``torch.multinomial(probs, n, replacement=True)`` (fairseq's call); a row without any allowed word fails
+    there, said as one line."""
+    try:
+        return torch.multinomial(probs, n, replacement=True)  # (rows, n)
+    except RuntimeError as e:
+        raise UserError(
+            "sampling: a hypothesis has no allowed word left (n-gram blocking, min_len or the length limit forbid "
+            f"them all; torch: {str(e).splitlines()[0]}); relax those options"
+        ) from e
 
 
 def block_repeated_ngrams(tokens: Tensor, lprobs: Tensor, step: int, n: int) -> None:
@@ -432,6 +444,20 @@ def _replicate_first_beam(t: Tensor, mask: Tensor, k: int) -> Tensor:
     return t.view(-1, t.size(-1))
 
 
+def _check_ngrams(i: int, seq: list[int], n: int) -> None:
+    """Refuse prompt ``i`` (forced as ``seq``, start symbol first) if it repeats an n-gram: the blocker (fairseq's
+    CUDA rule) would ban its own forced word, leaving only -inf hypotheses."""
+    seen: set[tuple[int, ...]] = set()
+    for j in range(len(seq) - n + 1):
+        gram = tuple(seq[j : j + n])
+        if gram in seen:
+            raise UserError(
+                f"prompt {i + 1} repeats a {n}-gram (ids {list(gram)}): no_repeat_ngram_size {n} forbids its own "
+                "forced words; use a larger size or another prompt"
+            )
+        seen.add(gram)
+
+
 # ---- the hub's entry point -----------------------------------------------------------------------------------
 def prompt_batches(lengths: list[int], max_tokens: int | None, batch_size: int | None) -> list[list[int]]:
     """The hub's ``_build_batches``: prompts in input order (lengths with their ``</s>``), packed by the model's
@@ -449,10 +475,13 @@ def generate(
     max_tokens: int | None = None,
     batch_size: int | None = None,
     on_batch: Callable[[int], Any] | None = None,
+    lengths: list[int] | None = None,
 ) -> list[list[dict[str, Tensor]]]:
     """For each prompt (word ids without ``</s>``): its finished hypotheses, best first, each a dict with ``tokens``
     (prompt + continuation + ``</s>``), ``score`` and ``positional_scores`` (one per token), as fairseq's hub.
-    ``max_tokens`` / ``batch_size``: how the hub batches prompts (the model's training values; None: one batch)."""
+    ``max_tokens`` / ``batch_size``: how the hub batches prompts (the model's training values; None: one batch).
+    ``lengths``: each prompt's length as the caller gave it (fairseq's hub batches and checks the tensors' own
+    lengths, ``</s>`` markers included); default: the prompt plus its ``</s>``."""
     cfg = cfg or GenerationConfig()
     cfg.check()
     model.eval()
@@ -467,27 +496,31 @@ def generate(
     run_cfg = cfg if beam == cfg.beam else GenerationConfig(**{**cfg.__dict__, "beam": beam})
     out: list[list[dict[str, Tensor]]] = [[] for _ in prompts]
     n = cfg.no_repeat_ngram_size
-    for i, p in enumerate(prompts if n > 0 else []):
-        seq = [special.bos, *p]
-        seen: set[tuple[int, ...]] = set()
-        for j in range(len(seq) - n + 1):
-            gram = tuple(seq[j : j + n])
-            if gram in seen:  # the blocker (fairseq's CUDA rule) would ban this forced token: -inf hypotheses
-                raise UserError(
-                    f"prompt {i + 1} repeats a {n}-gram (ids {list(gram)}): no_repeat_ngram_size {n} forbids its "
-                    "own forced words; use a larger size or another prompt"
-                )
-            seen.add(gram)
-    longest = max((len(p) for p in prompts), default=0)
-    if longest + 1 > limit:  # before batching, whose own limit (the stored --max-tokens) is not this command's flag
+    if n == 1 and special.bos == special.eos:  # fairseq's CUDA rule bans </s> itself: nothing could ever finish
+        raise UserError(
+            "no_repeat_ngram_size 1 forbids </s> (every sequence starts with it), so no hypothesis could finish; "
+            "use 2 or more"
+        )
+    sizes = lengths if lengths is not None else [len(p) + 1 for p in prompts]
+    longest = max(sizes, default=0)
+    if longest > limit:  # the hub's max_positions check, before batching (whose limit is the stored --max-tokens)
         raise UserError(f"a prompt of {longest} tokens does not fit the model's {limit} positions")
-    for ids in prompt_batches([len(p) + 1 for p in prompts], max_tokens, batch_size):
+    if max_tokens is not None and longest > max_tokens:
+        raise UserError(
+            f"a prompt of {longest} tokens exceeds the {max_tokens} tokens of the hub's batches (the model's stored "
+            "--max-tokens; fairseq's hub refuses it too): shorten it, or load with from_pretrained(..., "
+            "max_tokens=...)"
+        )
+    plan = []  # (prompt indices, W, max_len) per batch, every batch checked before any runs
+    for ids in prompt_batches(sizes, max_tokens, batch_size):
         width = max(len(prompts[i]) for i in ids) + 1  # fairseq's src_len: the padded source with its start symbol
-        if width > limit:
-            raise UserError(f"a prompt of {width - 1} tokens does not fit the model's {limit} positions")
         max_len = min(int(cfg.max_len_a * width + cfg.max_len_b), limit - 1)
         if cfg.min_len > max_len:
             raise UserError(f"min_len {cfg.min_len} exceeds the length limit {max_len} (max_len_a, max_len_b)")
+        for i in ids if n > 0 else []:
+            _check_ngrams(i, [special.bos, *prompts[i][:max_len]], n)  # the prompt is forced up to max_len only
+        plan.append((ids, width, max_len))
+    for ids, width, max_len in plan:
         prefix = torch.full((len(ids), width - 1), special.pad, dtype=torch.long)  # (B, W - 1)
         for r, i in enumerate(ids):
             prefix[r, : len(prompts[i])] = torch.tensor(prompts[i], dtype=torch.long)

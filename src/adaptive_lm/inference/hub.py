@@ -234,9 +234,11 @@ class LanguageModel:
                 raise UserError(f"seed must be an integer in [-2**63, 2**64), not {seed!r}")
             torch.manual_seed(seed)
         d = self.dictionary
-        prompts = [_strip(_prompt_ids(t, i, self.cfg.vocab_size), d.eos()) for i, t in enumerate(tokenized_sentences)]
+        given = [_prompt_ids(t, i, self.cfg.vocab_size) for i, t in enumerate(tokenized_sentences)]
+        prompts = [_strip(ids, d.eos()) for ids in given]
         special = Special(bos=self.start_token, eos=d.eos(), pad=d.pad(), unk=d.unk())
-        out = generate(self.model, prompts, special, GenerationConfig(beam=beam, **kwargs), *self.batching)
+        cfg = GenerationConfig(beam=beam, **kwargs)
+        out = generate(self.model, prompts, special, cfg, *self.batching, lengths=[len(ids) for ids in given])
         if verbose:
             for p, hyps in zip(prompts, out):
                 log.info("S\t%s", d.string(p))
