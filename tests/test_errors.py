@@ -185,9 +185,19 @@ def test_dictionary_of_another_size(data, model, tmp_path):
              "symbols but the model was trained with")  # fmt: skip
 
 
-def test_blocks_longer_than_the_model(data, model):
-    one_line(run("eval", str(data / "bin"), "--path", str(model), "--gen-subset", "valid", "--tokens-per-sample",
-                 "1024"), "exceeds the model's 32 positions")  # fmt: skip
+def test_blocks_longer_than_the_model(data, model, tmp_path):
+    """fairseq-eval-lm skips blocks longer than the model's positions (here every one: refused, naming the flag); a
+    learned table cannot take inputs past its end (fairseq fails with an IndexError): refused before any work."""
+    one_line(
+        run("eval", str(data / "bin"), "--path", str(model), "--gen-subset", "valid", "--tokens-per-sample", "1024"),
+        "all 2 blocks are longer than the model's 32 positions",
+        "--tokens-per-sample 32 or less",
+    )
+    assert main(train_args(data, tmp_path / "learned", "--max-update", "1", "--decoder-learned-pos")) == 0
+    learned = str(tmp_path / "learned" / "checkpoint_last.pt")
+    one_line(run("eval", str(data / "bin"), "--path", learned, "--gen-subset", "valid", "--tokens-per-sample", "40",
+                 "--context-window", "8"),
+             "gives inputs of 40 positions, more than the model's 32 learned ones")  # fmt: skip
 
 
 def test_folder_without_config(model, tmp_path):
@@ -394,7 +404,7 @@ def test_misleading_or_silent_cases_now_say_what_is_wrong(data, model, tmp_path,
     """Each of these printed a wrong reason or went through silently."""
     m = str(model)
     long_prompt = " ".join(["w1"] * 40)  # the model has 32 positions; batching would have blamed --max-tokens
-    assert "a prompt of 40 tokens does not fit the model's 32 positions" in in_process(
+    assert "a prompt of 41 tokens (its </s> included) does not fit the model's 32 positions" in in_process(
         capsys, "generate", "--path", m, "--prompt", long_prompt
     )
     assert "--nbest 5 exceeds --beam 2" in in_process(capsys, "generate", "--path", m, "--prompt", "w1", "--beam",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -49,6 +50,33 @@ def test_eval_matches_fairseq_eval_lm(tiny_lm, fixture_dir, cw):
     assert summary_lines(res)[1].startswith("Loss (base 2): ")
     printed_n, printed_loss, _ = fairseq_printed(fixture_dir / "reference" / f"eval_cw{cw}.log")
     assert printed_n == n and abs(res.loss_base2 - printed_loss) <= 5e-5 + 1e-5  # 4 decimals (+ its float32 sum)
+
+
+@pytest.mark.parametrize("mode", ["eos", "complete"])
+def test_blocks_longer_than_the_model_are_skipped_as_fairseq_eval_lm_skips_them(tiny_lm, fixture_dir, mode):
+    """eval-lm's batches ignore invalid inputs: with whole lines as blocks, the 8 valid lines longer than the model's
+    256 positions are left out (with a warning naming them), the rest scored as fairseq scores them (its logs:
+    tests/fixtures/make_fairseq_tiny.sh). Ours had scored them (a learned table would have failed)."""
+    warning, evaluated, loss_line = (fixture_dir / "reference" / f"eval_{mode}.log").read_text().splitlines()
+    cfg = EvalConfig(data=str(fixture_dir / "data-bin"), gen_subset="valid", sample_break_mode=mode, batch_size=8,
+                     tokens_per_sample=256)  # fmt: skip
+    res = evaluate(tiny_lm, cfg)
+    assert res.n_tokens == int(evaluated.split()[1].replace(",", "")) == 18_660
+    assert abs(res.loss_base2 - float(re.findall(r"[\d.]+", loss_line)[1])) <= 5e-5 + 1e-5  # printed to 4 decimals
+    skipped = int(warning.split()[0])
+    assert f"warning: {skipped} blocks longer than the model's 256 positions are skipped" in res.plan
+
+
+def test_windows_past_sinusoidal_positions_run_as_in_fairseq(tiny_lm, fixture_dir):
+    """A sinusoidal table extends past the trained length (fairseq's too): --tokens-per-sample 320 with a window of
+    128 scores blocks of 192 after up to 128 tokens of context, inputs of 320 positions against the model's 256.
+    fairseq runs it (it checks the 192-token blocks against the 256 positions); ours had refused it."""
+    cfg = EvalConfig(data=str(fixture_dir / "data-bin"), gen_subset="valid", context_window=128, batch_size=8,
+                     tokens_per_sample=320)  # fmt: skip
+    res = evaluate(tiny_lm, cfg)
+    n, loss, ppl = fairseq_printed(fixture_dir / "reference" / "eval_tps320_cw128.log")
+    assert res.n_tokens == n == 20_897 and "warning" not in res.plan
+    assert abs(res.loss_base2 - loss) <= 5e-5 + 1e-5 and abs(res.ppl - ppl) <= 5e-3 + 2e-3  # printed to 4 / 2 decimals
 
 
 @pytest.mark.parametrize("mode", ["none", "complete", "complete_doc", "eos"])
@@ -165,6 +193,37 @@ def test_cli_eval_score_generate(fixture_dir, tmp_path, capsys):
     assert len(rows) == 2 and len(rows[1]["logprobs"]) == 3 and abs(rows[1]["sum"] - sum(rows[1]["logprobs"])) < 1e-4
     assert main(["generate", "--path", path, "--prompt", "the", "--max-len-b", "8", "--beam", "2"]) == 0
     assert capsys.readouterr().out.startswith("the")
+
+
+def test_a_bare_checkpoint_evaluates_with_the_datas_dictionary(fixture_dir, tmp_path, capsys):
+    """fairseq-eval-lm takes the dictionary from the data folder; a checkpoint copied alone (no dict.txt beside it)
+    had failed with 'no dict.txt found'."""
+    shutil.copy(fixture_dir / "model" / "checkpoint_last.pt", tmp_path / "alone.pt")
+    args = ["eval", str(fixture_dir / "data-bin"), "--path", str(tmp_path / "alone.pt"), "--gen-subset", "valid",
+            "--cpu", "--batch-size", "8"]  # fmt: skip
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "Loss (base 2): 7.0126, Perplexity: 129.12"
+
+
+def test_a_checkpoint_stored_in_fp16_runs_in_fp32_as_fairseq(fixture_dir, tmp_path):
+    """fairseq copies the stored weights into its fp32 model; ours had kept a checkpoint's fp16 weights and run in
+    fp16 (ln p off by 1e-2, silently). An explicit dtype still decides."""
+    source = fixture_dir / "model" / "checkpoint_last.pt"
+    ck = torch.load(source, weights_only=True)
+    ck["model"] = {k: v.half() if v.is_floating_point() else v for k, v in ck["model"].items()}
+    (tmp_path / "m").mkdir()
+    torch.save(ck, tmp_path / "m" / "checkpoint.pt")
+    shutil.copy(fixture_dir / "model" / "dict.txt", tmp_path / "m" / "dict.txt")
+    lm = adaptive_lm.from_pretrained(tmp_path / "m" / "checkpoint.pt")
+    assert {p.dtype for p in lm.model.parameters()} == {torch.float32}
+    ref = adaptive_lm.from_pretrained(source)
+    with torch.no_grad():
+        for p in ref.model.parameters():
+            p.copy_(p.half().float())  # the same fp32 values the stored halves give
+    got, want = lm.score("the game was released in"), ref.score("the game was released in")
+    assert torch.equal(got["positional_scores"], want["positional_scores"])
+    half = adaptive_lm.from_pretrained(tmp_path / "m" / "checkpoint.pt", dtype=torch.float16)
+    assert {p.dtype for p in half.model.parameters()} == {torch.float16}
 
 
 def test_post_ln_fairseq_checkpoint_on_every_entry_point(fixture_dir, tmp_path):

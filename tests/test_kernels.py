@@ -467,8 +467,8 @@ def test_every_linear_layer_of_a_model_runs_on_the_measured_library(monkeypatch,
 def test_packed_weights_compute_x_w_t_and_follow_a_weight_changed_in_place(tmp_path, monkeypatch):
     """Inside ``packed_weights`` (generation) a no-grad fp32 linear has a third candidate, oneDNN on its packed copy
     of W: it gives x W^T + b within the fp32 summation bound (K * 2**-24 * sum|x w| + |b| rounding, against fp64),
-    a weight changed in place is packed again (not the stale copy); a temporary weight (not a parameter) and any
-    weight outside the block are not packed."""
+    a weight changed in place is packed again (not the stale copy), an unchanged one reuses the call chosen for it; a
+    temporary weight (not a parameter) and any weight outside the block are not packed."""
     from adaptive_lm.core.kernels import choice, linears
 
     monkeypatch.setenv("ADAPTIVE_LM_CACHE", str(tmp_path))
@@ -497,8 +497,11 @@ def test_packed_weights_compute_x_w_t_and_follow_a_weight_changed_in_place(tmp_p
                 bound = 49 * 2**-24 * (x.abs().double() @ w.abs().double().t() + b.abs().double())
                 for got in (*seen.values(), y):
                     assert bool(((got.double() - want).abs() <= bound).all())
+                seen.clear()
+                assert torch.equal(K.linear(x, w, b), y) and not seen  # unchanged: the kept call, no new choice
             K.linear(x, w.detach(), b)  # a plain tensor (a temporary weight): not packed
             assert sorted(seen) == ["mkl", "onednn"]
+            assert [e[0] is w for e in linears._PACK.block.calls.values()] == [True]  # nor its call kept
         with K.fast_linears(cpu):
             K.linear(x, w, b)
         assert sorted(seen) == ["mkl", "onednn"]  # outside the block: no packed candidate

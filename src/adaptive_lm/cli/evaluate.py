@@ -75,7 +75,15 @@ def run(ns: argparse.Namespace) -> int:
     if ns.knn and details:
         raise UserError("--output-word-probs, --output-word-stats, --freq-bins and --plot report the LM's own "
                         "scores: run them without --knn")  # fmt: skip
-    lm = load_model(ns)
+    from adaptive_lm.inference.loading import NoDictionary
+
+    try:
+        lm = load_model(ns)
+    except NoDictionary:  # a bare fairseq checkpoint: the data's dictionary, as fairseq-eval-lm always takes
+        if ns.dict is not None or not (Path(ns.data) / "dict.txt").is_file():
+            raise
+        ns.dict = str(Path(ns.data) / "dict.txt")
+        lm = load_model(ns)
     half_notice(ns, lm.device.type)
     cfg = config_from_args(EvalConfig, ns)
     lines = [f"model {ns.path}: {lm.model.num_parameters():,} parameters, vocabulary {len(lm.dictionary)}"]

@@ -69,13 +69,27 @@ class EvalPlan:
     context: int
     rows: int  # blocks per batch
     n_tokens: int  # tokens to score
+    skipped: int = 0  # blocks longer than the model's positions, left out as fairseq-eval-lm leaves them out
+    limit: int = 0  # the model's positions
+    break_mode: str = "none"
 
     def describe(self) -> str:
-        return (
+        line = (
             f"{self.split}: {len(self.dataset)} blocks of {self.block} new tokens, context window {self.context} "
             f"(tokens per sample {self.tokens_per_sample}), {self.n_tokens} tokens to score, "
             f"{self.rows} blocks per batch"
         )
+        if self.skipped:
+            line += (
+                f"; warning: {self.skipped} blocks longer than the model's {self.limit} positions are skipped, as "
+                f"fairseq-eval-lm skips them ({self.remedy()} scores them all)"
+            )
+        return line
+
+    def remedy(self) -> str:
+        if self.break_mode == "none":
+            return f"--tokens-per-sample {self.limit} or less"
+        return f"--sample-break-mode none (--sample-break-mode {self.break_mode} keeps each line whole)"
 
 
 @dataclass
@@ -140,32 +154,43 @@ def plan(lm: LanguageModel, cfg: EvalConfig) -> EvalPlan:
             f"--context-window {C} must be smaller than --tokens-per-sample {tps} (the block is tokens-per-sample "
             f"minus the window); e.g. --tokens-per-sample {tps} --context-window {max(0, tps // 2)}"
         )
-    limit = lm.cfg.max_target_positions
-    over = tps > limit or (lm.cfg.decoder_learned_pos and tps + int(lm.cfg.add_bos_token) > limit)
-    if over and not lm.cfg.no_token_positional_embeddings:
-        raise UserError(
-            f"--tokens-per-sample {tps} exceeds the model's {limit} positions (it was trained with blocks of "
-            f"{limit}); fairseq refuses this too: pass --tokens-per-sample {limit} or less (with --context-window for "
-            f"more context)"
-        )
     block = tps - C
     ds = LMDataset.from_split(
         load_split(data, cfg.gen_subset), block, cfg.sample_break_mode, add_bos=lm.cfg.add_bos_token
     )
     if cfg.full_blocks_only:
         ds = ds.subset(ds.sizes == block)
-    width = int(ds.sizes.max(initial=0)) + C + int(lm.cfg.add_bos_token)
+    limit = lm.cfg.max_target_positions  # fairseq's model.max_positions(), whatever the positions' kind
+    long = ds.sizes > limit  # eval-lm's batches have ignore_invalid_inputs: such blocks are skipped, with a warning
+    skipped = int(long.sum())
+    if skipped:
+        ds = ds.subset(~long)
+    # the widest input: a block after as much context as fits in block + C (context_windows), and <s>
+    sizes = ds.sizes
+    width = int((sizes + np.clip(block + C - sizes, 0, C)).max(initial=0)) + int(lm.cfg.add_bos_token)
+    if lm.cfg.decoder_learned_pos and not lm.cfg.no_token_positional_embeddings and width > limit:
+        raise UserError(
+            f"--tokens-per-sample {tps}{f' with --context-window {C}' if C else ''} gives inputs of {width} "
+            f"positions, more than the model's {limit} learned ones (fairseq fails with an IndexError): pass "
+            f"--tokens-per-sample {limit - int(lm.cfg.add_bos_token)} or less"
+        )
     if cfg.batch_size:
         rows = cfg.batch_size
     else:  # default: 8K tokens on a CPU (cache-sized), 96K on a GPU (one 3,072-token block would idle it)
         tokens = cfg.max_tokens or (DEFAULT_TOKENS_GPU if lm.device.type == "cuda" else DEFAULT_TOKENS_CPU)
         rows = max(1, tokens // max(1, width))
-    return EvalPlan(ds, cfg.gen_subset, block, tps, C, rows, int(ds.sizes.sum()))
+    n = int(ds.sizes.sum())
+    return EvalPlan(ds, cfg.gen_subset, block, tps, C, rows, n, skipped, limit, cfg.sample_break_mode)
 
 
 def nonempty(p: EvalPlan) -> EvalPlan:
     """A plan with tokens to score: an empty split (or ``--full-blocks-only`` on one shorter than a block) would
     otherwise report perplexity 1.00."""
+    if p.n_tokens == 0 and p.skipped:
+        raise UserError(
+            f"{p.split}: no tokens to score: all {p.skipped} blocks are longer than the model's {p.limit} positions "
+            f"(fairseq-eval-lm skips them); pass {p.remedy()}"
+        )
     if p.n_tokens == 0:
         raise UserError(
             f"{p.split}: no tokens to score (an empty split, or --full-blocks-only with no block of {p.block} tokens)"

@@ -504,7 +504,7 @@ def generate(
     sizes = lengths if lengths is not None else [len(p) + 1 for p in prompts]
     longest = max(sizes, default=0)
     if longest > limit:  # the hub's max_positions check, before batching (whose limit is the stored --max-tokens)
-        raise UserError(f"a prompt of {longest} tokens does not fit the model's {limit} positions")
+        raise UserError(f"a prompt of {longest} tokens (its </s> included) does not fit the model's {limit} positions")
     if max_tokens is not None and longest > max_tokens:
         raise UserError(
             f"a prompt of {longest} tokens exceeds the {max_tokens} tokens of the hub's batches (the model's stored "

@@ -38,6 +38,10 @@ BPE_FILES = {"sentencepiece.bpe.model": "sentencepiece_model", "encoder.json": "
 BPE_ARGS = ("gpt2_encoder_json", "gpt2_vocab_bpe", "sentencepiece_model")
 
 
+class NoDictionary(UserError):
+    """A model without a dict.txt where ``find_dictionary`` looks (evaluation then takes the data's, as fairseq)."""
+
+
 def find_dictionary(model_path: Path, tried: list[Path] | None = None) -> Path:
     """dict.txt next to the model, in data-bin/ next to it, or one level up: say which paths were tried."""
     base = model_path if model_path.is_dir() else model_path.parent
@@ -46,7 +50,7 @@ def find_dictionary(model_path: Path, tried: list[Path] | None = None) -> Path:
         if c.is_file():
             return c
     tried_s = ", ".join(str(c) for c in candidates)
-    raise UserError(f"{model_path}: no dict.txt found (tried {tried_s}); pass dictionary=PATH (--dict)")
+    raise NoDictionary(f"{model_path}: no dict.txt found (tried {tried_s}); pass dictionary=PATH (--dict)")
 
 
 def _pick_file(folder: Path) -> Path:
@@ -66,10 +70,12 @@ def load_fairseq(
     overrides: dict[str, Any] | None = None,
 ) -> TransformerLM:
     """Build from the checkpoint's stored settings (never the arch name alone), with fairseq-style load-time
-    ``overrides`` (e.g. ``decoder_layers_to_keep``), and load its weights."""
+    ``overrides`` (e.g. ``decoder_layers_to_keep``), and load its weights: in fp32 unless ``dtype`` says otherwise,
+    as fairseq copies them into its fp32 model (a checkpoint stored in fp16 had run in fp16: ln p off by 1e-2)."""
     ckpt = ckpt if ckpt is not None else safe_load(path)
     cfg = config_from_fairseq(stored_settings(ckpt), len(dictionary), overrides, state_keys=ckpt["model"].keys())
-    return _build(cfg, state_dict_from_fairseq(ckpt["model"], cfg), str(path), dtype, dictionary)
+    sd = state_dict_from_fairseq(ckpt["model"], cfg)
+    return _build(cfg, sd, str(path), dtype if dtype is not None else torch.float32, dictionary)
 
 
 def _build(

@@ -25,14 +25,36 @@ def _onednn_linear(x2: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 
 def forward_gemm(x2: Tensor, w: Tensor, b: Tensor | None, packable: bool = False) -> Tensor:
     """y = x W^T (+ b), (N, in) -> (N, out), on the library measured fastest for this shape; with ``packable`` (no
-    autograd) inside ``packed_weights``, oneDNN on its packed copy of W is a third candidate."""
-    runs = {"mkl": lambda: F.linear(x2, w, b), "onednn": lambda: _onednn_linear(x2, w, b)}
+    autograd) inside ``packed_weights``, oneDNN on its packed copy of W is a third candidate.
+
+    Inside the block the call chosen for (W, b, N, in) is kept and reused while W is unchanged (the same tensor, memory
+    and version): a decoding step runs a dozen small linears, and choosing afresh (the packed copy's key, the choice
+    table) cost more than some of their GEMMs."""
+    block = getattr(_PACK, "block", None) if packable else None
+    if block is not None:
+        key = (id(w), id(b), x2.shape[0], x2.shape[1])
+        hit = block.calls.get(key)
+        if hit is not None and hit[0] is w and hit[1] is b and hit[2] == _state(w):
+            return hit[3](x2)
+    calls: dict[str, Callable[[Tensor], Tensor]] = {
+        "mkl": lambda x: F.linear(x, w, b),
+        "onednn": lambda x: _onednn_linear(x, w, b),
+    }
     kind = "fwd"
     wp = _packed(w, x2.shape[0]) if packable else None
     if wp is not None:
-        runs["onednn-packed"] = lambda: torch.ops.mkldnn._linear_pointwise(x2, wp, b, "none", [], "")
+        calls["onednn-packed"] = lambda x: torch.ops.mkldnn._linear_pointwise(x, wp, b, "none", [], "")
         kind = "fwd-packed"  # its own entries: outside the block the packed candidate does not exist
-    return runs[choice.CHOICE.pick(kind, x2.shape[0], x2.shape[1], w.shape[0], runs)]()
+    runs = {name: functools.partial(f, x2) for name, f in calls.items()}
+    call = calls[choice.CHOICE.pick(kind, x2.shape[0], x2.shape[1], w.shape[0], runs)]
+    if block is not None and (wp is not None or isinstance(w, nn.Parameter)):  # not a temporary: one entry per call
+        block.calls[key] = (w, b, _state(w), call)  # holds w and b: their ids stay theirs while the block lasts
+    return call(x2)
+
+
+def _state(t: Tensor) -> tuple[int, int]:
+    """A tensor's memory and version counter (-1 for an inference tensor, which has none): what a kept call checks."""
+    return t.data_ptr(), -1 if t.is_inference() else t._version
 
 
 PACK_MAX_BYTES = 64 << 20  # larger weights (a wiki103 head: 82 MB) stay unpacked: the copy would cost more memory
@@ -41,13 +63,14 @@ _PACK = threading.local()  # .block: the open ``packed_weights`` block's ``_Bloc
 
 
 class _Block:
-    """What a ``packed_weights`` block keeps: packed copies {key: (weight, packed)} and weights made from
-    parameters {sources' keys: (sources, weight)}; each entry holds its tensors, so no address under a key can be
-    reused by another tensor while the block lasts."""
+    """What a ``packed_weights`` block keeps: packed copies {key: (weight, packed)}, weights made from parameters
+    {sources' keys: (sources, weight)} and chosen calls (``forward_gemm``); each entry holds its tensors, so no
+    address under a key can be reused by another tensor while the block lasts."""
 
     def __init__(self) -> None:
         self.packed: dict[tuple, tuple[Tensor, Tensor]] = {}
         self.made: dict[tuple, tuple[tuple[Tensor, ...], Tensor]] = {}
+        self.calls: dict[tuple, tuple] = {}  # forward_gemm's chosen call per (W, b, N, in)
 
     def is_made(self, w: Tensor) -> bool:
         return any(m is w for _, m in self.made.values())  # a few entries: the head, the input table
