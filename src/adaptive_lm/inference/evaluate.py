@@ -82,14 +82,14 @@ class EvalPlan:
         if self.skipped:
             line += (
                 f"; warning: {self.skipped} blocks longer than the model's {self.limit} positions are skipped, as "
-                f"fairseq-eval-lm skips them ({self.remedy()} scores them all)"
+                f"fairseq-eval-lm skips them; {self.remedy()} scores them all"
             )
         return line
 
     def remedy(self) -> str:
         if self.break_mode == "none":
             return f"--tokens-per-sample {self.limit} or less"
-        return f"--sample-break-mode none (--sample-break-mode {self.break_mode} keeps each line whole)"
+        return f"--sample-break-mode none (it cuts long lines into blocks; {self.break_mode} keeps them whole)"
 
 
 @dataclass
