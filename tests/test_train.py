@@ -17,6 +17,7 @@ import adaptive_lm
 from adaptive_lm.cli import build_parser, main
 from adaptive_lm.cli.train import train_config
 from adaptive_lm.core.corpus import Corpus
+from adaptive_lm.core.errors import UserError
 from adaptive_lm.core.fairseq_format import safe_load, state_dict_from_fairseq
 from adaptive_lm.core.preprocess import PreprocessConfig, preprocess
 from adaptive_lm.training.loop import train
@@ -158,6 +159,59 @@ def test_multibatch_continuation_and_validation_match_fairseq(tmp_path, fixture_
         assert abs(ours["lr"] - float(theirs["lr"])) < 1e-6
     for i, (ours, theirs) in enumerate(zip(result["valid_losses"], ref_valid)):
         assert close(ours, theirs, spread["valid"][i])
+
+
+FIXED = """--arch transformer_lm_wiki103 --decoder-layers 2 --decoder-embed-dim 64 --decoder-ffn-embed-dim 256
+  --decoder-attention-heads 4 --decoder-input-dim 64 --decoder-output-dim 64 --adaptive-input-cutoff 1000,3000
+  --adaptive-softmax-cutoff 1000,3000 --dropout 0 --attention-dropout 0 --activation-dropout 0
+  --adaptive-softmax-dropout 0 --optimizer nag --clip-norm 0.1 --criterion adaptive_loss --max-tokens 2048
+  --tokens-per-sample 256 --seed 1 --sample-break-mode none --ddp-backend=legacy_ddp --log-interval 1
+  --no-epoch-checkpoints --disable-validation --no-progress-bar
+  --lr-scheduler fixed --lr 0.5,0.4,0.3 --force-anneal 5 --lr-shrink 0.5 --warmup-updates 3"""
+
+
+def test_the_fixed_schedule_is_fairseqs(tmp_path, fixture_dir):
+    """fairseq-train's fixed schedule (its default --lr-scheduler; tests/fixtures/make_fairseq_fixed.sh), one update
+    per epoch: an lr per epoch from the --lr list (the last one repeated), --force-anneal shrinking it per epoch,
+    the warmup factor over the first updates, and a run stopped after epoch 4 and resumed: every lr as fairseq logs
+    it, and the losses within the perturbation bound (test above)."""
+    data = str(fixture_dir / "continue" / "data-bin")
+    start = ["--restore-file", str(fixture_dir / "model" / "checkpoint_last.pt"), "--reset-optimizer",
+             "--reset-lr-scheduler", "--reset-dataloader", "--reset-meters"]  # fmt: skip
+    fresh, spread = train_with_spread(["train", data, *FIXED.split(), *start, "--max-epoch", "6", "--save-dir",
+                                       str(tmp_path / "fresh")])  # fmt: skip
+    ref = fairseq_log(fixture_dir / "fixed" / "fresh.log")
+    printed = dict(rel=0, abs=5e-7)  # fairseq prints the lr with 6 decimals
+    assert [r["lr"] for r in fresh["history"]] == pytest.approx([r["lr"] for r in ref], **printed)
+    assert [r["lr"] for r in ref] == pytest.approx([0.5 * 2 / 3, 0.4, 0.3, 0.3, 0.15, 0.075], rel=1e-5)
+    for i, (ours, theirs) in enumerate(zip(fresh["history"], ref, strict=True)):
+        assert close(ours["loss"], theirs["loss"], spread["loss"][i])
+    save = ["--save-dir", str(tmp_path / "two")]
+    first = train(train_config(build_parser().parse_args(["train", data, *FIXED.split(), *start, "--max-epoch", "4",
+                                                          *save])))  # fmt: skip
+    resumed = train(train_config(build_parser().parse_args(["train", data, *FIXED.split(), "--max-epoch", "7",
+                                                            *save])))  # fmt: skip
+    ours = first["history"] + resumed["history"]
+    theirs = fairseq_log(fixture_dir / "fixed" / "first.log") + fairseq_log(fixture_dir / "fixed" / "resumed.log")
+    assert [r["update"] for r in ours] == [r["num_updates"] for r in theirs] == list(range(1, 8))
+    assert [r["lr"] for r in ours] == pytest.approx([r["lr"] for r in theirs], **printed)
+    for i, (a, b) in enumerate(zip(ours[:6], theirs[:6])):
+        assert close(a["loss"], b["loss"], spread["loss"][i])
+
+
+def test_fixed_schedule_flags_are_checked():
+    def cfg(*extra: str):
+        return train_config(build_parser().parse_args(["train", "d", "--max-tokens", "64", *extra]))
+
+    with pytest.raises(UserError, match="--t-mult belong to the cosine schedule"):
+        cfg("--lr-scheduler", "fixed", "--t-mult", "2").check()
+    with pytest.raises(UserError, match="--max-lr and --min-lr belong to the cosine schedule"):
+        cfg("--lr-scheduler", "fixed", "--min-lr", "0.001")
+    with pytest.raises(UserError, match="--force-anneal belongs to --lr-scheduler fixed"):
+        cfg("--lr-scheduler", "cosine", "--max-update", "5", "--force-anneal", "2").check()
+    with pytest.raises(UserError, match="--lr takes one value with the cosine schedule"):
+        cfg("--lr-scheduler", "cosine", "--max-update", "5", "--lr", "0.1,0.2").check()
+    cfg("--lr-scheduler", "fixed", "--lr", "0.1,0.2").check()
 
 
 POSTLN = Path(__file__).parent / "fixtures" / "fairseq_postln"  # made by tests/fixtures/make_fairseq_postln.sh

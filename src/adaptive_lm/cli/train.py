@@ -17,7 +17,8 @@ HELP = "train a language model (fairseq-train's flags)"
 
 
 def lr_list(s: str) -> str:
-    """fairseq's ``--lr`` is a comma-separated list of positive numbers (the cosine schedule takes one)."""
+    """fairseq's ``--lr`` is a comma-separated list of positive numbers (one per epoch for the fixed schedule; the
+    cosine one takes one)."""
     for x in s.split(","):
         positive(x)
     return s
@@ -41,8 +42,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "min_lr": dict(default=None, help=f"floor of the cosine schedule (default: {TrainConfig.min_lr})"),
         "lr_scheduler": dict(
             default=None,
-            help="fairseq's cosine schedule with linear warmup (fairseq's default, "
-            "fixed, is not reproduced: cosine is used, with a note)",
+            help="cosine (fairseq's cosine with linear warmup) or fixed (an lr per epoch from the --lr list); "
+            "unset: cosine, with a note (fairseq's default is fixed)",
         ),  # fmt: skip
     }
     add_config_flags(p, TrainConfig, groups, special=special)
@@ -115,9 +116,9 @@ def train_config(ns: argparse.Namespace) -> TrainConfig:
     ``--lr`` floor, ``--min-lr`` stop threshold), ``--lr``/``--update-freq`` given as fairseq's lists, and
     ``--criterion cross_entropy`` switching the tail quirk off."""
     lrs = [float(x) for x in str(ns.lr).split(",")]  # checked by the parser (lr_list)
-    if len(lrs) != 1:
-        raise UserError("--lr takes one value with the cosine schedule (fairseq rejects a list too)")
-    given: dict[str, Any] = {"lr": lrs[0]}
+    given: dict[str, Any] = {"lr": lrs[0], "lr_epochs": tuple(lrs)}
+    if ns.lr_scheduler == "fixed" and (ns.max_lr is not None or ns.min_lr is not None):
+        raise UserError("--max-lr and --min-lr belong to the cosine schedule, not --lr-scheduler fixed")
     if ns.max_lr is not None:  # pre-2021 names
         given.update(lr=ns.max_lr, min_lr=lrs[0], stop_min_lr=ns.min_lr if ns.min_lr is not None else ns.stop_min_lr)
     elif ns.min_lr is None:

@@ -1,9 +1,10 @@
-"""fairseq's NAG optimizer, cosine learning-rate schedule and dynamic loss scaler (``fairseq/optim/nag.py``,
-``fairseq/optim/lr_scheduler/cosine_lr_scheduler.py``, ``fairseq/optim/dynamic_loss_scaler.py``).
+"""fairseq's NAG optimizer, cosine and fixed learning-rate schedules and dynamic loss scaler (``fairseq/optim/nag.py``,
+``fairseq/optim/lr_scheduler/{cosine_lr_scheduler,fixed_schedule}.py``, ``fairseq/optim/dynamic_loss_scaler.py``).
 
 NAG is the "reformulated" Nesterov momentum whose buffer already holds the -lr factor; ``lr_old`` rescales
 the stored velocity when the schedule changes the lr. Weight decay is multiplicative on the weights.
-The schedule is a pure function of the number of updates done, so resuming only needs that number.
+The cosine schedule is a pure function of the number of updates done, so resuming only needs that number; the fixed
+one also follows the epoch, as fairseq's.
 """
 
 from __future__ import annotations
@@ -123,6 +124,39 @@ class CosineSchedule:
         shrink = self.lr_shrink**i
         lo, hi = self.min_lr * shrink, self.max_lr * shrink
         return lo + 0.5 * (hi - lo) * (1 + math.cos(math.pi * t_cur / t_i))
+
+    def step_begin_epoch(self, epoch: int) -> None:
+        """The cosine schedule follows the update count only: nothing changes at an epoch's start."""
+
+
+@dataclass
+class FixedSchedule:
+    """fairseq's ``fixed`` schedule (``fixed_schedule.py``; fairseq-train's default ``--lr-scheduler``): each epoch
+    takes its lr from the ``--lr`` list (the last one for the epochs after it); from epoch ``force_anneal`` on, the
+    list's last lr times ``lr_shrink`` per epoch; the first ``warmup_updates`` updates scale it by a linear factor.
+    fairseq's trainer follows every ``step_begin_epoch`` with ``step_update(num_updates)``: the lr at an epoch's
+    start is ``lr_at`` of the new epoch's value, warmup included (so resuming needs the epoch and update count)."""
+
+    lrs: tuple[float, ...]
+    force_anneal: int | None = None
+    lr_shrink: float = 0.1
+    warmup_updates: int = 0
+
+    def __post_init__(self) -> None:
+        self.lr = self.lrs[0]
+
+    def step_begin_epoch(self, epoch: int) -> None:
+        """Take epoch ``epoch``'s lr (1-based) at its start."""
+        if self.force_anneal is None or epoch < self.force_anneal:
+            self.lr = self.lrs[min(epoch - 1, len(self.lrs) - 1)]
+        else:
+            self.lr = self.lrs[-1] * self.lr_shrink ** (epoch + 1 - self.force_anneal)
+
+    def lr_at(self, num_updates: int) -> float:
+        """The lr for the update after ``num_updates`` updates (``step_update``)."""
+        if self.warmup_updates > 0 and num_updates < self.warmup_updates:
+            return (num_updates + 1) / float(self.warmup_updates) * self.lr
+        return self.lr
 
 
 @torch.no_grad()

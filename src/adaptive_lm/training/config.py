@@ -93,7 +93,10 @@ class TrainConfig:
     )
     optimizer: str = opt("nag", "fairseq's NAG", "optimization", choices=["nag"])
     lr_scheduler: str = opt(
-        "cosine", "fairseq's cosine schedule with linear warmup", "optimization", choices=["cosine"]
+        "cosine",
+        "cosine (fairseq's cosine with linear warmup) or fixed (an lr per epoch from the --lr list)",
+        "optimization",
+        choices=["cosine", "fixed"],
     )
     max_update: int = opt(0, "stop after this many updates (0: no limit)", "optimization", kind="nonneg")
     max_epoch: int = opt(0, "stop after this many epochs (0: no limit)", "optimization", kind="nonneg")
@@ -111,7 +114,13 @@ class TrainConfig:
         -1, "length of the first cosine period (default: --max-update minus warmup)", "optimization", kind=float
     )
     t_mult: float = opt(1.0, "period growth factor per cosine restart", "optimization", kind="positive")
-    lr_shrink: float = opt(0.1, "peak lr factor per cosine restart", "optimization", kind="positive")
+    lr_shrink: float = opt(
+        0.1, "peak lr factor per cosine restart (fixed: per epoch from --force-anneal)", "optimization", kind="positive"
+    )
+    force_anneal: int | None = opt(
+        None, "fixed schedule: from this epoch on, the last --lr times --lr-shrink per epoch", "optimization",
+        kind="nonneg",
+    )  # fmt: skip
     momentum: float = opt(0.99, "NAG momentum", "optimization", kind="prob")
     weight_decay: float = opt(0.0, "multiplicative weight decay", "optimization", flags=("--wd",), kind="nonneg")
     clip_norm: float = opt(0.0, "clip the gradient norm to this (0: off)", "optimization", kind="nonneg")
@@ -213,6 +222,7 @@ class TrainConfig:
     stop_after_updates: int = opt(0, "", "optimization", kind="nonneg", hidden=True)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields set by model flags
     lr_scheduler_given: bool = True  # False: the command line had no --lr-scheduler (fairseq's default is fixed)
+    lr_epochs: tuple[float, ...] = ()  # the fixed schedule's --lr list (one lr per epoch); () = (lr,)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -236,7 +246,17 @@ class TrainConfig:
             self.reset_optimizer or self.reset_lr_scheduler or self.reset_meters or self.reset_dataloader
         ):
             raise UserError("--finetune-from-model already resets the optimizer, schedule, meters and data position")
-        if self.max_update == 0 and self.lr_period_updates <= 0:  # fairseq's cosine scheduler asserts the same
+        if self.lr_scheduler == "fixed":
+            cosine_only = {"--lr-period-updates": self.lr_period_updates != -1, "--t-mult": self.t_mult != 1.0,
+                           "--warmup-init-lr": self.warmup_init_lr != -1.0}  # fmt: skip
+            given = [flag for flag, on in cosine_only.items() if on]
+            if given:  # fairseq's parser has them only with --lr-scheduler cosine
+                raise UserError(f"{', '.join(given)} belong to the cosine schedule, not --lr-scheduler fixed")
+        elif self.force_anneal is not None:
+            raise UserError("--force-anneal belongs to --lr-scheduler fixed (fairseq's cosine has no such option)")
+        elif len(self.lr_epochs) > 1:
+            raise UserError("--lr takes one value with the cosine schedule (fairseq rejects a list too)")
+        if self.lr_scheduler == "cosine" and self.max_update == 0 and self.lr_period_updates <= 0:  # fairseq asserts
             raise UserError(
                 "the cosine schedule needs --max-update or --lr-period-updates (the recipe passes --max-update 286000)"
             )

@@ -78,6 +78,8 @@ class Run:
     def epoch(self) -> bool:
         """Train the rest of the current epoch; True when it ended and training goes on."""
         t, s = self.t, self.t.state
+        t.schedule.step_begin_epoch(s.epoch)  # fairseq's lr_step_begin_epoch, also when resuming within an epoch
+        t.set_lr(t.schedule.lr_at(s.num_updates))
         batches = t.batches.epoch_batches(s.epoch)
         uf = self.cfg.update_freq
         groups = [batches[i : i + uf] for i in range(s.iterations_in_epoch, len(batches), uf)]

@@ -109,7 +109,7 @@ def start_lines(t: Any) -> list[str]:
         f"effective tokens per update: up to {per_update:,} (--max-tokens x --update-freq x processes)",
     ]
     if not cfg.lr_scheduler_given:
-        lines.append("note: no --lr-scheduler given: cosine (fairseq's default, fixed, is not reproduced)")
+        lines.append("note: no --lr-scheduler given: cosine (fairseq-train's default is fixed: --lr-scheduler fixed)")
     if m.decoder_layers == 16 and m.decoder_embed_dim == 1024 and per_update < RECIPE_TOKENS_PER_UPDATE:
         need = math.ceil(RECIPE_TOKENS_PER_UPDATE / (per_update / cfg.update_freq))
         lines.append(

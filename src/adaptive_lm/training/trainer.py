@@ -28,7 +28,7 @@ from adaptive_lm.core.errors import UserError
 from adaptive_lm.core.hardware import half_precision_notice
 from adaptive_lm.core.kernels import fast_linears, plain_kernels, prepare_for_compile
 from adaptive_lm.core.model import TransformerLM
-from adaptive_lm.core.optim import NAG, CosineSchedule, LossScaler, clip_grad_norm_
+from adaptive_lm.core.optim import NAG, CosineSchedule, FixedSchedule, LossScaler, clip_grad_norm_
 from adaptive_lm.core.presets import make_config
 from adaptive_lm.training.checkpoint import TrainState
 from adaptive_lm.training.config import TrainConfig
@@ -99,16 +99,21 @@ class Trainer:
         self.model = seeded_model(self.model_cfg, self.dictionary, cfg.seed).to(self.device)
         self.params = list(self.model.parameters())
         self.optimizer = NAG(self.params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        self.schedule = CosineSchedule(
-            max_lr=cfg.lr,
-            min_lr=cfg.min_lr,
-            warmup_updates=cfg.warmup_updates,
-            warmup_init_lr=cfg.warmup_init_lr,
-            period=cfg.lr_period_updates,
-            t_mult=cfg.t_mult,
-            lr_shrink=cfg.lr_shrink,
-            max_update=cfg.max_update,
-        )
+        self.schedule: CosineSchedule | FixedSchedule
+        if cfg.lr_scheduler == "fixed":
+            lrs = cfg.lr_epochs or (cfg.lr,)
+            self.schedule = FixedSchedule(lrs, cfg.force_anneal, cfg.lr_shrink, cfg.warmup_updates)
+        else:
+            self.schedule = CosineSchedule(
+                max_lr=cfg.lr,
+                min_lr=cfg.min_lr,
+                warmup_updates=cfg.warmup_updates,
+                warmup_init_lr=cfg.warmup_init_lr,
+                period=cfg.lr_period_updates,
+                t_mult=cfg.t_mult,
+                lr_shrink=cfg.lr_shrink,
+                max_update=cfg.max_update,
+            )
         window = cfg.fp16_scale_window or int(2**14 / self.world / cfg.update_freq)
         self.scaler = LossScaler(cfg.half == "fp16", cfg.fp16_init_scale, window, cfg.min_loss_scale)
         self.reducer = GradReducer(self.params) if self.world > 1 else None
