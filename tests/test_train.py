@@ -199,6 +199,21 @@ def test_the_fixed_schedule_is_fairseqs(tmp_path, fixture_dir):
         assert close(a["loss"], b["loss"], spread["loss"][i])
 
 
+def test_update_freq_per_epoch_is_fairseqs(tmp_path, fixture_dir):
+    """--update-freq 3,2: epoch 1 groups three batches per update (56 batches: 19 updates, the last of two), epoch 2
+    two, as fairseq-train (tests/fixtures/make_fairseq_fixed.sh): the same losses and lrs, update by update."""
+    args = ["train", str(fixture_dir / "data-bin"), *FIXED.split(), "--restore-file",
+            str(fixture_dir / "model" / "checkpoint_last.pt"), "--reset-optimizer", "--reset-lr-scheduler",
+            "--reset-dataloader", "--reset-meters", "--update-freq", "3,2", "--max-update", "22", "--save-dir",
+            str(tmp_path), "--no-save"]  # fmt: skip
+    result, spread = train_with_spread(args)
+    ref = fairseq_log(fixture_dir / "fixed" / "update_freq.log")
+    assert len(result["history"]) == len(ref) == 22
+    for i, (ours, theirs) in enumerate(zip(result["history"], ref)):
+        assert close(ours["loss"], theirs["loss"], spread["loss"][i]), i
+        assert abs(ours["lr"] - theirs["lr"]) <= 5e-7
+
+
 def test_fixed_schedule_flags_are_checked():
     def cfg(*extra: str):
         return train_config(build_parser().parse_args(["train", "d", "--max-tokens", "64", *extra]))

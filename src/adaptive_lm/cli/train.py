@@ -25,7 +25,8 @@ def lr_list(s: str) -> str:
 
 
 def int_list(s: str) -> str:
-    """fairseq's ``--update-freq`` is a comma-separated list of positive integers (the first one is used)."""
+    """fairseq's ``--update-freq`` is a comma-separated list of positive integers (one per epoch, the last one
+    repeated)."""
     for x in s.split(","):
         v = positive(x)
         if not isinstance(v, int):
@@ -124,9 +125,7 @@ def train_config(ns: argparse.Namespace) -> TrainConfig:
     elif ns.min_lr is None:
         given["min_lr"] = TrainConfig.min_lr
     freqs = [int(x) for x in str(ns.update_freq).split(",")]  # checked by the parser (int_list)
-    if len(set(freqs)) > 1:
-        raise UserError(f"--update-freq {ns.update_freq}: fairseq's per-epoch values are not reproduced; give one")
-    given["update_freq"] = freqs[0]
+    given["update_freq"], given["update_freq_epochs"] = freqs[0], tuple(freqs)
     if ns.lr_scheduler is None:  # said at the start of training (report.start_lines)
         given["lr_scheduler"], given["lr_scheduler_given"] = "cosine", False
     given["tail_ignore_quirk"] = ns.tail_ignore_quirk and ns.criterion == "adaptive_loss"

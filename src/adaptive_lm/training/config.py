@@ -223,6 +223,12 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields set by model flags
     lr_scheduler_given: bool = True  # False: the command line had no --lr-scheduler (fairseq's default is fixed)
     lr_epochs: tuple[float, ...] = ()  # the fixed schedule's --lr list (one lr per epoch); () = (lr,)
+    update_freq_epochs: tuple[int, ...] = ()  # the --update-freq list (one per epoch, the last repeated); () = (uf,)
+
+    def update_freq_at(self, epoch: int) -> int:
+        """fairseq's ``update_freq[epoch - 1]``, the list's last value after its end."""
+        freqs = self.update_freq_epochs or (self.update_freq,)
+        return freqs[min(epoch, len(freqs)) - 1]
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))

@@ -81,7 +81,7 @@ class Run:
         t.schedule.step_begin_epoch(s.epoch)  # fairseq's lr_step_begin_epoch, also when resuming within an epoch
         t.set_lr(t.schedule.lr_at(s.num_updates))
         batches = t.batches.epoch_batches(s.epoch)
-        uf = self.cfg.update_freq
+        uf = self.cfg.update_freq_at(s.epoch)
         groups = [batches[i : i + uf] for i in range(s.iterations_in_epoch, len(batches), uf)]
         meter, epoch_meter = Meter(), Meter()
         bar = Progress(
