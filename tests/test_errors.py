@@ -3,6 +3,7 @@ and exit code 2 (130/143 for signals), never a traceback, and nothing that was t
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -508,3 +509,30 @@ def test_forked_workers_end_quietly_when_their_pool_stops_them(data, tmp_path, c
                      "--destdir", str(tmp_path / f"b{i}"), "--workers", "6", "--no-progress-bar"]) == 0  # fmt: skip
     err = capfd.readouterr().err
     assert "Traceback" not in err and "Terminated" not in err, err[-2000:]
+
+
+def test_convert_never_overwrites_silently_and_score_output_is_all_or_nothing(data, model, tmp_path, capsys):
+    """convert had replaced its own source (a training checkpoint) and existing files without a word; score
+    --output had truncated the file before scoring, so a failure left it empty (and named a line of its chunk)."""
+    src = tmp_path / "ckpt.pt"
+    src.write_bytes(model.read_bytes())
+    before = src.read_bytes()
+    assert "that is the model being converted" in in_process(capsys, "convert", str(src), str(src), "--to", "fairseq")
+    assert src.read_bytes() == before
+    assert main(["convert", str(src), str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    assert "config.json exists: name a new destination, or pass --overwrite" in in_process(
+        capsys, "convert", str(src), str(tmp_path / "out")
+    )
+    assert main(["convert", str(src), str(tmp_path / "out"), "--overwrite"]) == 0
+    text = tmp_path / "in.txt"
+    text.write_text("w1 w2\n" * 3 + " ".join(["w1"] * 40) + "\n")  # line 4: longer than the 32 positions
+    out = tmp_path / "scores.jsonl"
+    out.write_text("old\n")
+    line = in_process(capsys, "score", str(text), "--path", str(model), "--output", str(out))
+    assert f"{text}: line 4 has 40 tokens" in line
+    assert out.read_text() == "old\n" and not list(tmp_path.glob("*.tmp*"))
+    assert main(["score", str(text.with_name("ok.txt")), "--path", str(model)]) == 2  # a missing file, as before
+    text.write_text("w1 w2\n")
+    assert main(["score", str(text), "--path", str(model), "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["tokens"] == ["w1", "w2"]

@@ -18,6 +18,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="folder: config.json + model.safetensors + dict.txt; fairseq: a model.pt for fairseq",
     )
     p.add_argument("--dict", default=None, type=existing_file, help="dictionary (default: the model's own)")
+    p.add_argument("--overwrite", action="store_true", help="replace files already at the destination")
+
+
+def outputs(dst: Path, to: str) -> list[Path]:
+    """The files ``convert`` writes for ``dst`` and ``--to``."""
+    if to == "folder":
+        return [dst / "config.json", dst / "model.safetensors", dst / "dict.txt"]
+    if dst.suffix == ".pt":
+        return [dst, dst.parent / "dict.txt"]
+    return [dst / "model.pt", dst / "dict.txt"]
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -27,5 +37,12 @@ def run(ns: argparse.Namespace) -> int:
     dst = Path(ns.dst)
     if dst.is_file() and (ns.to == "folder" or dst.suffix != ".pt"):
         raise UserError(f"{dst}: a file, not a folder; name a new or existing folder for the converted model")
+    src = Path(ns.src)
+    sources = [f for f in (src.iterdir() if src.is_dir() else [src]) if f.is_file()]
+    for out in outputs(dst, ns.to):
+        if out.exists() and any(out.samefile(f) for f in sources if f.name != "dict.txt"):
+            raise UserError(f"{out}: that is the model being converted; name another destination")
+        if out.exists() and not ns.overwrite:
+            raise UserError(f"{out} exists: name a new destination, or pass --overwrite to replace it")
     print(f"wrote {convert(ns.src, ns.dst, to=ns.to, dictionary=ns.dict)}")
     return 0

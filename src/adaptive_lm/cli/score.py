@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
 from adaptive_lm.cli.common import (
     add_model_flags,
     add_precision_flags,
+    add_progress_flag,
     add_text_flags,
     half_notice,
     load_model,
@@ -17,6 +19,8 @@ from adaptive_lm.cli.common import (
     unk_line,
 )
 from adaptive_lm.core.errors import UserError
+from adaptive_lm.core.files import atomic_path
+from adaptive_lm.core.progress import Progress
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -30,6 +34,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="also score each line's final </s> (fairseq's hub score does not)")  # fmt: skip
     add_text_flags(p)
     add_precision_flags(p)
+    add_progress_flag(p)
 
 
 def _lines(path: str) -> list[str]:
@@ -53,17 +58,28 @@ def run(ns: argparse.Namespace) -> int:
     lines = _lines(ns.file)
     lm = load_model(ns)
     half_notice(ns, lm.device.type)
-    out = open(ns.output, "w", encoding="utf-8") if ns.output else sys.stdout
+    name = "standard input" if ns.file == "-" else ns.file
     n = n_unk = 0
-    try:
-        for row in lm.score_rows(lines, ns.batch_size, score_eos=ns.score_eos, autocast=_autocast(ns)):
-            out.write(json.dumps(row) + "\n")
-            n += len(row["tokens"])
-            n_unk += row["tokens"].count(lm.dictionary.unk_word)
-    finally:
+    # --output is written whole or not at all (a temporary file renamed at the end): a failure or Ctrl-C midway
+    # leaves the previous file as it was, not a truncated one under the final name
+    with contextlib.ExitStack() as stack:
+        if ns.output:
+            tmp = stack.enter_context(atomic_path(ns.output))
+            out = stack.enter_context(open(tmp, "w", encoding="utf-8"))
+        else:
+            out = sys.stdout
+        bar = stack.enter_context(Progress(len(lines), "score", ns.progress, unit="lines"))
+        try:
+            for row in lm.score_rows(lines, ns.batch_size, score_eos=ns.score_eos, autocast=_autocast(ns)):
+                out.write(json.dumps(row) + "\n")
+                n += len(row["tokens"])
+                n_unk += row["tokens"].count(lm.dictionary.unk_word)
+                bar.update(1)
+        except UserError as e:
+            raise UserError(f"{name}: {e}") from None
         if out is not sys.stdout:
-            out.close()
-    unk = unk_line(n_unk, n, lm.tokenizer is not None, "standard input" if ns.file == "-" else ns.file)
+            out.close()  # before the rename
+    unk = unk_line(n_unk, n, lm.tokenizer is not None, name)
     if unk:
         print(unk, file=sys.stderr)
     return 0

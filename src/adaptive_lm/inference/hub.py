@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -183,7 +184,11 @@ class LanguageModel:
             raise UserError("score_rows takes a list of lines, not one str")
         for b in range(0, len(lines), SCORE_CHUNK_LINES):
             chunk = lines[b : b + SCORE_CHUNK_LINES]
-            scored = self.score(chunk, batch_size=batch_size, score_eos=score_eos, autocast_dtype=autocast)
+            try:
+                scored = self.score(chunk, batch_size=batch_size, score_eos=score_eos, autocast_dtype=autocast)
+            except UserError as e:  # the chunk's sentence number -> the line's
+                where = re.sub(r"^sentence (\d+)", lambda m, b=b: f"line {int(m.group(1)) + b}", str(e))
+                raise UserError(where) from None
             for line, r in zip(chunk, scored):  # type: ignore[arg-type]
                 ps = r["positional_scores"].tolist()
                 total = float(sum(ps))
