@@ -103,6 +103,28 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_an_interrupted_quickstart_says_so_and_the_same_command_resumes(tmp_path):
+    """Ctrl-C during quickstart's training had printed 'quickstart done' with perplexity nan and exited 0, and the
+    rerun deleted the checkpoints; now: exit 130, one line, and the rerun resumes (then finishes afresh next time)."""
+    cmd = [sys.executable, "-m", "adaptive_lm", "quickstart", "--dir", str(tmp_path / "qs")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([*cmd, "--updates", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.stdout.readline().startswith("effective tokens per update"):  # the trainer's last line before updates
+            time.sleep(3)
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "quickstart done" not in out and "resumes it" in err and "Traceback" not in err
+    again = subprocess.run([*cmd, "--updates", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "restored" in again.stdout and "quickstart done" in again.stdout
+    assert (tmp_path / "qs" / ".adaptive-lm-quickstart-done").is_file()
+
+
 def test_make_corpus_cli(tmp_path, capsys):
     assert main(["make-corpus", "--out", str(tmp_path / "c"), "--tokens", "5000", "--vocab", "500"]) == 0
     assert "entropy rate" in capsys.readouterr().out

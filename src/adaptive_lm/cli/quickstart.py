@@ -2,13 +2,16 @@
 (the recipe's NAG + cosine, scaled down) -> validation perplexity against the best possible -> a sample.
 
 It works in a folder of its own: a new or empty one, or one it made before (marked by ``MARKER``), whose
-checkpoints it replaces. Any other non-empty folder is refused: it never deletes what it did not create.
+checkpoints it replaces after a finished run (``DONE``) and resumes from after an interrupted one. Any other
+non-empty folder is refused: it never deletes what it did not create.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ from adaptive_lm.cli.common import console_log, creatable_dir, positive
 from adaptive_lm.core.errors import UserError
 
 MARKER = ".adaptive-lm-quickstart"
+DONE = ".adaptive-lm-quickstart-done"  # the last run finished: the next one starts afresh
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -26,7 +30,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
-    quickstart(ns.dir, ns.updates)
+    result = quickstart(ns.dir, ns.updates)
+    if result.get("signal"):  # training saved and stopped: nothing to report, the same command resumes
+        print(f"quickstart interrupted during training: `adaptive-lm quickstart --dir {ns.dir}` resumes it",
+              file=sys.stderr)  # fmt: skip
+        return 128 + result["signal"]
     return 0
 
 
@@ -36,7 +44,9 @@ def claim_folder(d: Path) -> None:
         raise UserError(f"{d}: not empty and not a quickstart folder (no {MARKER}); pass --dir with a new folder")
     d.mkdir(parents=True, exist_ok=True)
     (d / MARKER).write_text("made by adaptive-lm quickstart; it may replace the files it wrote here\n")
-    shutil.rmtree(d / "checkpoints", ignore_errors=True)  # ours (the marker says so): a fresh run each time
+    if (d / DONE).is_file():  # ours (the marker says so): a fresh run after a finished one, else training resumes
+        shutil.rmtree(d / "checkpoints", ignore_errors=True)
+        (d / DONE).unlink()
 
 
 def quickstart(run_dir: str = "quickstart-run", updates: int = 300) -> dict[str, Any]:
@@ -61,11 +71,14 @@ def quickstart(run_dir: str = "quickstart-run", updates: int = 300) -> dict[str,
     print(f"[3/3] training a small adaptive-input model for {updates} updates (NAG, cosine, clip 0.1)")
     with console_log():
         result = train(small_recipe(d, updates))
+    if result["signal"]:
+        return {"signal": result["signal"]}
     val = result["valid_loss"]
     ppl = perplexity(val) if val is not None else float("nan")
     lm = from_pretrained(d / "checkpoints" / "checkpoint_last.pt")
     sample = lm.sample(corpus.words[0][0], sampling=True, sampling_topk=20, seed=0, max_len_b=25)
     _report(d, time.time() - t0, ppl, perplexity_nats(h), sample, corpus.words[0][0])
+    (d / DONE).write_text("")
     return {"valid_ppl": ppl, "best_ppl": perplexity_nats(h), "sample": sample}
 
 
@@ -85,13 +98,16 @@ def small_recipe(d: Path, updates: int) -> Any:
 
 
 def _report(d: Path, seconds: float, ppl: float, best: float, sample: str, word: str) -> None:
-    try:
+    if importlib.util.find_spec("matplotlib") is None:  # optional
+        plot_note = "\n  (pip install 'adaptive-lm[plot]' for a PNG of the curves)"
+    else:
         from adaptive_lm.core.plots import plot_run
 
-        plot_run(d / "checkpoints", d / "curves.png")
-        plot_note = f"\n  curves:      {d / 'curves.png'}"
-    except UserError:  # matplotlib is optional
-        plot_note = "\n  (pip install 'adaptive-lm[plot]' for a PNG of the curves)"
+        try:
+            plot_run(d / "checkpoints", d / "curves.png")
+            plot_note = f"\n  curves:      {d / 'curves.png'}"
+        except UserError as e:
+            plot_note = f"\n  (no curves: {e})"
     ckpt = d / "checkpoints" / "checkpoint_last.pt"
     print(f"\nquickstart done in {seconds:.0f}s")
     print(f"  data:        {d / 'data-bin'}")
