@@ -101,6 +101,11 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
     assert (tmp_path / "qs" / "curves.png").stat().st_size > 1000
     assert main(["plot", str(tmp_path / "qs" / "checkpoints"), "--output", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert main(["plot", str(tmp_path / "qs" / "checkpoints"), "--output", str(tmp_path / "named")]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'named.png'}"  # it had said 'wrote .../named'
+    assert main(["plot", str(tmp_path / "qs" / "checkpoints"), "--output", str(tmp_path / "c.txt")]) == 2
+    assert "give a .png, .pdf, .svg file name" in capsys.readouterr().err  # a matplotlib traceback before
 
 
 def test_an_interrupted_quickstart_says_so_and_the_same_command_resumes(tmp_path):

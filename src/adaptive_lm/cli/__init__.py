@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     return _run(ns)
 
 
+# commands whose interruption keeps their progress (the trainer and quickstart say so themselves)
+RESUMES = {"knn-store": "; the progress is saved: the same command resumes"}
+
+
 def _run(ns: argparse.Namespace) -> int:
     """The command, its bad input as one line and its interruption as an exit code."""
     try:
@@ -97,7 +101,7 @@ def _run(ns: argparse.Namespace) -> int:
         print(f"adaptive-lm {ns.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"adaptive-lm {ns.command}: interrupted", file=sys.stderr)
+        print(f"adaptive-lm {ns.command}: interrupted{RESUMES.get(ns.command, '')}", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
     except BrokenPipeError:  # `adaptive-lm score ... | head`
         return 0

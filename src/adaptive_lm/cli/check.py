@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from pathlib import Path
 
 from adaptive_lm.check.config import CheckConfig
 from adaptive_lm.cli.common import add_config_flags, config_from_args, console_log
+from adaptive_lm.core.errors import UserError
 
 EXAMPLES = """examples:
   adaptive-lm check                              # on a CUDA machine: every check
@@ -29,8 +31,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
+    from adaptive_lm.check.inference import FIXTURE_LAYOUT
     from adaptive_lm.check.run import main
 
+    if ns.fixture is not None:  # a usage error, not a failed check of the machine
+        missing = [x for x in FIXTURE_LAYOUT if not (Path(ns.fixture) / x).is_file()]
+        if missing:
+            raise UserError(f"--fixture {ns.fixture}: no {', '.join(missing)} (a fairseq-tiny folder: "
+                            f"{' + '.join(FIXTURE_LAYOUT)})")  # fmt: skip
     with console_log(sys.stderr):
         outcome = main(config_from_args(CheckConfig, ns))
     print(outcome.text(shutil.get_terminal_size((160, 24)).columns))

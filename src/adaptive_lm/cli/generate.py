@@ -27,7 +27,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="repeatable (one list given to the hub's generate); without it, prompts are read from stdin: a line at "
         "a time on a terminal, else all at once",
     )
-    add_config_flags(p.add_argument_group("generation (fairseq's flags)"), GenerationConfig)
+    special = {"nbest": dict(help="hypotheses printed per prompt, best first (default: 1, as the hub's sample)")}
+    add_config_flags(p.add_argument_group("generation (fairseq's flags)"), GenerationConfig, special=special)
     p.set_defaults(beam=1, nbest=1)  # the hub's sample(): beam 1, the best hypothesis
     p.add_argument("--seed", type=integer, default=None, help="torch.manual_seed(SEED) first (sampling)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 weights")

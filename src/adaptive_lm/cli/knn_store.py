@@ -13,6 +13,7 @@ from adaptive_lm.cli.common import (
     load_model,
     sigterm_as_interrupt,
 )
+from adaptive_lm.core.errors import UserError
 from adaptive_lm.inference.evaluate import EvalConfig
 from adaptive_lm.inference.knn import StoreConfig
 
@@ -31,6 +32,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run(ns: argparse.Namespace) -> int:
     from adaptive_lm.inference.knn import build_store
 
+    if ns.bf16 and ns.fp16:  # before the notes either flag prints
+        raise UserError("--bf16 and --fp16 together: choose one autocast type")
     lm = load_model(ns)
     half_notice(ns, lm.device.type)
     with console_log(), sigterm_as_interrupt():  # a scheduler's stop saves the progress as Ctrl-C does

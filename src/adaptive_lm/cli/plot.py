@@ -3,19 +3,37 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from adaptive_lm.cli.common import existing_dir
+from adaptive_lm.core.errors import UserError
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", type=existing_dir, help="a --save-dir (with metrics.jsonl)")
-    p.add_argument("--output", default=None, help="PNG path (default: RUN_DIR/curves.png)")
+    p.add_argument("--output", default=None, help="figure path, .png, .pdf or .svg (default: RUN_DIR/curves.png)")
+
+
+FORMATS = (".png", ".pdf", ".svg")
+
+
+def output_path(run_dir: str, output: str | None) -> Path:
+    """Where the figure goes: RUN_DIR/curves.png by default, curves.png inside a folder, NAME.png for a name
+    without a suffix; another suffix than ``FORMATS`` is refused (matplotlib failed with a traceback)."""
+    out = Path(output) if output else Path(run_dir) / "curves.png"
+    if out.is_dir():
+        out = out / "curves.png"
+    if not out.suffix:
+        out = out.with_name(out.name + ".png")
+    if out.suffix.lower() not in FORMATS:
+        raise UserError(f"--output {output}: give a {', '.join(FORMATS)} file name (the figure's format)")
+    return out
 
 
 def run(ns: argparse.Namespace) -> int:
     from adaptive_lm.core.plots import plot_run
 
-    out = ns.output or f"{ns.run_dir.rstrip('/')}/curves.png"
+    out = output_path(ns.run_dir, ns.output)
     plot_run(ns.run_dir, out)
     print(f"wrote {out}")
     return 0

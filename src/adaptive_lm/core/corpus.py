@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from adaptive_lm.core.metrics import perplexity_nats
+from adaptive_lm.core.progress import Progress
 
 
 @dataclass
@@ -65,17 +66,23 @@ class Corpus:
         self.build()
         rng = np.random.default_rng([self.seed, zlib.crc32(Path(path).name.encode())])
         K = self.states
-        out, n, s = [], 0, K
+        n, s, lines = 0, K, 0
         line: list[str] = []
-        while n < tokens:
-            s = rng.choice(K + 1, p=self.P[s])
-            n += 1
-            if s == K:
-                out.append(" ".join(line))
-                line = []
-            else:
-                line.append(self.words[s][rng.choice(len(self.emit[s]), p=self.emit[s])])
-        Path(path).write_text("\n".join(out) + "\n", encoding="utf-8")
+        # streamed to the file (a large --tokens needs no memory for the text), with progress
+        bar = Progress(tokens, f"writing {Path(path).name}", unit="tokens")
+        with open(path, "w", encoding="utf-8") as f, bar:
+            while n < tokens:
+                s = rng.choice(K + 1, p=self.P[s])
+                n += 1
+                if s == K:
+                    f.write(" ".join(line) + "\n")
+                    line, lines = [], lines + 1
+                else:
+                    line.append(self.words[s][rng.choice(len(self.emit[s]), p=self.emit[s])])
+                if n % 65536 == 0:
+                    bar.update(65536)
+            if lines == 0:  # no sentence ended: one empty line, as before
+                f.write("\n")
         return n
 
 

@@ -28,7 +28,8 @@ def _need(module: str, what: str) -> Any:
 
 def _file(path: Any, flag: str, what: str) -> str:
     if not path:
-        raise UserError(f"bpe={what!r} needs {flag}=PATH (or the file in the model's folder)")
+        cli = "--" + flag.replace("_", "-")
+        raise UserError(f"bpe={what!r} needs {flag}=PATH ({cli} PATH; or the file in the model's folder)")
     if not Path(path).is_file():
         raise UserError(f"{path}: no such file ({flag})")
     return str(path)

@@ -96,7 +96,8 @@ def verify_archive(path: Path) -> None:
         with tarfile.open(path) as tar:
             names = tar.getnames()
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise UserError(f"{path}: not a readable archive ({e}); delete it and download again") from None
+        why = " ".join(str(e).split()) or type(e).__name__  # tarfile's reasons run over several lines
+        raise UserError(f"{path}: not a readable archive ({why}); delete it and download again") from None
     if not any(Path(n).name == "model.pt" for n in names):
         raise UserError(f"{path}: archive has no model.pt (members: {', '.join(names[:5])} ...)")
 

@@ -5,6 +5,7 @@ so that the search refuses an index of another store."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,9 @@ def _trained_ivfpq(
     rng = np.random.default_rng(icfg.seed)
     sample = np.sort(rng.choice(N, size=n_train, replace=False))
     train = np.ascontiguousarray(keys[sample], dtype=np.float32)  # (n_train, dim)
+    if icfg.progress:  # faiss's training reports nothing itself: say what is running and why it is quiet
+        print(f"knn-index: training IVF-PQ ({nlist} lists, {code} bytes per key{', OPQ' if icfg.opq else ''}) on "
+              f"{n_train:,} keys; faiss shows no progress for this step", file=sys.stderr, flush=True)  # fmt: skip
     t1 = time.time()
     if icfg.opq:
         index.train(train)  # faiss cannot move an OPQ pre-transform to the GPU

@@ -22,7 +22,15 @@ from adaptive_lm.core.files import atomic_write_json
 from adaptive_lm.core.metrics import perplexity
 from adaptive_lm.core.options import opt
 from adaptive_lm.core.progress import Progress
-from adaptive_lm.inference.evaluate import EvalConfig, EvalPlan, ScoredBatch, check_dictionary, plan, scored_batches
+from adaptive_lm.inference.evaluate import (
+    EvalConfig,
+    EvalPlan,
+    ScoredBatch,
+    check_dictionary,
+    nonempty,
+    plan,
+    scored_batches,
+)
 from adaptive_lm.inference.hub import LanguageModel
 from adaptive_lm.inference.knn.keys import KEYTYPES, KeyCapture, key_dim
 from adaptive_lm.inference.knn.records import (
@@ -288,9 +296,9 @@ def build_store(lm: LanguageModel, cfg: EvalConfig, scfg: StoreConfig) -> tuple[
         raise UserError(f"unknown --keytype {scfg.keytype!r}: use one of {', '.join(KEYTYPES)}")
     data = Path(cfg.data)
     check_dictionary(lm, data)
-    p = first_blocks(plan(lm, cfg), scfg.max_blocks)
+    p = first_blocks(nonempty(plan(lm, cfg)), scfg.max_blocks)  # nonempty names why (blocks skipped, empty split)
     if p.n_tokens == 0:
-        raise UserError(f"{data / cfg.gen_subset}: no blocks to store with these settings (empty split?)")
+        raise UserError(f"{data / cfg.gen_subset}: no blocks to store with these settings (--max-blocks?)")
     lm.model.eval()
     identity = _identity(lm, cfg, p, scfg)
     out = Path(scfg.dstore)
