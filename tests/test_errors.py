@@ -536,3 +536,13 @@ def test_convert_never_overwrites_silently_and_score_output_is_all_or_nothing(da
     text.write_text("w1 w2\n")
     assert main(["score", str(text), "--path", str(model), "--output", str(out)]) == 0
     assert json.loads(out.read_text())["tokens"] == ["w1", "w2"]
+
+
+def test_usage_errors_of_check_and_knn_store_are_one_line(data, model, tmp_path, capsys):
+    """check --fixture on a folder that is not one was reported as a failed machine check (exit 1); knn-store with
+    --bf16 --fp16 printed an fp16 note before its refusal."""
+    line = in_process(capsys, "check", "--dry-run", "--only", "fixture", "--fixture", str(tmp_path))
+    assert "no model/checkpoint_best.pt, data-bin/dict.txt (a fairseq-tiny folder" in line
+    line = in_process(capsys, "knn-store", str(data / "bin"), "--path", str(model), "--dstore", str(tmp_path / "d"),
+                      "--bf16", "--fp16")  # fmt: skip
+    assert "--bf16 and --fp16 together" in line
