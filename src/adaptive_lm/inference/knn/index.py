@@ -4,8 +4,8 @@ so that the search refuses an index of another store."""
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,7 @@ from adaptive_lm.inference.knn.records import (
 )
 
 AUTO_FLAT_BELOW = 100_000  # ``--index auto``: an exact flat index below this many keys
+log = logging.getLogger("adaptive_lm.knn")
 POINTS_PER_CENTROID = 39  # faiss's k-means warns below 39 training points per centroid
 PQ_CENTROIDS = 256  # 8-bit PQ codes: 256 centroids per sub-quantizer
 
@@ -100,8 +101,8 @@ def _trained_ivfpq(
     sample = np.sort(rng.choice(N, size=n_train, replace=False))
     train = np.ascontiguousarray(keys[sample], dtype=np.float32)  # (n_train, dim)
     if icfg.progress:  # faiss's training reports nothing itself: say what is running and why it is quiet
-        print(f"knn-index: training IVF-PQ ({nlist} lists, {code} bytes per key{', OPQ' if icfg.opq else ''}) on "
-              f"{n_train:,} keys; faiss shows no progress for this step", file=sys.stderr, flush=True)  # fmt: skip
+        log.info(f"knn-index: training IVF-PQ ({nlist} lists, {code} bytes per key{', OPQ' if icfg.opq else ''}) "
+                 f"on {n_train:,} keys; faiss shows no progress for this step")  # fmt: skip
     t1 = time.time()
     if icfg.opq:
         index.train(train)  # faiss cannot move an OPQ pre-transform to the GPU
