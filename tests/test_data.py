@@ -24,6 +24,7 @@ def test_preprocess_is_byte_identical_to_fairseq(tmp_path, wikitext2, fixture_di
     import adaptive_lm.core.preprocess as pp
 
     monkeypatch.setattr(pp, "CHUNK_BYTES", 5_000)  # several ranges per file, so worker order matters
+    assert len(pp.line_ranges(str(wikitext2 / "train.txt"))) > 10  # (the default had been bound at definition)
     cfg = PreprocessConfig(
         trainpref=str(wikitext2 / "train.txt"),
         validpref=str(wikitext2 / "valid.txt"),
@@ -40,6 +41,50 @@ def test_preprocess_is_byte_identical_to_fairseq(tmp_path, wikitext2, fixture_di
     ours = float(re.search(r"([\d.]+)% replaced", log[2]).group(1))  # 2 decimals
     assert "valid" in log[2] and theirs > 0 and abs(ours - theirs) <= 0.05 + 0.005
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_interrupted_preprocessing_resumes_after_its_finished_parts(tmp_path, wikitext2, monkeypatch):
+    """Ctrl-C (or SIGTERM, through the command) during the valid split: the dictionary and the train split stay in
+    DESTDIR's .partial folder, and the same command binarises only the valid split, giving the bytes of an
+    uninterrupted run; a changed setting starts afresh."""
+    import adaptive_lm.core.preprocess as pp
+
+    def cfg(dest: str, **kw) -> PreprocessConfig:
+        return PreprocessConfig(trainpref=str(wikitext2 / "train.txt"), validpref=str(wikitext2 / "valid.txt"),
+                                destdir=str(tmp_path / dest), progress=False, **kw)  # fmt: skip
+
+    real, calls = pp.binarize, []
+
+    def stop_at_valid(path, prefix, *a, **k):
+        if Path(prefix).name == "valid":
+            raise KeyboardInterrupt
+        return real(path, prefix, *a, **k)
+
+    monkeypatch.setattr(pp, "binarize", stop_at_valid)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess(cfg("b"))
+    assert (tmp_path / ".b.partial" / "train.bin").is_file() and not (tmp_path / "b").exists()
+
+    def counted(path, prefix, *a, **k):
+        calls.append(Path(prefix).name)
+        return real(path, prefix, *a, **k)
+
+    monkeypatch.setattr(pp, "binarize", counted)
+    monkeypatch.setattr(pp, "build_dictionary", lambda *a: pytest.fail("the dictionary was built again"))
+    log = preprocess(cfg("b", workers=2))  # the workers change no byte: still the same run
+    assert calls == ["valid"] and log[0].startswith("resuming after: dictionary, train")
+    assert not (tmp_path / ".b.partial").exists()
+    monkeypatch.undo()
+    preprocess(cfg("c"))
+    for name in ("dict.txt", "train.bin", "train.idx", "valid.bin", "valid.idx"):
+        assert filecmp.cmp(tmp_path / "b" / name, tmp_path / "c" / name, shallow=False), name
+    monkeypatch.setattr(pp, "binarize", stop_at_valid)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess(cfg("d"))
+    monkeypatch.setattr(pp, "binarize", counted)
+    calls.clear()
+    preprocess(cfg("d", thresholdsrc=2))  # another setting: afresh
+    assert calls == ["train", "valid"]
 
 
 def test_fairseq_files_read_back(fixture_dir):

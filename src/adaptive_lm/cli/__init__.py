@@ -88,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # commands whose interruption keeps their progress (the trainer and quickstart say so themselves)
-RESUMES = {"knn-store": "; the progress is saved: the same command resumes"}
+RESUMES = {
+    "knn-store": "; the progress is saved: the same command resumes",
+    "preprocess": "; the finished parts are kept: the same command resumes after them",
+}
 
 
 def _run(ns: argparse.Namespace) -> int:

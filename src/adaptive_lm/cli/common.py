@@ -115,6 +115,20 @@ def integer(s: str) -> int:
         raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
 
 
+def positive_int(s: str) -> int:
+    v = integer(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{s!r} must be a positive integer")
+    return v
+
+
+def nonneg_int(s: str) -> int:
+    v = integer(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{s!r} must be zero or positive (a whole number)")
+    return v
+
+
 def topk(s: str) -> int:
     v = int(float(s)) if s.lstrip("-").replace(".", "", 1).isdigit() else None
     if v is None or (v != -1 and v < 1):
@@ -222,6 +236,8 @@ def _value_kwargs(f: dataclasses.Field, m: dict[str, Any]) -> dict[str, Any]:
         kw["metavar"] = f.name.upper()
     if kind is not None:
         kw["type"] = KINDS.get(kind, kind)
+    if t.startswith("int") and kind in ("positive", "nonneg"):  # a whole number, as fairseq's parser wants ("2.0")
+        kw["type"] = positive_int if kind == "positive" else nonneg_int
     return kw
 
 

@@ -17,5 +17,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run(ns: argparse.Namespace) -> int:
     from adaptive_lm.core.preprocess import preprocess
 
+    # SIGTERM keeps its default (the process ends; a pool's workers could die holding its queue lock, and a parent
+    # that survived to clean up would wait for them): the finished parts are on disk already, and a rerun resumes
     print("\n".join(preprocess(config_from_args(PreprocessConfig, ns))))
     return 0

@@ -10,19 +10,24 @@ not rebuild and whose dictionary no longer matches is moved aside rather than le
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from adaptive_lm.core.data import IndexedWriter, best_dtype
 from adaptive_lm.core.dictionary import Dictionary
 from adaptive_lm.core.errors import UserError
+from adaptive_lm.core.files import atomic_write_json
 from adaptive_lm.core.options import opt
 from adaptive_lm.core.progress import Progress
 
@@ -38,7 +43,7 @@ class PreprocessConfig:
     testpref: str | None = opt(None, "test text; a comma-separated list makes test, test1, ...")
     destdir: str = opt("data-bin", "output folder", kind="creatable_dir")
     srcdict: str | None = opt(None, "reuse this dict.txt instead of building one", kind="existing_file")
-    thresholdsrc: int = opt(0, "drop words seen at most this often", kind="nonneg")
+    thresholdsrc: int = opt(0, "drop words seen fewer than this many times", kind="nonneg")
     nwordssrc: int = opt(-1, "keep at most this many words (-1: all)", kind=int)
     padding_factor: int = opt(8, "pad the dictionary to a multiple of this", kind="positive")
     workers: int = opt(1, "processes", kind="positive")
@@ -49,6 +54,8 @@ class PreprocessConfig:
 
 # ---- reading text in line-aligned byte ranges ---------------------------------------------------------
 def check_text_file(path: str) -> int:
+    if os.path.isdir(path):
+        raise UserError(f"{path}: a folder, not a file; give the text file itself (--trainpref/--validpref/--testpref)")
     if not os.path.isfile(path):
         raise UserError(f"{path}: file not found; check --trainpref/--validpref/--testpref")
     size = os.path.getsize(path)
@@ -57,8 +64,10 @@ def check_text_file(path: str) -> int:
     return size
 
 
-def line_ranges(path: str, chunk: int = CHUNK_BYTES) -> list[tuple[int, int]]:
-    """Byte ranges that start at line starts and together cover the file."""
+def line_ranges(path: str, chunk: int | None = None) -> list[tuple[int, int]]:
+    """Byte ranges of about ``chunk`` bytes (default ``CHUNK_BYTES``, read at the call: tests make it small) that
+    start at line starts and together cover the file."""
+    chunk = chunk or CHUNK_BYTES
     size = os.path.getsize(path)
     bounds = [0]
     with open(path, "rb") as f:
@@ -136,13 +145,42 @@ def _encode_range(args: tuple[str, int, int, str]) -> tuple[np.ndarray, np.ndarr
         sizes[i] = len(toks) + 1
     arr = np.asarray(ids, dtype=np.int64)
     n_unk = int((arr == lookup.unk).sum())
-    n_literal_unk = text.split().count("<unk>") if n_unk else 0
+    # fairseq counts a word as replaced when it maps to <unk>'s id and is not the word <unk> itself; a --srcdict that
+    # re-maps "<unk>" (#fairseq:overwrite) gives the literal word another id, so nothing is subtracted then
+    literal_is_unk = lookup["<unk>"] == lookup.unk
+    n_literal_unk = text.split().count("<unk>") if n_unk and literal_is_unk else 0
     return arr.astype(dtype), sizes, n_unk - n_literal_unk, len(arr)
 
 
-def _pool(workers: int, lookup: _Lookup | None = None):
+def _init_pool_worker(lookup: _Lookup | None) -> None:
+    """A pool process: Ctrl-C is the parent's to handle (a terminal sends it to every process of the group, and
+    each worker printed its own KeyboardInterrupt traceback; a worker ended by it while waiting for a task would
+    also hold the pool's queue lock for good, and the parent's ``terminate`` would wait for it forever), and
+    SIGTERM, the pool's way to stop it, ends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _POOL_SIGNALS)  # blocked by _pool until these were set
+    _init_worker(lookup)
+
+
+_POOL_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _pool(workers: int, lookup: _Lookup | None, pools: list) -> Any:
+    """A pool of ``workers`` processes, appended to ``pools`` (the caller's ``finally`` terminates what is there:
+    an interruption anywhere after the pool exists cannot leave its workers waiting forever). Ctrl-C and SIGTERM
+    stay blocked while the workers are forked, so that none receives them under the parent's handlers before its
+    initializer has set its own."""
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-    return ctx.Pool(workers, initializer=_init_worker, initargs=(lookup,))
+    masked = hasattr(signal, "pthread_sigmask")
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, _POOL_SIGNALS) if masked else None
+    try:
+        pools.append(ctx.Pool(workers, initializer=_init_pool_worker, initargs=(lookup,)))
+    finally:
+        if before is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+    return pools[-1]
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Progress:
@@ -156,8 +194,9 @@ def count_words(path: str, workers: int = 1, progress: bool = True) -> tuple[Cou
     ranges = [(path, s, e) for s, e in line_ranges(path)]
     counts: Counter[str] = Counter()
     n_lines = 0
-    pool = _pool(workers) if workers > 1 else None
+    pools: list = []
     try:
+        pool = _pool(workers, None, pools) if workers > 1 else None
         with _progress(size, f"count {Path(path).name}", progress) as bar:
             results = pool.imap(_count_range, ranges) if pool else map(_count_range, ranges)
             for (c, n), (_, s, e) in zip(results, ranges):
@@ -165,8 +204,8 @@ def count_words(path: str, workers: int = 1, progress: bool = True) -> tuple[Cou
                 n_lines += n
                 bar.update(e - s)
     finally:
-        if pool:
-            pool.terminate()
+        for p in pools:
+            p.terminate()
     return counts, n_lines
 
 
@@ -189,8 +228,9 @@ def binarize(path: str, prefix: str, d: Dictionary, workers: int = 1, progress: 
     ranges = [(path, s, e, dtype.str) for s, e in line_ranges(path)]
     writer = IndexedWriter(prefix, dtype)
     stats = {"lines": 0, "tokens": 0, "unk": 0}
-    pool = _pool(workers, lookup) if workers > 1 else None
+    pools: list = []
     try:
+        pool = _pool(workers, lookup, pools) if workers > 1 else None
         with _progress(size, f"binarize {Path(path).name}", progress) as bar:
             if pool is not None:
                 results = pool.imap(_encode_range, ranges)
@@ -208,14 +248,19 @@ def binarize(path: str, prefix: str, d: Dictionary, workers: int = 1, progress: 
         writer.abort()
         raise
     finally:
-        if pool is not None:
-            pool.terminate()
+        for p in pools:
+            p.terminate()
     return stats
 
 
 def preprocess(cfg: PreprocessConfig) -> list[str]:
     """fairseq-preprocess --only-source: dictionary from the training text (or --srcdict), then every split.
-    Returns the log lines (also written to DESTDIR/preprocess.log)."""
+    Returns the log lines (also written to DESTDIR/preprocess.log).
+
+    The work goes into ``.DESTDIR.partial`` beside ``--destdir``; each finished part (the dictionary, then each
+    split) is recorded in its ``progress.json`` with the settings and the input files' sizes and times. Interrupted
+    (Ctrl-C, SIGTERM), the folder stays: the same command continues after the last finished part. Any other change
+    (a flag, an input file) starts afresh."""
     if cfg.dataset_impl != "mmap":
         raise UserError(f"--dataset-impl {cfg.dataset_impl} is not supported; only mmap (fairseq's default)")
     if not cfg.trainpref and not cfg.srcdict:
@@ -224,36 +269,91 @@ def preprocess(cfg: PreprocessConfig) -> list[str]:
     if cfg.trainpref:
         splits.append(("train", cfg.trainpref))
     for name, prefs in (("valid", cfg.validpref), ("test", cfg.testpref)):
-        for k, p in enumerate((prefs or "").split(",")):
-            if p:
-                splits.append((name if k == 0 else f"{name}{k}", p))
+        if not prefs:
+            continue
+        parts = prefs.split(",")
+        if not all(parts):  # fairseq fails on the empty name; skipping it would renumber the rest
+            raise UserError(f"--{name}pref {prefs!r}: an empty entry in the comma-separated list; remove it")
+        splits += [(name if k == 0 else f"{name}{k}", p) for k, p in enumerate(parts)]
     for _, p in splits:
         check_text_file(p)
     dest = Path(cfg.destdir)
     if dest.exists() and not dest.is_dir():
         raise UserError(f"--destdir {dest}: exists and is not a folder; choose another --destdir")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    log: list[str] = []
+    work = dest.parent / f".{dest.name}.partial"
+    identity = _identity(cfg, splits)
+    done = _resumable(work, identity)
+    log: list[str] = list(done.get("log", []))
+    if log:
+        log.insert(0, f"resuming after: {', '.join(done['parts'])} (from an interrupted run, {work})")
     t0 = time.time()
+    interrupted = False
     try:
-        d = Dictionary.load(cfg.srcdict) if cfg.srcdict else build_dictionary(cfg.trainpref, cfg)  # type: ignore[arg-type]
-        if cfg.srcdict and len(d) <= d.nspecial:
-            raise UserError(f"{cfg.srcdict}: no words in this dictionary (an empty dict.txt?); pass the model's one")
-        d.save(tmp / "dict.txt")
-        log.append(f"dictionary: {len(d)} types (written to {dest / 'dict.txt'})")
+        if "dictionary" in done["parts"]:
+            d = Dictionary.load(work / "dict.txt")
+        else:
+            d = Dictionary.load(cfg.srcdict) if cfg.srcdict else build_dictionary(cfg.trainpref, cfg)  # type: ignore[arg-type]
+            if cfg.srcdict and len(d) <= d.nspecial:
+                raise UserError(
+                    f"{cfg.srcdict}: no words in this dictionary (an empty dict.txt?); pass the model's one"
+                )
+            d.save(work / "dict.txt")
+            log.append(f"dictionary: {len(d)} types (written to {dest / 'dict.txt'})")
+            _record(work, done, "dictionary", log)
         for split, path in splits:
-            st = binarize(path, str(tmp / split), d, cfg.workers, cfg.progress)
+            if split in done["parts"]:
+                continue
+            st = binarize(path, str(work / split), d, cfg.workers, cfg.progress)
             rate = 100.0 * st["unk"] / max(1, st["tokens"])
             log.append(f"{split} ({path}): {st['lines']} lines, {st['tokens']} tokens, {rate:.2f}% replaced by <unk>")
+            _record(work, done, split, log)
         log.append(f"wrote {dest} in {time.time() - t0:.1f}s")
-        (tmp / "preprocess.log").write_text("\n".join(log) + "\n")
-        log += _move_into_place(tmp, dest, d, {name for name, _ in splits})
+        (work / "preprocess.log").write_text("\n".join(log) + "\n")
+        (work / PROGRESS).unlink()
+        log += _move_into_place(work, dest, d, {name for name, _ in splits})
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the command's handler: the finished parts stay
+        interrupted = True
+        raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not interrupted:
+            shutil.rmtree(work, ignore_errors=True)
     return log
+
+
+PROGRESS = "progress.json"
+
+
+def _identity(cfg: PreprocessConfig, splits: list[tuple[str, str]]) -> dict[str, object]:
+    """What a resumed run must share with the interrupted one: every setting but the workers and the progress
+    display (neither changes a byte), and each input file's path, size and modification time."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("workers", "progress")}
+    files = [cfg.srcdict] if cfg.srcdict else []
+    files += [p for _, p in splits]
+    stats = [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    return {"settings": settings, "splits": splits, "files": stats}
+
+
+def _resumable(work: Path, identity: dict[str, object]) -> dict:
+    """The progress an interrupted run of the same command left in ``work`` ({"parts": [], ...} if none); any
+    other content of ``work`` is removed."""
+    try:
+        state = json.loads((work / PROGRESS).read_text())
+        if state.get("identity") == json.loads(json.dumps(identity)):
+            return state
+    except (OSError, ValueError):
+        pass
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    state = {"identity": identity, "parts": [], "log": []}
+    atomic_write_json(work / PROGRESS, state)
+    return state
+
+
+def _record(work: Path, state: dict, part: str, log: list[str]) -> None:
+    state["parts"].append(part)
+    state["log"] = list(log)
+    atomic_write_json(work / PROGRESS, state)
 
 
 def _move_into_place(tmp: Path, dest: Path, d: Dictionary, built: set[str]) -> list[str]:
@@ -267,7 +367,11 @@ def _move_into_place(tmp: Path, dest: Path, d: Dictionary, built: set[str]) -> l
     changed = old_dict.is_file() and Dictionary.load(old_dict).symbols != d.symbols
     leftovers = sorted({p.name.split(".")[0] for p in dest.glob("*.idx")} - built)
     if changed and leftovers:
-        aside = dest / time.strftime("stale-%Y%m%d-%H%M%S")
+        stamp = time.strftime("stale-%Y%m%d-%H%M%S")
+        aside = dest / stamp
+        k = 1
+        while aside.exists():  # twice within one second: another name, not a failure after all the work
+            aside, k = dest / f"{stamp}-{k}", k + 1
         aside.mkdir()
         for split in leftovers:
             for p in dest.glob(f"{split}.*"):
