@@ -261,22 +261,7 @@ def preprocess(cfg: PreprocessConfig) -> list[str]:
     split) is recorded in its ``progress.json`` with the settings and the input files' sizes and times. Interrupted
     (Ctrl-C, SIGTERM), the folder stays: the same command continues after the last finished part. Any other change
     (a flag, an input file) starts afresh."""
-    if cfg.dataset_impl != "mmap":
-        raise UserError(f"--dataset-impl {cfg.dataset_impl} is not supported; only mmap (fairseq's default)")
-    if not cfg.trainpref and not cfg.srcdict:
-        raise UserError("give --trainpref to build the dictionary, or --srcdict to reuse one")
-    splits: list[tuple[str, str]] = []
-    if cfg.trainpref:
-        splits.append(("train", cfg.trainpref))
-    for name, prefs in (("valid", cfg.validpref), ("test", cfg.testpref)):
-        if not prefs:
-            continue
-        parts = prefs.split(",")
-        if not all(parts):  # fairseq fails on the empty name; skipping it would renumber the rest
-            raise UserError(f"--{name}pref {prefs!r}: an empty entry in the comma-separated list; remove it")
-        splits += [(name if k == 0 else f"{name}{k}", p) for k, p in enumerate(parts)]
-    for _, p in splits:
-        check_text_file(p)
+    splits = _splits(cfg)
     dest = Path(cfg.destdir)
     if dest.exists() and not dest.is_dir():
         raise UserError(f"--destdir {dest}: exists and is not a folder; choose another --destdir")
@@ -322,6 +307,27 @@ def preprocess(cfg: PreprocessConfig) -> list[str]:
 
 
 PROGRESS = "progress.json"
+
+
+def _splits(cfg: PreprocessConfig) -> list[tuple[str, str]]:
+    """(split name, text file) of every split to write: train, valid, valid1, ..., test, test1, ..., checked."""
+    if cfg.dataset_impl != "mmap":
+        raise UserError(f"--dataset-impl {cfg.dataset_impl} is not supported; only mmap (fairseq's default)")
+    if not cfg.trainpref and not cfg.srcdict:
+        raise UserError("give --trainpref to build the dictionary, or --srcdict to reuse one")
+    splits: list[tuple[str, str]] = []
+    if cfg.trainpref:
+        splits.append(("train", cfg.trainpref))
+    for name, prefs in (("valid", cfg.validpref), ("test", cfg.testpref)):
+        if not prefs:
+            continue
+        parts = prefs.split(",")
+        if not all(parts):  # fairseq fails on the empty name; skipping it would renumber the rest
+            raise UserError(f"--{name}pref {prefs!r}: an empty entry in the comma-separated list; remove it")
+        splits += [(name if k == 0 else f"{name}{k}", p) for k, p in enumerate(parts)]
+    for _, p in splits:
+        check_text_file(p)
+    return splits
 
 
 def _identity(cfg: PreprocessConfig, splits: list[tuple[str, str]]) -> dict[str, object]:
