@@ -130,6 +130,26 @@ def test_an_interrupted_quickstart_says_so_and_the_same_command_resumes(tmp_path
     assert (tmp_path / "qs" / ".adaptive-lm-quickstart-done").is_file()
 
 
+def test_ctrl_c_while_the_command_loads_torch_is_one_line():
+    """Ctrl-C in a command's first second, while its modules and torch are imported (before the command runs), had
+    printed Python's traceback. The interrupt is delivered exactly then: an import hook sends SIGINT to the process
+    when torch's import starts."""
+    code = (
+        "import os, signal, sys\n"
+        "class Hook:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch':\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Hook())\n"
+        "from adaptive_lm.cli import main\n"
+        "raise SystemExit(main(['eval', 'nowhere']))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 130, r.stderr
+    assert r.stderr.strip() == "adaptive-lm eval: interrupted", r.stderr
+
+
 def test_make_corpus_cli(tmp_path, capsys):
     assert main(["make-corpus", "--out", str(tmp_path / "c"), "--tokens", "5000", "--vocab", "500"]) == 0
     assert "entropy rate" in capsys.readouterr().out

@@ -69,6 +69,14 @@ def _chosen(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before the command runs: while its modules (and torch, 0.7 s) are being imported
+        print(f"adaptive-lm {_chosen(argv) or ''}: interrupted".replace(" :", ":"), file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser(only=_chosen(argv) or "")
     ns, extra = parser.parse_known_args(argv)
     if extra:  # named by the command's own parser: "adaptive-lm train: error: ... (see adaptive-lm train --help)"
