@@ -214,6 +214,25 @@ def test_update_freq_per_epoch_is_fairseqs(tmp_path, fixture_dir):
         assert abs(ours["lr"] - theirs["lr"]) <= 5e-7
 
 
+def test_a_run_stopped_by_stop_min_lr_stays_stopped(tmp_path, fixture_dir):
+    """fairseq-train checks --stop-min-lr before every epoch, the first one of a resumed run included: with the fixed
+    schedule annealed below it after epoch 3 (lrs 0.5, 0.25, 0.125), a run interrupted after epoch 2 trains epoch 3
+    and stops, and the same command run again stops at once (fairseq 0.12.3 logs 'stopping training because current
+    learning rate (0.125) ...' and trains nothing; ours had trained one more epoch per restart)."""
+    flags = FIXED.replace("--lr 0.5,0.4,0.3 --force-anneal 5 --lr-shrink 0.5 --warmup-updates 3",
+                          "--lr 0.5 --force-anneal 2 --lr-shrink 0.5 --stop-min-lr 0.2").split()  # fmt: skip
+    data, save = str(fixture_dir / "continue" / "data-bin"), ["--save-dir", str(tmp_path)]
+
+    def run(max_epoch: str) -> dict:
+        return train(train_config(build_parser().parse_args(["train", data, *flags, "--max-epoch", max_epoch, *save])))
+
+    assert [r["lr"] for r in run("2")["history"]] == pytest.approx([0.5, 0.25], rel=1e-12)
+    resumed = run("10")
+    assert [r["lr"] for r in resumed["history"]] == pytest.approx([0.125], rel=1e-12)
+    again = run("10")
+    assert again["history"] == [] and again["num_updates"] == 3
+
+
 def test_fixed_schedule_flags_are_checked():
     def cfg(*extra: str):
         return train_config(build_parser().parse_args(["train", "d", "--max-tokens", "64", *extra]))

@@ -236,10 +236,12 @@ def _loop(run: Run) -> None:
     t, cfg = run.t, run.cfg
     try:
         while not (cfg.max_epoch and t.state.epoch > cfg.max_epoch) and not run.should_stop(clock=False):
-            if not run.epoch() or run.patience_out:
-                break
+            # fairseq-train checks the lr before every epoch, the first of a resumed run included: a run stopped by
+            # --stop-min-lr and started again stops at once (ours had trained one more epoch per restart)
             if t.lr <= cfg.stop_min_lr:
                 t.log.info(f"stopping: lr {t.lr:g} <= --stop-min-lr {cfg.stop_min_lr:g}")
+                break
+            if not run.epoch() or run.patience_out:
                 break
             t.state.epoch += 1
             t.state.iterations_in_epoch = 0

@@ -80,6 +80,8 @@ def restore(t: Trainer) -> None:
     if not (cfg.reset_optimizer or finetune) and r.optimizer is not None:
         ckpt.optimizer_from_plain(t.optimizer, t.model, r.optimizer)
         t.state.num_updates = r.state.num_updates
+        if not cfg.reset_lr_scheduler:  # fairseq's fixed schedule restores its lr: that of the saved epoch
+            t.schedule.step_begin_epoch(r.state.epoch)
     if not (cfg.reset_dataloader or finetune):
         t.state.epoch, t.state.iterations_in_epoch = r.state.epoch, r.state.iterations_in_epoch
     if not (cfg.reset_meters or cfg.reset_optimizer or finetune):  # fairseq forgets the best with either
