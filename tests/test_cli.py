@@ -127,7 +127,19 @@ def test_an_interrupted_quickstart_says_so_and_the_same_command_resumes(tmp_path
     again = subprocess.run([*cmd, "--updates", "1"], capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stderr
     assert "restored" in again.stdout and "quickstart done" in again.stdout
+    assert "perplexity nan" not in again.stdout  # --updates 1 after more: trained afresh, not reported unvalidated
     assert (tmp_path / "qs" / ".adaptive-lm-quickstart-done").is_file()
+
+
+def test_a_quickstart_whose_checkpoint_is_finished_trains_afresh(tmp_path):
+    """A folder whose checkpoint already did the updates but has no done-marker (interrupted after training, while
+    sampling; made by an older version) had resumed to nothing: no update, no validation, 'validation perplexity
+    nan'. It trains afresh: the same perplexity as the first run, seed for seed."""
+    first = quickstart(str(tmp_path / "qs"), updates=2)
+    (tmp_path / "qs" / ".adaptive-lm-quickstart-done").unlink()
+    again = quickstart(str(tmp_path / "qs"), updates=2)
+    assert math.isfinite(again["valid_ppl"]) and again["valid_ppl"] == pytest.approx(first["valid_ppl"], rel=1e-6)
+    assert again["sample"] == first["sample"]
 
 
 def test_ctrl_c_while_the_command_loads_torch_is_one_line():

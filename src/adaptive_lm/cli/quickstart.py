@@ -71,6 +71,12 @@ def quickstart(run_dir: str = "quickstart-run", updates: int = 300) -> dict[str,
     print(f"[3/3] training a small adaptive-input model for {updates} updates (NAG, cosine, clip 0.1)")
     with console_log():
         result = train(small_recipe(d, updates))
+        if not result["signal"] and not result["history"]:
+            # the checkpoint had already reached --updates (interrupted after training, during the sample; a folder
+            # of an older version; a smaller --updates): nothing trained, nothing validated (perplexity nan before)
+            print("      the checkpoint had already done these updates: training afresh")
+            shutil.rmtree(d / "checkpoints", ignore_errors=True)
+            result = train(small_recipe(d, updates))
     if result["signal"]:
         return {"signal": result["signal"]}
     val = result["valid_loss"]
