@@ -87,6 +87,37 @@ def test_interrupted_preprocessing_resumes_after_its_finished_parts(tmp_path, wi
     assert calls == ["train", "valid"]
 
 
+def test_a_second_preprocess_on_the_same_destdir_is_refused_while_the_first_runs(tmp_path, wikitext2):
+    """.DESTDIR.partial is shared by design (a rerun resumes there): a second run on the same --destdir while the
+    first was writing had removed the first one's folder (it failed with '.partial/train.idx.tmp: No such file') or
+    written into it. Now it is refused in one line naming the holder, the holder's files untouched; a holder that
+    was killed leaves no lock behind."""
+    import signal
+    import subprocess
+    import sys
+
+    dest, work = tmp_path / "out", tmp_path / ".out.partial"
+    work.mkdir()
+    (work / "train.bin").write_bytes(b"the first run's")
+    hold = (f"from pathlib import Path\nfrom adaptive_lm.core.preprocess import _only_writer\n"
+            f"with _only_writer(Path({str(work)!r}), Path({str(dest)!r})):\n    print('held', flush=True)\n"
+            f"    input()\n")  # fmt: skip
+    cfg = PreprocessConfig(trainpref=str(wikitext2 / "train.txt"), destdir=str(dest), progress=False)
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = re.escape(f"--destdir {dest}: another preprocess is writing it (pid {holder.pid})")
+        with pytest.raises(UserError, match=refused):
+            preprocess(cfg)
+        assert (work / "train.bin").read_bytes() == b"the first run's" and not dest.exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+    preprocess(cfg)  # the killed holder's lock went with it
+    assert (dest / "train.bin").is_file() and not work.exists()
+    assert not (tmp_path / ".out.partial.lock").exists()
+
+
 def test_fairseq_files_read_back(fixture_dir):
     """fairseq's own binarised files read back as fairseq reads them (its data_utils: the first 2,048 tokens of the
     valid stream are stored in the reference), with fairseq-preprocess's counts."""

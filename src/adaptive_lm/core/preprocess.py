@@ -10,6 +10,7 @@ not rebuild and whose dictionary no longer matches is moved aside rather than le
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing as mp
@@ -18,6 +19,7 @@ import shutil
 import signal
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -267,6 +269,11 @@ def preprocess(cfg: PreprocessConfig) -> list[str]:
         raise UserError(f"--destdir {dest}: exists and is not a folder; choose another --destdir")
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = dest.parent / f".{dest.name}.partial"
+    with _only_writer(work, dest):
+        return _preprocess(cfg, splits, dest, work)
+
+
+def _preprocess(cfg: PreprocessConfig, splits: list[tuple[str, str]], dest: Path, work: Path) -> list[str]:
     identity = _identity(cfg, splits)
     done = _resumable(work, identity)
     log: list[str] = list(done.get("log", []))
@@ -307,6 +314,46 @@ def preprocess(cfg: PreprocessConfig) -> list[str]:
 
 
 PROGRESS = "progress.json"
+
+
+@contextlib.contextmanager
+def _only_writer(work: Path, dest: Path) -> Iterator[None]:
+    """One preprocess at a time per ``--destdir``: ``work`` is shared by design (a rerun resumes there), so a second
+    run would have removed the first one's files or written into them (a traceback in one of the two, or a mixed
+    result). An advisory lock on ``work``'s ``.lock`` file beside it, released by the system if the process dies
+    (no stale lock after a kill); where the system has none (Windows), no check."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = work.with_name(work.name + ".lock")
+    for _ in range(3):  # the file may be removed by its holder between our open and our lock: take the new one
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            raise UserError(
+                f"--destdir {dest}: another preprocess is writing it (pid {holder}); wait for it to finish, or "
+                "choose another --destdir"
+            ) from None
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+            break
+        f.close()
+    else:  # pragma: no cover - three holders in a row
+        raise UserError(f"--destdir {dest}: other preprocess runs keep starting on it; run one at a time")
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still holding it: a run waiting on this file retries on a new one
+        f.close()
 
 
 def _splits(cfg: PreprocessConfig) -> list[tuple[str, str]]:
