@@ -202,6 +202,24 @@ def test_blocks_longer_than_the_model(data, model, tmp_path):
              "gives inputs of 40 positions, more than the model's 32 learned ones")  # fmt: skip
 
 
+def test_whole_lines_past_a_learned_table_name_the_break_mode(tmp_path, fixture_dir):
+    """--sample-break-mode eos keeps lines whole: a 32-token line with <s> is 33 positions for a 32-row learned
+    table (fairseq fails with an IndexError). The refusal had told to pass --tokens-per-sample 31 or less, which
+    changes nothing in this mode (the same refusal again); it names the break mode, and its remedy runs."""
+    data = str(fixture_dir / "data-bin")
+    assert main(["train", data, "--arch", "transformer_lm", "--decoder-layers", "1", "--decoder-embed-dim", "16",
+                 "--decoder-ffn-embed-dim", "32", "--decoder-attention-heads", "2", "--save-dir", str(tmp_path),
+                 "--max-tokens", "256", "--tokens-per-sample", "31", "--max-target-positions", "32", "--lr", "0.1",
+                 "--lr-scheduler", "cosine", "--max-update", "1", "--decoder-learned-pos", "--add-bos-token",
+                 "--no-progress-bar", "--disable-validation"]) == 0  # fmt: skip
+    ev = ["eval", data, "--path", str(tmp_path / "checkpoint_last.pt"), "--gen-subset", "valid"]
+    for tps in ("31", "16"):
+        one_line(run(*ev, "--sample-break-mode", "eos", "--tokens-per-sample", tps),
+                 "--sample-break-mode eos keeps 1 line(s) whole", "pass --sample-break-mode none")  # fmt: skip
+    ok = run(*ev, "--sample-break-mode", "none", "--tokens-per-sample", "31")
+    assert ok.returncode == 0 and "Perplexity" in ok.stdout, ok.stderr[-2000:]
+
+
 def test_folder_without_config(model, tmp_path):
     from adaptive_lm.inference.convert import convert
 

@@ -169,10 +169,18 @@ def plan(lm: LanguageModel, cfg: EvalConfig) -> EvalPlan:
     sizes = ds.sizes
     width = int((sizes + np.clip(block + C - sizes, 0, C)).max(initial=0)) + int(lm.cfg.add_bos_token)
     if lm.cfg.decoder_learned_pos and not lm.cfg.no_token_positional_embeddings and width > limit:
+        fit = limit - int(lm.cfg.add_bos_token)
+        whole = int((sizes > fit).sum())  # blocks too long alone: whole lines, whatever --tokens-per-sample
+        if whole and cfg.sample_break_mode != "none":
+            raise UserError(
+                f"--sample-break-mode {cfg.sample_break_mode} keeps {whole} line(s) whole that, with <s>, take more "
+                f"than the model's {limit} learned positions (fairseq fails with an IndexError): pass "
+                f"--sample-break-mode none (it cuts lines into blocks) with --tokens-per-sample {fit} or less"
+            )
         raise UserError(
             f"--tokens-per-sample {tps}{f' with --context-window {C}' if C else ''} gives inputs of {width} "
             f"positions, more than the model's {limit} learned ones (fairseq fails with an IndexError): pass "
-            f"--tokens-per-sample {limit - int(lm.cfg.add_bos_token)} or less"
+            f"--tokens-per-sample {fit} or less"
         )
     if cfg.batch_size:
         rows = cfg.batch_size
