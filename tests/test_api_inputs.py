@@ -170,12 +170,6 @@ def test_targets_must_match_the_features():
         (lambda: AdaptiveSoftmax(100, 16, [20, 50], adaptive_input=torch.nn.Embedding(100, 16)), "an AdaptiveInput"),
         (
             lambda: AdaptiveSoftmax(
-                100, 16, [20, 50], factor=4.0, adaptive_input=AdaptiveInput(100, 1, 16, 2.0, 16, [20, 50])
-            ),
-            "tail 1: 4 wide here, 8 in the adaptive input",
-        ),  # fmt: skip
-        (
-            lambda: AdaptiveSoftmax(
                 100, 32, [20, 50], adaptive_input=AdaptiveInput(100, 1, 16, 4.0, 16, [20, 50]), tie_proj=True
             ),
             "input_dim 32 differs from the adaptive input's output_dim 16",

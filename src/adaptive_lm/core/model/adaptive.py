@@ -4,7 +4,7 @@ the routing of token ids to their bands that the adaptive input and the adaptive
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +16,8 @@ from adaptive_lm.core.model.init import quant_noise_
 
 def complete_cutoff(cutoff: tuple[int, ...] | list[int], vocab_size: int) -> list[int]:
     """fairseq appends the vocabulary size as the last band's end unless it is already there."""
+    if isinstance(cutoff, (str, bytes)) or not isinstance(cutoff, Iterable):
+        raise ValueError(f"cutoff {cutoff!r}: a list of strictly increasing positive integers, e.g. [20000, 60000]")
     cut = list(cutoff)
     if (
         not cut
@@ -65,18 +67,42 @@ class Routes:
         return self
 
 
+def _check_padding_and_noise(padding_idx: int | None, band0: int, q_noise: float, block: int, dims: list[int]) -> None:
+    """What ``nn.Embedding`` asserts about band 0's padding row and what fairseq's quant-noise asserts (or divides by
+    zero on), as one ``ValueError`` each at construction instead of an assertion or a shape error in training."""
+    integral = isinstance(padding_idx, numbers.Integral) and not isinstance(padding_idx, bool)
+    if padding_idx is not None and (not integral or not -band0 <= padding_idx < band0):
+        raise ValueError(f"padding_idx {padding_idx!r} is not an id of the first band [0, {band0}) (cutoff[0] = "
+                         f"{band0}): the padding row lives in band 0; pass a smaller padding_idx, a larger first "
+                         "cutoff, or None for no padding row")  # fmt: skip
+    if not 0.0 <= q_noise < 1.0:
+        raise ValueError(f"q_noise {q_noise} must be in [0, 1) (the kept weights are divided by 1 - q_noise)")
+    if q_noise > 0:
+        if not isinstance(block, numbers.Integral) or block < 1:
+            raise ValueError(f"qn_block_size {block!r} must be a positive integer")
+        bad = [d for d in dims if d % block]
+        if bad:
+            raise ValueError(f"qn_block_size {block} does not divide the band widths {bad} (bands {dims}): quant-noise "
+                             "drops whole blocks of each projection's inputs (fairseq asserts it); choose a block "
+                             "size that divides every band's width")  # fmt: skip
+
+
 class AdaptiveInput(nn.Module):
     """Word embeddings whose width shrinks by ``factor`` per frequency band, each projected up to ``output_dim``.
 
     Band i covers ids [c_{i-1}, c_i) with an ``Embedding(size_i, initial_dim // factor**i)`` and a bias-free
-    ``Linear(dim_i -> output_dim)``. Only band 0 has a padding row (fairseq >= Jan 2020); no scaling happens
-    here (the decoder multiplies by sqrt(d)). ``q_noise`` > 0: fairseq's quant-noise on the projections (training).
+    ``Linear(dim_i -> output_dim)``. Only band 0 has a padding row (fairseq >= Jan 2020): ``padding_idx`` must be
+    one of its ids (negative ones count from its end, as ``nn.Embedding``'s), or None for no padding row (fairseq's
+    init would zero every embedding then). No scaling happens here (the decoder multiplies by sqrt(d)).
+    ``q_noise`` in [0, 1): fairseq's quant-noise on the projections (training); ``qn_block_size`` must divide every
+    band's width then, as fairseq asserts. ``cutoff``: strictly increasing, the last at most ``vocab_size`` (which is
+    appended unless it is the last already).
     """
 
     def __init__(
         self,
         vocab_size: int,
-        padding_idx: int,
+        padding_idx: int | None,
         initial_dim: int,
         factor: float,
         output_dim: int,
@@ -96,6 +122,7 @@ class AdaptiveInput(nn.Module):
         if min(self.dims) < 1:
             raise ValueError(f"bands {self.dims} wide ({initial_dim} divided by {factor:g} per band): every band "
                              "needs at least one dimension; lower the factor or use fewer cutoffs")  # fmt: skip
+        _check_padding_and_noise(padding_idx, self.cutoff[0], q_noise, qn_block_size, self.dims)
         self.embeddings = nn.ModuleList()
         self.projections = nn.ModuleList()
         prev = 0
@@ -108,11 +135,13 @@ class AdaptiveInput(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """fairseq: N(0, dim^-0.5) embeddings with row ``padding_idx`` zeroed in *every* band; xavier projections."""
+        """fairseq: N(0, dim^-0.5) embeddings with row ``padding_idx`` zeroed in *every* band that has that row (a
+        band too small for it is where fairseq's init fails); xavier projections."""
+        pad = self.padding_idx
         for emb, proj in zip(self.embeddings, self.projections):
             nn.init.normal_(emb.weight, mean=0.0, std=emb.weight.shape[1] ** -0.5)
-            if self.padding_idx < emb.weight.shape[0]:
-                emb.weight[self.padding_idx].zero_()
+            if pad is not None and -emb.weight.shape[0] <= pad < emb.weight.shape[0]:
+                emb.weight[pad].zero_()
             nn.init.xavier_uniform_(proj.weight)
 
     def weights_for_band(self, band: int) -> tuple[Tensor, Tensor]:

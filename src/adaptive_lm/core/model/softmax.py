@@ -31,35 +31,65 @@ def fp32(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _check_args(cutoff: list[int], input_dim: int, factor: float, tied: Any, tie_proj: bool) -> None:
+def _check_args(cutoff: list[int], input_dim: int, factor: float, dropout: float, tied: Any, tie_proj: bool) -> None:
     """What the constructor cannot build, or what would fail only at the first forward: one message each."""
     if tied is not None and not isinstance(tied, AdaptiveInput):
         raise TypeError(f"adaptive_input must be an AdaptiveInput to tie to, not {type(tied).__name__}")
     if not factor > 0 or input_dim < 1:
         raise ValueError(f"factor {factor} and input_dim {input_dim} must be positive")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout {dropout} must be in [0, 1)")
+    if tied is not None:  # the tails' widths are the adaptive input's bands (as fairseq's): ``factor`` is not used
+        proj = tied.weights_for_band(0)[1]
+        if tie_proj and len(cutoff) > 1 and proj.shape[0] != input_dim:
+            raise ValueError(f"input_dim {input_dim} differs from the adaptive input's output_dim {proj.shape[0]}: "
+                             "tied projections need the same width")  # fmt: skip
+        return
     for i in range(1, len(cutoff)):
         dim = int(input_dim // factor**i)
         if dim < 1:
             raise ValueError(f"tail {i} would be {dim} wide ({input_dim} divided by {factor:g}**{i}): lower the factor "
                              "or use fewer cutoffs")  # fmt: skip
-        if tied is None:
-            continue
-        emb, proj = tied.weights_for_band(i)
-        if tie_proj and proj.shape[0] != input_dim:
-            raise ValueError(f"input_dim {input_dim} differs from the adaptive input's output_dim {proj.shape[0]}: "
-                             "tied projections need the same width")  # fmt: skip
-        if not tie_proj and emb.shape[1] != dim:
-            raise ValueError(f"tail {i}: {dim} wide here, {emb.shape[1]} in the adaptive input it ties to: give the "
-                             "same factor (and widths) as the input")  # fmt: skip
+
+
+def _check_features(hidden: Tensor, input_dim: int) -> None:
+    """Features of the width the head was built for (a shape error inside a matmul otherwise)."""
+    if hidden.dim() < 1 or hidden.shape[-1] != input_dim:
+        raise ValueError(f"features of shape {tuple(hidden.shape)}: the last dimension must be the adaptive softmax's "
+                         f"input_dim {input_dim}")  # fmt: skip
+
+
+def _check_targets(rows: int, target: Tensor, vocab_size: int, ignore: int | None) -> None:
+    """One integer target per row, each a word of the vocabulary (or ``ignore``): a shorter target list or an id
+    past the last cluster would give a number without a word (the loss counted such an id as its last cluster).
+    The values are checked on the CPU only (on a GPU the check would wait for the device)."""
+    if rows != target.numel():
+        raise ValueError(f"{target.numel()} targets for {rows} rows of features: one per row")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise ValueError(f"targets of dtype {target.dtype}: word ids are integers (torch.long)")
+    if target.device.type != "cpu" or not target.numel():
+        return
+    lo, hi = (int(v) for v in torch.aminmax(target))
+    if lo >= 0 and hi < vocab_size:
+        return
+    flat = target.reshape(-1)
+    kept = flat if ignore is None else flat[flat != ignore]
+    if bool(((kept < 0) | (kept >= vocab_size)).any()):
+        lo, hi = (int(v) for v in torch.aminmax(kept))
+        raise ValueError(f"target ids from {lo} to {hi}: outside the vocabulary [0, {vocab_size})")
 
 
 class AdaptiveSoftmax(nn.Module):
     """Head over the ``c_0`` frequent words plus one logit per tail cluster; tail i = proj, dropout, out.
 
-    With ``adaptive_input`` given, the word head and every tail's output matrix *are* the adaptive input's
-    band embeddings, and with ``tie_proj`` the tail projections are its band projections (transposed use).
-    Tail projections are stored as ``[d, dim]`` (applied as ``x @ P``) whether tied or not, so one code path
-    serves both; the fairseq loader transposes untied ones.
+    Tail i (of ``n_clusters``) is ``input_dim // factor**(i + 1)`` wide. With ``adaptive_input`` given, the word
+    head and every tail's output matrix *are* the adaptive input's band embeddings, so the tails are as wide as its
+    bands and ``factor`` is not used (as in fairseq), and with ``tie_proj`` the tail projections are its band
+    projections (transposed use; ``input_dim`` must then be its ``output_dim``). Tail projections are stored as
+    ``[input_dim, dim]`` (applied as ``x @ P``) whether tied or not, so one code path serves both; the fairseq
+    loader transposes untied ones. ``dropout`` in [0, 1) (training only): on the input of ``loss``, and inside
+    every tail between projection and output. fairseq's ``q_noise`` is not taken: its transformer_lm never passes
+    it to the adaptive softmax.
     """
 
     def __init__(
@@ -74,8 +104,9 @@ class AdaptiveSoftmax(nn.Module):
     ) -> None:
         super().__init__()
         self.cutoff = complete_cutoff(cutoff, vocab_size)
-        _check_args(self.cutoff, input_dim, factor, adaptive_input, tie_proj)
+        _check_args(self.cutoff, input_dim, factor, dropout, adaptive_input, tie_proj)
         self.vocab_size = vocab_size
+        self.input_dim = input_dim
         self.n_clusters = len(self.cutoff) - 1
         self.head_size = self.cutoff[0] + self.n_clusters
         self.dropout = dropout
@@ -106,6 +137,7 @@ class AdaptiveSoftmax(nn.Module):
             size = self.cutoff[i + 1] - self.cutoff[i]
             if adaptive_input is not None:
                 emb, proj = adaptive_input.weights_for_band(i + 1)
+                dim = emb.shape[1]  # fairseq: Linear(proj.size(0), proj.size(1)) into the tied embedding's width
                 if not self.tie_proj:
                     _linear_init_draw(proj.shape[1], proj.shape[0])  # fairseq: Linear(proj.size(0), proj.size(1))
                 self.tail_proj.append(proj if self.tie_proj else nn.Parameter(torch.empty(input_dim, dim)))
@@ -188,17 +220,6 @@ class AdaptiveSoftmax(nn.Module):
             clusters.append((rows, target.index_select(0, rows) - lo) if rows.numel() > 0 else None)
         return head_target, clusters
 
-    def _check_targets(self, x: Tensor, target: Tensor, ignore: int | None, values: bool = True) -> None:
-        """One target per row, each a word of the vocabulary (or ``ignore``): a shorter target list or an id past
-        the last cluster would give a number without a word. The values are checked on the CPU only (on a GPU the
-        check would wait for the device)."""
-        if x.shape[0] != target.numel():
-            raise ValueError(f"{target.numel()} targets for {x.shape[0]} rows of features: one per row")
-        if values and target.device.type == "cpu" and target.numel():
-            lo, hi = int(target.min()), int(target.max())
-            if (lo < 0 and lo != ignore) or hi >= self.vocab_size:
-                raise ValueError(f"target ids from {lo} to {hi}: outside the vocabulary [0, {self.vocab_size})")
-
     def _bounds(self, like: Tensor) -> Tensor:
         """Tail cluster starts (c_0 .. c_{n-1}) as a tensor on ``like``'s device, cached."""
         key = (like.device, like.dtype)
@@ -222,22 +243,35 @@ class AdaptiveSoftmax(nn.Module):
         ``adaptive_loss``, which applies ``ignore_index`` to the *local* tail targets and so drops the within-cluster
         term of the words with id ``cutoff[i] + ignore_index`` (fairseq/criterions/adaptive_loss.py): the trainer and
         validation turn it on for fairseq's numbers (``--criterion adaptive_loss``); a reused module should not.
+        Without the quirk a target equal to ``ignore_index`` is left out whatever its value (with it, as in fairseq,
+        only below ``cutoff[0]``). ``hidden`` (..., input_dim) with ``target`` (...) of the same number of rows, e.g.
+        (B, T, d) and (B, T) or (B * T, d) and (B * T,). Target ids outside [0, V) are refused on the CPU.
         """
+        _check_features(hidden, self.input_dim)
         x = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
-        self._check_targets(x, target, None, values=False)  # training's data is checked when loaded; no reads
+        quirk_past_vocab = tail_ignore_quirk and ignore_index >= self.vocab_size  # fairseq fails on such a target
+        _check_targets(x.shape[0], target, self.vocab_size, None if quirk_past_vocab else ignore_index)
         x = dropout(x, self.dropout, self.training)
         head_target, clusters = self.split_targets(target, routes)
+        drop = None
+        if not tail_ignore_quirk and ignore_index >= self.cutoff[0]:  # an ignored id among the tails or past them
+            drop = target.reshape(-1) == ignore_index  # (N,)
+            head_target = head_target.masked_fill(drop, ignore_index)
         loss = cross_entropy_sum(fp32(self.head_logits(x)), head_target, ignore_index)
         tail_ignore = ignore_index if tail_ignore_quirk else -100
         for i, c in enumerate(clusters):
             if c is None:
                 continue
             rows, local = c
+            if drop is not None:
+                local = local.masked_fill(drop.index_select(0, rows), tail_ignore)
             loss = loss + cross_entropy_sum(fp32(self._tail_rows(i, x, rows)), local, tail_ignore)
         return loss
 
     def log_prob(self, hidden: Tensor) -> Tensor:
-        """The full V-way natural-log distribution (..., V); no dropout (fairseq's ``get_log_prob``, target=None)."""
+        """(..., input_dim) -> (..., V): the full natural-log distribution (fairseq's ``get_log_prob``, target=None).
+        No dropout on the input; in training mode the tails' dropout applies, as in fairseq's."""
+        _check_features(hidden, self.input_dim)
         shape = hidden.shape[:-1]
         x = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
         head = log_softmax_(fp32(self.head_logits(x)))  # (N, c0 + nc)
@@ -255,10 +289,12 @@ class AdaptiveSoftmax(nn.Module):
 
     def target_log_prob(self, hidden: Tensor, target: Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
         """log p(target) for every position, computing each tail only for its own rows, in row chunks of at most
-        ``chunk_elements`` logits: memory stays bounded whatever the number of tokens and the vocabulary size."""
+        ``chunk_elements`` logits: memory stays bounded whatever the number of tokens and the vocabulary size.
+        (..., input_dim), (...) -> (...); no dropout on the input, the tails' in training mode (as ``log_prob``)."""
+        _check_features(hidden, self.input_dim)
         shape = target.shape
         x = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
-        self._check_targets(x, target, None)
+        _check_targets(x.shape[0], target, self.vocab_size, None)
         head_target, clusters = self.split_targets(target)
         out = torch.empty(
             x.shape[0], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device
