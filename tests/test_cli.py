@@ -225,3 +225,16 @@ def test_fp16_overflow_skips_the_update_and_lowers_the_scale(tmp_path, caplog):
     trainer.scaler.scale = 128.0
     out = trainer.train_step([batch])
     assert "skipped" not in out and trainer.state.num_updates == 1 and math.isfinite(out["loss"])
+
+
+def test_learned_positions_too_few_for_add_bos_token_blocks_is_one_line(tmp_path, capsys):
+    """--add-bos-token makes a full block --tokens-per-sample + 1 positions; a learned table sized by
+    --tokens-per-sample had failed in the first forward with a traceback (fairseq-train: an IndexError). Now one line
+    before training, and the remedy it names trains."""
+    small_bin(tmp_path, 3000)
+    base = tiny_train_args(tmp_path, "--decoder-learned-pos", "--add-bos-token", "--max-update", "1")
+    assert main(base) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "do not fit the 32 learned positions" in err
+    assert "--max-target-positions 33" in err
+    assert main([*base, "--max-target-positions", "33"]) == 0

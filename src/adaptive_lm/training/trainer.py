@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from adaptive_lm.core.config import NORMFORMER, ModelConfig
@@ -65,6 +66,22 @@ def ignored_flags(cfg: TrainConfig) -> str | None:
     )
 
 
+def _check_positions(model_cfg: ModelConfig, sizes: np.ndarray, add_bos: bool) -> None:
+    """A learned position table must hold the widest sample, ``<s>`` included: with ``--add-bos-token`` a full block
+    is ``--tokens-per-sample`` + 1 positions, one more than the table fairseq sizes by ``--tokens-per-sample``
+    (fairseq-train fails in its first forward with an IndexError; said here as one line before anything runs)."""
+    if not model_cfg.decoder_learned_pos or model_cfg.no_token_positional_embeddings or not len(sizes):
+        return
+    widest = int(sizes.max()) + int(add_bos)
+    if widest > model_cfg.max_target_positions:
+        bos = " (the <s> of --add-bos-token included)" if add_bos else ""
+        raise UserError(
+            f"training samples of {widest} tokens{bos} do not fit the {model_cfg.max_target_positions} learned "
+            f"positions (--decoder-learned-pos): pass --max-target-positions {widest} or more (fairseq-train fails "
+            "here with an IndexError)"
+        )
+
+
 def seeded_model(model_cfg: ModelConfig, dictionary: Dictionary, seed: int) -> TransformerLM:
     """fairseq-train seeds torch, then builds the model: with the same draws in the same order, the same weights."""
     torch.manual_seed(seed)
@@ -93,6 +110,7 @@ class Trainer:
             cfg, self.world, self.rank, add_bos, self.log
         )
         self.model_cfg: ModelConfig = model_config(cfg, len(self.dictionary))
+        _check_positions(self.model_cfg, self.train_data.sizes, add_bos)
         note = ignored_flags(cfg)
         if note:
             self.log.info(note)
