@@ -296,6 +296,24 @@ def test_grid_search_and_wer_report_on_references(lm, model_path, tmp_path, caps
     assert wer_at[best_w, best_b] < first
 
 
+def test_wer_report_counts_reference_words_as_jiwer_does(model_path, tmp_path, capsys):
+    """A no-break space joins two words for jiwer (it splits on spaces) but not for ``str.split``: the report counts
+    the reference words jiwer's way, so its figures are jiwer's (it used to stop on an internal assertion)."""
+    refs = {"u1": "the\u00a0song was released", "u2": "he was born in\u00a0the city"}
+    hyps = {"u1": ["the song was released", "the song was"], "u2": ["he was born in the city", "he born in the city"]}
+    path = tmp_path / "nbsp.tsv"
+    lines = ["#utt\ttext\tam\tref"]
+    lines += [f"{u}\t{h}\t{-k}\t{refs[u]}" for u in hyps for k, h in enumerate(hyps[u])]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    rc, _, err = run(["rescore", str(path), "--path", model_path, "--reference", "ref", "--no-progress-bar"], capsys)
+    assert rc == 0, err
+    first = jiwer.wer(list(refs.values()), [hyps[u][0] for u in hyps])  # the first pass picks each first row
+    n_ref = sum(len(jiwer.process_words(r, r).references[0]) for r in refs.values())
+    assert n_ref == 8  # 3 + 5 (str.split: 4 + 6): the no-break spaces join words
+    assert f"WER (jiwer) over 2 lists, {n_ref} reference words" in err
+    assert f"{100 * first:6.2f}%" in err.split("first pass")[1].split("\n")[0]
+
+
 def test_references_file(model_path, tmp_path, capsys):
     src = write_tsv(tmp_path / "nbest.tsv")
     refs = tmp_path / "refs.txt"

@@ -39,16 +39,25 @@ def jiwer_module() -> Any:
 def word_errors(refs: Sequence[str], hyps: Sequence[str]) -> np.ndarray:
     """Edit operations (substitutions + deletions + insertions) of each hypothesis against its reference, by
     jiwer's alignment: a selection's corpus WER is then sum(errors) / sum(reference words), jiwer's own figure."""
+    return _alignment_counts(refs, hyps)[0]
+
+
+def _alignment_counts(refs: Sequence[str], hyps: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(errors, reference words) of each hypothesis, both read off jiwer's alignment: the reference words are
+    counted as jiwer splits them (on spaces only: a no-break space joins two words there, unlike ``str.split``), so
+    that sum(errors) / sum(reference words) is jiwer's WER."""
     jiwer = jiwer_module()
     out = jiwer.process_words(list(refs), list(hyps))
     errs = np.zeros(len(hyps), dtype=np.int64)
+    ref_len = np.zeros(len(hyps), dtype=np.int64)
     for i, chunks in enumerate(out.alignments):
         for c in chunks:
+            ref_len[i] += c.ref_end_idx - c.ref_start_idx
             if c.type in ("substitute", "delete"):
                 errs[i] += c.ref_end_idx - c.ref_start_idx
             elif c.type == "insert":
                 errs[i] += c.hyp_end_idx - c.hyp_start_idx
-    return errs
+    return errs, ref_len
 
 
 @dataclass
@@ -116,8 +125,9 @@ def wer_report(
     """WER of the first pass, of the given weights, of the grid's best weights and of the oracle (jiwer)."""
     check_references(nb)
     refs_of_row = [nb.refs[i] for i in nb.ids]
-    errors = word_errors(refs_of_row, nb.texts)  # (n_hyp,)
-    ref_words = sum(len(nb.refs[i].split()) for i in list_ids)
+    errors, ref_len = _alignment_counts(refs_of_row, nb.texts)  # (n_hyp,) each
+    first_row = np.unique(list_of, return_index=True)[1]  # (n_lists,): a row of each list, whose reference it has
+    ref_words = int(ref_len[first_row].sum())  # as jiwer counts them (not str.split: no-break spaces)
     jiwer = jiwer_module()
     n_lists = len(list_ids)
     refs = [nb.refs[i] for i in list_ids]
