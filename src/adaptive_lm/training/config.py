@@ -145,7 +145,8 @@ class TrainConfig:
     )
     reset_lr_scheduler: bool = opt(
         False,
-        "accepted as fairseq's: the cosine schedule keeps no state, the lr follows the update count",
+        "forget the saved schedule state (fixed: the saved epoch's lr, which --stop-min-lr checks at the start; "
+        "cosine keeps none: its lr follows the update count)",
         "checkpoint",
     )
     reset_dataloader: bool = opt(False, "start at the first batch of epoch 1", "checkpoint")

@@ -106,7 +106,12 @@ def start_lines(t: Any) -> list[str]:
         f"{len(t.train_data)} training blocks of <= {cfg.tokens_per_sample} tokens | "
         f"{len(t.batches)} batches/epoch/rank | world {t.world} | device {t.device} | "
         f"dtype {t.amp_dtype or torch.float32}",
-        f"effective tokens per update: up to {per_update:,} (--max-tokens x --update-freq x processes)",
+        f"effective tokens per update: up to {per_update:,} (--max-tokens x --update-freq x processes)"
+        + (
+            f" in epoch 1 (--update-freq {','.join(map(str, cfg.update_freq_epochs))}: one per epoch, the last repeated)"
+            if len(cfg.update_freq_epochs or ()) > 1
+            else ""
+        ),  # fmt: skip
     ]
     if not cfg.lr_scheduler_given:
         lines.append("note: no --lr-scheduler given: cosine (fairseq-train's default is fixed: --lr-scheduler fixed)")
