@@ -101,17 +101,14 @@ def start_lines(t: Any) -> list[str]:
     cfg, m = t.cfg, t.model_cfg
     per_update = cfg.update_freq * t.world * (cfg.max_tokens or cfg.tokens_per_sample * (cfg.batch_size or 1))
     ln = "pre-LN" if m.decoder_normalize_before else "post-LN"
+    freqs = ",".join(map(str, cfg.update_freq_epochs))
+    epoch_one = f" in epoch 1 (--update-freq {freqs}: one per epoch)" if len(cfg.update_freq_epochs) > 1 else ""
     lines = [
         f"model {cfg.arch} ({ln}): {t.model.num_parameters():,} parameters | vocab {len(t.dictionary)} | "
         f"{len(t.train_data)} training blocks of <= {cfg.tokens_per_sample} tokens | "
         f"{len(t.batches)} batches/epoch/rank | world {t.world} | device {t.device} | "
         f"dtype {t.amp_dtype or torch.float32}",
-        f"effective tokens per update: up to {per_update:,} (--max-tokens x --update-freq x processes)"
-        + (
-            f" in epoch 1 (--update-freq {','.join(map(str, cfg.update_freq_epochs))}: one per epoch, the last repeated)"
-            if len(cfg.update_freq_epochs or ()) > 1
-            else ""
-        ),  # fmt: skip
+        f"effective tokens per update: up to {per_update:,} (--max-tokens x --update-freq x processes){epoch_one}",
     ]
     if not cfg.lr_scheduler_given:
         lines.append("note: no --lr-scheduler given: cosine (fairseq-train's default is fixed: --lr-scheduler fixed)")
