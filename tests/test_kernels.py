@@ -156,6 +156,12 @@ def test_dropout_gradient_mask_statistics_and_reproducibility():
     b = K.dropout(y, 0.3, True)
     assert torch.equal(a, b)  # masks follow the global torch seed (exact resume)
     assert K.dropout(y, 0.3, False) is y
+    # p = 1 drops everything, as F.dropout (the int16 threshold had overflowed); p outside [0, 1]: PyTorch's error
+    x = torch.randn(8, 16, requires_grad=True)
+    assert torch.equal(K.dropout(x, 1.0, True), torch.zeros(8, 16))
+    assert torch.equal(K.add_dropout(y[:8, :16], x, 1.0, True), y[:8, :16])
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        K.dropout(x, 1.5, True)
 
 
 def test_stored_attention_matches_same_mask_reference_gradcheck_and_bf16():

@@ -69,7 +69,7 @@ class _DropoutAdd(torch.autograd.Function):
 
 def add_dropout(x: Tensor, h: Tensor, p: float, training: bool) -> Tensor:
     """``x + F.dropout(h, p, training)`` (same mask as ``dropout(h, ...)`` would draw)."""
-    if not training or p == 0.0 or not ours(h) or x.shape != h.shape or x.dtype != h.dtype:
+    if not training or not 0.0 < p < 1.0 or not ours(h) or x.shape != h.shape or x.dtype != h.dtype:
         return x + dropout(h, p, training)
     return _DropoutAdd.apply(x, h, p, _new_seed())
 
@@ -78,6 +78,6 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """``F.dropout`` semantics; the fast regenerated mask on CPU, PyTorch's kernel elsewhere."""
     if not training or p == 0.0:
         return x
-    if not ours(x):
+    if not ours(x) or not 0.0 < p < 1.0:  # p = 1 (all dropped) and bad values: PyTorch's own answer
         return F.dropout(x, p, True)
     return _Dropout.apply(x, p, _new_seed())
