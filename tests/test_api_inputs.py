@@ -96,6 +96,11 @@ def test_a_prompt_that_repeats_a_blocked_ngram_is_refused_and_others_run():
         lm.sample("the city", sampling=True, max_len_b=12, no_repeat_ngram_size=1)
     hyps = lm.generate([repeats], beam=2, max_len_b=20, no_repeat_ngram_size=5)  # no 5-gram repeats: it runs
     assert hyps[0] and all(h["tokens"][: len(repeats) - 1].tolist() == repeats[:-1].tolist() for h in hyps[0])
+    # a </s> inside the ids ends every hypothesis there (fairseq finalizes the forced </s>): what follows it is never
+    # generated, so its repeats are no reason to refuse (they had been refused; fairseq returns [the, city, </s>])
+    the, city = lm.encode("the city")[:2].tolist()
+    hyps = lm.generate([torch.tensor([the, city, 2, the, city, the])], beam=3, max_len_b=6, no_repeat_ngram_size=3)
+    assert [h["tokens"].tolist() for h in hyps[0]] == [[the, city, 2]] * 3
 
 
 def test_from_pretrained_arguments():

@@ -518,7 +518,9 @@ def generate(
         if cfg.min_len > max_len:
             raise UserError(f"min_len {cfg.min_len} exceeds the length limit {max_len} (max_len_a, max_len_b)")
         for i in ids if n > 0 else []:
-            _check_ngrams(i, [special.bos, *prompts[i][:max_len]], n)  # the prompt is forced up to max_len only
+            forced = prompts[i][:max_len]  # forced up to max_len only, and a forced </s> ends every hypothesis
+            forced = forced[: forced.index(special.eos) + 1] if special.eos in forced else forced
+            _check_ngrams(i, [special.bos, *forced], n)
         plan.append((ids, width, max_len))
     for ids, width, max_len in plan:
         prefix = torch.full((len(ids), width - 1), special.pad, dtype=torch.long)  # (B, W - 1)
