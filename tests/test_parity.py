@@ -141,6 +141,25 @@ def test_a_seed_gives_fairseqs_initial_weights_bit_for_bit(c):
         assert_same_draws(ours[k], v, f"{c['name']} {k}")
 
 
+def test_converting_back_to_fairseq_gives_fairseqs_own_state_dict():
+    """``convert --to fairseq`` of each fairseq checkpoint: exactly the keys fairseq's model has once loaded
+    (``c["keys"]``, recorded by fairseq after its load-time overrides; fairseq loads strictly) and, where nothing
+    was pruned at load, fairseq's own tensors bit for bit. An untied adaptive softmax's head is a plain Linear in
+    fairseq, without the tied head's ``_float_tensor`` buffer: writing one made fairseq refuse the file."""
+    from adaptive_lm.core.fairseq_format import safe_load, to_fairseq_checkpoint
+
+    for c in CONFIGS:
+        lm = load(c, torch.float32)
+        ours = to_fairseq_checkpoint(lm.model, lm.cfg, lm.tokens_per_sample)["model"]
+        assert set(ours) == set(c["keys"]), (c["name"], set(ours) ^ set(c["keys"]))
+        if c["load_overrides"]:
+            continue
+        real = safe_load(DATA / c["name"] / "checkpoint.pt")["model"]
+        for k, v in real.items():
+            if not k.endswith("_float_tensor"):  # an uninitialised buffer fairseq never reads
+                assert torch.equal(ours[k].to(v.dtype), v), (c["name"], k)
+
+
 def test_configurations_cover_the_option_space():
     """The generated set really spans the options (the generator asserts it too; this keeps the data honest)."""
     flags = [" ".join(c["flags"]) for c in CONFIGS]

@@ -172,5 +172,6 @@ def state_dict_to_fairseq(model: torch.nn.Module, cfg: ModelConfig) -> dict[str,
         out["decoder.embed_tokens._float_tensor"] = torch.zeros(1)
     if cfg.adaptive_softmax_cutoff is not None:
         out["decoder.adaptive_softmax.version"] = torch.tensor([1])
-        out["decoder.adaptive_softmax.head._float_tensor"] = torch.zeros(1)
+        if cfg.tie_adaptive_weights:  # fairseq's TiedHeadModule has the buffer, its untied head (a Linear) has not
+            out["decoder.adaptive_softmax.head._float_tensor"] = torch.zeros(1)
     return out
