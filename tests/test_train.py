@@ -475,6 +475,38 @@ def test_two_processes_follow_one_process_with_update_freq_2(tmp_path, small_dat
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
 
 
+@pytest.mark.slow
+def test_processes_with_different_data_are_refused_in_one_line(tmp_path, small_data):
+    """Two nodes whose data-bin folders differ (here: one has more training text, the same dict.txt): the processes
+    had trained on anyway, each with its own batches and epochs (or crashed inside gloo when the dictionaries, and
+    so the parameter counts, differed). Two real processes with torchrun's environment, as two nodes have."""
+    import socket
+
+    text = tmp_path / "more.txt"
+    Corpus(vocab=300, states=6, seed=1).write(text, 1600)
+    other = tmp_path / "other-bin"
+    preprocess(PreprocessConfig(trainpref=str(text), destdir=str(other), srcdict=str(small_data / "dict.txt"),
+                                progress=False))  # fmt: skip
+    (other / "valid.bin").write_bytes((small_data / "valid.bin").read_bytes())
+    (other / "valid.idx").write_bytes((small_data / "valid.idx").read_bytes())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank, data in enumerate((small_data, other)):
+        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+        cmd = [sys.executable, "-m", "adaptive_lm", *tiny_args(data, tmp_path / f"s{rank}", "--max-update", "4")]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 2, (out[-2000:], err[-2000:])
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "do not run the same training" in lines[0], err[-2000:]
+        assert "training batches: rank 0 10, rank 1 12" in lines[0] and "dictionary" not in lines[0]
+    assert not (tmp_path / "s0" / "checkpoint_last.pt").exists()
+
+
 def test_compile_gives_the_eager_losses_or_falls_back_with_a_warning(tmp_path, small_data, caplog, monkeypatch):
     """``--compile`` must never change the numbers (the dropout masks come from the same seeds) nor crash: where
     no C++ compiler exists the trainer says so and continues eagerly."""

@@ -119,9 +119,14 @@ def all_reduce_sum(t: Tensor) -> Tensor:
 
 def all_gather_ints(value: int, device: torch.device) -> list[int]:
     """Every rank's ``value`` (one process: just ``[value]``)."""
+    return [v[0] for v in all_gather_int_lists([value], device)]
+
+
+def all_gather_int_lists(values: Sequence[int], device: torch.device) -> list[list[int]]:
+    """Every rank's ``values`` (the same number on every rank; one process: just ``[values]``)."""
     if not (dist.is_available() and dist.is_initialized()):
-        return [value]
-    t = torch.tensor([value], dtype=torch.long, device=device)
+        return [list(values)]
+    t = torch.tensor(list(values), dtype=torch.long, device=device)
     out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(out, t)
-    return [int(x) for x in out]
+    return [[int(v) for v in x.tolist()] for x in out]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from adaptive_lm.core.errors import UserError
 from adaptive_lm.core.fairseq_format import load_into
 from adaptive_lm.core.serialization import FORMAT, dictionary_payload
 from adaptive_lm.training import checkpoint as ckpt
-from adaptive_lm.training.distributed import all_gather_ints
+from adaptive_lm.training.distributed import all_gather_int_lists, all_gather_ints
 from adaptive_lm.training.trainer import Trainer
 
 
@@ -66,6 +67,7 @@ def save(
 def restore(t: Trainer) -> None:
     """Continue from ``--restore-file`` (or ``--finetune-from-model`` in a fresh save dir), ours or fairseq's."""
     cfg = t.cfg
+    check_same_run(t)
     path = ckpt.resolve_restore(cfg.save_dir, cfg.restore_file)
     finetune = path is None and cfg.finetune_from_model is not None
     if finetune:
@@ -105,6 +107,39 @@ def restore(t: Trainer) -> None:
         f"{'fine-tuning from' if finetune else 'restored'} {path} (update {t.state.num_updates}, "
         f"epoch {t.state.epoch}, batch {t.state.iterations_in_epoch}/{len(t.batches)})"
     )
+
+
+def _run_facts(t: Trainer) -> dict[str, int]:
+    """What every process of a run must share: its data, dictionary, model size and number of steps per epoch."""
+    valid = t.valid_batches
+    schedule = repr((t.cfg.update_freq, t.cfg.update_freq_epochs, t.cfg.max_update, t.cfg.max_epoch, t.cfg.seed))
+    return {
+        "dictionary size": len(t.dictionary),
+        "dictionary checksum": zlib.crc32("\n".join(t.dictionary.symbols).encode("utf-8")),
+        "training blocks": len(t.train_data),
+        "training tokens": int(t.train_data.sizes.sum()),
+        "training batches": len(t.batches.batches),
+        "validation batches": -1 if valid is None else len(valid.batches),
+        "parameters": sum(p.numel() for p in t.params),
+        "update schedule checksum": zlib.crc32(schedule.encode("utf-8")),
+    }
+
+
+def check_same_run(t: Trainer) -> None:
+    """Every process must train on the same data with the same model and flags: otherwise the processes run
+    different numbers of steps and their collectives mismatch (a hang, a crash in gloo, or silently wrong sums)."""
+    if t.world == 1:
+        return
+    facts = _run_facts(t)
+    seen = all_gather_int_lists(list(facts.values()), t.device)
+    differ = [i for i, name in enumerate(facts) if len({s[i] for s in seen}) > 1]
+    if differ:
+        names = list(facts)
+        what = "; ".join(f"{names[i]}: " + ", ".join(f"rank {r} {s[i]}" for r, s in enumerate(seen)) for i in differ)
+        raise UserError(
+            f"the processes do not run the same training ({what}): give every process the same data-bin folder "
+            f"(dict.txt and splits) and the same flags"
+        )
 
 
 def check_ranks_agree(t: Trainer, source: str = "no checkpoint") -> None:
