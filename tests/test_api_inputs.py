@@ -212,3 +212,55 @@ def test_score_and_generate_take_iterables_and_numpy_numbers():
     hyps = lm.generate([lm.encode("the first")], beam=np.int64(2), max_len_b=np.int64(5), lenpen=np.float32(1.0),
                        max_len_a=np.int64(0))  # fmt: skip
     assert len(hyps[0]) == 2
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda lm: lm.encode(None), "encode takes one str, not NoneType"),
+        (lambda lm: lm.encode(["the"]), "encode takes one str, not list"),
+        (lambda lm: lm.encode(b"the"), "encode takes one str, not bytes"),
+        (lambda lm: lm.decode("the"), "decode takes a 1-D tensor or list of int ids .one sentence., not str"),
+        (lambda lm: lm.decode(None), "decode takes a 1-D tensor or list of int ids"),
+        (lambda lm: lm.decode([[4, 5]]), "decode takes a 1-D tensor or list of int ids .one sentence., not list"),
+        (lambda lm: lm.decode(torch.tensor([[4, 5]])), "not a 2-D torch.int64 tensor"),
+        (lambda lm: lm.decode(torch.tensor(4)), "not a 0-D torch.int64 tensor"),
+        (lambda lm: lm.decode(torch.tensor([4.0])), "not a 1-D torch.float32 tensor"),
+        (lambda lm: lm.score(None), "score takes a list .or any iterable. of inputs, not NoneType"),
+        (lambda lm: lm.score(5), "score takes a list .or any iterable. of inputs, not int"),
+        (lambda lm: lm.sample(None), "sample takes a list .or any iterable. of inputs, not NoneType"),
+        (lambda lm: lm.sample([5]), "sample takes text: a str or a list of str"),
+        (lambda lm: lm.generate(None), "generate takes a list .or any iterable. of inputs, not NoneType"),
+        (lambda lm: lm.generate(7), "generate takes a list .or any iterable. of inputs, not int"),
+    ],
+)
+def test_text_and_id_inputs_are_checked(call, message):
+    """Found by the hub audit: each of these had ended in an AttributeError/TypeError traceback from inside."""
+    with pytest.raises(UserError, match=message):
+        call(load())
+
+
+def test_decode_takes_ids_as_lists_arrays_and_tensors():
+    import numpy as np
+
+    lm = load()
+    ids = lm.encode("the first of the").tolist()
+    want = "the first of the"
+    assert lm.decode(ids) == lm.decode(tuple(ids)) == lm.decode(np.array(ids)) == lm.decode(torch.tensor(ids)) == want
+    assert lm.decode([np.int64(i) for i in ids]) == want
+
+
+def test_from_pretrained_batching_and_overrides_are_checked():
+    """fairseq's batch_by_size reads 0 or less as no limit; a str had failed in the batcher's comparison and a
+    non-dict ``overrides`` with 'not a mapping' (found by the hub audit)."""
+    with pytest.raises(UserError, match="batch_size must be an integer .None, 0 or less: no limit., not '2'"):
+        adaptive_lm.from_pretrained(MODELS / "wiki_tied", "model.pt", batch_size="2")
+    with pytest.raises(UserError, match="max_tokens must be an integer"):
+        adaptive_lm.from_pretrained(MODELS / "wiki_tied", "model.pt", max_tokens=2.5)
+    with pytest.raises(UserError, match="overrides must be a dict of settings, not int"):
+        adaptive_lm.from_pretrained(MODELS / "wiki_tied", "model.pt", overrides=5)
+    unlimited = adaptive_lm.from_pretrained(MODELS / "wiki_tied", "model.pt", max_tokens=-1, batch_size=0)
+    assert unlimited.batching == (None, None)
+    assert unlimited.sample(["the first of the", "in"], beam=2, max_len_b=6) == load().sample(
+        ["the first of the", "in"], beam=2, max_len_b=6
+    )

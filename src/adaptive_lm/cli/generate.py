@@ -57,7 +57,7 @@ def run(ns: argparse.Namespace) -> int:
     elif sys.stdin.isatty():
         print("type a prompt per line (Ctrl-D to quit)", file=sys.stderr)
         for line in sys.stdin:
-            emit([line.rstrip("\n")])
-    else:
-        emit([line.rstrip("\n") for line in sys.stdin])
+            emit([line.rstrip("\r\n")])
+    else:  # a prompt file's CRLF line ends are not part of the prompts (as adaptive-lm score reads lines)
+        emit([line.rstrip("\r\n") for line in sys.stdin])
     return 0

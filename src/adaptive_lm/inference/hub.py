@@ -32,8 +32,8 @@ log = logging.getLogger("adaptive_lm.generate")
 def _scored(ids: list[int], row: dict[str, Any]) -> dict[str, Any]:
     """``LanguageModel.score``'s record of one sentence: its tokens, ``row`` (the positional scores, and kNN-LM's
     parts), and the mean score."""
-    ps = row["positional_scores"]
-    return {"tokens": torch.tensor(ids, dtype=torch.long), **row, "score": float(ps.mean()) if len(ps) else 0.0}
+    ps = row["positional_scores"]  # an empty sentence's mean is nan, as fairseq's hub gives
+    return {"tokens": torch.tensor(ids, dtype=torch.long), **row, "score": float(ps.mean()) if len(ps) else math.nan}
 
 
 SCORE_CHUNK_LINES = 4096  # ``score_rows``: lines per ``score`` call (records come out as each chunk finishes)
@@ -85,6 +85,8 @@ class LanguageModel:
 
     def encode(self, sentence: str) -> torch.Tensor:
         """Tokenise (if a tokenizer was given), map words to ids, append ``</s>`` (fairseq's hub ``encode``)."""
+        if not isinstance(sentence, str):
+            raise UserError(f"encode takes one str, not {type(sentence).__name__} (a list: encode each)")
         return torch.tensor(self._line_ids(sentence), dtype=torch.long)
 
     def _line_ids(self, line: str) -> list[int]:
@@ -92,9 +94,11 @@ class LanguageModel:
         return self.dictionary.encode_line(self.tokenize(line))
 
     def decode(self, tokens: torch.Tensor | list[int]) -> str:
-        """ids -> text, dropping ``</s>``/``<s>``/``<pad>``, then detokenise."""
-        ids = tokens.tolist() if torch.is_tensor(tokens) else list(tokens)
-        return self.detokenize(self.dictionary.string(ids))
+        """ids -> text, dropping ``</s>`` and ``<s>`` (fairseq's ``Dictionary.string``: ``<pad>`` is kept as its
+        symbol), then detokenise."""
+        ids = _decodable(tokens)
+        d = self.dictionary
+        return self.detokenize(d.string([i for i in ids if i not in (d.eos(), d.bos())], keep_special=True))
 
     def ids(self, sentence: str, replace_newline_with_eos: bool = False) -> list[int]:
         """A sentence's word ids as fairseq's hub scores them: ``encode``'s ids (with ``replace_newline_with_eos``
@@ -127,7 +131,7 @@ class LanguageModel:
         beside them; then ``batch_size`` (default 16) sentences per batch, in input order.
         """
         single = isinstance(sentences, str)
-        items = [sentences] if single else list(sentences)  # any iterable, read once (a tensor: its rows, refused)
+        items = [sentences] if single else _items(sentences, "score")  # any iterable, read once (a tensor: refused)
         if not all(isinstance(s, str) for s in items):
             raise UserError("score takes text: a str or a list of str (for word ids: rescore.sentence_logprobs)")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))):
@@ -239,7 +243,8 @@ class LanguageModel:
                 raise UserError(f"seed must be an integer in [-2**63, 2**64), not {seed!r}")
             torch.manual_seed(seed)
         d = self.dictionary
-        given = [_prompt_ids(t, i, self.cfg.vocab_size) for i, t in enumerate(tokenized_sentences)]
+        prompts_in = _items(tokenized_sentences, "generate")
+        given = [_prompt_ids(t, i, self.cfg.vocab_size) for i, t in enumerate(prompts_in)]
         prompts = [_strip(ids, d.eos()) for ids in given]
         special = Special(bos=self.start_token, eos=d.eos(), pad=d.pad(), unk=d.unk())
         cfg = GenerationConfig(beam=beam, **kwargs)
@@ -256,12 +261,36 @@ class LanguageModel:
         """fairseq's hub ``sample``: prompt(s) in, the best hypothesis' text out (the prompt included); a str for a
         str, a list for a list."""
         single = isinstance(sentences, str)
-        items = [sentences] if single else list(sentences)
+        items = [sentences] if single else _items(sentences, "sample")
+        if not all(isinstance(s, str) for s in items):
+            raise UserError("sample takes text: a str or a list of str (for word ids: generate)")
         hyps = self.generate([self.encode(s) for s in items], beam=beam, verbose=verbose, **kwargs)
         if any(not h for h in hyps):  # no hypothesis finished: nothing to return for that prompt
             raise UserError("no hypothesis finished for a prompt (every candidate was forbidden); relax the options")
         texts = [self.decode(h[0]["tokens"]) for h in hyps]
         return texts[0] if single else texts
+
+
+def _items(xs: Any, what: str) -> list[Any]:
+    """A list argument of ``score``/``sample``/``generate`` (any iterable) as a list; anything else is refused."""
+    try:
+        return list(xs)
+    except TypeError:
+        raise UserError(f"{what} takes a list (or any iterable) of inputs, not {type(xs).__name__}") from None
+
+
+def _decodable(tokens: Any) -> list[int]:
+    """``decode``'s input as a list of ints: a 1-D integer tensor or array, or a sequence of ints."""
+    if torch.is_tensor(tokens) or isinstance(tokens, np.ndarray):
+        t = torch.as_tensor(tokens)
+        if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise UserError(f"decode takes 1-D integer ids (one sentence), not a {t.dim()}-D {t.dtype} tensor")
+        return t.tolist()
+    if isinstance(tokens, (list, tuple)) and all(
+        isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) for x in tokens
+    ):
+        return [int(x) for x in tokens]
+    raise UserError(f"decode takes a 1-D tensor or list of int ids (one sentence), not {type(tokens).__name__}")
 
 
 def _prompt_ids(t: Any, i: int, vocab: int) -> list[int]:

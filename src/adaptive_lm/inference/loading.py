@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from adaptive_lm.core.fairseq_format import (
 from adaptive_lm.core.model import TransformerLM, prune_layers
 from adaptive_lm.core.serialization import FORMAT, dictionary_from_payload
 from adaptive_lm.inference.hub import LanguageModel
-from adaptive_lm.inference.tokenizer import make_pipeline
+from adaptive_lm.inference.tokenizer import MOSES_ARGS, make_pipeline
 
 # files fairseq's hub picks up from a model folder by themselves (``hub_utils.from_pretrained``), and ours
 BPE_FILES = {"sentencepiece.bpe.model": "sentencepiece_model", "encoder.json": "gpt2_encoder_json",
@@ -156,17 +157,26 @@ def _resolve(model_name_or_path: str | os.PathLike, checkpoint_file: str) -> Pat
 
 
 def _split_kwargs(kwargs: dict[str, Any], overrides: dict[str, Any] | None) -> tuple[dict[str, Any], ...]:
-    """fairseq's hub takes BPE files, batching and model settings as keyword arguments (its ``arg_overrides``):
-    (BPE files, model overrides, batching overrides); any other keyword is refused by name."""
+    """fairseq's hub takes BPE files, Moses options, batching and model settings as keyword arguments (its
+    ``arg_overrides``): (BPE files, Moses options, model overrides, batching overrides); any other keyword is refused
+    by name."""
     bpe_args = {k: kwargs.pop(k) for k in BPE_ARGS if k in kwargs}
+    tok_args = {k: kwargs.pop(k) for k in MOSES_ARGS if k in kwargs}
     batching = {k: kwargs.pop(k) for k in ("max_tokens", "batch_size") if k in kwargs}
+    for k, v in batching.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+            raise UserError(f"from_pretrained: {k} must be an integer (None, 0 or less: no limit), not {v!r}")
+        batching[k] = int(v) if v is not None and v > 0 else None  # fairseq's batch_by_size: 0 or less is no limit
+    if overrides is not None and not isinstance(overrides, dict):
+        raise UserError(f"from_pretrained: overrides must be a dict of settings, not {type(overrides).__name__}")
     model = {k: kwargs.pop(k) for k in list(kwargs) if k in ModelConfig.__dataclass_fields__}
     if kwargs:
         raise UserError(
             f"from_pretrained: unknown keyword(s) {', '.join(sorted(kwargs))} (accepted: dictionary, device, dtype, "
-            f"tokenizer, bpe, {', '.join(BPE_ARGS)}, max_tokens, batch_size, overrides, or a ModelConfig field)"
+            f"tokenizer, bpe, {', '.join(BPE_ARGS)}, {', '.join(MOSES_ARGS)}, max_tokens, batch_size, overrides, or a "
+            "ModelConfig field)"
         )
-    return bpe_args, {**(overrides or {}), **model}, batching
+    return bpe_args, tok_args, {**(overrides or {}), **model}, batching
 
 
 def from_pretrained(
@@ -199,7 +209,7 @@ def from_pretrained(
     ``batch_size``, how ``generate`` batches prompts): model settings to change at load, e.g.
     ``{"decoder_layers_to_keep": "0,2"}`` to evaluate a LayerDrop-trained model with fewer layers.
     """
-    bpe_args, overrides, batch_overrides = _split_kwargs(dict(kwargs), overrides)
+    bpe_args, tok_args, overrides, batch_overrides = _split_kwargs(dict(kwargs), overrides)
     dtype = _dtype(dtype)
     p = _resolve(model_name_or_path, checkpoint_file)
     folder = p if p.is_dir() else p.parent
@@ -228,9 +238,7 @@ def from_pretrained(
             tps = settings.get("tokens_per_sample")
             batching = _fairseq_batching(ckpt)
             stored_text = _stored_text_settings(ckpt)
-    bpe = bpe or stored_text.get("bpe")
-    pipeline = make_pipeline(tokenizer or stored_text.get("tokenizer"), bpe, **{**stored_text.get("bpe_args", {}),
-                                                                            **bpe_args})  # fmt: skip
+    pipeline = _pipeline(tokenizer, bpe, tok_args, bpe_args, stored_text)
     if batch_overrides:  # as fairseq's arg_overrides of cfg.dataset: how the hub batches prompts
         batching = (batch_overrides.get("max_tokens", batching[0]), batch_overrides.get("batch_size", batching[1]))
     return LanguageModel(model, d, str(p), tps, pipeline, batching).to(device).eval()
@@ -350,6 +358,15 @@ def _fairseq_batching(ckpt: dict[str, Any]) -> tuple[int | None, int | None]:
     return ds.get("max_tokens"), ds.get("batch_size", ds.get("max_sentences"))
 
 
+def _pipeline(tokenizer: Any, bpe: Any, tok_args: dict[str, Any], bpe_args: dict[str, Any], stored: dict[str, Any]):
+    """The text pipeline from the keywords, else the checkpoint's stored tokenizer and BPE. A stored Moses
+    tokenizer is fairseq's step with its stored options (its text was tokenised so in training), not ours."""
+    tokenizer = tokenizer or stored.get("tokenizer")
+    if tokenizer == "moses" and stored.get("tokenizer") == "moses":
+        tok_args = {**stored.get("tokenizer_args", {}), **tok_args, "wikitext": False}
+    return make_pipeline(tokenizer, bpe or stored.get("bpe"), tok_args, **{**stored.get("bpe_args", {}), **bpe_args})
+
+
 def _stored_text_settings(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The tokenizer and BPE a fairseq checkpoint was trained with (its ``cfg.tokenizer`` / ``cfg.bpe``), which
     fairseq's hub applies by default."""
@@ -358,6 +375,8 @@ def _stored_text_settings(ckpt: dict[str, Any]) -> dict[str, Any]:
     tok = cfg.get("tokenizer") if isinstance(cfg, dict) else None
     if isinstance(tok, dict) and tok.get("_name"):
         out["tokenizer"] = tok["_name"]
+        if tok["_name"] == "moses":
+            out["tokenizer_args"] = {k: tok[k] for k in MOSES_ARGS if tok.get(k) is not None}
     bpe = cfg.get("bpe") if isinstance(cfg, dict) else None
     if isinstance(bpe, dict) and bpe.get("_name"):
         out["bpe"] = bpe["_name"]

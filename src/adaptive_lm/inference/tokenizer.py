@@ -17,21 +17,46 @@ _NUM_SEP = re.compile(r"(?<=\d)([,.])(?=\d)")
 _AT_SEP = re.compile(r" @([-,.])@ ")
 
 
+# fairseq's ``--tokenizer moses`` options (``MosesTokenizerConfig``), taken from from_pretrained's keywords or the
+# checkpoint's ``cfg.tokenizer`` with fairseq's meaning
+MOSES_ARGS = ("source_lang", "target_lang", "moses_no_dash_splits", "moses_no_escape")
+
+
 class MosesTokenizer:
-    def __init__(self, lang: str = "en") -> None:
+    """fairseq's Moses step with its options. Asked for by name (``tokenizer="moses"``) two defaults differ
+    (docs/from-fairseq.md): no escaping unless ``moses_no_escape=False`` (fairseq's default escapes ``'`` as
+    ``&apos;``, a word no WikiText vocabulary holds), and WikiText's number separators (``1 @,@ 000``,
+    ``wikitext=True``). A checkpoint whose fairseq ``cfg.tokenizer`` is Moses gets fairseq's step exactly
+    (its stored options, ``wikitext=False``): its text was tokenised so in training."""
+
+    def __init__(
+        self,
+        source_lang: str = "en",
+        target_lang: str = "en",
+        moses_no_dash_splits: bool = False,
+        moses_no_escape: bool = True,
+        wikitext: bool = True,
+    ) -> None:
+        for name, value in (("source_lang", source_lang), ("target_lang", target_lang)):
+            if not isinstance(value, str) or not value:
+                raise UserError(f"tokenizer='moses': {name} must be a language code such as 'en', not {value!r}")
+        for name, value in (("moses_no_dash_splits", moses_no_dash_splits), ("moses_no_escape", moses_no_escape)):
+            if not isinstance(value, bool):
+                raise UserError(f"tokenizer='moses': {name} must be True or False, not {value!r}")
         try:
             from sacremoses import MosesDetokenizer
             from sacremoses import MosesTokenizer as _Tok
         except ImportError:
             raise UserError("tokenizer='moses' needs sacremoses: pip install 'adaptive-lm[tokenize]'") from None
-        self.tok, self.detok = _Tok(lang=lang), MosesDetokenizer(lang=lang)
+        self.tok, self.detok = _Tok(lang=source_lang), MosesDetokenizer(lang=target_lang)
+        self.dash_splits, self.escape, self.wikitext = not moses_no_dash_splits, not moses_no_escape, wikitext
 
     def tokenize(self, text: str) -> str:
-        out = self.tok.tokenize(text, aggressive_dash_splits=True, escape=False, return_str=True)
-        return _NUM_SEP.sub(r" @\1@ ", out)
+        out = self.tok.tokenize(text, aggressive_dash_splits=self.dash_splits, escape=self.escape, return_str=True)
+        return _NUM_SEP.sub(r" @\1@ ", out) if self.wikitext else out
 
     def detokenize(self, text: str) -> str:
-        text = _AT_SEP.sub(r"\1", text)
+        text = _AT_SEP.sub(r"\1", text) if self.wikitext else text
         return self.detok.detokenize(text.split())
 
 
@@ -57,13 +82,21 @@ class TextPipeline:
         return text
 
 
-def make_pipeline(tokenizer: str | None = None, bpe: str | None = None, **bpe_files: Any) -> TextPipeline | None:
+def make_pipeline(
+    tokenizer: str | None = None,
+    bpe: str | None = None,
+    tokenizer_args: dict[str, Any] | None = None,
+    **bpe_files: Any,
+) -> TextPipeline | None:
     """The text pipeline fairseq's hub builds from ``tokenizer=`` and ``bpe=`` (None when the text is already in
-    the model's symbols). ``tokenizer``: None/"space" or "moses"; ``bpe``: None, "gpt2" or "sentencepiece"."""
+    the model's symbols). ``tokenizer``: None/"space" or "moses" (``tokenizer_args``: its ``MOSES_ARGS``); ``bpe``:
+    None, "gpt2" or "sentencepiece"."""
+    if tokenizer_args and tokenizer != "moses":
+        raise UserError(f"{', '.join(sorted(tokenizer_args))}: options of tokenizer='moses', not of {tokenizer!r}")
     if tokenizer in (None, "space", "none"):
         tok = None
     elif tokenizer == "moses":
-        tok = MosesTokenizer()
+        tok = MosesTokenizer(**(tokenizer_args or {}))
     else:
         raise UserError(f"unknown tokenizer {tokenizer!r}: use 'moses' or leave it unset (pre-tokenised text)")
     enc = None
