@@ -373,6 +373,48 @@ def test_resume_is_bit_identical_across_an_epoch_boundary(tmp_path, small_data, 
     assert any(x["split"] == "valid" for x in lines)
 
 
+def test_a_signal_at_an_epochs_end_leaves_its_validation_and_checkpoints_to_the_resumed_run(tmp_path, small_data):
+    """SIGTERM during the last update of epoch 1: the run saves checkpoint_last.pt at once, without the epoch's
+    validation and checkpoints; the resumed run does them first. They had been skipped for good: one validation
+    fewer than the uninterrupted run, no checkpoint1.pt, and a best checkpoint and --patience count that could
+    differ from it. The signal is real, raised in the process while that update runs."""
+    import signal
+
+    def cfg(save, *extra):
+        return train_config(build_parser().parse_args(tiny_args(small_data, save, "--max-update", "8", *extra)))
+
+    straight = train(cfg(tmp_path / "straight"))
+    per_epoch = 5  # 10 batches of 4 blocks, --update-freq 2
+
+    def signal_in_update(n: int):
+        def start(trainer) -> None:
+            step = trainer.train_step
+
+            def train_step(samples):
+                out = step(samples)
+                if trainer.state.num_updates == n:
+                    signal.raise_signal(signal.SIGTERM)
+                return out
+
+            trainer.train_step = train_step
+
+        return start
+
+    split = tmp_path / "split"
+    first = train(cfg(split), on_start=signal_in_update(per_epoch))
+    assert first["signal"] == signal.SIGTERM and first["num_updates"] == per_epoch
+    assert first["valid_losses"] == [] and not (split / "checkpoint1.pt").exists()
+    second = train(cfg(split))
+    assert second["signal"] == 0
+    assert first["valid_losses"] + second["valid_losses"] == straight["valid_losses"]
+    for name in ("checkpoint1.pt", "checkpoint_best.pt", "checkpoint_last.pt"):
+        a = torch.load(tmp_path / "straight" / name, weights_only=True)
+        b = torch.load(split / name, weights_only=True)
+        timeless = [{k: v for k, v in c["train_state"].items() if k != "train_seconds"} for c in (a, b)]
+        assert timeless[0] == timeless[1], name
+        assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items()), name
+
+
 def test_checkpoint_write_is_atomic(tmp_path, small_data, monkeypatch, capsys):
     run = tmp_path / "run"
     assert main(tiny_args(small_data, run, "--max-update", "2")) == 0

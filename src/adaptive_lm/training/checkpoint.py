@@ -47,6 +47,9 @@ class TrainState:
     scaler_iter: int = 0
     scaler_last_rescale: int = -1
     scaler_last_overflow: int = -1
+    # a signal skipped the validation and checkpoints due after update ``num_updates``; the resumed run does them
+    # first, as the uninterrupted one did: 1 at an epoch's end, 0 within an epoch, -1 nothing pending
+    pending: int = -1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

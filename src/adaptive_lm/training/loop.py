@@ -132,11 +132,16 @@ class Run:
 
     def validate_and_save(self, end_of_epoch: bool, stop: bool) -> None:
         t, s = self.t, self.t.state
-        if t.stopping:  # a signal: save first, validate never (a scheduler's grace period is short)
+        if t.stopping:  # a signal: save first, validate never (a scheduler's grace period is short); the resumed
+            s.pending = int(end_of_epoch)  # run validates and saves what this update was due (resume_pending)
             saving.save(t, end_of_epoch, None, s.best_val, last_only=True)
             return
         save = self.should_save(end_of_epoch, stop)
-        raw = validate(t) if self.should_validate(end_of_epoch, stop, save) else None
+        validating = self.should_validate(end_of_epoch, stop, save)
+        raw = validate(t) if validating else None
+        if validating and raw is None and t.stopping:  # abandoned by a signal: the resumed run decides again
+            s.pending = int(end_of_epoch)
+            return
         val = metric_value(self.cfg, raw) if raw is not None else None  # what fairseq compares: the logged value
         maximize = self.cfg.maximize_best_checkpoint_metric
         if val is not None:
@@ -154,6 +159,19 @@ class Run:
             if val is not None:
                 s.best_val = val if prev_best is None else (max if maximize else min)(val, prev_best)
             saving.save(t, end_of_epoch, val, prev_best)
+
+    def resume_pending(self) -> None:
+        """A run stopped by a signal skipped the validation and checkpoints its last update was due: do them now,
+        so that the validation losses, the best checkpoint, --patience and the epoch checkpoints are those of an
+        uninterrupted run."""
+        s = self.t.state
+        if s.pending < 0:
+            return
+        end_of_epoch, s.pending = bool(s.pending), -1
+        self.validate_and_save(end_of_epoch, self.should_stop())
+        if end_of_epoch and s.pending < 0:
+            s.epoch += 1
+            s.iterations_in_epoch = 0
 
     def install_signal_handlers(self) -> None:
         """SIGINT/SIGTERM: finish (or, on a second signal, abandon) this update, save checkpoint_last.pt, exit 130/143.
@@ -200,7 +218,9 @@ def train(cfg: TrainConfig, on_start: Callable[[Trainer], None] | None = None) -
             # Everything alive now (torch's modules, the model, the data) lives until the end: exempt it from the
             # cyclic garbage collector, whose full passes would otherwise walk it again and again during training.
             gc.freeze()
-            _loop(run)
+            run.resume_pending()
+            if not (run.patience_out or trainer.stopping):
+                _loop(run)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # no rank tears the group down while another still talks to it
     finally:

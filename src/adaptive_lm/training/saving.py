@@ -86,6 +86,8 @@ def restore(t: Trainer) -> None:
             t.schedule.step_begin_epoch(r.state.epoch)
     if not (cfg.reset_dataloader or finetune):
         t.state.epoch, t.state.iterations_in_epoch = r.state.epoch, r.state.iterations_in_epoch
+        if not cfg.reset_optimizer:  # the decisions a signal skipped, for the very same update
+            t.state.pending = r.state.pending
     if not (cfg.reset_meters or cfg.reset_optimizer or finetune):  # fairseq forgets the best with either
         best = r.state.best_val
         if best is not None and r.state.patience_best is None:  # written before stop 36: the loss in bits
@@ -99,7 +101,7 @@ def restore(t: Trainer) -> None:
         torch.set_rng_state(r.rng)
     # fairseq: after loading, the lr follows the update count (a reset scheduler starts its warmup again)
     t.set_lr(t.schedule.lr_at(t.state.num_updates))
-    if t.state.iterations_in_epoch >= len(t.batches):  # the saved epoch had ended
+    if t.state.iterations_in_epoch >= len(t.batches) and t.state.pending < 0:  # the saved epoch had ended
         t.state.epoch += 1
         t.state.iterations_in_epoch = 0
     check_ranks_agree(t, str(path))
