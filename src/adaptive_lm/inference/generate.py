@@ -444,6 +444,13 @@ def _replicate_first_beam(t: Tensor, mask: Tensor, k: int) -> Tensor:
     return t.view(-1, t.size(-1))
 
 
+def _forced(prompt: list[int], max_len: int, sp: Special) -> list[int]:
+    """What a prompt forces: the start symbol and its words up to ``max_len``, and only up to its first ``</s>``
+    (a forced ``</s>`` ends every hypothesis there: fairseq finalizes it)."""
+    forced = prompt[:max_len]
+    return [sp.bos, *(forced[: forced.index(sp.eos) + 1] if sp.eos in forced else forced)]
+
+
 def _check_ngrams(i: int, seq: list[int], n: int) -> None:
     """Refuse prompt ``i`` (forced as ``seq``, start symbol first) if it repeats an n-gram: the blocker (fairseq's
     CUDA rule) would ban its own forced word, leaving only -inf hypotheses."""
@@ -518,9 +525,7 @@ def generate(
         if cfg.min_len > max_len:
             raise UserError(f"min_len {cfg.min_len} exceeds the length limit {max_len} (max_len_a, max_len_b)")
         for i in ids if n > 0 else []:
-            forced = prompts[i][:max_len]  # forced up to max_len only, and a forced </s> ends every hypothesis
-            forced = forced[: forced.index(special.eos) + 1] if special.eos in forced else forced
-            _check_ngrams(i, [special.bos, *forced], n)
+            _check_ngrams(i, _forced(prompts[i], max_len, special), n)
         plan.append((ids, width, max_len))
     for ids, width, max_len in plan:
         prefix = torch.full((len(ids), width - 1), special.pad, dtype=torch.long)  # (B, W - 1)
