@@ -256,3 +256,23 @@ def test_a_checkpoint_of_the_previous_format_resumes_with_its_best_converted(dat
     cfg = train_config(build_parser().parse_args(args(data, save, "--max-epoch", "1", *flags)))
     train(cfg, on_start=lambda t: seen.append((t.state.best_val, t.state.patience_best)))
     assert seen == [(round(perplexity(bits), 2), round(perplexity(bits), 2))]
+
+
+def test_fairseq_launcher_flags_and_a_half_set_environment_point_to_torchrun(data, tmp_path, capsys, monkeypatch):
+    """fairseq-train's own launcher flags had been 'unrecognized arguments', and WORLD_SIZE without torchrun's
+    MASTER_ADDR/PORT a traceback inside init_process_group: one line each, naming torchrun."""
+    for flag in (["--distributed-world-size", "2"], ["--distributed-no-spawn"], ["--device-id", "0"]):
+        with pytest.raises(SystemExit) as e:
+            main(args(data, tmp_path / "run", *flag))
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.splitlines() == [err] and f"{flag[0]}: processes are started by torchrun here" in err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    assert main(args(data, tmp_path / "run", "--max-update", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "adaptive-lm train: error: WORLD_SIZE is 2 but MASTER_ADDR and MASTER_PORT not set: start the "
+        "processes with torchrun (torchrun --nproc_per_node N -m adaptive_lm train ...), which sets them"
+    )

@@ -52,6 +52,20 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--max-lr", type=positive, default=None, help="old name of the peak lr; then --lr is the floor"
     )
     add_model_args(p)
+    for flag in DISTRIBUTED_FLAGS:  # fairseq's own launcher: named, and pointed to torchrun
+        p.add_argument(flag, action=_UseTorchrun, nargs="?", help=argparse.SUPPRESS)
+
+
+# fairseq-train's flags for starting its own processes: here torchrun starts them and sets the environment
+DISTRIBUTED_FLAGS = ("--distributed-world-size", "--distributed-rank", "--distributed-init-method",
+                     "--distributed-port", "--distributed-backend", "--device-id", "--nprocs-per-node",
+                     "--distributed-num-procs", "--distributed-no-spawn")  # fmt: skip
+
+
+class _UseTorchrun(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any, opt: Any = None) -> None:
+        parser.error(f"{opt}: processes are started by torchrun here, not by fairseq's launcher: "
+                     "torchrun --nproc_per_node N -m adaptive_lm train ... (see docs/from-fairseq.md)")  # fmt: skip
 
 
 # ---- model flags, generated from ModelConfig (fairseq's names) -----------------------------------------------

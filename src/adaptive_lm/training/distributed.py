@@ -17,19 +17,31 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from adaptive_lm.core.errors import UserError
+
 BUCKET_BYTES = 25 << 20  # like DistributedDataParallel's default
 
 
 def setup_distributed(cpu: bool) -> tuple[int, int, torch.device]:
     """torchrun's environment -> (rank, world, device); gloo on CPU, NCCL on GPUs."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError as e:
+        raise UserError(f"WORLD_SIZE, RANK and LOCAL_RANK must be integers ({e}): use torchrun") from None
+    starting = world > 1 and not dist.is_initialized()
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if starting and v not in os.environ]
+    if missing:  # init_process_group's env:// rendezvous would fail with a traceback
+        raise UserError(
+            f"WORLD_SIZE is {world} but {' and '.join(missing)} not set: start the processes with torchrun "
+            "(torchrun --nproc_per_node N -m adaptive_lm train ...), which sets them"
+        )
     use_cuda = torch.cuda.is_available() and not cpu
     device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    if starting:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return rank, world, device
 
