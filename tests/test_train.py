@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -547,6 +548,35 @@ def test_processes_with_different_data_are_refused_in_one_line(tmp_path, small_d
         assert len(lines) == 1 and "do not run the same training" in lines[0], err[-2000:]
         assert "training batches: rank 0 10, rank 1 12" in lines[0] and "dictionary" not in lines[0]
     assert not (tmp_path / "s0" / "checkpoint_last.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_process_leaves_the_others_one_line_and_its_checkpoint(tmp_path, small_data):
+    """kill -9 of one process (out of memory, a lost node): the survivor's collective fails inside gloo, which had
+    ended it with a traceback; now one line saying the checkpoint is kept and the same command resumes."""
+    import signal
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+        args = tiny_args(small_data, tmp_path / "run", "--max-update", "100000", "--lr", "0.05", "--log-format", "json")
+        cmd = [sys.executable, "-m", "adaptive_lm", *args]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    deadline = time.time() + 120
+    while time.time() < deadline and '"train_inner"' not in procs[0].stdout.readline():
+        pass
+    procs[1].send_signal(signal.SIGKILL)
+    out, err = procs[0].communicate(timeout=120)
+    procs[1].communicate(timeout=30)
+    assert procs[0].returncode == 2, err[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("adaptive-lm train: error: another process of this run stopped")
+    assert f"the last checkpoint in {tmp_path / 'run'} is kept" in lines[0]
 
 
 def test_compile_gives_the_eager_losses_or_falls_back_with_a_warning(tmp_path, small_data, caplog, monkeypatch):

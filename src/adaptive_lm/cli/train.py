@@ -150,10 +150,41 @@ def train_config(ns: argparse.Namespace) -> TrainConfig:
 def run(ns: argparse.Namespace) -> int:
     from adaptive_lm.training.loop import train
 
+    cfg = train_config(ns)
     with console_log():
-        result = train(train_config(ns))
+        try:
+            result = train(cfg)
+        except RuntimeError as e:  # gloo/NCCL: another process of the run died (killed, out of memory, a node lost)
+            if not _peer_lost(e):
+                raise
+            raise UserError(
+                f"another process of this run stopped ({_first_words(e)}); the last checkpoint in "
+                f"{cfg.save_dir} is kept: run the same torchrun command again to resume"
+            ) from None
     if result["signal"]:  # saved and stopping: a repeated signal must not turn the exit into a crash
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
         return 128 + result["signal"]
     return 0
+
+
+def _peer_lost(e: RuntimeError) -> bool:
+    """A collective failed because a peer went away (what the surviving processes see when one is killed); the
+    process group is already destroyed by then, so the run's size comes from torchrun's environment."""
+    import os
+
+    import torch.distributed as dist
+
+    if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1"):
+        return False
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        w in str(e) for w in ("gloo", "NCCL", "Connection reset", "Connection closed")
+    )
+
+
+def _first_words(e: Exception) -> str:
+    """The gloo/NCCL message's first line without its source-location prefix, at most 100 characters."""
+    import re
+
+    line = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).splitlines() or [""])[0])
+    return line if len(line) <= 100 else line[:97] + "..."
