@@ -89,3 +89,12 @@ def test_generate_reads_crlf_prompt_files_as_score_does():
     crlf = subprocess.run(cmd, input=b"The game\r\nIn 1998,\r\n", capture_output=True, check=True)
     lf = subprocess.run(cmd, input=b"The game\nIn 1998,\n", capture_output=True, check=True)
     assert crlf.stdout == lf.stdout and lf.stdout.count(b"\n") == 2
+    # bytes that are not UTF-8: one line, as adaptive-lm score says it (they had become <unk> words of the prompt)
+    bad = subprocess.run(cmd, input=b"The \xff game\n", capture_output=True)
+    assert bad.returncode == 2 and bad.stdout == b""
+    assert (
+        bad.stderr.decode() == "adaptive-lm generate: error: standard input: not valid UTF-8 (invalid start byte); "
+        "convert it to UTF-8\n"
+    )
+    bom = subprocess.run(cmd, input=b"\xef\xbb\xbfThe game\nIn 1998,\n", capture_output=True, check=True)
+    assert bom.stdout == lf.stdout  # a byte-order mark is not part of the first prompt

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from adaptive_lm.core.errors import UserError
 from adaptive_lm.core.logs import log_lines_to
 from adaptive_lm.core.options import flag_fields
 
@@ -399,3 +400,20 @@ def console_log(stream: Any = None) -> contextlib.AbstractContextManager:
     """Show the library's log lines (the trainer's, a datastore's progress) as plain lines on ``stream`` (stdout)
     while a command runs; the library itself never prints."""
     return log_lines_to(stream or sys.stdout)
+
+
+def read_lines(path: str) -> list[str]:
+    """The input's lines, UTF-8 (a byte-order mark dropped) from a file or from stdin's bytes (the text layer of
+    stdin would let undecodable bytes through as escapes under a C locale)."""
+    name = "standard input" if path == "-" else path
+    try:
+        if path == "-":
+            text = sys.stdin.buffer.read().decode("utf-8-sig")
+        else:
+            with open(path, encoding="utf-8-sig") as f:
+                text = f.read()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{name}: not valid UTF-8 ({e.reason}); convert it to UTF-8") from None
+    return [line.rstrip("\r") for line in text.split("\n")][: -1 if text.endswith("\n") else None] if text else []

@@ -14,6 +14,7 @@ from adaptive_lm.cli.common import (
     half_notice,
     integer,
     load_model,
+    read_lines,
 )
 from adaptive_lm.core.errors import UserError
 from adaptive_lm.inference.generate import GenerationConfig
@@ -58,6 +59,6 @@ def run(ns: argparse.Namespace) -> int:
         print("type a prompt per line (Ctrl-D to quit)", file=sys.stderr)
         for line in sys.stdin:
             emit([line.rstrip("\r\n")])
-    else:  # a prompt file's CRLF line ends are not part of the prompts (as adaptive-lm score reads lines)
-        emit([line.rstrip("\r\n") for line in sys.stdin])
+    else:  # a prompt file: UTF-8 bytes, its CRLF line ends not part of the prompts (as adaptive-lm score reads)
+        emit(read_lines("-"))
     return 0

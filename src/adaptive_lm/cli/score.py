@@ -16,6 +16,7 @@ from adaptive_lm.cli.common import (
     load_model,
     output_file,
     positive,
+    read_lines,
     unk_line,
 )
 from adaptive_lm.core.errors import UserError
@@ -37,25 +38,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_progress_flag(p)
 
 
-def _lines(path: str) -> list[str]:
-    """The input's lines, UTF-8 (a byte-order mark dropped) from a file or from stdin's bytes (the text layer of
-    stdin would let undecodable bytes through as escapes under a C locale)."""
-    name = "standard input" if path == "-" else path
-    try:
-        if path == "-":
-            text = sys.stdin.buffer.read().decode("utf-8-sig")
-        else:
-            with open(path, encoding="utf-8-sig") as f:
-                text = f.read()
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{name}: not valid UTF-8 ({e.reason}); convert it to UTF-8") from None
-    return [line.rstrip("\r") for line in text.split("\n")][: -1 if text.endswith("\n") else None] if text else []
-
-
 def run(ns: argparse.Namespace) -> int:
-    lines = _lines(ns.file)
+    lines = read_lines(ns.file)
     lm = load_model(ns)
     half_notice(ns, lm.device.type)
     name = "standard input" if ns.file == "-" else ns.file
