@@ -6,6 +6,7 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -259,3 +260,81 @@ def test_post_ln_fairseq_checkpoint_on_every_entry_point(fixture_dir, tmp_path):
         assert not other.cfg.decoder_normalize_before
         with torch.no_grad():
             torch.testing.assert_close(other.model.log_probs(x), ref, atol=1e-6, rtol=0)
+
+
+# fairseq-eval-lm's per-word outputs, its subword merging and its token count, recorded by
+# tests/fixtures/make_fairseq_eval_words.sh: (log, model, data, flags)
+EVAL_WORDS = Path(__file__).parent / "fixtures" / "eval_words"
+WORDS = ["--tokens-per-sample", "64", "--output-word-probs", "--output-word-stats", "--post-process", "@@ "]
+EVAL_WORDS_CASES = {
+    "pieces_cw0.log": ("tiny", "pieces", [*WORDS, "--batch-size", "3"]),
+    "pieces_cw16_eos.log": (
+        "tiny",
+        "pieces",
+        [*WORDS, "--max-tokens", "500", "--context-window", "16", "--sample-break-mode", "eos"],
+    ),  # fmt: skip
+    "remove_bpe_bare.log": ("tiny", "pieces", ["--tokens-per-sample", "64", "--remove-bpe"]),
+    "bos_complete.log": (
+        "bos",
+        "bos",
+        ["--tokens-per-sample", "32", "--sample-break-mode", "complete", "--batch-size", "4"],
+    ),  # fmt: skip
+}
+NUMBER = re.compile(r"-?\d+\.\d+")
+
+
+def eval_words_data(tmp_path: Path, fixture_dir: Path, which: str) -> tuple[Path, Path]:
+    """(data folder, dictionary): the split the script binarised and what fairseq read it with ("pieces": the tiny
+    model's dictionary with "@@" after every third line's word, as the script's awk writes it)."""
+    data = tmp_path / which
+    data.mkdir()
+    src = EVAL_WORDS / ("bos" if which == "bos" else "tiny")
+    for f in ("valid.bin", "valid.idx"):
+        shutil.copy(src / f, data)
+    if which == "bos":
+        shutil.copy(Path(__file__).parent / "generation" / "models" / "bos" / "dict.txt", data)
+    else:
+        lines = (fixture_dir / "model" / "dict.txt").read_text().splitlines()
+        words = [ln.split(" ", 1) for ln in lines]
+        (data / "dict.txt").write_text("".join(f"{w}{'@@' if i % 3 == 2 else ''} {c}\n" for i, (w, c) in
+                                               enumerate(words)))  # fmt: skip
+    return data, data / "dict.txt"
+
+
+def word_output(lines: list[str]) -> list[str]:
+    """Word-prob lines ("ID w [lp]\\t..."), word-stat lines (6 tab-separated fields), the two summary lines (timing
+    dropped)."""
+    keep = [ln for ln in lines if re.match(r"\d+ ", ln) or ln.count("\t") == 5 or ln.startswith(("Evaluated", "Loss"))]
+    return [re.sub(r" in [\d.]+s \(.*tokens/s\)$", "", ln) for ln in keep]
+
+
+@pytest.mark.parametrize("log", sorted(EVAL_WORDS_CASES))
+def test_word_outputs_and_subword_merging_as_fairseq_eval_lm(fixture_dir, tmp_path, capsys, log):
+    """--output-word-probs had no block ids and our own block order, --output-word-stats printed the 50 most frequent
+    words in our own columns, --post-process / --remove-bpe were refused, and "Evaluated N tokens" left out the <s> of
+    each block that fairseq counts. Now every line is fairseq's: the same words (pieces merged), ids, order and
+    columns, the summary lines exactly; the numbers within 1e-5 relative (our per-token scores are fairseq's within
+    float32 round-off of differently ordered sums, ~1e-6; the sums printed here add terms of one sign)."""
+    model, which, flags = EVAL_WORDS_CASES[log]
+    data, dictionary = eval_words_data(tmp_path, fixture_dir, which)
+    path = fixture_dir / "model" / "checkpoint_last.pt"
+    if model == "bos":
+        path = Path(__file__).parent / "generation" / "models" / "bos" / "model.pt"
+    args = ["eval", str(data), "--path", str(path), "--dict", str(dictionary), "--gen-subset", "valid", "--cpu"]
+    assert main([*args, "--no-progress-bar", *flags]) == 0
+    ours = word_output(capsys.readouterr().out.splitlines())
+    theirs = word_output((EVAL_WORDS / log).read_text().splitlines())
+    assert len(ours) == len(theirs) and ours[-1] == theirs[-1], (ours[-1], theirs[-1])  # Loss (base 2), exactly
+    for a, b in zip(ours, theirs):
+        assert NUMBER.sub("#", a) == NUMBER.sub("#", b), (a, b)
+        for x, y in zip(NUMBER.findall(a), NUMBER.findall(b)):
+            assert abs(float(x) - float(y)) <= 1e-5 * max(1.0, abs(float(y))), (x, y, b)
+
+
+def test_post_process_values_fairseq_does_not_implement_are_refused(fixture_dir, tmp_path, capsys):
+    data, dictionary = eval_words_data(tmp_path, fixture_dir, "pieces")
+    code = main(["eval", str(data), "--path", str(fixture_dir / "model" / "checkpoint_last.pt"), "--dict",
+                 str(dictionary), "--gen-subset", "valid", "--post-process", "sentencepiece"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "--post-process 'sentencepiece': fairseq-eval-lm 0.12 implements only 'subword_nmt' and '@@ '" in err[0]

@@ -27,8 +27,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_config_flags(p, EvalConfig)
     add_model_flags(p)
     g = p.add_argument_group("output")
-    g.add_argument("--output-word-probs", action="store_true", help="every token's ln p, per block")
-    g.add_argument("--output-word-stats", action="store_true", help="per-word counts and mean ln p")
+    g.add_argument("--output-word-probs", action="store_true", help="ID word [ln p] per block, in fairseq's order")
+    g.add_argument(
+        "--output-word-stats",
+        action="store_true",
+        help="per word: count, sum of ln p, is-bpe, next word's sum of ln p, count with a next word",
+    )
+    g.add_argument("--post-process", "--remove-bpe", nargs="?", const="subword_nmt", default=None,
+                   metavar="{subword_nmt,'@@ '}",
+                   help="merge subword-nmt pieces into words for the loss and the word outputs (fairseq 0.12: only "
+                   "'@@ ' merges; the bare flag's subword_nmt finds no piece)")  # fmt: skip
     g.add_argument("--freq-bins", action="store_true", help="loss per word-frequency band")
     g.add_argument("--plot", default=None, help="PNG of the frequency-band losses (needs the [plot] extra)")
     g.add_argument(
@@ -60,7 +68,7 @@ KNN_FLAGS = ("k", "lmbda", "knn_temp", "knn_sim", "knn_approx_dists", "nprobe")
 
 
 def run(ns: argparse.Namespace) -> int:
-    from adaptive_lm.inference.evaluate import evaluate, summary_lines, word_prob_lines, word_stats
+    from adaptive_lm.inference.evaluate import evaluate, summary_lines
 
     given = [f"--{f.replace('_', '-')}" for f in KNN_FLAGS if getattr(ns, f) not in (None, False)]
     if given and not ns.knn:
@@ -71,10 +79,13 @@ def run(ns: argparse.Namespace) -> int:
 
     if ns.bf16 and ns.fp16:
         raise UserError("--bf16 and --fp16 together: choose one autocast type")
-    details = ns.output_word_probs or ns.output_word_stats or ns.freq_bins or ns.plot
+    from adaptive_lm.inference.eval_words import continuation, post_process, word_lines
+
+    cont = continuation(ns.post_process)
+    details = ns.output_word_probs or ns.output_word_stats or ns.freq_bins or ns.plot or cont is not None
     if ns.knn and details:
-        raise UserError("--output-word-probs, --output-word-stats, --freq-bins and --plot report the LM's own "
-                        "scores: run them without --knn")  # fmt: skip
+        raise UserError("--output-word-probs, --output-word-stats, --post-process, --freq-bins and --plot report "
+                        "the LM's own scores: run them without --knn")  # fmt: skip
     from adaptive_lm.inference.loading import NoDictionary
 
     try:
@@ -102,16 +113,17 @@ def run(ns: argparse.Namespace) -> int:
             nprobe=ns.nprobe,
         )
         return emit(ns, lines + knn_summary_lines(res))
-    res = evaluate(lm, cfg, keep_scores=bool(details))
+    scored = evaluate(lm, cfg, keep_scores=bool(details))  # per token (the <unk> note and frequency bands)
+    res, pieces = post_process(scored, lm.dictionary, cont) if cont is not None else (scored, None)  # per word
     lines.append(res.plan)
-    if ns.output_word_probs:
-        lines += word_prob_lines(res, lm.dictionary)
-    if ns.output_word_stats:
-        lines += ["word\tcount\tsum ln p\tmean ln p", *word_stats(res, lm.dictionary)]
+    probs, stats = [], []
+    if ns.output_word_probs or ns.output_word_stats:
+        probs, stats = word_lines(res, lm.dictionary, cont, pieces, ns.output_word_probs, ns.output_word_stats)
     if ns.freq_bins or ns.plot:
-        lines += _frequency_lines(ns, res, lm)
-    unk = unk_line(res.n_unk, res.n_tokens, lm.tokenizer is not None, f"{ns.data}/{ns.gen_subset}")
-    return emit(ns, lines + ([unk] if unk else []) + summary_lines(res))
+        lines += _frequency_lines(ns, scored, lm)
+    unk = unk_line(scored.n_unk, scored.n_tokens, lm.tokenizer is not None, f"{ns.data}/{ns.gen_subset}")
+    done, loss = summary_lines(res)  # fairseq prints the word stats between them
+    return emit(ns, lines + ([unk] if unk else []) + probs + [done, *stats, loss], closing=[done, loss])
 
 
 def _frequency_lines(ns: argparse.Namespace, res, lm) -> list[str]:
@@ -130,9 +142,10 @@ def _frequency_lines(ns: argparse.Namespace, res, lm) -> list[str]:
     return lines
 
 
-def emit(ns: argparse.Namespace, lines: list[str]) -> int:
-    """Print (all lines, or with --quiet the closing ones) and, with --results-path, write them to a file."""
-    print("\n".join(lines[-2:] if ns.quiet else lines))
+def emit(ns: argparse.Namespace, lines: list[str], closing: list[str] | None = None) -> int:
+    """Print (all lines, or with --quiet the closing ones: by default the last two) and, with --results-path, write
+    them all to a file."""
+    print("\n".join((closing or lines[-2:]) if ns.quiet else lines))
     if ns.results_path:
         from adaptive_lm.core.files import atomic_write_text
 

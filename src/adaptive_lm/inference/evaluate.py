@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adaptive_lm.core.data import LMDataset, load_split
+from adaptive_lm.core.data import LMDataset, load_split, ordered_indices
 from adaptive_lm.core.dictionary import Dictionary
 from adaptive_lm.core.errors import UserError
 from adaptive_lm.core.kernels import fast_linears
@@ -72,6 +72,8 @@ class EvalPlan:
     skipped: int = 0  # blocks longer than the model's positions, left out as fairseq-eval-lm leaves them out
     limit: int = 0  # the model's positions
     break_mode: str = "none"
+    ids: np.ndarray | None = None  # each block's index in the split (fairseq's sample id), before any is left out
+    visit: np.ndarray | None = None  # the blocks (positions in ``dataset``) in the order fairseq-eval-lm visits them
 
     def describe(self) -> str:
         line = (
@@ -113,6 +115,9 @@ class EvalResult:
     scores: np.ndarray | None = None  # per scored token (ln p), stream order
     targets: np.ndarray | None = None
     block_lengths: list[int] = field(default_factory=list)
+    block_ids: np.ndarray | None = None  # with the scores: each block's index in the split (fairseq's sample id)
+    block_order: np.ndarray | None = None  # the blocks (positions) in the order fairseq-eval-lm visits them
+    n_fed: int = 0  # tokens of the blocks with their <s>: what fairseq-eval-lm's "Evaluated N tokens" counts
 
 
 def context_windows(ds: LMDataset, context: int, block: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
@@ -158,13 +163,14 @@ def plan(lm: LanguageModel, cfg: EvalConfig) -> EvalPlan:
     ds = LMDataset.from_split(
         load_split(data, cfg.gen_subset), block, cfg.sample_break_mode, add_bos=lm.cfg.add_bos_token
     )
+    ids, split_sizes = np.arange(len(ds)), ds.sizes
     if cfg.full_blocks_only:
-        ds = ds.subset(ds.sizes == block)
+        ids, ds = ids[ds.sizes == block], ds.subset(ds.sizes == block)
     limit = lm.cfg.max_target_positions  # fairseq's model.max_positions(), whatever the positions' kind
     long = ds.sizes > limit  # eval-lm's batches have ignore_invalid_inputs: such blocks are skipped, with a warning
     skipped = int(long.sum())
     if skipped:
-        ds = ds.subset(~long)
+        ids, ds = ids[~long], ds.subset(~long)
     # the widest input: a block after as much context as fits in block + C (context_windows), and <s>
     sizes = ds.sizes
     width = int((sizes + np.clip(block + C - sizes, 0, C)).max(initial=0)) + int(lm.cfg.add_bos_token)
@@ -188,7 +194,19 @@ def plan(lm: LanguageModel, cfg: EvalConfig) -> EvalPlan:
         tokens = cfg.max_tokens or (DEFAULT_TOKENS_GPU if lm.device.type == "cuda" else DEFAULT_TOKENS_CPU)
         rows = max(1, tokens // max(1, width))
     n = int(ds.sizes.sum())
-    return EvalPlan(ds, cfg.gen_subset, block, tps, C, rows, n, skipped, limit, cfg.sample_break_mode)
+    visit = fairseq_visit_order(split_sizes, ids, C)
+    return EvalPlan(ds, cfg.gen_subset, block, tps, C, rows, n, skipped, limit, cfg.sample_break_mode, ids, visit)
+
+
+def fairseq_visit_order(split_sizes: np.ndarray, ids: np.ndarray, context: int) -> np.ndarray:
+    """Positions in ``ids`` (the blocks kept, ascending) in the order fairseq-eval-lm's batches visit them: with a
+    context window the split's order (LMContextWindowDataset); without one MonolingualDataset's order (shuffled with
+    numpy's seed 2, then sorted by size) over the whole split, before blocks are left out. (fairseq-fixed 0.12.3's
+    get_batch_iterator orders under ``numpy_seed(seed + epoch)``: its default seed 1 and epoch 1.)"""
+    if context > 0:
+        return np.arange(len(ids))
+    order = ordered_indices(split_sizes, shuffle=True, seed=2)
+    return np.searchsorted(ids, order[np.isin(order, ids)])
 
 
 def nonempty(p: EvalPlan) -> EvalPlan:
@@ -290,40 +308,23 @@ def evaluate(
     seconds = time.time() - t0
     loss = -score_sum / max(count, 1) / math.log(2)
     res = EvalResult(count, loss, perplexity(loss), seconds, len(p.dataset), p.block, p.describe(), n_unk)
+    res.n_fed = p.n_tokens + len(p.dataset) * int(lm.cfg.add_bos_token)
     if keep_scores:
         res.scores = np.concatenate(scores) if scores else np.zeros(0)
         res.targets = np.concatenate(targets) if targets else np.zeros(0, dtype=np.int64)
-        res.block_lengths = lengths
+        res.block_lengths, res.block_ids, res.block_order = lengths, p.ids, p.visit
     return res
 
 
 def summary_lines(res: EvalResult) -> list[str]:
-    """fairseq-eval-lm's two closing lines."""
-    rate = res.n_tokens / res.seconds if res.seconds > 0 else 0.0
+    """fairseq-eval-lm's two closing lines: the tokens fed (with each block's <s>, as fairseq counts them), then the
+    loss over the scored tokens."""
+    fed = res.n_fed or res.n_tokens
+    rate = fed / res.seconds if res.seconds > 0 else 0.0
     return [
-        f"Evaluated {res.n_tokens:,} tokens in {res.seconds:.1f}s ({rate:.2f} tokens/s)",
+        f"Evaluated {fed:,} tokens in {res.seconds:.1f}s ({rate:.2f} tokens/s)",
         f"Loss (base 2): {res.loss_base2:.4f}, Perplexity: {res.ppl:.2f}",
     ]
-
-
-def word_prob_lines(res: EvalResult, d: Dictionary) -> list[str]:
-    """fairseq's ``--output-word-probs``: per block, tab-separated ``word [ln p]``."""
-    assert res.scores is not None and res.targets is not None
-    out, off = [], 0
-    for n in res.block_lengths:
-        ids, lp = res.targets[off : off + n], res.scores[off : off + n]
-        out.append("\t".join(f"{d[int(w)]} [{s:2f}]" for w, s in zip(ids, lp)))
-        off += n
-    return out
-
-
-def word_stats(res: EvalResult, d: Dictionary, top: int = 50) -> list[str]:
-    """Per word: count, mean log-prob (ln), sorted by count (fairseq's --output-word-stats, simplified)."""
-    assert res.scores is not None and res.targets is not None
-    ids, inv, counts = np.unique(res.targets, return_inverse=True, return_counts=True)
-    sums = np.bincount(inv, weights=res.scores)
-    order = np.argsort(-counts, kind="stable")[:top]
-    return [f"{d[int(ids[i])]}\t{counts[i]}\t{sums[i]:.4f}\t{sums[i] / counts[i]:.4f}" for i in order]
 
 
 def frequency_bins(res: EvalResult, lm: LanguageModel) -> list[tuple[str, int, float]]:
