@@ -162,6 +162,26 @@ def test_multibatch_continuation_and_validation_match_fairseq(tmp_path, fixture_
         assert close(ours, theirs, spread["valid"][i])
 
 
+def test_logged_wpb_bsz_and_the_epoch_line_at_a_stop_are_fairseqs(tmp_path, fixture_dir):
+    """fairseq logs wpb and bsz with one decimal (valid: per batch; multibatch.log's valid line says wpb 2038.5, bsz
+    8, its train_inner lines wpb 2048, bsz 8), and prints the epoch's train line also when --max-update stops the
+    run inside the epoch (checked with fairseq-train 0.12). Ours had wpb rounded to an integer (2038), no bsz, and
+    no train line at such a stop."""
+    flags = """--arch transformer_lm --decoder-layers 1 --decoder-embed-dim 8 --decoder-ffn-embed-dim 8
+      --decoder-attention-heads 1 --decoder-input-dim 8 --decoder-output-dim 8 --dropout 0 --criterion cross_entropy
+      --cpu --max-update 2 --log-interval 1 --no-progress-bar --no-last-checkpoints --tokens-per-sample 256
+      --max-tokens 2048 --sample-break-mode none --skip-invalid-size-inputs-valid-test"""
+    args = ["train", str(fixture_dir / "data-bin"), *flags.split(), "--save-dir", str(tmp_path)]
+    assert main(args) == 0
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    inner = [x for x in lines if x["split"] == "train_inner"]
+    assert [(x["wpb"], x["bsz"]) for x in inner] == [(2048.0, 8.0)] * 2
+    (valid,) = [x for x in lines if x["split"] == "valid"]
+    assert (valid["wpb"], valid["bsz"]) == (2038.5, 8.0)
+    (epoch,) = [x for x in lines if x["split"] == "train"]
+    assert epoch["update"] == 2 and epoch["bsz"] == 8.0 and "end_of_epoch" not in epoch
+
+
 FIXED = """--arch transformer_lm_wiki103 --decoder-layers 2 --decoder-embed-dim 64 --decoder-ffn-embed-dim 256
   --decoder-attention-heads 4 --decoder-input-dim 64 --decoder-output-dim 64 --adaptive-input-cutoff 1000,3000
   --adaptive-softmax-cutoff 1000,3000 --dropout 0 --attention-dropout 0 --activation-dropout 0

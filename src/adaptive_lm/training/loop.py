@@ -115,8 +115,9 @@ class Run:
                     saving.save(t, end_of_epoch, None, s.best_val, last_only=True)
                     stop = True
                 if end_of_epoch or stop or self.patience_out:
-                    if end_of_epoch and epoch_meter.n:
-                        t.log.log("train", {**epoch_meter.values(s, t.lr), "end_of_epoch": s.epoch}, s.num_updates)
+                    if epoch_meter.n and not t.stopping:  # fairseq prints the epoch's stats at a stop too
+                        end = {"end_of_epoch": s.epoch} if end_of_epoch else {}
+                        t.log.log("train", {**epoch_meter.values(s, t.lr), **end}, s.num_updates)
                     return end_of_epoch and not stop
         return True
 

@@ -67,13 +67,14 @@ class Meter:
     """Averages of the updates since the last log line (fairseq's train_inner) or since the epoch began."""
 
     def __init__(self) -> None:
-        self.loss = self.ntokens = self.gnorm = self.clipped = 0.0
+        self.loss = self.ntokens = self.nsentences = self.gnorm = self.clipped = 0.0
         self.n = 0
         self.t0 = time.time()
 
     def add(self, out: dict[str, float]) -> None:
         self.loss += out["loss"] * out["ntokens"]
         self.ntokens += out["ntokens"]
+        self.nsentences += out.get("nsentences", 0.0)
         self.gnorm += out["gnorm"]
         self.clipped += out["clipped"]
         self.n += 1
@@ -88,7 +89,8 @@ class Meter:
             "ppl": round(perplexity(loss), 2),
             "wps": round(self.ntokens / dt),
             "ups": round(self.n / dt, 2),
-            "wpb": round(self.ntokens / max(self.n, 1)),
+            "wpb": round(self.ntokens / max(self.n, 1), 1),  # fairseq's round=1, per update
+            "bsz": round(self.nsentences / max(self.n, 1), 1),
             "lr": lr,
             "gnorm": round(self.gnorm / max(self.n, 1), 3),
             "clip": round(100 * self.clipped / max(self.n, 1), 1),

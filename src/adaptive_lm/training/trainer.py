@@ -212,7 +212,8 @@ class Trainer:
         # the stop request travels as counts of SIGINT and SIGTERM, so every process learns which signal it was
         sig = self.stop_requested
         start, before = self.clock
-        flags = (ntokens, sig == signal.SIGINT, sig == signal.SIGTERM, before + time.time() - start)
+        nsentences = sum(s["src_tokens"].shape[0] for s in samples if s["ntokens"])  # fairseq's bsz
+        flags = (ntokens, sig == signal.SIGINT, sig == signal.SIGTERM, before + time.time() - start, nsentences)
         stats = torch.stack([loss_sum, *(loss_sum.new_full((), float(v)) for v in flags)])  # device (NCCL)
         if self.reducer is not None:
             self.reducer.finish()
@@ -222,7 +223,7 @@ class Trainer:
             torch._foreach_mul_(grads, (stats[1].clamp(min=1).reciprocal() / self.scaler.scale).float())
         gnorm_t = clip_grad_norm_(self.params, self.cfg.clip_norm)
         # the one host sync of the update: statistics, stop flag and gradient norm together
-        total_loss, total_tokens, n_int, n_term, seconds, gnorm = torch.cat(
+        total_loss, total_tokens, n_int, n_term, seconds, total_sentences, gnorm = torch.cat(
             [stats, gnorm_t.double().reshape(1)]
         ).tolist()
         self.stop_agreed = int(signal.SIGTERM if n_term else signal.SIGINT if n_int else 0)
@@ -234,7 +235,8 @@ class Trainer:
                 f"fp16 overflow at update {self.state.num_updates + 1}: skipping it, loss scale -> "
                 f"{self.scaler.scale:g}"
             )
-            return {"loss": float("nan"), "ntokens": total_tokens, "gnorm": gnorm, "skipped": 1.0}
+            return {"loss": float("nan"), "ntokens": total_tokens, "gnorm": gnorm, "skipped": 1.0,
+                    "nsentences": total_sentences}  # fmt: skip
         self._check_divergence(loss, gnorm)
         self.critical = True  # until Run.update has counted this update: a second signal must not split the two
         self.optimizer.step()
@@ -244,6 +246,7 @@ class Trainer:
         return {
             "loss": loss,
             "ntokens": total_tokens,
+            "nsentences": total_sentences,
             "gnorm": gnorm,
             "clipped": float(self.cfg.clip_norm > 0 and gnorm > self.cfg.clip_norm),
         }
