@@ -182,6 +182,30 @@ def test_logged_wpb_bsz_and_the_epoch_line_at_a_stop_are_fairseqs(tmp_path, fixt
     assert epoch["update"] == 2 and epoch["bsz"] == 8.0 and "end_of_epoch" not in epoch
 
 
+INNER = """--task language_modeling --cpu --num-workers 0 --arch transformer_lm --decoder-layers 1
+  --decoder-embed-dim 8 --decoder-ffn-embed-dim 8 --decoder-attention-heads 1 --decoder-input-dim 8
+  --decoder-output-dim 8 --dropout 0 --criterion cross_entropy --optimizer nag --lr 0.5 --lr-scheduler fixed
+  --tokens-per-sample 64 --max-tokens 256 --required-batch-size-multiple 1 --update-freq 3 --log-interval 2
+  --max-update 8 --disable-validation --seed 1"""
+
+
+def test_train_inner_lines_span_epochs_as_fairseqs(tmp_path, fixture_dir):
+    """fairseq's train_inner meters outlive an epoch: with --log-interval 2 and 3 updates per epoch, the line at
+    update 4 averages updates 3 and 4 (tests/fixtures/make_fairseq_inner.sh; ours had restarted the meters with each
+    epoch and logged update 4 alone); the epoch lines, the last one at the --max-update stop, are fairseq's too."""
+    args = ["train", str(fixture_dir / "continue" / "data-bin"), *INNER.split(), "--save-dir", str(tmp_path)]
+    assert main([*args, "--no-progress-bar", "--no-epoch-checkpoints", "--no-last-checkpoints"]) == 0
+    ours = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    theirs = []
+    for line in (fixture_dir / "inner" / "epochs.log").read_text().splitlines():
+        split, _, rest = line.partition(" | ")
+        theirs.append((split, {k: float(v) for k, v in re.findall(r"(\w+)[= ]([-\d.]+)(?:,|$| \|)", rest)}))
+    assert [x["split"] for x in ours] == [split for split, _ in theirs] and len(ours) == 7
+    for mine, (_, ref) in zip(ours, theirs):
+        assert mine["update"] == ref["num_updates"] and (mine["wpb"], mine["bsz"]) == (ref["wpb"], ref["bsz"])
+        assert abs(mine["loss"] - ref["loss"]) < PRINTED + 1e-6 and abs(mine["gnorm"] - ref["gnorm"]) < PRINTED
+
+
 FIXED = """--arch transformer_lm_wiki103 --decoder-layers 2 --decoder-embed-dim 64 --decoder-ffn-embed-dim 256
   --decoder-attention-heads 4 --decoder-input-dim 64 --decoder-output-dim 64 --adaptive-input-cutoff 1000,3000
   --adaptive-softmax-cutoff 1000,3000 --dropout 0 --attention-dropout 0 --activation-dropout 0

@@ -38,6 +38,7 @@ class Run:
         self.updates_this_run = 0
         self.last_val: float | None = None
         self.patience_out = False
+        self.meter = Meter()  # train_inner: fairseq's aggregator outlives an epoch (updates since the last line)
 
     # ---- decisions (fairseq_cli/train.py::validate_and_save) ----
     def should_stop(self, clock: bool = True) -> bool:
@@ -83,7 +84,7 @@ class Run:
         batches = t.batches.epoch_batches(s.epoch)
         uf = self.cfg.update_freq_at(s.epoch)
         groups = [batches[i : i + uf] for i in range(s.iterations_in_epoch, len(batches), uf)]
-        meter, epoch_meter = Meter(), Meter()
+        epoch_meter = Meter()
         bar = Progress(
             len(batches),
             f"epoch {s.epoch:03d}",
@@ -102,12 +103,12 @@ class Run:
             for group, samples in zip(groups, loader):
                 out = self.update(samples, len(group))
                 if "skipped" not in out:
-                    meter.add(out)
+                    self.meter.add(out)
                     epoch_meter.add(out)
                 bar.update(len(group), loss=f"{out['loss']:.3f}", lr=f"{t.lr:.3g}")
-                if meter.n and s.num_updates % self.cfg.log_interval == 0:
-                    t.log.log("train_inner", meter.values(s, t.lr), s.num_updates)
-                    meter = Meter()
+                if self.meter.n and s.num_updates % self.cfg.log_interval == 0:
+                    t.log.log("train_inner", self.meter.values(s, t.lr), s.num_updates)
+                    self.meter = Meter()
                 end_of_epoch = s.iterations_in_epoch >= len(batches)
                 stop = self.should_stop()
                 self.validate_and_save(end_of_epoch, stop)
