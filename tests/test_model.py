@@ -410,6 +410,16 @@ def test_bad_configs_say_what_to_change(overrides, message):
         build_model("tiny", 64, **overrides)
 
 
+def test_shared_output_embedding_with_the_char_cnn_is_refused_for_its_reason():
+    """--arch transformer_lm_gpt3_small (it forces shared embeddings) with --character-embeddings: fairseq-train
+    fails with an AttributeError; ours said "needs a word embedding as wide as decoder_output_dim (16 != 16)"."""
+    from adaptive_lm.core.presets import make_config
+
+    with pytest.raises(ConfigError, match="--character-embeddings builds none"):
+        make_config("transformer_lm_gpt3_small", 64, decoder_embed_dim=16, decoder_input_dim=16,
+                    decoder_output_dim=16, decoder_attention_heads=1, character_embeddings=True)  # fmt: skip
+
+
 def test_target_path_in_small_chunks_equals_one_pass():
     # fp64: chunking only changes which GEMM blocking sums the d=32 products of a logit, so the two paths may differ
     # by about d * 2**-53 * |logit| (~1e-14); an fp32 bound of that form would also hide nothing, but fp64 keeps the
