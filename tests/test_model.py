@@ -410,14 +410,18 @@ def test_bad_configs_say_what_to_change(overrides, message):
         build_model("tiny", 64, **overrides)
 
 
-def test_shared_output_embedding_with_the_char_cnn_is_refused_for_its_reason():
-    """--arch transformer_lm_gpt3_small (it forces shared embeddings) with --character-embeddings: fairseq-train
-    fails with an AttributeError; ours said "needs a word embedding as wide as decoder_output_dim (16 != 16)"."""
+def test_shared_output_embedding_without_a_word_embedding_is_refused_for_its_reason():
+    """--arch transformer_lm_gpt3_small (it forces shared embeddings) with --character-embeddings or
+    --adaptive-input: fairseq-train fails with an AttributeError; ours said "needs a word embedding as wide as
+    decoder_output_dim (16 != 16)" for the first and crashed as fairseq for the second."""
     from adaptive_lm.core.presets import make_config
 
+    small = dict(decoder_embed_dim=16, decoder_input_dim=16, decoder_output_dim=16, decoder_attention_heads=1)
     with pytest.raises(ConfigError, match="--character-embeddings builds none"):
-        make_config("transformer_lm_gpt3_small", 64, decoder_embed_dim=16, decoder_input_dim=16,
-                    decoder_output_dim=16, decoder_attention_heads=1, character_embeddings=True)  # fmt: skip
+        make_config("transformer_lm_gpt3_small", 64, **small, character_embeddings=True)
+    # with --adaptive-input ours failed as fairseq, with a traceback (AttributeError: no attribute 'weight')
+    with pytest.raises(ConfigError, match="--adaptive-input builds none"):
+        make_config("transformer_lm_gpt3_small", 64, **small, adaptive_input=True, adaptive_input_cutoff=(20,))
 
 
 def test_target_path_in_small_chunks_equals_one_pass():

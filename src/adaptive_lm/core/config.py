@@ -189,10 +189,12 @@ class ModelConfig:
         if self.character_embeddings:
             parse_character_filters(self.character_filters)
         shared = self.share_decoder_input_output_embed and self.adaptive_softmax_cutoff is None
-        if shared and self.character_embeddings:
+        if shared and (self.character_embeddings or self.adaptive_input):
+            kind = "--character-embeddings" if self.character_embeddings else "--adaptive-input"
             raise ConfigError(
                 "share_decoder_input_output_embed (which the gpt3 presets force) needs a word embedding to share, "
-                "and --character-embeddings builds none (fairseq fails with an AttributeError): drop one of the two"
+                f"and {kind} builds none (fairseq fails with an AttributeError): drop one of the two, or tie an "
+                "adaptive input to an adaptive softmax (--adaptive-softmax-cutoff, --tie-adaptive-weights)"
             )
         if shared and self.input_embed_dim != self.decoder_output_dim:
             raise ConfigError(
