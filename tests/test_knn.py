@@ -19,6 +19,7 @@ import torch
 
 import adaptive_lm
 from adaptive_lm.cli import main
+from adaptive_lm.core.data import load_split
 from adaptive_lm.core.errors import UserError
 from adaptive_lm.core.kernels import fast_linears
 from adaptive_lm.inference.evaluate import EvalConfig, context_windows, plan, scored_batches
@@ -283,19 +284,22 @@ def test_truncated_store_files_are_refused_by_name(fx, tmp_path, capsys):
 
 
 # ---- interpolated evaluation: exactness --------------------------------------------------------------------------
-def brute_force(keys, vals, queries, lm_lp, targets, k, lmbda, temperature, sim):
-    """The kNN-LM formula written out: every distance, top k, softmax, probability mass of the target's value."""
+def brute_force(keys, vals, queries, lm_lp, targets, k, lmbda, temperature, sim, metric=None):
+    """The kNN-LM formula written out: every distance, top k (by ``metric``, default ``sim``), softmax of ``sim``,
+    probability mass of the target's value."""
     K, Q = keys.astype(np.float64), queries.astype(np.float64)
-    if sim == "l2":
-        score = -((Q * Q).sum(1)[:, None] + (K * K).sum(1)[None, :] - 2 * Q @ K.T)  # (n, N) -|q - k|^2
-    else:
-        score = Q @ K.T
-    score /= temperature
-    kth = -np.partition(-score, k - 1, axis=1)[:, k - 1]  # the k-th best score of every query
+
+    def similarity(how):
+        if how == "l2":
+            return -((Q * Q).sum(1)[:, None] + (K * K).sum(1)[None, :] - 2 * Q @ K.T)  # (n, N) -|q - k|^2
+        return Q @ K.T
+
+    score, rank = similarity(sim) / temperature, similarity(metric or sim)
+    kth = -np.partition(-rank, k - 1, axis=1)[:, k - 1]  # the k-th best rank of every query
     top = np.empty((len(Q), k), dtype=np.int64)
-    for r in range(len(Q)):  # all keys at least as good as the k-th, best first, equal scores: earlier key first
-        cand = np.flatnonzero(score[r] >= kth[r])
-        top[r] = cand[np.lexsort((cand, -score[r, cand]))][:k]
+    for r in range(len(Q)):  # all keys at least as near as the k-th, nearest first, equal ranks: earlier key first
+        cand = np.flatnonzero(rank[r] >= kth[r])
+        top[r] = cand[np.lexsort((cand, -rank[r, cand]))][:k]
     s = np.take_along_axis(score, top, 1)
     p = np.exp(s - s.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
@@ -346,6 +350,46 @@ def test_interpolated_logprobs_equal_a_bruteforce_reference(fx, lm, store, sim, 
     assert lines[-1].startswith("Loss (base 2): ") and "lambda sweep" in lines[4]
     loss = -res.scores.mean() / math.log(2)
     assert abs(res.loss_base2 - loss) < 1e-12 and abs(res.sweep[0][1] - res.lm_loss_base2) < 1e-12
+
+
+def test_eos_blocks_exact_search_through_tied_keys_and_another_metric(fx, lm, tmp_path):
+    """--sample-break-mode eos: a block per line, rows padded in a batch. Pads are never keys, values or queries,
+    and the store does not depend on the batch size. Every line's first key is the same context (</s> at position
+    0): ~100 keys equal to float32 noise, which FAISS ranks its own way; with an inner-product index the flat search
+    gave every line's first token some of them, not the best (its float64 re-rank saw only k + 16 candidates). And
+    --knn-sim other than the index's metric re-ranked those candidates by the other similarity (ln p off by 5): the
+    neighbours are the metric's k nearest, weighted by --knn-sim (docs/knn-lm.md, knnlm's --knn-sim-func)."""
+    pytest.importorskip("faiss", reason="the [knn] extra (pip install 'adaptive-lm[knn]')")
+    extra = ("--sample-break-mode", "eos", "--max-blocks", "300")
+    assert main(store_args(fx, tmp_path / "a", *extra)) == 0
+    assert main([*store_args(fx, tmp_path / "b", *extra), "--batch-size", "5"]) == 0
+    lines = load_split(fx / "data-bin", "train")
+    kept = [np.asarray(lines[i], dtype=np.int64) for i in range(400) if len(lines[i]) <= 256]  # the model's positions
+    want = np.concatenate(kept[:300])  # the first 300 lines that fit, each with its </s>
+    keys, vals = np.load(tmp_path / "a" / "keys.npy"), np.load(tmp_path / "a" / "vals.npy")
+    assert len(want) == 16_384 and np.array_equal(vals, want)
+    assert np.array_equal(np.load(tmp_path / "b" / "vals.npy"), want)
+    np.testing.assert_allclose(np.load(tmp_path / "b" / "keys.npy"), keys, rtol=1e-5, atol=2e-6)  # fp32 GEMM noise
+    cfg = EvalConfig(data=str(fx / "data-bin"), gen_subset="valid", sample_break_mode="eos", batch_size=16,
+                     progress=False)  # fmt: skip
+    got: list[torch.Tensor] = []
+    h = lm.model.layers[-1].fc1.register_forward_pre_hook(lambda m, a: got.append(a[0]))
+    try:
+        batches = list(scored_batches(lm, cfg, first_blocks(plan(lm, cfg), 40), lambda src: got.pop()))
+    finally:
+        h.remove()
+    queries = torch.cat([b.features for b in batches]).numpy()
+    lm_ref, targets = np.concatenate([b.logprobs for b in batches]), np.concatenate([b.targets for b in batches])
+    assert len(targets) == 1477 and (targets != lm.dictionary.pad()).all()
+    worst = {}
+    for metric, sim, temperature in [("l2", "l2", 5.0), ("ip", "ip", 10.0), ("l2", "ip", 10.0), ("ip", "l2", 5.0)]:
+        assert main(["knn-index", str(tmp_path / "a"), "--index", "flat", "--metric", metric, "--overwrite"]) == 0
+        res = knn_evaluate(lm, cfg, tmp_path / "a", k=32, lmbda=0.25, temperature=temperature, sim=sim,
+                           max_blocks=40, keep_scores=True)  # fmt: skip
+        assert np.array_equal(res.targets, targets) and np.array_equal(res.lm_scores, lm_ref)
+        ref = brute_force(keys, vals, queries, lm_ref, targets, 32, 0.25, temperature, sim, metric)
+        worst[metric, sim] = float(np.abs(res.scores - ref).max())
+    assert max(worst.values()) < 1e-9, worst  # float64 both: the same neighbours
 
 
 def test_cli_eval_with_knn_prints_both_perplexities(fx, store, capsys):

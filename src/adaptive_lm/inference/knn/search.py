@@ -243,19 +243,58 @@ class KNN:
         return out
 
     # ---- search ---------------------------------------------------------------------------------------------
+    def _exact_neighbours(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The exact k nearest stored keys (N, k) of each query by the flat index's own metric, ranked in float64
+        (ties: the earlier stored token first), and their float64 similarity by that metric (N, k).
+
+        FAISS ranks in float32 (|q|^2 + |k|^2 - 2qk), so it can swap near-ties, and it breaks exact ties (identical
+        keys: the same context, such as every line's first token in ``--sample-break-mode eos``) in its own order:
+        the candidates are re-ranked in float64, and a query whose last candidate is still within float32's
+        rounding of its k-th is searched again with twice the candidates (a flat search costs the same for any k),
+        until no key left out can rank among the k."""
+        metric = self.index_meta["metric"]
+        n, N, dim = len(q), self.count, self.dim
+        out, sims = np.empty((n, k), dtype=np.int64), np.empty((n, k), dtype=np.float64)
+        rows = np.arange(n)
+        kk = min(k + max(16, k // 8), N)
+        while len(rows):
+            t0 = time.time()
+            _, idx = self.index.search(q[rows], kk)  # (n', kk) int64
+            self.search_seconds += time.time() - t0
+            t0 = time.time()
+            rank = recompute_scores(self.keys_t, q[rows], idx, metric)  # (n', kk) float64, higher is nearer
+            order = np.lexsort((idx, -rank), axis=1)
+            idx, rank = np.take_along_axis(idx, order, 1), np.take_along_axis(rank, order, 1)
+            more = np.zeros(len(rows), dtype=bool)
+            if kk < N:  # a key FAISS left out scores (in float32) no better than the last candidate
+                qn = np.square(q[rows].astype(np.float64)).sum(1)  # (n',) |q|^2
+                if metric == "l2":  # a key that could rank has |k| <= |q| + |q - k|
+                    scale = qn + np.square(np.sqrt(qn) + np.sqrt(np.maximum(-rank[:, -1], 0)))
+                else:
+                    ends = self.keys_t[torch.from_numpy(idx[:, [k - 1, -1]].reshape(-1))].double()
+                    kn = ends.square().sum(-1).sqrt().view(-1, 2).amax(1).numpy()  # (n',)
+                    scale = 2 * np.sqrt(qn) * kn
+                margin = 2 * (dim + 2) * float(np.finfo(np.float32).eps) * scale  # float32 sums of dim terms
+                more = rank[:, -1] >= rank[:, k - 1] - margin
+            out[rows[~more]], sims[rows[~more]] = idx[~more, :k], rank[~more, :k]
+            self.distance_seconds += time.time() - t0
+            rows, kk = rows[more], min(2 * kk, N)
+        return out, sims
+
     def search(self, queries: np.ndarray | torch.Tensor, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The k nearest stored keys of every query: ``scores`` (N, k) float64, the softmax's logits (-d^2/T or
         q.k/T), sorted best first (ties: the earlier stored token first), ``-inf`` where the index found fewer than
-        k, and their ``values`` (N, k) int64 (-1 there)."""
+        k, and their ``values`` (N, k) int64 (-1 there). The neighbours are those of the index's metric; ``sim``
+        only weights them (an L2 index with ``sim="ip"``: the k nearest by L2, weighted by inner product)."""
         q = _as_queries(queries, self.dim)  # (N, dim)
         k = min(k or self.k, self.count)
-        # A flat index ranks in float32 (|q|^2 + |k|^2 - 2qk), which can swap near-ties at the k-th neighbour; a few
-        # extra candidates re-ranked in float64 make the exact search exact. IVF-PQ keeps knnlm's semantics: the k
-        # neighbours it found, their distances recomputed.
-        extra = max(16, k // 8) if self.index_meta["type"] == "flat" and not self.approximate else 0
-        t0 = time.time()
-        dist, idx = self.index.search(q, min(k + extra, self.count))  # (N, k') float32, (N, k') int64
-        self.search_seconds += time.time() - t0
+        if self.index_meta["type"] == "flat" and not self.approximate:
+            idx, rank = self._exact_neighbours(q, k)  # (N, k): exact, whatever FAISS's float32 ranking and ties
+            dist = None
+        else:  # IVF-PQ keeps knnlm's semantics: the k neighbours it found (their distances recomputed)
+            t0 = time.time()
+            dist, idx = self.index.search(q, k)  # (N, k) float32, (N, k) int64
+            self.search_seconds += time.time() - t0
         found = idx >= 0
         safe = np.where(found, idx, 0)
         vals = np.where(found, np.asarray(self.vals[safe.ravel()], dtype=np.int64).reshape(idx.shape), -1)
@@ -263,12 +302,14 @@ class KNN:
         if self.approximate:
             raw = dist.astype(np.float64)
             scores = -raw if self.sim == "l2" else raw
+        elif dist is None and self.sim == self.index_meta["metric"]:
+            scores = rank  # the exact search's own float64 similarity
         else:
             scores = recompute_scores(self.keys_t, q, safe, self.sim)
         scores = np.where(found, scores / self.temperature, -np.inf)
         # best first; on equal scores (identical keys: the same context) the earlier stored token wins, so that the
-        # neighbour set does not depend on the index's tie order
-        order = np.lexsort((np.where(found, idx, np.iinfo(np.int64).max), -scores), axis=1)[:, :k]
+        # order does not depend on the index's tie order
+        order = np.lexsort((np.where(found, idx, np.iinfo(np.int64).max), -scores), axis=1)
         self.distance_seconds += time.time() - t0
         return np.take_along_axis(scores, order, 1), np.take_along_axis(vals, order, 1)
 
