@@ -250,7 +250,12 @@ class AdaptiveSoftmax(nn.Module):
         _check_features(hidden, self.input_dim)
         x = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
         quirk_past_vocab = tail_ignore_quirk and ignore_index >= self.vocab_size  # fairseq fails on such a target
-        _check_targets(x.shape[0], target, self.vocab_size, None if quirk_past_vocab else ignore_index)
+        # with ``routes`` (the trainer's loader made them from data checked when loaded) the ids are not read again:
+        # that read is a host sync, which the GPU path must not have inside an update
+        if routes is None:
+            _check_targets(x.shape[0], target, self.vocab_size, None if quirk_past_vocab else ignore_index)
+        elif x.shape[0] != target.numel():
+            raise ValueError(f"{target.numel()} targets for {x.shape[0]} rows of features: one per row")
         x = dropout(x, self.dropout, self.training)
         head_target, clusters = self.split_targets(target, routes)
         drop = None
