@@ -284,6 +284,17 @@ def test_truncated_store_files_are_refused_by_name(fx, tmp_path, capsys):
 
 
 # ---- interpolated evaluation: exactness --------------------------------------------------------------------------
+def hooked_batches(lm, cfg: EvalConfig, blocks: int) -> list:
+    """Eval's first ``blocks`` blocks, their queries taken independently: a hook of the test's own on the last
+    fc1's input (knnlm's key), not the library's key path."""
+    got: list[torch.Tensor] = []
+    h = lm.model.layers[-1].fc1.register_forward_pre_hook(lambda m, a: got.append(a[0]))
+    try:
+        return list(scored_batches(lm, cfg, first_blocks(plan(lm, cfg), blocks), lambda src: got.pop()))
+    finally:
+        h.remove()
+
+
 def brute_force(keys, vals, queries, lm_lp, targets, k, lmbda, temperature, sim, metric=None):
     """The kNN-LM formula written out: every distance, top k (by ``metric``, default ``sim``), softmax of ``sim``,
     probability mass of the target's value."""
@@ -320,12 +331,7 @@ def test_interpolated_logprobs_equal_a_bruteforce_reference(fx, lm, store, sim, 
     )
     assert res.n_tokens == 2560 and res.k_used == k
     # queries taken independently: a hook of the test's own on the last fc1, over eval's blocks
-    got: list[torch.Tensor] = []
-    h = lm.model.layers[-1].fc1.register_forward_pre_hook(lambda m, a: got.append(a[0]))
-    try:
-        batches = list(scored_batches(lm, cfg, first_blocks(plan(lm, cfg), 40), lambda src: got.pop()))
-    finally:
-        h.remove()
+    batches = hooked_batches(lm, cfg, 40)
     queries = torch.cat([b.features for b in batches]).numpy()
     lm_ref = np.concatenate([b.logprobs for b in batches])
     assert np.array_equal(res.lm_scores, lm_ref) and np.array_equal(
@@ -372,12 +378,7 @@ def test_eos_blocks_exact_search_through_tied_keys_and_another_metric(fx, lm, tm
     np.testing.assert_allclose(np.load(tmp_path / "b" / "keys.npy"), keys, rtol=1e-5, atol=2e-6)  # fp32 GEMM noise
     cfg = EvalConfig(data=str(fx / "data-bin"), gen_subset="valid", sample_break_mode="eos", batch_size=16,
                      progress=False)  # fmt: skip
-    got: list[torch.Tensor] = []
-    h = lm.model.layers[-1].fc1.register_forward_pre_hook(lambda m, a: got.append(a[0]))
-    try:
-        batches = list(scored_batches(lm, cfg, first_blocks(plan(lm, cfg), 40), lambda src: got.pop()))
-    finally:
-        h.remove()
+    batches = hooked_batches(lm, cfg, 40)
     queries = torch.cat([b.features for b in batches]).numpy()
     lm_ref, targets = np.concatenate([b.logprobs for b in batches]), np.concatenate([b.targets for b in batches])
     assert len(targets) == 1477 and (targets != lm.dictionary.pad()).all()
