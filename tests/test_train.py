@@ -418,6 +418,27 @@ def test_resume_is_bit_identical_across_an_epoch_boundary(tmp_path, small_data, 
     assert any(x["split"] == "valid" for x in lines)
 
 
+def test_a_resumed_run_logs_the_lines_of_an_uninterrupted_one(tmp_path, small_data):
+    """A checkpoint within an epoch carries the log meters, as fairseq's does (its ``metrics`` state): the resumed
+    run's train_inner line averages the updates of its window from before the stop too, and its epoch line the whole
+    epoch. Ours had started both afresh, so those lines differed from an uninterrupted run's."""
+    n, keep = 10, ("epoch", "update", "loss", "ppl", "wpb", "bsz", "lr", "gnorm", "clip", "end_of_epoch")
+
+    def lines(run):
+        rows = [json.loads(x) for x in open(run / "metrics.jsonl")]
+        return [(x["split"], {k: x[k] for k in keep if k in x}) for x in rows if x["split"].startswith("train")]
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    args = ("--max-update", str(n), "--log-interval", "3")
+    assert main(tiny_args(small_data, straight, *args)) == 0
+    assert main(tiny_args(small_data, split, *args, "--stop-after-updates", "4")) == 0  # within epoch 1's window
+    first = lines(split)
+    assert first[-1][0] == "train" and first[-1][1]["update"] == 4 and "end_of_epoch" not in first[-1][1]
+    assert main(tiny_args(small_data, split, *args)) == 0
+    assert lines(split)[: len(first) - 1] + lines(split)[len(first) :] == lines(straight)  # the stop's line aside
+    assert any(x[0] == "train_inner" and x[1]["update"] == 6 for x in lines(straight))  # the window 4-6 spans the stop
+
+
 def test_a_signal_at_an_epochs_end_leaves_its_validation_and_checkpoints_to_the_resumed_run(tmp_path, small_data):
     """SIGTERM during the last update of epoch 1: the run saves checkpoint_last.pt at once, without the epoch's
     validation and checkpoints; the resumed run does them first. They had been skipped for good: one validation

@@ -50,6 +50,8 @@ class TrainState:
     # a signal skipped the validation and checkpoints due after update ``num_updates``; the resumed run does them
     # first, as the uninterrupted one did: 1 at an epoch's end, 0 within an epoch, -1 nothing pending
     pending: int = -1
+    # the log meters' sums within an epoch (``report.Meter.state``): "inner" (train_inner) and "epoch" (train)
+    meters: dict[str, dict[str, float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -84,7 +84,10 @@ class Run:
         batches = t.batches.epoch_batches(s.epoch)
         uf = self.cfg.update_freq_at(s.epoch)
         groups = [batches[i : i + uf] for i in range(s.iterations_in_epoch, len(batches), uf)]
-        epoch_meter = Meter()
+        saved = s.meters or {}  # a checkpoint within this epoch: its meters go on (once)
+        s.meters = None
+        self.meter = Meter(saved["inner"]) if "inner" in saved else self.meter
+        epoch_meter = Meter(saved.get("epoch"))
         bar = Progress(
             len(batches),
             f"epoch {s.epoch:03d}",
@@ -109,6 +112,8 @@ class Run:
                 if self.meter.n and s.num_updates % self.cfg.log_interval == 0:
                     t.log.log("train_inner", self.meter.values(s, t.lr), s.num_updates)
                     self.meter = Meter()
+                within = s.iterations_in_epoch < len(batches)  # a checkpoint within the epoch carries the meters
+                s.meters = {"inner": self.meter.state(), "epoch": epoch_meter.state()} if within else None
                 end_of_epoch = s.iterations_in_epoch >= len(batches)
                 stop = self.should_stop()
                 self.validate_and_save(end_of_epoch, stop)
@@ -267,6 +272,7 @@ def _loop(run: Run) -> None:
                 break
             t.state.epoch += 1
             t.state.iterations_in_epoch = 0
+            t.state.meters = None  # the train_inner meter goes on in the Run; the epoch's starts afresh
     except Stop:  # a second signal in the middle of an update: the state is that of the last finished one
         t.optimizer.zero_grad()
         saving.save(t, False, None, t.state.best_val, last_only=True)

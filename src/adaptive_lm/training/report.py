@@ -64,12 +64,25 @@ class Reporter:
 
 
 class Meter:
-    """Averages of the updates since the last log line (fairseq's train_inner) or since the epoch began."""
+    """Averages of the updates since the last log line (fairseq's train_inner) or since the epoch began.
 
-    def __init__(self) -> None:
+    A checkpoint within an epoch carries the sums (``state``), and the resumed run goes on from them, as fairseq's
+    restored meters do: its next lines average the same updates as an uninterrupted run's. The speeds (wps, ups)
+    count only this process's updates and time (fairseq resets its time meters on a restore)."""
+
+    SUMS = ("loss", "ntokens", "nsentences", "gnorm", "clipped", "n")
+
+    def __init__(self, sums: dict[str, float] | None = None) -> None:
         self.loss = self.ntokens = self.nsentences = self.gnorm = self.clipped = 0.0
         self.n = 0
+        for k, v in (sums or {}).items():
+            if k in self.SUMS:
+                setattr(self, k, int(v) if k == "n" else float(v))
+        self.speed_tokens, self.speed_n = 0.0, 0
         self.t0 = time.time()
+
+    def state(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in self.SUMS}
 
     def add(self, out: dict[str, float]) -> None:
         self.loss += out["loss"] * out["ntokens"]
@@ -78,6 +91,8 @@ class Meter:
         self.gnorm += out["gnorm"]
         self.clipped += out["clipped"]
         self.n += 1
+        self.speed_tokens += out["ntokens"]
+        self.speed_n += 1
 
     def values(self, state: TrainState, lr: float) -> dict[str, Any]:
         dt = max(time.time() - self.t0, 1e-9)
@@ -87,8 +102,8 @@ class Meter:
             "update": state.num_updates,
             "loss": round(loss, 3),
             "ppl": round(perplexity(loss), 2),
-            "wps": round(self.ntokens / dt),
-            "ups": round(self.n / dt, 2),
+            "wps": round(self.speed_tokens / dt),
+            "ups": round(self.speed_n / dt, 2),
             "wpb": round(self.ntokens / max(self.n, 1), 1),  # fairseq's round=1, per update
             "bsz": round(self.nsentences / max(self.n, 1), 1),
             "lr": lr,

@@ -88,6 +88,8 @@ def restore(t: Trainer) -> None:
         t.state.epoch, t.state.iterations_in_epoch = r.state.epoch, r.state.iterations_in_epoch
         if not cfg.reset_optimizer:  # the decisions a signal skipped, for the very same update
             t.state.pending = r.state.pending
+    within = 0 < r.state.iterations_in_epoch < len(t.batches)  # fairseq: meters of a checkpoint within an epoch
+    t.state.meters = r.state.meters if within and not (cfg.reset_meters or finetune) else None
     if not (cfg.reset_meters or cfg.reset_optimizer or finetune):  # fairseq forgets the best with either
         best = r.state.best_val
         if best is not None and r.state.patience_best is None:  # written before stop 36: the loss in bits
