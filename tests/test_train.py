@@ -180,6 +180,7 @@ def test_logged_wpb_bsz_and_the_epoch_line_at_a_stop_are_fairseqs(tmp_path, fixt
     assert (valid["wpb"], valid["bsz"]) == (2038.5, 8.0)
     (epoch,) = [x for x in lines if x["split"] == "train"]
     assert epoch["update"] == 2 and epoch["bsz"] == 8.0 and "end_of_epoch" not in epoch
+    assert not any("clip" in x for x in [*inner, epoch])  # no --clip-norm: fairseq logs no clip share
 
 
 INNER = """--task language_modeling --cpu --num-workers 0 --arch transformer_lm --decoder-layers 1

@@ -110,7 +110,7 @@ class Run:
                     epoch_meter.add(out)
                 bar.update(len(group), loss=f"{out['loss']:.3f}", lr=f"{t.lr:.3g}")
                 if self.meter.n and s.num_updates % self.cfg.log_interval == 0:
-                    t.log.log("train_inner", self.meter.values(s, t.lr), s.num_updates)
+                    t.log.log("train_inner", self.meter.values(s, t.lr, self.cfg.clip_norm > 0), s.num_updates)
                     self.meter = Meter()
                 within = s.iterations_in_epoch < len(batches)  # a checkpoint within the epoch carries the meters
                 s.meters = {"inner": self.meter.state(), "epoch": epoch_meter.state()} if within else None
@@ -123,7 +123,8 @@ class Run:
                 if end_of_epoch or stop or self.patience_out:
                     if epoch_meter.n and not t.stopping:  # fairseq prints the epoch's stats at a stop too
                         end = {"end_of_epoch": s.epoch} if end_of_epoch else {}
-                        t.log.log("train", {**epoch_meter.values(s, t.lr), **end}, s.num_updates)
+                        line = epoch_meter.values(s, t.lr, self.cfg.clip_norm > 0)
+                        t.log.log("train", {**line, **end}, s.num_updates)
                     return end_of_epoch and not stop
         return True
 

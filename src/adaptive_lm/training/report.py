@@ -94,10 +94,11 @@ class Meter:
         self.speed_tokens += out["ntokens"]
         self.speed_n += 1
 
-    def values(self, state: TrainState, lr: float) -> dict[str, Any]:
+    def values(self, state: TrainState, lr: float, clip: bool = True) -> dict[str, Any]:
+        """The logged line's values; ``clip`` False (no --clip-norm) leaves out the clip share, as fairseq does."""
         dt = max(time.time() - self.t0, 1e-9)
         loss = self.loss / max(self.ntokens, 1)
-        return {
+        out = {
             "epoch": state.epoch,
             "update": state.num_updates,
             "loss": round(loss, 3),
@@ -111,6 +112,9 @@ class Meter:
             "clip": round(100 * self.clipped / max(self.n, 1), 1),
             "wall": round(state.train_seconds),
         }
+        if not clip:
+            del out["clip"]
+        return out
 
 
 def start_lines(t: Any) -> list[str]:
