@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import re
 import signal
 from typing import Any
 
@@ -171,8 +173,6 @@ def run(ns: argparse.Namespace) -> int:
 def _peer_lost(e: RuntimeError) -> bool:
     """A collective failed because a peer went away (what the surviving processes see when one is killed); the
     process group is already destroyed by then, so the run's size comes from torchrun's environment."""
-    import os
-
     import torch.distributed as dist
 
     if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1"):
@@ -184,7 +184,5 @@ def _peer_lost(e: RuntimeError) -> bool:
 
 def _first_words(e: Exception) -> str:
     """The gloo/NCCL message's first line without its source-location prefix, at most 100 characters."""
-    import re
-
     line = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).splitlines() or [""])[0])
     return line if len(line) <= 100 else line[:97] + "..."

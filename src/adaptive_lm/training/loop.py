@@ -112,9 +112,9 @@ class Run:
                 if self.meter.n and s.num_updates % self.cfg.log_interval == 0:
                     t.log.log("train_inner", self.meter.values(s, t.lr, self.cfg.clip_norm > 0), s.num_updates)
                     self.meter = Meter()
-                within = s.iterations_in_epoch < len(batches)  # a checkpoint within the epoch carries the meters
-                s.meters = {"inner": self.meter.state(), "epoch": epoch_meter.state()} if within else None
                 end_of_epoch = s.iterations_in_epoch >= len(batches)
+                # a checkpoint within the epoch carries the meters; one at its end starts the next epoch afresh
+                s.meters = None if end_of_epoch else {"inner": self.meter.state(), "epoch": epoch_meter.state()}
                 stop = self.should_stop()
                 self.validate_and_save(end_of_epoch, stop)
                 if t.stopping and not stop:  # signalled during validation or saving (alone: no one to wait for)
@@ -273,7 +273,6 @@ def _loop(run: Run) -> None:
                 break
             t.state.epoch += 1
             t.state.iterations_in_epoch = 0
-            t.state.meters = None  # the train_inner meter goes on in the Run; the epoch's starts afresh
     except Stop:  # a second signal in the middle of an update: the state is that of the last finished one
         t.optimizer.zero_grad()
         saving.save(t, False, None, t.state.best_val, last_only=True)
