@@ -580,8 +580,9 @@ def test_add_bos_token_evaluation_drops_the_bos_score(tmp_path):
 
 def test_a_reordered_key_value_cache_decodes_what_the_reordered_histories_give():
     """Beam search reorders the cache rows between steps (rows repeated, dropped, fewer rows when sentences end), and
-    ``LayerCache`` applies a reorder lazily, at the layer's next append; two reorders before an append compose.
-    Each row's features must be those of a full forward over the row's history as reordered, in fp64 to rounding."""
+    ``LayerCache`` applies a reorder lazily, at the layer's next append; two reorders before an append compose; a
+    reorder that moves at most half the rows copies those in place, the others gather all rows. Each row's features
+    must be those of a full forward over the row's history as reordered, in fp64 to rounding."""
     torch.manual_seed(0)
     model = build_model("tiny", 50, dropout=0.0).double().eval()
     g = torch.Generator().manual_seed(1)
@@ -590,8 +591,11 @@ def test_a_reordered_key_value_cache_decodes_what_the_reordered_histories_give()
     hist = tokens[:, :0]
     reorders = {  # before step t: the rows kept, in order (a list: several reorders before that step's append)
         2: [torch.tensor([1, 1, 0, 3, 5, 2])],
+        3: [torch.tensor([0, 1, 2, 3, 5, 5])],  # one row moves: copied in place (``flush``'s partial path)
         4: [torch.tensor([5, 4, 3, 2, 1, 0]), torch.tensor([0, 0, 2, 2, 4, 4])],
+        5: [torch.tensor([0, 4, 2, 1, 4, 5])],  # two rows swap sources: both read before either is written
         6: [torch.tensor([3, 0, 1, 4])],  # two rows' sentences ended
+        7: [torch.tensor([0, 1, 3, 3])],
         8: [torch.tensor([2, 2, 0])],
     }
     cache = model.new_cache(steps + 1)

@@ -16,6 +16,7 @@ from adaptive_lm.core.kernels import (
     causal_attention,
     dropout,
     one_query_attention,
+    ours,
     prefix_attention,
     suffix_attention,
 )
@@ -30,10 +31,12 @@ class LayerCache(dict):
     (a copy of the whole cache per step) and beam search then reorders them (another copy), which took more time
     than the model's matmuls for an 8-layer d512 model. Here a new position is written in place, and a reorder is one
     gather into the spare buffer, done lazily: ``reorder`` only records the rows, and the next ``append`` (this
-    layer's turn in the next step) gathers them, just before the attention reads the same keys and values. Gathering
-    every layer's cache at the start of a step wrote up to 290 MB that the layers then read back from DRAM (8 layers
-    d512, 80 rows, 110 positions); one layer's cache at a time is still in the CPU's cache when its attention reads
-    it. Read ``"k"`` and ``"v"`` only through ``append`` (or after ``flush``)."""
+    layer's turn in the next step) gathers them, just before the attention reads the same keys and values. On the CPU,
+    when at most half the rows change, only those are copied, in place: a trained model's beams mostly keep their
+    order (72% of the rows on the fixture's generation benchmark). Gathering every layer's cache at the start of a
+    step wrote up to 290 MB that the layers then read back from DRAM (8 layers d512, 80 rows, 110 positions); one
+    layer's cache at a time is still in the CPU's cache when its attention reads it. Read ``"k"`` and ``"v"`` only
+    through ``append`` (or after ``flush``)."""
 
     def __init__(self, capacity: int) -> None:
         super().__init__()
@@ -71,6 +74,13 @@ class LayerCache(dict):
             self["k"], self["v"] = self["k"].index_select(0, rows), self["v"].index_select(0, rows)
             return
         n, S = rows.numel(), self["k"].shape[2]
+        if n == self["k"].shape[0] and ours(rows):  # (counting the moved rows would be a host sync on a GPU)
+            dst = rows.ne(torch.arange(n, device=rows.device)).nonzero().squeeze(1)  # the rows that change
+            if 2 * dst.numel() <= n:  # copying the moved rows twice moves less than gathering them all
+                for buf in self.bufs[:2]:
+                    kept = buf[:, :, :S]  # (B0, H, S, hd)
+                    kept.index_copy_(0, dst, kept.index_select(0, rows.index_select(0, dst)))
+                return
         for src, dst in ((0, 2), (1, 3)):
             torch.index_select(self.bufs[src][:, :, :S], 0, rows, out=self.bufs[dst][:n, :, :S])
         self.bufs = [self.bufs[2], self.bufs[3], self.bufs[0], self.bufs[1]]
