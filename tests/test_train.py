@@ -580,6 +580,16 @@ def test_two_processes_follow_one_process_with_update_freq_2(tmp_path, small_dat
     l1, l2 = losses(one), losses(two)
     assert len(l1) == len(l2) == 6
     assert max(abs(a - b) for a, b in zip(l1, l2)) < 2e-3  # logged rounded to 3 decimals
+    # validation's wpb / bsz: fairseq logs, per validation step, the sum over the processes' batches (its
+    # reduce_metrics of the gathered logging outputs; a shard's padding batch is left out): with two processes
+    # over N batches, the tokens / ceil(N / 2) steps. Ours had divided by the N batches (half fairseq's figure)
+    v1, v2 = (
+        [x for x in map(json.loads, open(run / "metrics.jsonl")) if x["split"] == "valid"][-1] for run in (one, two)
+    )
+    n = round(v1["tokens"] / v1["wpb"])  # the validation batches (one process: wpb is per batch)
+    assert v2["tokens"] == v1["tokens"] and n > 2
+    assert v2["wpb"] == round(v1["tokens"] / -(-n // 2), 1)
+    assert abs(v2["bsz"] - v1["bsz"] * n / -(-n // 2)) <= 0.05 * n / -(-n // 2) + 0.05 + 1e-9  # both rounded to 0.1
     w1, w2 = weights(one / "checkpoint_last.pt"), weights(two / "checkpoint_last.pt")
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
 

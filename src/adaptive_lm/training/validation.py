@@ -26,7 +26,7 @@ def validate(t: Trainer) -> float | None:
 def _validate(t: Trainer) -> float | None:
     t.model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=t.device)  # nats, summed on the device
-    tokens = batches = sentences = 0
+    tokens = sentences = steps = 0
     n = len(t.valid_batches)
     if t.cfg.max_valid_steps:  # fairseq breaks at ``i > max_valid_steps``: N + 1 batches
         n = min(n, t.cfg.max_valid_steps + 1)
@@ -36,16 +36,17 @@ def _validate(t: Trainer) -> float | None:
                 t.log.info("validation abandoned (signal); saving checkpoint_last.pt")
                 return None
             bar.update(1)
+            steps += 1  # every process walks the same number (its shard padded with empty batches, as fairseq's)
             if s["ntokens"] == 0:
                 continue
             src, tgt = s["src_tokens"].to(t.device), s["target"].to(t.device)
             with t.autocast():
                 loss = t.model.loss(src, tgt, t.cfg.tail_ignore_quirk)
             loss_sum += loss.detach().double()
-            tokens, batches = tokens + s["ntokens"], batches + 1
+            tokens += s["ntokens"]
             sentences += s["src_tokens"].shape[0]
-    stats = torch.stack([loss_sum, *(loss_sum.new_full((), float(v)) for v in (tokens, batches, sentences))])
-    loss_sum, tokens, batches, sentences = all_reduce_sum(stats).tolist()
+    stats = torch.stack([loss_sum, *(loss_sum.new_full((), float(v)) for v in (tokens, sentences))])
+    loss_sum, tokens, sentences = all_reduce_sum(stats).tolist()
     val = loss_sum / max(tokens, 1) / math.log(2)
     t.valid_history.append(val)
     metric = t.cfg.best_checkpoint_metric
@@ -63,8 +64,10 @@ def _validate(t: Trainer) -> float | None:
             "ppl": round(perplexity(val), 2),
             "num_updates": t.state.num_updates,
             f"best_{metric}": best,
-            "wpb": round(tokens / max(batches, 1), 1),  # per batch, as fairseq logs it (round=1)
-            "bsz": round(sentences / max(batches, 1), 1),
+            # fairseq logs one value per validation step, summed over the processes' batches (round=1): per batch
+            # with one process; with several, what the processes' batches of a step hold together
+            "wpb": round(tokens / max(steps, 1), 1),
+            "bsz": round(sentences / max(steps, 1), 1),
             "tokens": int(tokens),
         },
         t.state.num_updates,
