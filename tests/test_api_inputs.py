@@ -264,3 +264,26 @@ def test_from_pretrained_batching_and_overrides_are_checked():
     assert unlimited.sample(["the first of the", "in"], beam=2, max_len_b=6) == load().sample(
         ["the first of the", "in"], beam=2, max_len_b=6
     )
+
+
+def test_from_pretrained_takes_tokens_per_sample_as_evaluations_default_block(fixture_dir):
+    """fairseq's hub accepts task settings such as ``tokens_per_sample`` as keywords (its arg_overrides); ours had
+    refused it as an unknown keyword. It now sets the block size ``evaluate`` defaults to, checked by evaluating
+    with it and with the same value given to ``evaluate``; a non-positive or non-integer value is one line."""
+    from adaptive_lm.inference.evaluate import EvalConfig, evaluate
+
+    model = fixture_dir / "model" / "checkpoint_last.pt"
+    stored = adaptive_lm.from_pretrained(model)
+    lm = adaptive_lm.from_pretrained(model, tokens_per_sample=12)
+    assert lm.tokens_per_sample == 12 != stored.tokens_per_sample
+    cfg = dict(data=str(fixture_dir / "data-bin"), gen_subset="valid", progress=False)
+    got = evaluate(lm, EvalConfig(**cfg), keep_scores=True)
+    want = evaluate(stored, EvalConfig(**cfg, tokens_per_sample=12), keep_scores=True)
+    default = evaluate(stored, EvalConfig(**cfg), keep_scores=True)  # the stored block size: other contexts
+    assert got.block_size == want.block_size == 12 != default.block_size
+    assert got.n_tokens == want.n_tokens == default.n_tokens > 0
+    assert torch.equal(torch.as_tensor(got.scores), torch.as_tensor(want.scores))
+    assert not torch.equal(torch.as_tensor(got.scores), torch.as_tensor(default.scores))
+    for bad in (0, -3, 2.5, "12", True):
+        with pytest.raises(UserError, match="tokens_per_sample must be a positive integer"):
+            adaptive_lm.from_pretrained(model, tokens_per_sample=bad)

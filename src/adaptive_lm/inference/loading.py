@@ -167,14 +167,19 @@ def _split_kwargs(kwargs: dict[str, Any], overrides: dict[str, Any] | None) -> t
         if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
             raise UserError(f"from_pretrained: {k} must be an integer (None, 0 or less: no limit), not {v!r}")
         batching[k] = int(v) if v is not None and v > 0 else None  # fairseq's batch_by_size: 0 or less is no limit
+    tps = kwargs.pop("tokens_per_sample", None)  # fairseq's task setting: ours is evaluation's default block size
+    if tps is not None:
+        if isinstance(tps, bool) or not isinstance(tps, numbers.Integral) or tps < 1:
+            raise UserError(f"from_pretrained: tokens_per_sample must be a positive integer, not {tps!r}")
+        batching["tokens_per_sample"] = int(tps)
     if overrides is not None and not isinstance(overrides, dict):
         raise UserError(f"from_pretrained: overrides must be a dict of settings, not {type(overrides).__name__}")
     model = {k: kwargs.pop(k) for k in list(kwargs) if k in ModelConfig.__dataclass_fields__}
     if kwargs:
         raise UserError(
             f"from_pretrained: unknown keyword(s) {', '.join(sorted(kwargs))} (accepted: dictionary, device, dtype, "
-            f"tokenizer, bpe, {', '.join(BPE_ARGS)}, {', '.join(MOSES_ARGS)}, max_tokens, batch_size, overrides, or a "
-            "ModelConfig field)"
+            f"tokenizer, bpe, {', '.join(BPE_ARGS)}, {', '.join(MOSES_ARGS)}, max_tokens, batch_size, "
+            "tokens_per_sample, overrides, or a ModelConfig field)"
         )
     return bpe_args, tok_args, {**(overrides or {}), **model}, batching
 
@@ -206,7 +211,8 @@ def from_pretrained(
     arguments ``gpt2_encoder_json``/``gpt2_vocab_bpe``/``sentencepiece_model`` or, as in fairseq, from the model
     folder (``encoder.json``, ``vocab.bpe``, ``sentencepiece.bpe.model``). ``dtype`` loads straight into that dtype.
     ``overrides`` (or ModelConfig fields as keywords, as fairseq's ``arg_overrides``; also ``max_tokens`` /
-    ``batch_size``, how ``generate`` batches prompts): model settings to change at load, e.g.
+    ``batch_size``, how ``generate`` batches prompts; ``tokens_per_sample``, the block size ``evaluate`` defaults to,
+    which fairseq's hub accepts and ignores): model settings to change at load, e.g.
     ``{"decoder_layers_to_keep": "0,2"}`` to evaluate a LayerDrop-trained model with fewer layers.
     """
     bpe_args, tok_args, overrides, batch_overrides = _split_kwargs(dict(kwargs), overrides)
@@ -241,6 +247,7 @@ def from_pretrained(
     pipeline = _pipeline(tokenizer, bpe, tok_args, bpe_args, stored_text)
     if batch_overrides:  # as fairseq's arg_overrides of cfg.dataset: how the hub batches prompts
         batching = (batch_overrides.get("max_tokens", batching[0]), batch_overrides.get("batch_size", batching[1]))
+        tps = batch_overrides.get("tokens_per_sample", tps)
     return LanguageModel(model, d, str(p), tps, pipeline, batching).to(device).eval()
 
 
