@@ -14,7 +14,7 @@ import torch
 
 import adaptive_lm
 from adaptive_lm.cli import main
-from adaptive_lm.core.data import LMDataset, block_spans
+from adaptive_lm.core.data import IndexedWriter, LMDataset, block_spans
 from adaptive_lm.core.errors import UserError
 from adaptive_lm.inference.evaluate import EvalConfig, context_windows, evaluate, summary_lines
 
@@ -338,3 +338,17 @@ def test_post_process_values_fairseq_does_not_implement_are_refused(fixture_dir,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "--post-process 'sentencepiece': fairseq-eval-lm 0.12 implements only 'subword_nmt' and '@@ '" in err[0]
+
+
+def test_eval_of_a_split_with_ids_beyond_the_dictionary_is_one_line(tmp_path, fixture_dir, capsys):
+    """A .bin binarised with a larger dictionary next to the model's dict.txt: eval had failed inside the model with
+    a ValueError traceback; now the split is checked against the dictionary as training checks it."""
+    (tmp_path / "dict.txt").write_bytes((fixture_dir / "data-bin" / "dict.txt").read_bytes())
+    w = IndexedWriter(tmp_path / "valid", np.dtype(np.uint16))
+    w.add_array(np.array([5, 7000, 2, 9, 2]), np.array([3, 2]))
+    w.finalize()
+    args = ["eval", str(tmp_path), "--path", str(fixture_dir / "model" / "checkpoint_last.pt"), "--gen-subset", "valid",
+            "--cpu", "--batch-size", "8", "--tokens-per-sample", "256"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "valid.bin: token id 7000 is not in the dictionary (6000 symbols in" in err[0], err

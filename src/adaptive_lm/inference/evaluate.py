@@ -160,9 +160,10 @@ def plan(lm: LanguageModel, cfg: EvalConfig) -> EvalPlan:
             f"minus the window); e.g. --tokens-per-sample {tps} --context-window {max(0, tps // 2)}"
         )
     block = tps - C
-    ds = LMDataset.from_split(
-        load_split(data, cfg.gen_subset), block, cfg.sample_break_mode, add_bos=lm.cfg.add_bos_token
-    )
+    # the split's largest id checked against the model's vocabulary: a .bin made with a larger dictionary (its dict.txt
+    # replaced by the model's) failed inside the model with a traceback
+    split = load_split(data, cfg.gen_subset, vocab_size=len(lm.dictionary))
+    ds = LMDataset.from_split(split, block, cfg.sample_break_mode, add_bos=lm.cfg.add_bos_token)
     ids, split_sizes = np.arange(len(ds)), ds.sizes
     if cfg.full_blocks_only:
         ids, ds = ids[ds.sizes == block], ds.subset(ds.sizes == block)
