@@ -243,3 +243,111 @@ def test_index_dtype_follows_fairseq_by_vocabulary_size(tmp_path):
     assert (tmp_path / "o" / "train.idx").read_bytes()[17] == 9
     ds = IndexedDataset(tmp_path / "o" / "train")
     assert ds.dtype == np.uint32 and int(ds[0][-1]) == 2 and len(ds[0]) == 70_001
+
+
+# ---- edge cases against fairseq-preprocess (tests/fixtures/make_fairseq_preprocess_edge.sh) -------------------------
+EDGE = Path(__file__).parent / "fixtures" / "preprocess_edge"
+EDGE_RUNS = {  # the flags each run of make_fairseq_preprocess_edge.sh gave fairseq-preprocess (text paths in text/)
+    "lf_w1": dict(trainpref="lf/train.txt", validpref="lf/valid.txt", testpref="lf/test.txt,lf/test2.txt"),
+    "lf_w3": dict(
+        trainpref="lf/train.txt", validpref="lf/valid.txt", nwordssrc=40, thresholdsrc=2, padding_factor=3, workers=3
+    ),  # fmt: skip
+    "lf_lazy": dict(
+        srcdict="lf_w1", validpref="lf/valid.txt", testpref="lf/test.txt,lf/test2.txt", dataset_impl="lazy", workers=2
+    ),  # fmt: skip
+    "lf_cached": dict(srcdict="lf_w3", validpref="lf/valid.txt", dataset_impl="cached"),
+    "cr_w1": dict(trainpref="cr/train.txt", validpref="cr/valid.txt"),
+}
+
+
+def edge_config(run: str, dest: Path, **changes) -> PreprocessConfig:
+    kw = {**EDGE_RUNS[run], **changes}
+    for k in ("trainpref", "validpref", "testpref"):
+        if kw.get(k):
+            kw[k] = ",".join(str(EDGE / "text" / p) for p in kw[k].split(","))
+    if "srcdict" in kw:
+        kw["srcdict"] = str(EDGE / kw["srcdict"] / "dict.txt")
+    return PreprocessConfig(destdir=str(dest), progress=False, **kw)
+
+
+@pytest.mark.parametrize("run", sorted(EDGE_RUNS))
+def test_preprocess_edge_cases_are_byte_identical_to_fairseq(tmp_path, run):
+    """Unicode whitespace of every kind (no-break and ideographic spaces, \\x0b, \\x1c-\\x1f, \\x85, \\u2028/9; and
+    \\u200b, \\ufeff, which are not whitespace), empty, blank and 3,000-word lines, \\r\\n and lone \\r line ends (one
+    worker), special symbols as words, --nwordssrc/--thresholdsrc/--padding-factor 3, --srcdict, and fairseq's older
+    index format (--dataset-impl lazy / cached, which ours had refused): dict.txt, every .bin and .idx as fairseq's,
+    and its sentence and token counts."""
+    log = preprocess(edge_config(run, tmp_path / "out"))
+    theirs = sorted(p.name for p in (EDGE / run).iterdir() if p.suffix in (".txt", ".bin", ".idx"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name != "preprocess.log") == theirs
+    for name in theirs:
+        assert filecmp.cmp(tmp_path / "out" / name, EDGE / run / name, shallow=False), name
+    summary = (EDGE / run / "summary.log").read_text().splitlines()  # "[None] lf/valid.txt: 60 sents, 386 tokens, ..."
+    counts = [tuple(map(int, re.search(r": (\d+) sents, (\d+) tokens", line).groups())) for line in summary]
+    ours = [
+        tuple(map(int, re.search(r": (\d+) lines, (\d+) tokens", line).groups())) for line in log if " lines, " in line
+    ]
+    assert ours == counts
+
+
+def test_cr_line_ends_with_several_workers_are_refused(tmp_path):
+    """fairseq-preprocess --workers 3 on text with \\r line ends (cr/valid.txt opens with a \\r\\n blank line) cuts it
+    at text-mode tell() offsets that are opaque numbers past the file, and lines repeat: its output differs from its
+    --workers 1 output (the committed cr_w3 against cr_w1). Ours wrote --workers 1's bytes whatever --workers said; now
+    refused by name, before anything is written."""
+    assert not filecmp.cmp(EDGE / "cr_w3" / "valid.bin", EDGE / "cr_w1" / "valid.bin", shallow=False)
+    counts = [(EDGE / r / "summary.log").read_text().splitlines()[1] for r in ("cr_w1", "cr_w3")]
+    assert "33 sents" in counts[0] and "34 sents" in counts[1]  # one line more with 3 workers
+    for changes in (dict(workers=3), dict(workers=2, trainpref=None, srcdict="cr_w1")):
+        with pytest.raises(UserError, match=r"cr/(train|valid)\.txt: has \\r \(CR or CRLF\) line ends, .* --workers 1"):
+            preprocess(edge_config("cr_w1", tmp_path / "out", **changes))
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("impl,why", [("raw", "only copies the text"), ("huffman", "fails with it too"),
+                                      ("fasta", "fails with it too")])  # fmt: skip
+def test_dataset_impls_fairseq_does_not_binarise_with_are_refused_with_the_reason(tmp_path, impl, why):
+    with pytest.raises(UserError, match=f"--dataset-impl {impl} is not supported \\(fairseq-preprocess {why}"):
+        preprocess(edge_config("lf_w1", tmp_path / "out", dataset_impl=impl))
+
+
+def test_lazy_and_cached_data_bins_read_as_fairseq_reads_them(tmp_path):
+    """fairseq-train and eval-lm read --dataset-impl lazy/cached data-bins (the TNTIDX format: ids + 1 as int32) as
+    well as mmap ones; ours had refused them as 'not a fairseq mmap index ... run preprocess again'. The same text
+    binarised both ways by fairseq gives the same lines and blocks; damaged copies are one line each."""
+    for legacy, mmap, splits in (("lf_lazy", "lf_w1", ("valid", "test", "test1")), ("lf_cached", "lf_w3", ("valid",))):
+        for split in splits:
+            a, b = load_split(EDGE / legacy, split, vocab_size=6000), load_split(EDGE / mmap, split)
+            assert a.dtype == np.int32 and b.dtype == np.uint16
+            assert a.sizes.tolist() == b.sizes.tolist() and len(a) == len(b) > 0
+            assert [a[i].tolist() for i in range(len(a))] == [b[i].tolist() for i in range(len(b))]
+            for mode in ("none", "complete_doc"):
+                la, lb = LMDataset.from_split(a, 7, mode, add_bos=True), LMDataset.from_split(b, 7, mode, add_bos=True)
+                assert la.spans.tolist() == lb.spans.tolist()
+                assert all(np.array_equal(la.item(i)[0], lb.item(i)[0]) for i in range(len(la)))
+    for name in ("valid.bin", "valid.idx", "dict.txt"):
+        (tmp_path / name).write_bytes((EDGE / "lf_lazy" / name).read_bytes())
+    with open(tmp_path / "valid.bin", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(UserError, match=r"valid.bin: size 100 bytes does not match its index \(467 tokens of 4 bytes"):
+        IndexedDataset(tmp_path / "valid")
+    with open(tmp_path / "valid.idx", "r+b") as f:
+        f.truncate(200)
+    with pytest.raises(UserError, match=r"valid.idx: truncated or corrupt \(200 bytes, expected 1504\)"):
+        IndexedDataset(tmp_path / "valid")
+
+
+def test_split_formats_fairseq_reads_and_ours_does_not_are_named(tmp_path):
+    """A text file where the split's .idx should be (fairseq reads it as --dataset-impl raw) and a Huffman-coded
+    index are refused for what they are, a folder in place of a file as a folder (it had been 'not found')."""
+    (tmp_path / "valid").write_text("some text\n")
+    with pytest.raises(UserError, match=r"valid: a text file with no valid.idx beside it, .* --dataset-impl raw"):
+        IndexedDataset(tmp_path / "valid")
+    (tmp_path / "valid.idx").write_bytes(b"HUFFIDX\x00\x00" + bytes(40))
+    (tmp_path / "valid.bin").write_bytes(b"")
+    with pytest.raises(UserError, match=r"valid.idx: a Huffman-coded fairseq index \(--dataset-impl huffman\)"):
+        IndexedDataset(tmp_path / "valid")
+    (tmp_path / "valid.bin").unlink()
+    (tmp_path / "valid.bin").mkdir()
+    with pytest.raises(UserError, match=r"valid.bin: a folder, not a file"):
+        IndexedDataset(tmp_path / "valid")

@@ -1,8 +1,11 @@
 """Binarised data and batching, as fairseq's language_modeling task does it (``fairseq/tasks/language_modeling.py``,
 ``fairseq/data/{token_block,monolingual,indexed}_dataset.py``, ``fairseq/data/data_utils.py``).
 
-* ``IndexedDataset`` / ``IndexedWriter``: fairseq's memory-mapped indexed format (``MMIDIDX``): ``.idx`` =
-  magic, version 1, dtype code, count, int32 sizes, int64 byte pointers; ``.bin`` = the tokens back to back.
+* ``IndexedDataset`` / ``IndexedWriter``: fairseq's memory-mapped indexed format (``MMIDIDX``, ``--dataset-impl
+  mmap``): ``.idx`` = magic, version 1, dtype code, count, int32 sizes, int64 byte pointers; ``.bin`` = the tokens
+  back to back. Also its older format (``TNTIDX``, what ``--dataset-impl lazy`` and ``cached`` write, one format):
+  ``.idx`` = magic, version 1, dtype code and element size, count and number of sizes, then int64 dimension
+  offsets, element offsets and sizes; ``.bin`` = every token + 1 (Lua's 1-based ids) as int32.
 * ``block_spans``: ``TokenBlockDataset``'s cuts for ``--sample-break-mode none|complete|complete_doc|eos``.
 * ``LMDataset``: (source, target) per block, source = the stream shifted right by one (``</s>`` first).
 * ``batch_by_size`` / ``EpochBatches``: size-sorted batches bounded by ``--max-tokens`` / ``--batch-size``,
@@ -25,6 +28,8 @@ import torch
 from adaptive_lm.core.errors import UserError
 
 MAGIC = b"MMIDIDX\x00\x00"
+TNT_MAGIC = b"TNTIDX\x00\x00"  # fairseq's IndexedDataset (--dataset-impl lazy / cached)
+HUFFMAN_MAGIC = b"HUFFIDX\x00"
 CODE_TO_DTYPE = {
     1: np.uint8,
     2: np.int8,
@@ -65,16 +70,20 @@ def best_dtype(vocab_size: int | None) -> np.dtype:
 # =====================================================================================================
 class IndexedWriter:
     """Streams sequences into ``PREFIX.bin`` and writes ``PREFIX.idx`` at the end; both under temporary names
-    until ``finalize`` renames them, so an interrupted run never leaves files that look complete."""
+    until ``finalize`` renames them, so an interrupted run never leaves files that look complete. ``legacy``: fairseq's
+    ``TNTIDX`` format (``--dataset-impl lazy/cached``: ids + 1 as int32, whatever ``dtype``)."""
 
-    def __init__(self, prefix: str | os.PathLike, dtype: np.dtype) -> None:
+    def __init__(self, prefix: str | os.PathLike, dtype: np.dtype, legacy: bool = False) -> None:
         self.prefix = str(prefix)
-        self.dtype = np.dtype(dtype)
+        self.legacy = legacy
+        self.dtype = np.dtype(np.int32) if legacy else np.dtype(dtype)
         self._bin = open(self.prefix + ".bin.tmp", "wb")
         self._sizes: list[np.ndarray] = []
 
     def add_array(self, tokens: np.ndarray, sizes: np.ndarray) -> None:
         """Append many sequences at once: their tokens back to back and their lengths."""
+        if self.legacy:
+            tokens = np.asarray(tokens, dtype=np.int64) + 1
         self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
         self._sizes.append(np.asarray(sizes, dtype=np.int32))
 
@@ -88,6 +97,14 @@ class IndexedWriter:
     def finalize(self) -> None:
         self._bin.close()
         sizes = np.concatenate(self._sizes) if self._sizes else np.zeros(0, np.int32)
+        if self.legacy:
+            self._write_tnt_index(sizes)
+        else:
+            self._write_mmap_index(sizes)
+        os.replace(self.prefix + ".bin.tmp", self.prefix + ".bin")
+        os.replace(self.prefix + ".idx.tmp", self.prefix + ".idx")
+
+    def _write_mmap_index(self, sizes: np.ndarray) -> None:
         pointers = np.zeros(len(sizes), dtype=np.int64)
         if len(sizes) > 1:
             np.cumsum(sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
@@ -98,8 +115,17 @@ class IndexedWriter:
             f.write(struct.pack("<Q", len(sizes)))
             f.write(sizes.tobytes())
             f.write(pointers.tobytes())
-        os.replace(self.prefix + ".bin.tmp", self.prefix + ".bin")
-        os.replace(self.prefix + ".idx.tmp", self.prefix + ".idx")
+
+    def _write_tnt_index(self, sizes: np.ndarray) -> None:
+        n = len(sizes)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        with open(self.prefix + ".idx.tmp", "wb") as f:
+            f.write(TNT_MAGIC)
+            f.write(struct.pack("<QQQQQ", 1, DTYPE_TO_CODE[self.dtype], self.dtype.itemsize, n, n))
+            f.write(np.arange(n + 1, dtype=np.int64).tobytes())  # one dimension per item
+            f.write(offsets.tobytes())
+            f.write(sizes.astype(np.int64).tobytes())
 
     def abort(self) -> None:
         self._bin.close()
@@ -109,41 +135,33 @@ class IndexedWriter:
 
 
 class IndexedDataset:
-    """Read-only view of a fairseq ``.bin``/``.idx`` pair; validates the header and sizes up front."""
+    """Read-only view of a fairseq ``.bin``/``.idx`` pair, in either format fairseq writes (``mmap``, or ``TNTIDX``
+    from ``--dataset-impl lazy/cached``, read into memory as fairseq's ``cached`` does); validates the header and
+    sizes up front, and refuses what fairseq reads that is not reproduced (raw text, Huffman-coded data)."""
 
     def __init__(self, prefix: str | os.PathLike) -> None:
         self.prefix = str(prefix)
         idx_path, bin_path = self.prefix + ".idx", self.prefix + ".bin"
-        for p in (idx_path, bin_path):
-            if not os.path.isfile(p):
-                raise UserError(f"{p}: not found; run `adaptive-lm preprocess` (or fairseq-preprocess) first")
+        _check_files(self.prefix, idx_path, bin_path)
         what = "run preprocess again to rebuild it"
         if os.path.getsize(idx_path) == 0:
             raise UserError(f"{idx_path}: empty file (an interrupted preprocess?); {what}")
         raw = np.memmap(idx_path, dtype=np.uint8, mode="r")
-        if len(raw) < 26 or bytes(raw[:9]) != MAGIC:
-            raise UserError(f"{idx_path}: not a fairseq mmap index (bad magic/too short); {what}")
-        (version,) = struct.unpack("<Q", bytes(raw[9:17]))
-        code = int(raw[17])
-        if version != 1 or code not in CODE_TO_DTYPE:
-            raise UserError(f"{idx_path}: unsupported index version {version} / dtype code {code}; {what}")
-        self.dtype = np.dtype(CODE_TO_DTYPE[code])
-        (n,) = struct.unpack("<Q", bytes(raw[18:26]))
-        if len(raw) != 26 + n * 12:
-            raise UserError(f"{idx_path}: truncated or corrupt ({len(raw)} bytes, expected {26 + n * 12}); {what}")
-        self.sizes = np.frombuffer(raw, dtype=np.int32, count=n, offset=26)
-        self.pointers = np.frombuffer(raw, dtype=np.int64, count=n, offset=26 + 4 * n)
-        total = int(self.sizes.astype(np.int64).sum())
-        bin_bytes = os.path.getsize(bin_path)
-        if bin_bytes != total * self.dtype.itemsize or (
-            n and int(self.pointers[-1]) != (total - int(self.sizes[-1])) * self.dtype.itemsize
-        ):
+        head = bytes(raw[:9])
+        if head[:8] == TNT_MAGIC:
+            self.dtype, self.sizes, self.tokens = _read_tnt(idx_path, bin_path, raw)
+        elif head[:8] == HUFFMAN_MAGIC:
             raise UserError(
-                f"{bin_path}: size {bin_bytes} bytes does not match its index ({total} tokens of "
-                f"{self.dtype.itemsize} bytes); the pair is truncated or mismatched; {what}"
+                f"{idx_path}: a Huffman-coded fairseq index (--dataset-impl huffman), which is not supported; "
+                "binarise the text with `adaptive-lm preprocess` (mmap)"
             )
-        self.tokens = np.memmap(bin_path, dtype=self.dtype, mode="r") if total else np.zeros(0, self.dtype)
-        self.offsets = np.zeros(n + 1, dtype=np.int64)
+        elif len(raw) < 26 or head != MAGIC:
+            raise UserError(
+                f"{idx_path}: not a fairseq index (neither mmap nor lazy/cached; bad magic or too short); {what}"
+            )
+        else:
+            self.dtype, self.sizes, self.tokens = _read_mmap(idx_path, bin_path, raw)
+        self.offsets = np.zeros(len(self.sizes) + 1, dtype=np.int64)
         np.cumsum(self.sizes, out=self.offsets[1:])
 
     def __len__(self) -> int:
@@ -167,6 +185,80 @@ class IndexedDataset:
         with contextlib.suppress(OSError):
             cache.write_text(f"{key} {top}\n")
         return top
+
+
+def _check_files(prefix: str, idx_path: str, bin_path: str) -> None:
+    """Both files exist and are files; a text file at ``prefix`` (fairseq's ``--dataset-impl raw``) is named."""
+    for p in (idx_path, bin_path):
+        if os.path.isdir(p):
+            raise UserError(f"{p}: a folder, not a file; run `adaptive-lm preprocess` (or fairseq-preprocess) again")
+        if not os.path.isfile(p):
+            if os.path.isfile(prefix):
+                raise UserError(
+                    f"{prefix}: a text file with no {Path(p).name} beside it, which fairseq reads as --dataset-impl "
+                    "raw (tokenised as it is loaded); not supported here: binarise it with `adaptive-lm preprocess`"
+                )
+            raise UserError(f"{p}: not found; run `adaptive-lm preprocess` (or fairseq-preprocess) first")
+
+
+def _read_mmap(idx_path: str, bin_path: str, raw: np.ndarray) -> tuple[np.dtype, np.ndarray, np.ndarray]:
+    """(dtype, sizes, tokens) of an ``MMIDIDX`` pair, the tokens memory-mapped."""
+    what = "run preprocess again to rebuild it"
+    (version,) = struct.unpack("<Q", bytes(raw[9:17]))
+    code = int(raw[17])
+    if version != 1 or code not in CODE_TO_DTYPE:
+        raise UserError(f"{idx_path}: unsupported index version {version} / dtype code {code}; {what}")
+    dtype = np.dtype(CODE_TO_DTYPE[code])
+    (n,) = struct.unpack("<Q", bytes(raw[18:26]))
+    if len(raw) != 26 + n * 12:
+        raise UserError(f"{idx_path}: truncated or corrupt ({len(raw)} bytes, expected {26 + n * 12}); {what}")
+    sizes = np.frombuffer(raw, dtype=np.int32, count=n, offset=26)
+    pointers = np.frombuffer(raw, dtype=np.int64, count=n, offset=26 + 4 * n)
+    total = int(sizes.astype(np.int64).sum())
+    bin_bytes = os.path.getsize(bin_path)
+    if bin_bytes != total * dtype.itemsize or (n and int(pointers[-1]) != (total - int(sizes[-1])) * dtype.itemsize):
+        raise UserError(
+            f"{bin_path}: size {bin_bytes} bytes does not match its index ({total} tokens of "
+            f"{dtype.itemsize} bytes); the pair is truncated or mismatched; {what}"
+        )
+    tokens = np.memmap(bin_path, dtype=dtype, mode="r") if total else np.zeros(0, dtype)
+    return dtype, sizes, tokens
+
+
+def _read_tnt(idx_path: str, bin_path: str, raw: np.ndarray) -> tuple[np.dtype, np.ndarray, np.ndarray]:
+    """(dtype, sizes, tokens) of a ``TNTIDX`` pair (``--dataset-impl lazy/cached``): the tokens read into memory
+    with fairseq's ``- 1``."""
+    what = "run preprocess again to rebuild it"
+    if len(raw) < 48:
+        raise UserError(
+            f"{idx_path}: truncated or corrupt ({len(raw)} bytes, a lazy/cached index has 48 or more); {what}"
+        )
+    version, code, elsize, n, s = struct.unpack("<QQQQQ", bytes(raw[8:48]))
+    dtype = np.dtype(CODE_TO_DTYPE[code]) if code in CODE_TO_DTYPE else None
+    if version != 1 or dtype is None or dtype.kind not in "iu" or elsize != dtype.itemsize:
+        raise UserError(
+            f"{idx_path}: unsupported index version {version} / dtype code {code} / element size {elsize}; {what}"
+        )
+    expected = 48 + 16 * (n + 1) + 8 * s
+    if len(raw) != expected:
+        raise UserError(f"{idx_path}: truncated or corrupt ({len(raw)} bytes, expected {expected}); {what}")
+    dims = np.frombuffer(raw, dtype=np.int64, count=n + 1, offset=48)
+    starts = np.frombuffer(raw, dtype=np.int64, count=n + 1, offset=48 + 8 * (n + 1))
+    sizes = np.frombuffer(raw, dtype=np.int64, count=s, offset=48 + 16 * (n + 1))
+    if s != n or not np.array_equal(dims, np.arange(n + 1)):
+        raise UserError(f"{idx_path}: items of more than one dimension, not token lines; {what}")
+    if int(starts[0]) != 0 or not np.array_equal(np.diff(starts), sizes):
+        raise UserError(f"{idx_path}: corrupt (its offsets do not add up to its sizes); {what}")
+    total, bin_bytes = int(starts[-1]), os.path.getsize(bin_path)
+    if bin_bytes != total * elsize:
+        raise UserError(
+            f"{bin_path}: size {bin_bytes} bytes does not match its index ({total} tokens of {elsize} bytes); the "
+            f"pair is truncated or mismatched; {what}"
+        )
+    tokens = np.fromfile(bin_path, dtype=dtype, count=total) - 1 if total else np.zeros(0, dtype)
+    if total and int(tokens.min()) < 0:
+        raise UserError(f"{bin_path}: holds a 0, which a lazy/cached .bin never does (ids are stored + 1); {what}")
+    return dtype, sizes, tokens
 
 
 # =====================================================================================================

@@ -34,6 +34,16 @@ from adaptive_lm.core.options import opt
 from adaptive_lm.core.progress import Progress
 
 CHUNK_BYTES = 8 << 20
+# fairseq-preprocess's --dataset-impl choices: the formats written, and why the others are refused
+DATASET_IMPLS = {
+    "mmap": "",
+    "lazy": "",
+    "cached": "",
+    "raw": "fairseq-preprocess only copies the text, to train.None-None and so on, which its language_modeling "
+    "task does not read",
+    "huffman": "fairseq-preprocess fails with it too ('preprocessing.py doesn't support Huffman yet')",
+    "fasta": "fairseq-preprocess fails with it too (NotImplementedError)",
+}
 
 
 @dataclass
@@ -49,7 +59,12 @@ class PreprocessConfig:
     nwordssrc: int = opt(-1, "keep at most this many words (-1: all)", kind=int)
     padding_factor: int = opt(8, "pad the dictionary to a multiple of this", kind="positive")
     workers: int = opt(1, "processes", kind="positive")
-    dataset_impl: str = opt("mmap", "fairseq's binary format (mmap only)", choices=["mmap"])
+    dataset_impl: str = opt(
+        "mmap",
+        "fairseq's binary format: mmap, or its older one (lazy and cached write the same "
+        "files); raw, huffman and fasta are refused",
+        choices=list(DATASET_IMPLS),
+    )
     progress: bool = opt(True, "no progress output (a bar on a terminal, a line per 10% in logs)",
                          flags=("--no-progress-bar",))  # fmt: skip
 
@@ -87,9 +102,10 @@ def line_ranges(path: str, chunk: int | None = None) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def read_range(path: str, start: int, end: int) -> str:
+def read_range(path: str, start: int, end: int) -> tuple[str, bool]:
     """Decode one range as UTF-8 with universal newlines (as fairseq's text-mode reading); a decode error
-    becomes a one-line message with the file's line number."""
+    becomes a one-line message with the file's line number. Also says whether the range held a ``\\r`` (a line end
+    other than ``\\n``)."""
     with open(path, "rb") as f:
         f.seek(start)
         raw = f.read(end - start)
@@ -99,16 +115,17 @@ def read_range(path: str, start: int, end: int) -> str:
         with open(path, "rb") as f:
             line = f.read(start).count(b"\n") + raw[: e.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: not valid UTF-8 ({e.reason}); convert the file to UTF-8") from None
-    if "\r" in text:
+    cr = "\r" in text
+    if cr:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return text
+    return text, cr
 
 
-def _count_range(args: tuple[str, int, int]) -> tuple[Counter[str], int]:
+def _count_range(args: tuple[str, int, int]) -> tuple[Counter[str], int, bool]:
     path, start, end = args
-    text = read_range(path, start, end)
+    text, cr = read_range(path, start, end)
     n_lines = text.count("\n") + (0 if text.endswith("\n") else 1)
-    return Counter(text.split()), n_lines
+    return Counter(text.split()), n_lines, cr
 
 
 class _Lookup(dict):
@@ -128,12 +145,13 @@ def _init_worker(lookup: _Lookup) -> None:
     _LOOKUP = lookup
 
 
-def _encode_range(args: tuple[str, int, int, str]) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """-> (tokens, sizes per line, number of <unk> replacements, number of tokens) for one range."""
+def _encode_range(args: tuple[str, int, int, str]) -> tuple[np.ndarray, np.ndarray, int, int, bool]:
+    """-> (tokens, sizes per line, number of <unk> replacements, number of tokens, whether it held a CR) for one
+    range."""
     path, start, end, dtype = args
     lookup = _LOOKUP
     assert lookup is not None
-    text = read_range(path, start, end)
+    text, cr = read_range(path, start, end)
     lines = text.split("\n")
     if text.endswith("\n"):
         lines.pop()
@@ -151,7 +169,7 @@ def _encode_range(args: tuple[str, int, int, str]) -> tuple[np.ndarray, np.ndarr
     # re-maps "<unk>" (#fairseq:overwrite) gives the literal word another id, so nothing is subtracted then
     literal_is_unk = lookup["<unk>"] == lookup.unk
     n_literal_unk = text.split().count("<unk>") if n_unk and literal_is_unk else 0
-    return arr.astype(dtype), sizes, n_unk - n_literal_unk, len(arr)
+    return arr.astype(dtype), sizes, n_unk - n_literal_unk, len(arr), cr
 
 
 def _init_pool_worker(lookup: _Lookup | None) -> None:
@@ -189,6 +207,18 @@ def _progress(total: int, desc: str, enabled: bool) -> Progress:
     return Progress(total, desc, enabled, unit="B")
 
 
+def _check_line_ends(path: str, cr: bool, workers: int) -> None:
+    """fairseq-preprocess with more than one worker cuts a file at offsets from text-mode ``tell()``, which for
+    ``\\r`` line ends (lone, or ``\\r\\n`` around blank lines) can be opaque numbers beyond the file: its chunks then
+    overlap and lines repeat or go missing, depending on the number of workers. Not reproduced: refused."""
+    if cr and workers > 1:
+        raise UserError(
+            f"{path}: has \\r (CR or CRLF) line ends, which fairseq-preprocess with --workers {workers} cuts into "
+            "overlapping chunks (lines repeated or lost; not reproduced): pass --workers 1 (fairseq's --workers 1 "
+            "output) or convert the line ends to \\n (e.g. dos2unix)"
+        )
+
+
 # ---- the two passes ----------------------------------------------------------------------------------------
 def count_words(path: str, workers: int = 1, progress: bool = True) -> tuple[Counter[str], int]:
     """Word counts of a text file plus the number of lines (each line adds one ``</s>``)."""
@@ -201,7 +231,8 @@ def count_words(path: str, workers: int = 1, progress: bool = True) -> tuple[Cou
         pool = _pool(workers, None, pools) if workers > 1 else None
         with _progress(size, f"count {Path(path).name}", progress) as bar:
             results = pool.imap(_count_range, ranges) if pool else map(_count_range, ranges)
-            for (c, n), (_, s, e) in zip(results, ranges):
+            for (c, n, cr), (_, s, e) in zip(results, ranges):
+                _check_line_ends(path, cr, workers)
                 counts.update(c)
                 n_lines += n
                 bar.update(e - s)
@@ -221,14 +252,17 @@ def build_dictionary(path: str, cfg: PreprocessConfig) -> Dictionary:
     return d
 
 
-def binarize(path: str, prefix: str, d: Dictionary, workers: int = 1, progress: bool = True) -> dict[str, int]:
-    """Encode a text file into ``prefix.bin/.idx``; returns counts for the log."""
+def binarize(
+    path: str, prefix: str, d: Dictionary, workers: int = 1, progress: bool = True, impl: str = "mmap"
+) -> dict[str, int]:
+    """Encode a text file into ``prefix.bin/.idx`` (``impl``: fairseq's --dataset-impl, mmap or lazy/cached);
+    returns counts for the log."""
     size = check_text_file(path)
     dtype = best_dtype(len(d))
     lookup = _Lookup(d.indices)
     lookup.unk = d.unk_index
     ranges = [(path, s, e, dtype.str) for s, e in line_ranges(path)]
-    writer = IndexedWriter(prefix, dtype)
+    writer = IndexedWriter(prefix, dtype, legacy=impl in ("lazy", "cached"))
     stats = {"lines": 0, "tokens": 0, "unk": 0}
     pools: list = []
     try:
@@ -239,7 +273,8 @@ def binarize(path: str, prefix: str, d: Dictionary, workers: int = 1, progress: 
             else:
                 _init_worker(lookup)
                 results = map(_encode_range, ranges)
-            for (tokens, sizes, n_unk, n_tok), (_, s, e, _) in zip(results, ranges):
+            for (tokens, sizes, n_unk, n_tok, cr), (_, s, e, _) in zip(results, ranges):
+                _check_line_ends(path, cr, workers)
                 writer.add_array(tokens, sizes)
                 stats["lines"] += len(sizes)
                 stats["tokens"] += n_tok
@@ -296,7 +331,7 @@ def _preprocess(cfg: PreprocessConfig, splits: list[tuple[str, str]], dest: Path
         for split, path in splits:
             if split in done["parts"]:
                 continue
-            st = binarize(path, str(work / split), d, cfg.workers, cfg.progress)
+            st = binarize(path, str(work / split), d, cfg.workers, cfg.progress, cfg.dataset_impl)
             rate = 100.0 * st["unk"] / max(1, st["tokens"])
             log.append(f"{split} ({path}): {st['lines']} lines, {st['tokens']} tokens, {rate:.2f}% replaced by <unk>")
             _record(work, done, split, log)
@@ -358,8 +393,9 @@ def _only_writer(work: Path, dest: Path) -> Iterator[None]:
 
 def _splits(cfg: PreprocessConfig) -> list[tuple[str, str]]:
     """(split name, text file) of every split to write: train, valid, valid1, ..., test, test1, ..., checked."""
-    if cfg.dataset_impl != "mmap":
-        raise UserError(f"--dataset-impl {cfg.dataset_impl} is not supported; only mmap (fairseq's default)")
+    if DATASET_IMPLS.get(cfg.dataset_impl, "?"):
+        why = DATASET_IMPLS.get(cfg.dataset_impl, "not one of fairseq's")
+        raise UserError(f"--dataset-impl {cfg.dataset_impl} is not supported ({why}); use mmap (the default)")
     if not cfg.trainpref and not cfg.srcdict:
         raise UserError("give --trainpref to build the dictionary, or --srcdict to reuse one")
     splits: list[tuple[str, str]] = []
