@@ -351,3 +351,23 @@ def test_split_formats_fairseq_reads_and_ours_does_not_are_named(tmp_path):
     (tmp_path / "valid.bin").mkdir()
     with pytest.raises(UserError, match=r"valid.bin: a folder, not a file"):
         IndexedDataset(tmp_path / "valid")
+
+
+def test_numbered_training_parts_fairseq_would_concatenate_are_refused(tmp_path, fixture_dir, capsys):
+    """fairseq-train loads the training split with combine=True: train, train1, train2, ... concatenated (checked
+    with fairseq's load_indexed_dataset: 2,400 lines from train + train1 here). Ours had trained on train alone,
+    silently; now one line naming train1.idx."""
+    from adaptive_lm.cli import main
+
+    for name in ("dict.txt", "train.bin", "train.idx"):
+        (tmp_path / name).write_bytes((fixture_dir / "data-bin" / name).read_bytes())
+    for ext in ("bin", "idx"):
+        (tmp_path / f"train1.{ext}").write_bytes((fixture_dir / "data-bin" / f"valid.{ext}").read_bytes())
+    args = ["train", str(tmp_path), "--arch", "transformer_lm", "--decoder-layers", "1", "--decoder-embed-dim", "8",
+            "--decoder-ffn-embed-dim", "8", "--decoder-attention-heads", "1", "--tokens-per-sample", "32",
+            "--max-tokens", "256", "--max-update", "1", "--save-dir", str(tmp_path / "ck"), "--no-progress-bar",
+            "--cpu", "--disable-validation"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train1.idx: fairseq-train would train on train, train1, ... concatenated" in err[0], err
+    assert not (tmp_path / "ck").exists()

@@ -19,12 +19,24 @@ from adaptive_lm.training.config import TrainConfig
 from adaptive_lm.training.report import Reporter
 
 
+def _refuse_numbered_parts(data: Path, subset: str) -> None:
+    """fairseq-train reads the training split as ``train``, ``train1``, ``train2``, ... concatenated (its
+    ``load_indexed_dataset(combine=True)``); here only ``train`` would be read, silently training on less data."""
+    extra = data / f"{subset}1"
+    if any(p.exists() for p in (extra.with_name(extra.name + ".idx"), extra)):
+        raise UserError(
+            f"{extra}.idx: fairseq-train would train on {subset}, {subset}1, ... concatenated, which is not "
+            f"reproduced; binarise the text as one --trainpref file, or rename {subset}1 if it is not training data"
+        )
+
+
 def load_datasets(cfg: TrainConfig, world: int, rank: int, add_bos: bool, log: Reporter):
     """The dictionary, the training split's batches and (unless disabled or absent) the validation batches."""
     data = Path(cfg.data)
     if not (data / "dict.txt").is_file():
         raise UserError(f"{data}: no dict.txt; run `adaptive-lm preprocess --destdir {data}` first")
     dictionary = Dictionary.load(data / "dict.txt")
+    _refuse_numbered_parts(data, cfg.train_subset)
     train_split = load_split(data, cfg.train_subset, vocab_size=len(dictionary))
     train_data = LMDataset.from_split(train_split, cfg.tokens_per_sample, cfg.sample_break_mode, add_bos=add_bos)
     too_long = int((train_data.sizes > cfg.tokens_per_sample).sum())
