@@ -270,6 +270,21 @@ def edge_config(run: str, dest: Path, **changes) -> PreprocessConfig:
     return PreprocessConfig(destdir=str(dest), progress=False, **kw)
 
 
+def test_padding_factor_and_threshold_below_one_are_fairseqs_no_op(tmp_path):
+    """--padding-factor 0 (no madeupword padding) and a negative --thresholdsrc (keep every word), which
+    fairseq-preprocess accepts (lf_p0: 95 symbols, no padding): the command line had refused both."""
+    from adaptive_lm.cli import main
+
+    text = EDGE / "text" / "lf"
+    args = ["preprocess", "--only-source", "--trainpref", str(text / "test.txt"), "--validpref",
+            str(text / "test2.txt"), "--padding-factor", "0", "--thresholdsrc", "-3", "--destdir",
+            str(tmp_path / "out"), "--no-progress-bar"]  # fmt: skip
+    assert main(args) == 0
+    for name in ("dict.txt", "train.bin", "train.idx", "valid.bin", "valid.idx"):
+        assert filecmp.cmp(tmp_path / "out" / name, EDGE / "lf_p0" / name, shallow=False), name
+    assert len(Dictionary.load(tmp_path / "out" / "dict.txt")) == 95
+
+
 @pytest.mark.parametrize("run", sorted(EDGE_RUNS))
 def test_preprocess_edge_cases_are_byte_identical_to_fairseq(tmp_path, run):
     """Unicode whitespace of every kind (no-break and ideographic spaces, \\x0b, \\x1c-\\x1f, \\x85, \\u2028/9; and

@@ -55,9 +55,9 @@ class PreprocessConfig:
     testpref: str | None = opt(None, "test text; a comma-separated list makes test, test1, ...")
     destdir: str = opt("data-bin", "output folder", kind="creatable_dir")
     srcdict: str | None = opt(None, "reuse this dict.txt instead of building one", kind="existing_file")
-    thresholdsrc: int = opt(0, "drop words seen fewer than this many times", kind="nonneg")
+    thresholdsrc: int = opt(0, "drop words seen fewer than this many times (0 or less: none)", kind=int)
     nwordssrc: int = opt(-1, "keep at most this many words (-1: all)", kind=int)
-    padding_factor: int = opt(8, "pad the dictionary to a multiple of this", kind="positive")
+    padding_factor: int = opt(8, "pad the dictionary to a multiple of this (1 or less: no padding)", kind=int)
     workers: int = opt(1, "processes", kind="positive")
     dataset_impl: str = opt(
         "mmap",
