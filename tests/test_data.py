@@ -368,6 +368,14 @@ def test_split_formats_fairseq_reads_and_ours_does_not_are_named(tmp_path):
         IndexedDataset(tmp_path / "valid")
 
 
+def train_args(data: Path) -> list[str]:
+    """A one-update run of a width-8 model on ``data``: enough to reach the data checks."""
+    return ["train", str(data), "--arch", "transformer_lm", "--decoder-layers", "1", "--decoder-embed-dim", "8",
+            "--decoder-ffn-embed-dim", "8", "--decoder-attention-heads", "1", "--tokens-per-sample", "32",
+            "--max-tokens", "256", "--max-update", "1", "--save-dir", str(data / "ck"), "--no-progress-bar",
+            "--cpu", "--disable-validation"]  # fmt: skip
+
+
 def test_numbered_training_parts_fairseq_would_concatenate_are_refused(tmp_path, fixture_dir, capsys):
     """fairseq-train loads the training split with combine=True: train, train1, train2, ... concatenated (checked
     with fairseq's load_indexed_dataset: 2,400 lines from train + train1 here). Ours had trained on train alone,
@@ -378,11 +386,21 @@ def test_numbered_training_parts_fairseq_would_concatenate_are_refused(tmp_path,
         (tmp_path / name).write_bytes((fixture_dir / "data-bin" / name).read_bytes())
     for ext in ("bin", "idx"):
         (tmp_path / f"train1.{ext}").write_bytes((fixture_dir / "data-bin" / f"valid.{ext}").read_bytes())
-    args = ["train", str(tmp_path), "--arch", "transformer_lm", "--decoder-layers", "1", "--decoder-embed-dim", "8",
-            "--decoder-ffn-embed-dim", "8", "--decoder-attention-heads", "1", "--tokens-per-sample", "32",
-            "--max-tokens", "256", "--max-update", "1", "--save-dir", str(tmp_path / "ck"), "--no-progress-bar",
-            "--cpu", "--disable-validation"]  # fmt: skip
-    assert main(args) == 2
+    assert main(train_args(tmp_path)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train1.idx: fairseq-train would train on train, train1, ... concatenated" in err[0], err
     assert not (tmp_path / "ck").exists()
+
+
+def test_an_empty_training_split_is_named_as_empty(tmp_path, fixture_dir, capsys):
+    """A training split of 0 lines (fairseq-preprocess writes one from an empty --trainpref file) had been refused as
+    'no training batch (too little data for --max-tokens ...)'."""
+    from adaptive_lm.cli import main
+    from adaptive_lm.core.data import IndexedWriter
+
+    (tmp_path / "dict.txt").write_bytes((fixture_dir / "data-bin" / "dict.txt").read_bytes())
+    IndexedWriter(tmp_path / "train", np.dtype(np.uint16)).finalize()
+    assert main(train_args(tmp_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("train.idx: an empty split (0 lines); binarise a non-empty text "
+                                             "(preprocess --trainpref)"), err  # fmt: skip

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from adaptive_lm.core.config import ModelConfig
-from adaptive_lm.core.data import EpochBatches, LMDataset, load_split
+from adaptive_lm.core.data import EpochBatches, IndexedDataset, LMDataset, load_split
 from adaptive_lm.core.dictionary import Dictionary
 from adaptive_lm.core.errors import UserError
 from adaptive_lm.core.model import Routes
@@ -19,15 +19,22 @@ from adaptive_lm.training.config import TrainConfig
 from adaptive_lm.training.report import Reporter
 
 
-def _refuse_numbered_parts(data: Path, subset: str) -> None:
-    """fairseq-train reads the training split as ``train``, ``train1``, ``train2``, ... concatenated (its
-    ``load_indexed_dataset(combine=True)``); here only ``train`` would be read, silently training on less data."""
+def _training_split(data: Path, subset: str, vocab_size: int) -> IndexedDataset:
+    """The training split, checked. fairseq-train reads it as ``train``, ``train1``, ``train2``, ... concatenated (its
+    ``load_indexed_dataset(combine=True)``): with a ``train1`` here only ``train`` would be read, silently training on
+    less data, so that is refused; so is an empty split (it had been 'no training batch (too little data ...)')."""
     extra = data / f"{subset}1"
     if any(p.exists() for p in (extra.with_name(extra.name + ".idx"), extra)):
         raise UserError(
             f"{extra}.idx: fairseq-train would train on {subset}, {subset}1, ... concatenated, which is not "
             f"reproduced; binarise the text as one --trainpref file, or rename {subset}1 if it is not training data"
         )
+    split = load_split(data, subset, vocab_size=vocab_size)
+    if len(split) == 0:
+        raise UserError(
+            f"{split.prefix}.idx: an empty split (0 lines); binarise a non-empty text (preprocess --trainpref)"
+        )
+    return split
 
 
 def load_datasets(cfg: TrainConfig, world: int, rank: int, add_bos: bool, log: Reporter):
@@ -36,8 +43,7 @@ def load_datasets(cfg: TrainConfig, world: int, rank: int, add_bos: bool, log: R
     if not (data / "dict.txt").is_file():
         raise UserError(f"{data}: no dict.txt; run `adaptive-lm preprocess --destdir {data}` first")
     dictionary = Dictionary.load(data / "dict.txt")
-    _refuse_numbered_parts(data, cfg.train_subset)
-    train_split = load_split(data, cfg.train_subset, vocab_size=len(dictionary))
+    train_split = _training_split(data, cfg.train_subset, len(dictionary))
     train_data = LMDataset.from_split(train_split, cfg.tokens_per_sample, cfg.sample_break_mode, add_bos=add_bos)
     too_long = int((train_data.sizes > cfg.tokens_per_sample).sum())
     if too_long:
