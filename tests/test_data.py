@@ -11,7 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adaptive_lm.core.data import EpochBatches, IndexedDataset, LMDataset, batch_by_size, block_spans, load_split
+from adaptive_lm.core.data import (
+    BREAK_MODES,
+    EpochBatches,
+    IndexedDataset,
+    LMDataset,
+    batch_by_size,
+    block_spans,
+    load_split,
+    ordered_indices,
+)
 from adaptive_lm.core.dictionary import Dictionary
 from adaptive_lm.core.errors import UserError
 from adaptive_lm.core.preprocess import PreprocessConfig, preprocess
@@ -181,6 +190,25 @@ def test_block_spans_follow_fairseq_break_modes():
     assert block_spans(sizes, 5, "eos").tolist() == [[0, 3], [3, 4], [4, 8], [8, 10], [10, 11], [11, 17]]
     assert block_spans(sizes, 5, "complete").tolist() == [[0, 4], [4, 8], [8, 11], [11, 17]]
     assert block_spans(sizes, 5, "complete_doc").tolist() == [[0, 3], [4, 8], [8, 10], [11, 17]]
+
+
+def test_blocks_sources_and_targets_equal_fairseqs_for_every_break_mode():
+    """fairseq's TokenBlockDataset + MonolingualDataset (tests/fixtures/make_fairseq_blocks.py): 80 random streams,
+    block sizes 1-64, every --sample-break-mode, with and without --add-bos-token: the same blocks, each sample's
+    source and target, sizes and size-sorted order. Where fairseq fails to build (complete_doc over empty lines
+    only), ours has no block."""
+    ref = json.loads((Path(__file__).parent / "fixtures" / "fairseq_blocks.json").read_text())["cases"]
+    assert {(c["mode"], c["add_bos"]) for c in ref} == {(m, b) for m in BREAK_MODES for b in (False, True)}
+    for c in ref:
+        ds = LMDataset(np.array(c["tokens"]), block_spans(np.array(c["sizes"]), c["block"], c["mode"]), eos=2, pad=1,
+                       add_bos=c["add_bos"])  # fmt: skip
+        if "fairseq_error" in c:
+            assert len(ds) == 0, c
+            continue
+        items = [ds.item(i) for i in range(len(ds))]
+        assert [s.tolist() for s, _ in items] == c["source"], c
+        assert [t.tolist() for _, t in items] == c["target"], c
+        assert ds.sizes.tolist() == c["block_sizes"] and ordered_indices(ds.sizes, True, 7).tolist() == c["order_seed7"]
 
 
 def test_source_is_target_shifted_and_every_token_is_a_target_once():
