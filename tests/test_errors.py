@@ -565,3 +565,64 @@ def test_usage_errors_of_check_and_knn_store_are_one_line(data, model, tmp_path,
     line = in_process(capsys, "knn-store", str(data / "bin"), "--path", str(model), "--dstore", str(tmp_path / "d"),
                       "--bf16", "--fp16")  # fmt: skip
     assert "--bf16 and --fp16 together" in line
+
+
+# ---- found by a generated sweep of bad values and files over every command ---------------------------------------
+def test_generated_sweep_cases_are_one_line(data, model, tmp_path, capsys):
+    """A zip that is no checkpoint leaked PyTorch's C++ message; --lenpen 1e30 and make-corpus --vocab 1e20 ended in
+    an OverflowError traceback; quickstart --updates took 1.5; eval --k took 1.5."""
+    z = tmp_path / "model.pt"
+    with __import__("zipfile").ZipFile(z, "w") as f:
+        f.writestr("hello.txt", "hi")
+    line = in_process(capsys, "score", str(data / "valid.txt"), "--path", str(z))
+    assert "a zip file but not a PyTorch checkpoint" in line and "inline_container" not in line
+    gen = ["generate", "--path", str(model), "--prompt", "w1", "--beam", "2", "--max-len-b", "4"]
+    assert "--lenpen 1e+30: length ** lenpen overflows" in in_process(capsys, *gen, "--lenpen", "1e30")
+    assert "--lenpen" in in_process(capsys, *gen, "--lenpen", "-1e30")
+    line = in_process(capsys, "make-corpus", "--out", str(tmp_path / "c"), "--vocab", "99999999999999999999")
+    assert "at most 10,000,000 word types" in line and not (tmp_path / "c").exists()
+    line = in_process(capsys, "quickstart", "--dir", str(tmp_path / "q"), "--updates", "1.5")
+    assert "--updates: '1.5' is not an integer" in line
+    line = in_process(capsys, "eval", str(data / "bin"), "--path", str(model), "--k", "1.5")
+    assert "--k: '1.5' is not an integer" in line
+
+
+def test_a_float_flag_written_as_a_huge_whole_number_is_a_float(model, capsys):
+    """--temperature 99999999999999999999 was kept as a Python int, which torch cannot divide by (OverflowError)."""
+    argv = ["generate", "--path", str(model), "--prompt", "w1", "--max-len-b", "4", "--sampling", "--seed", "1"]
+    assert main([*argv, "--temperature", "99999999999999999999"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+def test_eval_plot_path_is_checked_first_and_named_as_written(data, model, tmp_path, capsys):
+    """eval --plot out.txt evaluated the whole split, then failed with matplotlib's traceback; --plot FOLDER wrote
+    FOLDER.png beside it and reported FOLDER; a missing folder was found only after the evaluation."""
+    argv = ["eval", str(data / "bin"), "--path", str(model), "--gen-subset", "valid", "--freq-bins", "--quiet"]
+    assert "--plot out.txt: give a .png, .pdf, .svg file name" in in_process(capsys, *argv, "--plot", "out.txt")
+    assert "does not exist" in in_process(capsys, *argv, "--plot", str(tmp_path / "no" / "x.png"))
+    folder = tmp_path / "figs"
+    folder.mkdir()
+    assert main([*argv, "--plot", str(folder)]) == 0
+    assert [p.name for p in folder.iterdir()] == ["freq_bins.png"] and not (tmp_path / "figs.png").exists()
+    assert (folder / "freq_bins.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_interrupted_make_corpus_leaves_the_earlier_text_whole(tmp_path):
+    """make-corpus wrote train.txt in place: Ctrl-C left a cut file that looked whole (and had replaced the text of
+    an earlier run). Now the old file stays until the new one is complete."""
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "train.txt").write_text("old\n")
+    p = subprocess.Popen([sys.executable, "-m", "adaptive_lm", "make-corpus", "--out", str(out), "--tokens",
+                          "100000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)  # fmt: skip
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(p.name != "train.txt" for p in out.iterdir()):
+        if (out / "train.txt").read_bytes() != b"old\n":
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)  # well into the writing
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert (out / "train.txt").read_text() == "old\n"
+    assert sorted(x.name for x in out.iterdir()) == ["train.txt"]

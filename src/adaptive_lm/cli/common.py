@@ -96,6 +96,15 @@ def weight(s: str) -> float:
     return v
 
 
+def positive_float(s: str) -> float:
+    """``positive`` as a float: "99999999999999999999" stays no Python int (torch cannot take one that large)."""
+    return float(positive(s))
+
+
+def nonneg_float(s: str) -> float:
+    return float(nonneg(s))
+
+
 def boolean(s: str) -> bool:
     if s.lower() in ("1", "true", "yes", "on"):
         return True
@@ -239,6 +248,8 @@ def _value_kwargs(f: dataclasses.Field, m: dict[str, Any]) -> dict[str, Any]:
         kw["type"] = KINDS.get(kind, kind)
     if t.startswith("int") and kind in ("positive", "nonneg"):  # a whole number, as fairseq's parser wants ("2.0")
         kw["type"] = positive_int if kind == "positive" else nonneg_int
+    if t.startswith("float") and kind in ("positive", "nonneg"):  # a float even when written as a whole number
+        kw["type"] = positive_float if kind == "positive" else nonneg_float
     return kw
 
 

@@ -13,7 +13,8 @@ from adaptive_lm.cli.common import (
     existing_dir,
     half_notice,
     load_model,
-    positive,
+    positive_float,
+    positive_int,
     unk_line,
     weight,
 )
@@ -38,7 +39,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="merge subword-nmt pieces into words for the loss and the word outputs (fairseq 0.12: only "
                    "'@@ ' merges; the bare flag's subword_nmt finds no piece)")  # fmt: skip
     g.add_argument("--freq-bins", action="store_true", help="loss per word-frequency band")
-    g.add_argument("--plot", default=None, help="PNG of the frequency-band losses (needs the [plot] extra)")
+    g.add_argument(
+        "--plot",
+        default=None,
+        help="figure of the frequency-band losses: .png, .pdf or .svg, or a folder "
+        "(gets freq_bins.png) (needs the [plot] extra)",
+    )
     g.add_argument(
         "--results-path", type=creatable_dir, default=None, help="also write the output to RESULTS_PATH/eval-SUBSET.txt"
     )
@@ -47,17 +53,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
     k = p.add_argument_group("kNN-LM (Khandelwal et al. 2020; see adaptive-lm knn-store)")
     k.add_argument("--knn", type=existing_dir, default=None, metavar="DSTORE", help="interpolate with this datastore")
     # defaults None here and filled in with --knn: given without --knn they are refused, not ignored
-    k.add_argument("--k", type=positive, default=None, help=f"neighbours per token (default: {KNN_DEFAULTS['k']})")
+    k.add_argument("--k", type=positive_int, default=None, help=f"neighbours per token (default: {KNN_DEFAULTS['k']})")
     k.add_argument("--lmbda", type=weight, default=None,
                    help=f"weight of the kNN distribution (default: {KNN_DEFAULTS['lmbda']})")  # fmt: skip
-    k.add_argument("--knn-temp", type=positive, default=None,
+    k.add_argument("--knn-temp", type=positive_float, default=None,
                    help=f"softmax temperature over -distances (default: {KNN_DEFAULTS['knn_temp']:g})")  # fmt: skip
     k.add_argument("--knn-sim", default=None, choices=["l2", "ip"],
                    help="similarity: -squared L2 (default) or inner product")  # fmt: skip
     k.add_argument("--knn-approx-dists", action="store_true", help="use the index's approximate distances")
     k.add_argument(
         "--nprobe",
-        type=positive,
+        type=positive_int,
         default=None,
         help="IVF lists searched (default: the value knn-index recorded, 32 unless given there)",
     )
@@ -86,6 +92,10 @@ def run(ns: argparse.Namespace) -> int:
     if ns.knn and details:
         raise UserError("--output-word-probs, --output-word-stats, --post-process, --freq-bins and --plot report "
                         "the LM's own scores: run them without --knn")  # fmt: skip
+    if ns.plot:  # the figure's real name (a folder gets freq_bins.png, a bare name .png), checked before the work
+        from adaptive_lm.cli.plot import figure_path
+
+        ns.plot = str(figure_path(ns.plot, "freq_bins.png", "--plot"))
     from adaptive_lm.inference.loading import NoDictionary
 
     try:

@@ -17,10 +17,15 @@ def _at_least(low: int, why: str):
     return parse
 
 
+MAX_VOCAB = 10_000_000
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="corpus", type=creatable_dir, help="output folder (default: corpus)")
     p.add_argument("--tokens", type=_at_least(1, ""), default=1_000_000, help="training tokens (default: 1,000,000)")
-    p.add_argument("--vocab", type=_at_least(1, ""), default=12000, help="word types (default: 12,000)")
+    p.add_argument(
+        "--vocab", type=_at_least(1, ""), default=12000, help="word types (default: 12,000; at most 10,000,000)"
+    )
     p.add_argument("--seed", type=_at_least(0, ""), default=0, help="random seed (default: 0)")
 
 
@@ -31,6 +36,8 @@ def run(ns: argparse.Namespace) -> int:
 
     if ns.vocab < Corpus.states:
         raise UserError(f"--vocab {ns.vocab}: at least {Corpus.states}, one word per state of the Markov source")
+    if ns.vocab > MAX_VOCAB:  # the generator holds every word and its probability in memory (OverflowError above)
+        raise UserError(f"--vocab {ns.vocab}: at most {MAX_VOCAB:,} word types (each is held in memory)")
 
     h = make_corpus(ns.out, ns.tokens, ns.vocab, ns.seed)
     print(f"wrote {ns.out}/{{train,valid,test}}.txt; entropy rate {h:.4f} nats/token, "

@@ -18,15 +18,22 @@ FORMATS = (".png", ".pdf", ".svg")
 
 
 def output_path(run_dir: str, output: str | None) -> Path:
-    """Where the figure goes: RUN_DIR/curves.png by default, curves.png inside a folder, NAME.png for a name
-    without a suffix; another suffix than ``FORMATS`` is refused (matplotlib failed with a traceback)."""
-    out = Path(output) if output else Path(run_dir) / "curves.png"
+    """Where the figure goes: RUN_DIR/curves.png by default, else as ``figure_path`` says."""
+    return figure_path(output or str(Path(run_dir) / "curves.png"), "curves.png", "--output")
+
+
+def figure_path(output: str, default_name: str, flag: str) -> Path:
+    """``default_name`` inside a folder, NAME.png for a name without a suffix; another suffix than ``FORMATS`` is
+    refused (matplotlib failed with a traceback), and so is a folder that does not exist (before any work)."""
+    out = Path(output)
     if out.is_dir():
-        out = out / "curves.png"
+        out = out / default_name
     if not out.suffix:
         out = out.with_name(out.name + ".png")
     if out.suffix.lower() not in FORMATS:
-        raise UserError(f"--output {output}: give a {', '.join(FORMATS)} file name (the figure's format)")
+        raise UserError(f"{flag} {output}: give a {', '.join(FORMATS)} file name (the figure's format)")
+    if not out.absolute().parent.is_dir():
+        raise UserError(f"{flag} {output}: folder {out.absolute().parent} does not exist; create it or name another")
     return out
 
 

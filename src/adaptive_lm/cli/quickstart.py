@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adaptive_lm.cli.common import console_log, creatable_dir, positive
+from adaptive_lm.cli.common import console_log, creatable_dir, positive_int
 from adaptive_lm.core.errors import UserError
 
 MARKER = ".adaptive-lm-quickstart"
@@ -26,7 +26,7 @@ DONE = ".adaptive-lm-quickstart-done"  # the last run finished: the next one sta
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", default="quickstart-run", type=creatable_dir,
                    help="working folder: new, empty, or an earlier quickstart's (default: quickstart-run)")  # fmt: skip
-    p.add_argument("--updates", type=positive, default=300, help="training updates (default: 300)")
+    p.add_argument("--updates", type=positive_int, default=300, help="training updates (default: 300)")
 
 
 def run(ns: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from adaptive_lm.core.files import atomic_path, atomic_write_text
 from adaptive_lm.core.metrics import perplexity_nats
 from adaptive_lm.core.progress import Progress
 
@@ -70,7 +71,9 @@ class Corpus:
         line: list[str] = []
         # streamed to the file (a large --tokens needs no memory for the text), with progress
         bar = Progress(tokens, f"writing {Path(path).name}", unit="tokens")
-        with open(path, "w", encoding="utf-8") as f, bar:
+        # written under a temporary name and renamed when complete: an interrupted run never leaves a cut train.txt
+        # that looks whole (nor half-overwrites the one an earlier run wrote)
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f, bar:
             while n < tokens:
                 s = rng.choice(K + 1, p=self.P[s])
                 n += 1
@@ -96,5 +99,5 @@ def make_corpus(out: str, tokens: int, vocab: int, seed: int) -> float:
     c.write(d / "valid.txt", max(1000, tokens // 10))
     c.write(d / "test.txt", max(1000, tokens // 10))
     best = perplexity_nats(h)
-    (d / "ENTROPY.txt").write_text(f"entropy rate {h:.6f} nats/token; best possible perplexity {best:.4f}\n")
+    atomic_write_text(d / "ENTROPY.txt", f"entropy rate {h:.6f} nats/token; best possible perplexity {best:.4f}\n")
     return h

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from adaptive_lm.core.errors import UserError
+from adaptive_lm.core.files import atomic_path
 
 
 def _plt():
@@ -16,6 +20,13 @@ def _plt():
     return plt
 
 
+def _save(fig: Any, path: str | Path) -> None:
+    """The figure, in the format its suffix names, put in place whole (an interrupted save leaves no cut file, nor
+    half-overwrites an earlier figure)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=Path(path).suffix[1:].lower() or "png")
+
+
 def plot_bins(bins: list[tuple[str, int, float]], path: str) -> None:
     """Bar chart of loss (base 2) per word-frequency band, the paper's per-frequency comparison."""
     plt = _plt()
@@ -25,14 +36,13 @@ def plot_bins(bins: list[tuple[str, int, float]], path: str) -> None:
     ax.set_ylabel("loss (bits/token)")
     ax.set_title("loss by word-frequency band")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
 
 
 def plot_run(run_dir, path) -> None:
     """Training (per log interval) and validation curves from a run's ``metrics.jsonl``, loss in bits."""
     import json
-    from pathlib import Path
 
     f = Path(run_dir) / "metrics.jsonl"
     if not f.is_file():
@@ -74,5 +84,5 @@ def plot_run(run_dir, path) -> None:
     ax.legend()
     ax.set_title(str(run_dir))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)

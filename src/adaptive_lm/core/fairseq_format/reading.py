@@ -92,6 +92,11 @@ def safe_load(path: str | os.PathLike, mmap: bool = True) -> Any:
                 raise UserError(
                     f"{path}: truncated or damaged checkpoint (the zip archive is incomplete); use an intact copy"
                 ) from None
+            if "inline_container" in text or "PytorchStreamReader" in text:  # a zip of something else
+                raise UserError(
+                    f"{path}: a zip file but not a PyTorch checkpoint (no data.pkl in a folder of it); pass a model.pt "
+                    f"or checkpoint*.pt written by fairseq or adaptive-lm"
+                ) from None
             raise UserError(f"{path}: cannot read checkpoint ({text.splitlines()[0][:120]})") from None
 
 
