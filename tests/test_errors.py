@@ -159,7 +159,7 @@ def test_train_flag_values(data, tmp_path, argv, fragment):
 @pytest.mark.parametrize(
     "argv,fragment",
     [
-        (["score", "FILE", "--batch-size", "0"], "must be a positive number"),
+        (["score", "FILE", "--batch-size", "0"], "must be a positive integer"),
         (["eval", "DATA", "--batch-size", "-1"], "must be a positive integer"),
         (["generate", "--beam", "0"], "must be a positive integer"),
         (["generate", "--temperature", "0"], "must be a positive number"),
@@ -580,6 +580,8 @@ def test_generated_sweep_cases_are_one_line(data, model, tmp_path, capsys):
     assert "--lenpen 1e+30: length ** lenpen overflows" in in_process(capsys, *gen, "--lenpen", "1e30")
     assert "--lenpen" in in_process(capsys, *gen, "--lenpen", "-1e30")
     line = in_process(capsys, "make-corpus", "--out", str(tmp_path / "c"), "--vocab", "99999999999999999999")
+    assert "is too large" in line and not (tmp_path / "c").exists()
+    line = in_process(capsys, "make-corpus", "--out", str(tmp_path / "c"), "--vocab", "20000000")
     assert "at most 10,000,000 word types" in line and not (tmp_path / "c").exists()
     line = in_process(capsys, "quickstart", "--dir", str(tmp_path / "q"), "--updates", "1.5")
     assert "--updates: '1.5' is not an integer" in line
@@ -594,12 +596,20 @@ def test_a_float_flag_written_as_a_huge_whole_number_is_a_float(model, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 1
 
 
-def test_eval_plot_path_is_checked_first_and_named_as_written(data, model, tmp_path, capsys):
+def test_eval_plot_path_is_checked_first_and_named_as_written(data, model, tmp_path, capsys, monkeypatch):
     """eval --plot out.txt evaluated the whole split, then failed with matplotlib's traceback; --plot FOLDER wrote
-    FOLDER.png beside it and reported FOLDER; a missing folder was found only after the evaluation."""
+    FOLDER.png beside it and reported FOLDER; a missing or read-only folder was found only after the evaluation (the
+    latter naming the temporary file)."""
     argv = ["eval", str(data / "bin"), "--path", str(model), "--gen-subset", "valid", "--freq-bins", "--quiet"]
     assert "--plot out.txt: give a .png, .pdf, .svg file name" in in_process(capsys, *argv, "--plot", "out.txt")
     assert "does not exist" in in_process(capsys, *argv, "--plot", str(tmp_path / "no" / "x.png"))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access  # root may write anyway: os.access says it is read-only, as for a user without the right
+    with monkeypatch.context() as m:
+        m.setattr(os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
+        line = in_process(capsys, *argv, "--plot", str(ro / "x.png"))
+    assert f"cannot write in {ro}" in line and ".tmp" not in line
     folder = tmp_path / "figs"
     folder.mkdir()
     assert main([*argv, "--plot", str(folder)]) == 0
@@ -626,3 +636,60 @@ def test_an_interrupted_make_corpus_leaves_the_earlier_text_whole(tmp_path):
     assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
     assert (out / "train.txt").read_text() == "old\n"
     assert sorted(x.name for x in out.iterdir()) == ["train.txt"]
+
+
+def test_preprocess_refuses_a_pool_or_padding_that_would_never_end(data, capsys):
+    """--workers 99999999999999999999 forked processes until the machine gave out and --padding-factor
+    99999999999999999999 padded the dictionary forever (both ran past any timeout): a whole number beyond int64 is
+    refused when parsed, and so are more than 1024 workers or a padding beyond 2**20."""
+    argv = ["preprocess", "--trainpref", str(data / "train.txt"), "--no-progress-bar", "--destdir"]
+    assert "is too large" in in_process(capsys, *argv, str(data / "w"), "--workers", "99999999999999999999")
+    line = in_process(capsys, *argv, str(data / "w"), "--workers", "5000")
+    assert "--workers 5000: at most 1024 processes" in line
+    assert "is too large" in in_process(capsys, *argv, str(data / "p"), "--padding-factor", "99999999999999999999")
+    line = in_process(capsys, *argv, str(data / "p"), "--padding-factor", str(1 << 40))
+    assert f"--padding-factor {1 << 40}: at most 1,048,576" in line
+    assert not (data / "w").exists() and not (data / "p").exists()
+
+
+def test_counts_are_whole_numbers(data, model, capsys):
+    """rescore --max-tokens 1.5 went through silently, train --decoder-layers 1.5 ended in a TypeError traceback, and
+    score --batch-size 1.5 was refused only after loading the model, naming batch_size: each is refused when parsed."""
+    line = in_process(capsys, "score", str(data / "valid.txt"), "--path", str(model), "--batch-size", "1.5")
+    assert "--batch-size: '1.5' is not an integer" in line
+    line = in_process(capsys, "rescore", str(data / "valid.txt"), "--path", str(model), "--max-tokens", "1.5")
+    assert "--max-tokens: '1.5' is not an integer" in line
+    line = in_process(capsys, *train_args(data, data / "t15", "--decoder-layers", "1.5"))
+    assert "--decoder-layers: '1.5' is not an integer" in line
+
+
+def test_model_sizes_that_build_nothing_and_numbers_beyond_int64(data, tmp_path, capsys):
+    """Zero heads, FFN width or band factor ended in ZeroDivisionError or a reshape traceback; a whole number beyond
+    int64 (--keep-best-checkpoints 99999999999999999999) failed inside numpy after the training; a seed numpy cannot
+    take failed at the first batch."""
+    for flag, fragment in [("--decoder-attention-heads", "decoder_attention_heads 0 must be a positive integer"),
+                           ("--decoder-ffn-embed-dim", "decoder_ffn_embed_dim 0 must be a positive integer"),
+                           ("--adaptive-input-factor", "adaptive_input_factor 0.0 must be positive")]:  # fmt: skip
+        assert fragment in in_process(capsys, *train_args(data, tmp_path / "r", "--max-update", "1", flag, "0"))
+    line = in_process(
+        capsys,
+        *train_args(data, tmp_path / "r", "--max-update", "1", "--keep-best-checkpoints", "99999999999999999999"),
+    )
+    assert "is too large" in line
+    line = in_process(capsys, *train_args(data, tmp_path / "r", "--max-update", "1", "--seed", "4294967296"))
+    assert "--seed 4294967296: give a seed from 0 to 2147483647" in line
+    assert not (tmp_path / "r" / "checkpoint_last.pt").exists()
+
+
+def test_an_allocation_the_machine_cannot_make_is_one_line(data, tmp_path):
+    """A model far too wide for the memory ended in PyTorch's allocator traceback ([enforce fail at
+    alloc_cpu.cpp]). The address space is capped (RLIMIT_AS) so the allocation fails on any machine."""
+    import resource
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))
+
+    argv = train_args(data, tmp_path / "r", "--max-update", "1", "--decoder-embed-dim", str(1 << 36))
+    r = subprocess.run([sys.executable, "-m", "adaptive_lm", *argv], capture_output=True, text=True, timeout=120,
+                       env=ENV, preexec_fn=cap)  # fmt: skip
+    one_line(r, "out of memory (you tried to allocate", "choose smaller sizes")

@@ -381,7 +381,7 @@ def test_bad_references_file(model_path, tmp_path, capsys):
         (["--lm-weight", "-1"], "must be zero or positive"),
         (["--word-bonus", "inf"], "is not a finite number"),
         (["--best", "/no/such/folder/best.txt"], "does not exist"),
-        (["--max-tokens", "0"], "must be a positive number"),
+        (["--max-tokens", "0"], "must be a positive integer"),
     ],
 )
 def test_bad_flags_fail_at_parse_time(extra, message, model_path, tmp_path, capsys):

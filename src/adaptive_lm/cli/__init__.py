@@ -116,6 +116,12 @@ def _run(ns: argparse.Namespace) -> int:
         return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
     except BrokenPipeError:  # `adaptive-lm score ... | head`
         return 0
+    except (MemoryError, RuntimeError) as e:  # an allocation the machine cannot make (a size far too large)
+        if not out_of_memory(e):
+            raise
+        print(f"adaptive-lm {ns.command}: error: out of memory ({_first_line(e)}); choose smaller sizes "
+              f"(model widths, positions, --max-tokens/--batch-size)", file=sys.stderr)  # fmt: skip
+        return 2
     except OSError as e:  # a file the user named cannot be read or written: one line, not a traceback
         where = f"{e.filename}: " if e.filename else ""
         print(
@@ -123,3 +129,17 @@ def _run(ns: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+
+
+OOM_TEXTS = ("can't allocate memory", "out of memory", "Cannot allocate memory")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """A failed allocation (Python's MemoryError, PyTorch's CPU allocator, CUDA), not any other RuntimeError."""
+    return isinstance(e, MemoryError) or any(t in str(e) for t in OOM_TEXTS)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    m = text.find("you tried to allocate")  # PyTorch: "[enforce fail at alloc_cpu.cpp:127] ... you tried to ..."
+    return text[m:].split(". Error code")[0] if m >= 0 else text[:160]

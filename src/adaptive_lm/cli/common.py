@@ -118,11 +118,17 @@ def finite(s: str) -> float:
     return float(_number(s))
 
 
+INT64 = 2**63  # torch and numpy hold counts and sizes as int64: a larger whole number failed deep inside them
+
+
 def integer(s: str) -> int:
     try:
-        return int(s)
+        v = int(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if not -INT64 <= v < INT64:
+        raise argparse.ArgumentTypeError(f"{s!r} is too large (at most {INT64 - 1:,})")
+    return v
 
 
 def positive_int(s: str) -> int:

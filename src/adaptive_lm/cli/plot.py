@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from adaptive_lm.cli.common import existing_dir
@@ -32,8 +33,11 @@ def figure_path(output: str, default_name: str, flag: str) -> Path:
         out = out.with_name(out.name + ".png")
     if out.suffix.lower() not in FORMATS:
         raise UserError(f"{flag} {output}: give a {', '.join(FORMATS)} file name (the figure's format)")
-    if not out.absolute().parent.is_dir():
-        raise UserError(f"{flag} {output}: folder {out.absolute().parent} does not exist; create it or name another")
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {output}: folder {parent} does not exist; create it or name another")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {output}: cannot write in {parent}; name a writable folder")
     return out
 
 

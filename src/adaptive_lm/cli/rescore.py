@@ -20,7 +20,7 @@ from adaptive_lm.cli.common import (
     load_model,
     nonneg,
     output_file,
-    positive,
+    positive_int,
     unk_line,
 )
 from adaptive_lm.core.errors import UserError
@@ -97,7 +97,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--word-bonus-grid", type=parse_grid, default=None, help=f"with references: B values tried ({BONUS_GRID})"
     )
-    p.add_argument("--max-tokens", type=positive, default=4096, help="padded positions per batch (default 4096)")
+    p.add_argument("--max-tokens", type=positive_int, default=4096, help="padded positions per batch (default 4096)")
     add_progress_flag(p)
 
 

@@ -15,7 +15,7 @@ from adaptive_lm.cli.common import (
     half_notice,
     load_model,
     output_file,
-    positive,
+    positive_int,
     read_lines,
     unk_line,
 )
@@ -28,7 +28,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="text, one sentence per line; - reads standard input")
     add_model_flags(p)
     p.add_argument("--output", default=None, type=output_file, help="write the JSON lines here, not to stdout")
-    p.add_argument("--batch-size", type=positive, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="at most this many sentences per batch (default: length-sorted batches of up to 4,096 "
                         "positions; lines sharing prefixes are computed once)")  # fmt: skip
     p.add_argument("--score-eos", action="store_true",

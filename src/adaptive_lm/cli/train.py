@@ -10,7 +10,7 @@ import re
 import signal
 from typing import Any
 
-from adaptive_lm.cli.common import add_config_flags, config_from_args, console_log, nonneg, positive
+from adaptive_lm.cli.common import add_config_flags, config_from_args, console_log, nonneg_float, nonneg_int, positive
 from adaptive_lm.core.config import ACTIVATIONS, ModelConfig
 from adaptive_lm.core.errors import UserError
 from adaptive_lm.training.config import GROUPS, TrainConfig
@@ -112,9 +112,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         elif f.name == "activation_fn":
             g.add_argument(flag, default=None, choices=ACTIVATIONS, help=help_)
         elif "float" in t:
-            g.add_argument(flag, type=nonneg, default=None, metavar="X", help=help_)
+            g.add_argument(flag, type=nonneg_float, default=None, metavar="X", help=help_)
         elif "int" in t:
-            g.add_argument(flag, type=nonneg, default=None, metavar="N", help=help_)
+            g.add_argument(flag, type=nonneg_int, default=None, metavar="N", help=help_)
         else:
             g.add_argument(flag, default=None, help=help_)
 

@@ -53,6 +53,17 @@ def parse_character_filters(value: str) -> list[tuple[int, int]]:
     return out
 
 
+def check_sizes(cfg: Any) -> None:
+    """Widths, heads and band factors that build no model (fairseq and ours failed with ZeroDivisionError or a
+    reshape error)."""
+    for name in ("decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_attention_heads"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} {getattr(cfg, name)} must be a positive integer")
+    for name in ("adaptive_input_factor", "adaptive_softmax_factor"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"{name} {getattr(cfg, name)} must be positive (each band is this much narrower)")
+
+
 def parse_layers_to_keep(value: str | None) -> list[int] | None:
     """fairseq's ``decoder_layers_to_keep`` ("0,2"): sorted layer numbers of the stored model to keep."""
     if value is None or str(value).strip() in ("", "None"):
@@ -159,6 +170,7 @@ class ModelConfig:
         for name, why in REFUSED.items():
             if refused_value(name, getattr(self, name)):
                 raise ConfigError(f"{name} = {getattr(self, name)!r}: {why}")
+        check_sizes(self)
         self._check_shape()
         self._check_cutoffs()
         self._check_tying()
