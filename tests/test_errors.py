@@ -693,3 +693,14 @@ def test_an_allocation_the_machine_cannot_make_is_one_line(data, tmp_path):
     r = subprocess.run([sys.executable, "-m", "adaptive_lm", *argv], capture_output=True, text=True, timeout=120,
                        env=ENV, preexec_fn=cap)  # fmt: skip
     one_line(r, "out of memory (you tried to allocate", "choose smaller sizes")
+
+
+def test_a_datastore_manifest_that_is_json_but_no_object_is_one_line(tmp_path, capsys):
+    """manifest.json holding a JSON list (or number) ended in AttributeError: 'list' object has no attribute 'get'
+    in knn-index and eval --knn."""
+    d = tmp_path / "ds"
+    d.mkdir()
+    for text, found in [("[1, 2]", "a JSON list"), ("3", "a JSON int")]:
+        (d / "manifest.json").write_text(text)
+        line = in_process(capsys, "knn-index", str(d))
+        assert f"manifest.json: not an adaptive-lm datastore record ({found}); rebuild the datastore" in line

@@ -101,7 +101,8 @@ def read_record(path: Path, fmt: str, what: str) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: unreadable ({e}); rebuild the {what}") from None
     if not isinstance(obj, dict) or obj.get("format") != fmt:
-        raise UserError(f"{path}: not an adaptive-lm {what} record (format {obj.get('format')!r}); rebuild the {what}")
+        found = f"format {obj.get('format')!r}" if isinstance(obj, dict) else f"a JSON {type(obj).__name__}"
+        raise UserError(f"{path}: not an adaptive-lm {what} record ({found}); rebuild the {what}")
     if obj.get("version", 0) > VERSION:
         raise UserError(f"{path}: written by a newer adaptive-lm (version {obj['version']}); upgrade adaptive-lm")
     return obj
