@@ -704,3 +704,14 @@ def test_a_datastore_manifest_that_is_json_but_no_object_is_one_line(tmp_path, c
         (d / "manifest.json").write_text(text)
         line = in_process(capsys, "knn-index", str(d))
         assert f"manifest.json: not an adaptive-lm datastore record ({found}); rebuild the datastore" in line
+
+
+def test_train_names_a_text_file_given_as_data_and_a_folder_as_restore_file(data, tmp_path, capsys):
+    """A text file as the data folder was told to run `preprocess --destdir <the text file>`; a folder as
+    --restore-file was reported 'not found'."""
+    text = str(data / "train.txt")
+    line = in_process(capsys, "train", text, "--arch", "tiny", "--save-dir", str(tmp_path / "r"), "--max-tokens", "256",
+                      "--max-update", "1")  # fmt: skip
+    assert f"{text}: a file, not a data folder" in line and "--destdir " + text not in line
+    line = in_process(capsys, *train_args(data, tmp_path / "r", "--max-update", "1", "--restore-file", str(tmp_path)))
+    assert f"--restore-file {tmp_path}: a folder; name the checkpoint in it" in line

@@ -253,6 +253,10 @@ def resolve_restore(save_dir: str, restore_file: str) -> Path | None:
     p = Path(restore_file)
     if not p.is_file() and (Path(save_dir) / restore_file).is_file():
         p = Path(save_dir) / restore_file
+    if p.is_dir():
+        raise UserError(
+            f"--restore-file {restore_file}: a folder; name the checkpoint in it, e.g. {p / 'checkpoint_last.pt'}"
+        )
     if not p.is_file():
         raise UserError(f"--restore-file {restore_file}: not found (also looked in {save_dir})")
     return p

@@ -40,6 +40,11 @@ def _training_split(data: Path, subset: str, vocab_size: int) -> IndexedDataset:
 def load_datasets(cfg: TrainConfig, world: int, rank: int, add_bos: bool, log: Reporter):
     """The dictionary, the training split's batches and (unless disabled or absent) the validation batches."""
     data = Path(cfg.data)
+    if data.is_file():  # a text file given where the binarised folder goes
+        raise UserError(
+            f"{data}: a file, not a data folder; pass the folder `adaptive-lm preprocess` writes "
+            f"(e.g. adaptive-lm preprocess --trainpref {data} --destdir data-bin)"
+        )
     if not (data / "dict.txt").is_file():
         raise UserError(f"{data}: no dict.txt; run `adaptive-lm preprocess --destdir {data}` first")
     dictionary = Dictionary.load(data / "dict.txt")
