@@ -715,3 +715,16 @@ def test_train_names_a_text_file_given_as_data_and_a_folder_as_restore_file(data
     assert f"{text}: a file, not a data folder" in line and "--destdir " + text not in line
     line = in_process(capsys, *train_args(data, tmp_path / "r", "--max-update", "1", "--restore-file", str(tmp_path)))
     assert f"--restore-file {tmp_path}: a folder; name the checkpoint in it" in line
+
+
+def test_a_failed_write_names_the_target_and_convert_a_file_in_the_way(model, tmp_path, capsys):
+    """Writing into /proc fails for root too: the error named dict.txt's temporary file (Dictionary.save wrote
+    dict.txt.tmp, not through core.files' atomic write). convert under a file said 'File exists'."""
+    line = in_process(capsys, "convert", str(model), "/proc/m.pt", "--to", "fairseq")
+    assert "/proc/dict.txt: " in line and ".tmp" not in line
+    f = tmp_path / "afile"
+    f.write_text("x")
+    for dst, to in [(f / "m.pt", "fairseq"), (f / "sub", "folder")]:
+        line = in_process(capsys, "convert", str(model), str(dst), "--to", to)
+        assert f"{f} is a file, not a folder" in line
+    assert f.read_text() == "x"

@@ -13,6 +13,7 @@ import argparse
 import gc
 import importlib
 import os
+import re
 import signal
 import sys
 from typing import Any
@@ -95,6 +96,9 @@ def _main(argv: list[str]) -> int:
     return _run(ns)
 
 
+# core.files.temporary_name's suffix (an atomic write's file, named by the OSError of writing it)
+TEMPORARY = re.compile(r"\.tmp-[^/]*-\d+-[0-9a-f]{8}$")
+
 # commands whose interruption keeps their progress (the trainer and quickstart say so themselves)
 RESUMES = {
     "knn-store": "; the progress is saved: the same command resumes",
@@ -123,7 +127,7 @@ def _run(ns: argparse.Namespace) -> int:
               f"(model widths, positions, --max-tokens/--batch-size)", file=sys.stderr)  # fmt: skip
         return 2
     except OSError as e:  # a file the user named cannot be read or written: one line, not a traceback
-        where = f"{e.filename}: " if e.filename else ""
+        where = f"{TEMPORARY.sub('', str(e.filename))}: " if e.filename else ""  # the target, not its temporary name
         print(
             f"adaptive-lm {ns.command}: error: {where}{e.strerror or e}; check the path and its permissions",
             file=sys.stderr,

@@ -37,6 +37,9 @@ def run(ns: argparse.Namespace) -> int:
     dst = Path(ns.dst)
     if dst.is_file() and (ns.to == "folder" or dst.suffix != ".pt"):
         raise UserError(f"{dst}: a file, not a folder; name a new or existing folder for the converted model")
+    blocked = next((q for q in dst.absolute().parents if q.exists()), None)
+    if blocked is not None and not blocked.is_dir():  # mkdir said only 'File exists' or 'Not a directory'
+        raise UserError(f"{dst}: {blocked} is a file, not a folder; name a destination under a folder")
     src = Path(ns.src)
     sources = [f for f in (src.iterdir() if src.is_dir() else [src]) if f.is_file()]
     for out in outputs(dst, ns.to):

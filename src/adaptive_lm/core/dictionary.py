@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from adaptive_lm.core.errors import UserError
+from adaptive_lm.core.files import atomic_path
 
 
 class Dictionary:
@@ -140,12 +141,9 @@ class Dictionary:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``dict.txt`` atomically: non-special symbols with their counts, in id order."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
             for sym, c in zip(self.symbols[self.nspecial :], self.count[self.nspecial :]):
                 f.write(f"{sym} {c}\n")
-        os.replace(tmp, path)
 
     # ---- text <-> ids ------------------------------------------------------------------------------------
     def encode_line(self, line: str, append_eos: bool = True) -> list[int]:
