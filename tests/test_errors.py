@@ -663,8 +663,9 @@ def test_counts_are_whole_numbers(data, model, capsys):
     assert "--decoder-layers: '1.5' is not an integer" in line
 
 
-def test_model_sizes_that_build_nothing_and_numbers_beyond_int64(data, tmp_path, capsys):
-    """Zero heads, FFN width or band factor ended in ZeroDivisionError or a reshape traceback; a whole number beyond
+def test_model_sizes_that_build_nothing_and_numbers_beyond_int64(data, model, tmp_path, capsys):
+    """Zero heads, FFN width or band factor ended in ZeroDivisionError or a reshape traceback; -1 layers (an
+    override at load) was refused as weights that do not match; a whole number beyond
     int64 (--keep-best-checkpoints 99999999999999999999) failed inside numpy after the training; a seed numpy cannot
     take failed at the first batch."""
     for flag, fragment in [("--decoder-attention-heads", "decoder_attention_heads 0 must be a positive integer"),
@@ -678,6 +679,9 @@ def test_model_sizes_that_build_nothing_and_numbers_beyond_int64(data, tmp_path,
     assert "is too large" in line
     line = in_process(capsys, *train_args(data, tmp_path / "r", "--max-update", "1", "--seed", "4294967296"))
     assert "--seed 4294967296: give a seed from 0 to 2147483647" in line
+    line = in_process(capsys, "generate", "--path", str(model), "--prompt", "w1", "--model-overrides",
+                      "{'decoder_layers': -1}")  # fmt: skip
+    assert "decoder_layers -1 must be zero or more" in line
     assert not (tmp_path / "r" / "checkpoint_last.pt").exists()
 
 

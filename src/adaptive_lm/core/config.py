@@ -59,6 +59,8 @@ def check_sizes(cfg: Any) -> None:
     for name in ("decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_attention_heads"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} {getattr(cfg, name)} must be a positive integer")
+    if cfg.decoder_layers < 0:  # a checkpoint loaded with it was refused as 'weights do not match' its settings
+        raise ConfigError(f"decoder_layers {cfg.decoder_layers} must be zero or more")
     for name in ("adaptive_input_factor", "adaptive_softmax_factor"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"{name} {getattr(cfg, name)} must be positive (each band is this much narrower)")
