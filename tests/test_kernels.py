@@ -165,21 +165,24 @@ def test_dropout_gradient_mask_statistics_and_reproducibility():
 
 
 def test_stored_attention_matches_same_mask_reference_gradcheck_and_bf16():
-    """T = 600: three chunks of heads (the last short) and five query blocks (the last short); T = 200: one block."""
+    """T = 600: three chunks of heads (the last short), in one block and in query blocks of 128 (five, the last
+    short) and 64; T = 200: one block and blocks of 128 and 64 (the last short). Every block size gives the same
+    masks and, in fp64, the reference's values."""
     torch.manual_seed(0)
-    assert K._chunk(5, 600, 600) == 2 and len(K.attention._query_blocks(600)) == 5
-    assert len(K.attention._query_blocks(200)) == 1
+    assert K._chunk(5, 600, 600) == 2 and len(K.attention._query_blocks(600, 128)) == 5
     for T in (200, 600):
         q, k, v = (torch.randn(5, T, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-        out = K._StoredAttention.apply(q, k, v, 0.25, 7)
         s = (q @ k.transpose(1, 2)) * 8**-0.5
         s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
         keep = K._keep_mask((5, T, T), 0.25, 7, q.device).double()
         ref = (s.softmax(-1) * keep * K._scale(0.25)) @ v
-        torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
-        g = torch.randn_like(out)
-        for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
-            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+        g = torch.randn_like(ref)
+        want = torch.autograd.grad(ref, (q, k, v), g)
+        for block in (0, 128, 64):
+            out = K._StoredAttention.apply(q, k, v, 0.25, 7, block)
+            torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+            for a, b in zip(torch.autograd.grad(out, (q, k, v), g), want):
+                torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     assert torch.autograd.gradcheck(
         lambda a, b, c: K._StoredAttention.apply(a, b, c, 0.3, 11), (q, k, v), fast_mode=True
     )
@@ -197,6 +200,35 @@ def test_stored_attention_matches_same_mask_reference_gradcheck_and_bf16():
     for a, b in zip(g16, g32):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b, atol=0.05 * float(b.abs().max()), rtol=0.02)
+
+
+def test_stored_attention_block_is_measured_per_shape_without_drawing_the_users_random_numbers(tmp_path, monkeypatch):
+    """Training's stored attention runs its query blocks at the size measured fastest for the shape (one block, 128
+    or 64 rows): the choice is recorded, a recorded choice is what runs, and measuring draws nothing from the global
+    generator (a run that measured and one that read the recorded choice give the same output, dropout masks
+    included)."""
+    from adaptive_lm.core.kernels.choice import CHOICE
+
+    monkeypatch.setenv("ADAPTIVE_LM_CACHE", str(tmp_path))
+    CHOICE.forget()
+    try:
+        q, k, v = (torch.randn(2, 3, 200, 16, requires_grad=True) for _ in range(3))
+        torch.manual_seed(5)
+        first = K.causal_attention(q, k, v, 0.2, True)  # measures
+        chosen = {key: c for key, c in CHOICE.table.items() if key.startswith("stored-")}
+        assert len(chosen) == 1 and set(chosen.values()) <= {"rows200", "rows128", "rows64"}, chosen
+        torch.manual_seed(5)
+        assert torch.equal(K.causal_attention(q, k, v, 0.2, True), first)  # reads the choice
+        for forced in (200, 128, 64):
+            CHOICE.table.update({key: f"rows{forced}" for key in chosen})
+            torch.manual_seed(5)
+            got = K.causal_attention(q, k, v, 0.2, True)
+            torch.manual_seed(5)
+            seed = K.attention._new_seed()
+            want = K._StoredAttention.apply(*(t.reshape(6, 200, 16) for t in (q, k, v)), 0.2, seed, forced)
+            assert torch.equal(got, want.view(2, 3, 200, 16))
+    finally:
+        CHOICE.forget()
 
 
 def test_summed_cross_entropy_equals_torch_with_ignored_rows_and_scaled_gradient():

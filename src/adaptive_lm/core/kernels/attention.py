@@ -61,18 +61,43 @@ def _chunk(BH: int, T: int, keys: int, scores: int = 1 << 20) -> int:
     return max(1, min(BH, scores // max(1, T * keys)))
 
 
-QUERY_BLOCK = 128  # ``_StoredAttention``'s query rows per block beyond BLOCKS_FROM_T: keys end at the block's last row
-BLOCKS_FROM_T = 257  # below: one block (at T = 256, head dim 32, blocks of 128 took 1.09x the time; 64: 1.14x)
+# ``_StoredAttention``'s query rows per block, chosen by measurement per shape among these (and one block of all T
+# rows): block b attends to keys [0, its last row], so the masked keys after a block's end are neither computed nor
+# read back, and a block's scores stay in cache. Measured on Zen 5 (fp32, 2 threads, 32 heads, forward + backward,
+# natively and under the AVX2 caps): T = 256, head dim 32, one block 9.3 ms, blocks of 128 7.6, of 64 6.9, of 32
+# 8.7; T = 512, head dim 64: 128 and 64 within 3% of each other, 32 1.2x. Which wins moves with the shape (and had
+# moved with the kernel's code: an earlier version was fastest at T = 256 in one block), hence the measurement.
+QUERY_BLOCKS = (128, 64)
 
 
-def _query_blocks(T: int) -> list[tuple[int, int]]:
-    """(first, end) rows of each query block; block b attends to keys [0, end): the masked keys after a block's end
-    are never computed (three eighths of the T x T scores at T = 512 in blocks of 128). Measured on training's
-    shapes (32 heads, fp32, forward + backward, Zen 5 natively and under the AVX2 caps): T = 512, head dim 64:
-    blocks of 128 0.85x the time of one block (64: 0.92x, 256: 0.89x)."""
-    if T < BLOCKS_FROM_T:
-        return [(0, T)]
-    return [(r0, min(T, r0 + QUERY_BLOCK)) for r0 in range(0, T, QUERY_BLOCK)]
+def _query_blocks(T: int, block: int) -> list[tuple[int, int]]:
+    """(first, end) rows of each query block of ``block`` rows (the last may be short)."""
+    return [(r0, min(T, r0 + block)) for r0 in range(0, T, block)]
+
+
+def stored_block(q: Tensor, k: Tensor, v: Tensor, p: float) -> int:
+    """``_StoredAttention``'s query block for this (heads, T, head dim, dtype) on this machine: T (one block) or one
+    of ``QUERY_BLOCKS`` below T, whichever ran forward + backward fastest on copies of the real operands (measured
+    once per shape, then read from ``choice``'s cache: a given shape keeps its block, so its numbers, in every
+    process of a job). The choice changes only roundings: each row sees the same keys whatever its block."""
+    BH, T, hd = q.shape
+    sizes = [b for b in QUERY_BLOCKS if b < T]
+    if not sizes:
+        return T
+    qc, kc, vc = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    g = torch.ones_like(qc)
+
+    def run(block: int):
+        def f() -> Tensor:
+            with torch.enable_grad():
+                _StoredAttention.apply(qc, kc, vc, p, 0, block).backward(g)  # fixed seed: no draw of the user's RNG
+            return g
+
+        return f
+
+    runs = {f"rows{b}": run(b) for b in (T, *sizes)}
+    name = CHOICE.pick(f"stored-{str(q.dtype)[6:]}-p{int(p > 0)}", BH, T, hd, runs, linear=False)
+    return int(name[4:])
 
 
 class _StoredAttention(torch.autograd.Function):
@@ -80,20 +105,23 @@ class _StoredAttention(torch.autograd.Function):
 
     Why: done tensor-wide, scores, softmax, mask, dropout and their backward are each a pass over B x H x T x T
     values in main memory; done a few heads at a time every pass after the first hits the L2 cache (softmax alone
-    runs 4x faster). Within a chunk, from T = ``BLOCKS_FROM_T`` on, query blocks of ``QUERY_BLOCK`` rows stop at
-    their last key: the scores past a block's end (all masked) are neither computed nor read back (forward and
-    backward at T = 512: 0.79x the time of stop 33's unblocked kernel). Kept for backward, in the compute dtype: the
-    probabilities and the dropped probabilities (8 bytes per score in fp32, fairseq keeps 9), plus the 0/1 mask in
-    half types (6 bytes); backward then makes no mask (deciding it again from stored int16 random lanes cost a
-    third of the attention backward). The dropout scale is folded into the (T, hd)-sized outputs instead of the
-    (T, T) scores. The mask of score (row, key) is lane (row, key) of the (B*H, T, T) lanes, whatever the blocks.
+    runs 4x faster). Within a chunk, query blocks of ``block`` rows (``stored_block``'s measured choice; 0 or T: one
+    block) stop at their last key: the scores past a block's end (all masked) are neither computed nor read back
+    (forward and backward at T = 512 in blocks of 128: 0.79x the time of stop 33's unblocked kernel). Kept for
+    backward, in the compute dtype: the probabilities and the dropped probabilities (8 bytes per score in fp32,
+    fairseq keeps 9), plus the 0/1 mask in half types (6 bytes); backward then makes no mask (deciding it again from
+    stored int16 random lanes cost a third of the attention backward). The dropout scale is folded into the
+    (T, hd)-sized outputs instead of the (T, T) scores. The mask of score (row, key) is lane (row, key) of the
+    (B*H, T, T) lanes, whatever the blocks.
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, p: float, seed: int) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, q: Tensor, k: Tensor, v: Tensor, p: float, seed: int, block: int = 0
+    ) -> Tensor:
         BH, T, hd = q.shape
         scale, dscale = hd**-0.5, _scale(p)
-        blocks = _query_blocks(T)
+        blocks = _query_blocks(T, block or T)
         half = q.dtype in (torch.float16, torch.bfloat16)
         # per query block (rows r0 .. r1 - 1 over keys 0 .. r1 - 1), (BH, rb, r1) each: softmax(q k^T / sqrt(hd))
         # undropped, the dropped probabilities (what multiplies v, kept for dv) and, in half types only, the 0/1 mask
@@ -117,13 +145,13 @@ class _StoredAttention(torch.autograd.Function):
                 torch.bmm(pd, v[i:j, :r1], out=out[i:j, r0:r1])  # (c, rb, hd)
         out.mul_(dscale)
         ctx.save_for_backward(q, k, v, *probs, *dropped, *keeps)
-        ctx.dscale, ctx.nblocks = dscale, len(blocks)
+        ctx.dscale, ctx.blocks = dscale, blocks
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):  # type: ignore[override]
         q, k, v, *kept = ctx.saved_tensors
-        n = ctx.nblocks
+        n = len(ctx.blocks)
         probs, dropped, keeps = kept[:n], kept[n : 2 * n], kept[2 * n :]
         BH, T, hd = q.shape
         dscale = ctx.dscale
@@ -132,7 +160,7 @@ class _StoredAttention(torch.autograd.Function):
         c = _chunk(BH, T, T)
         for i in range(0, BH, c):
             j = min(BH, i + c)
-            for b, (r0, r1) in enumerate(_query_blocks(T)):
+            for b, (r0, r1) in enumerate(ctx.blocks):
                 pr, pd, do = probs[b][i:j], dropped[b][i:j], dout[i:j, r0:r1]  # (c, rb, r1) x2, (c, rb, hd)
                 dv[i:j, :r1].baddbmm_(pd.transpose(1, 2), do)  # (c, r1, hd)
                 dpd = torch.bmm(do, v[i:j, :r1].transpose(1, 2))  # (c, rb, r1) d(dropped probs) / dscale
@@ -147,7 +175,7 @@ class _StoredAttention(torch.autograd.Function):
                 torch.bmm(ds, k[i:j, :r1], out=dq[i:j, r0:r1])  # (c, rb, hd)
                 dk[i:j, :r1].baddbmm_(ds.transpose(1, 2), q[i:j, r0:r1])  # (c, r1, hd)
         f = dscale * hd**-0.5
-        return dq.mul_(f), dk.mul_(f), dv.mul_(dscale), None, None
+        return dq.mul_(f), dk.mul_(f), dv.mul_(dscale), None, None, None
 
 
 class _CausalAttention(torch.autograd.Function):
@@ -332,7 +360,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, training
             elif middle:
                 out = _query_block_attention(qf, kf, vf)
             elif B * H * T * T <= MATH_PATH_MAX_SCORES:  # small: keep the T x T probabilities rather than recompute
-                out = _StoredAttention.apply(qf, kf, vf, p, _new_seed())
+                out = _StoredAttention.apply(qf, kf, vf, p, _new_seed(), stored_block(qf, kf, vf, p))
             else:
                 out = _CausalAttention.apply(qf, kf, vf, p, _new_seed())
         return out.view(B, H, T, hd)
