@@ -73,6 +73,9 @@ def test_generate_checks_its_prompts(prompts, message):
         (dict(lenpen=math.nan), "lenpen must be a finite number"),
         (dict(max_len_b=-1), "max_len_b must be an integer of at least 0"),
         (dict(seed=2**70), r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"),
+        (dict(lenpen=1e30), r"lenpen 1e\+30 \(--lenpen\): length \*\* lenpen overflows"),  # had: OverflowError
+        (dict(lenpen=-1e30), r"lenpen -1e\+30 \(--lenpen\)"),  # had: every score -inf
+        (dict(max_len_b=2, min_len=5), r"min_len 5 \(--min-len\) exceeds the length limit 2 = .* W = 3 "),
     ],
 )
 def test_generation_options_are_checked_in_the_api(options, message):

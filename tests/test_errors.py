@@ -577,7 +577,7 @@ def test_generated_sweep_cases_are_one_line(data, model, tmp_path, capsys):
     line = in_process(capsys, "score", str(data / "valid.txt"), "--path", str(z))
     assert "a zip file but not a PyTorch checkpoint" in line and "inline_container" not in line
     gen = ["generate", "--path", str(model), "--prompt", "w1", "--beam", "2", "--max-len-b", "4"]
-    assert "--lenpen 1e+30: length ** lenpen overflows" in in_process(capsys, *gen, "--lenpen", "1e30")
+    assert "lenpen 1e+30 (--lenpen): length ** lenpen overflows" in in_process(capsys, *gen, "--lenpen", "1e30")
     assert "--lenpen" in in_process(capsys, *gen, "--lenpen", "-1e30")
     line = in_process(capsys, "make-corpus", "--out", str(tmp_path / "c"), "--vocab", "99999999999999999999")
     assert "is too large" in line and not (tmp_path / "c").exists()

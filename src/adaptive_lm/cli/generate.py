@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 from adaptive_lm.cli.common import (
@@ -46,7 +45,6 @@ def run(ns: argparse.Namespace) -> int:
         raise UserError(f"--nbest {cfg.nbest} exceeds --beam {cfg.beam}: a beam finishes at most beam hypotheses")
     lm = load_model(ns, torch.bfloat16 if ns.bf16 else None)
     half_notice(ns, lm.device.type)
-    check_lenpen(cfg, lm.cfg.max_target_positions)
     options = {k: v for k, v in cfg.__dict__.items() if k != "beam"}
 
     def emit(prompts: list[str]) -> None:
@@ -64,19 +62,3 @@ def run(ns: argparse.Namespace) -> int:
     else:  # a prompt file: UTF-8 bytes, its CRLF line ends not part of the prompts (as adaptive-lm score reads)
         emit(read_lines("-"))
     return 0
-
-
-def check_lenpen(cfg: GenerationConfig, limit: int) -> None:
-    """Scores are divided by length ** lenpen: a lenpen that overflows (or underflows to 0) within the model's
-    positions is refused (it failed with Python's OverflowError at the first finished hypothesis)."""
-    if cfg.unnormalized:
-        return
-    try:
-        ok = (limit + 1.0) ** -abs(cfg.lenpen) > 0 and math.isfinite((limit + 1.0) ** abs(cfg.lenpen))
-    except OverflowError:
-        ok = False
-    if not ok:
-        raise UserError(
-            f"--lenpen {cfg.lenpen:g}: length ** lenpen overflows for lengths up to the model's {limit} positions; "
-            f"use a value of a few units (fairseq's default 1; 0: no length normalisation)"
-        )

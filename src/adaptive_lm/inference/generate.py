@@ -465,6 +465,22 @@ def _check_ngrams(i: int, seq: list[int], n: int) -> None:
         seen.add(gram)
 
 
+def _check_lenpen(cfg: GenerationConfig, limit: int) -> None:
+    """Scores are divided by length ** lenpen: a lenpen that overflows (or underflows to 0) within the model's
+    positions is refused (it failed with Python's OverflowError at the first finished hypothesis)."""
+    if cfg.unnormalized:
+        return
+    try:
+        ok = (limit + 1.0) ** -abs(cfg.lenpen) > 0 and math.isfinite((limit + 1.0) ** abs(cfg.lenpen))
+    except OverflowError:
+        ok = False
+    if not ok:
+        raise UserError(
+            f"lenpen {cfg.lenpen:g} (--lenpen): length ** lenpen overflows for lengths up to the model's {limit} "
+            "positions; use a value of a few units (fairseq's default 1; 0: no length normalisation)"
+        )
+
+
 # ---- the hub's entry point -----------------------------------------------------------------------------------
 def prompt_batches(lengths: list[int], max_tokens: int | None, batch_size: int | None) -> list[list[int]]:
     """The hub's ``_build_batches``: prompts in input order (lengths with their ``</s>``), packed by the model's
@@ -508,6 +524,7 @@ def generate(
             "no_repeat_ngram_size 1 forbids </s> (every sequence starts with it), so no hypothesis could finish; "
             "use 2 or more"
         )
+    _check_lenpen(cfg, limit)
     sizes = lengths if lengths is not None else [len(p) + 1 for p in prompts]
     longest = max(sizes, default=0)
     if longest > limit:  # the hub's max_positions check, before batching (whose limit is the stored --max-tokens)
@@ -523,7 +540,12 @@ def generate(
         width = max(len(prompts[i]) for i in ids) + 1  # fairseq's src_len: the padded source with its start symbol
         max_len = min(int(cfg.max_len_a * width + cfg.max_len_b), limit - 1)
         if cfg.min_len > max_len:
-            raise UserError(f"min_len {cfg.min_len} exceeds the length limit {max_len} (max_len_a, max_len_b)")
+            raise UserError(
+                f"min_len {cfg.min_len} (--min-len) exceeds the length limit {max_len} = min(int(max_len_a * W + "
+                f"max_len_b), the model's {limit} positions - 1) with W = {width} (the longest prompt + 1), "
+                f"max_len_a {cfg.max_len_a:g}, max_len_b {cfg.max_len_b} (--max-len-a, --max-len-b): raise those "
+                "or lower min_len"
+            )
         for i in ids if n > 0 else []:
             _check_ngrams(i, _forced(prompts[i], max_len, special), n)
         plan.append((ids, width, max_len))
