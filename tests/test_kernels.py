@@ -184,7 +184,7 @@ def test_stored_attention_matches_same_mask_reference_gradcheck_and_bf16():
             for a, b in zip(torch.autograd.grad(out, (q, k, v), g), want):
                 torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     assert torch.autograd.gradcheck(
-        lambda a, b, c: K._StoredAttention.apply(a, b, c, 0.3, 11), (q, k, v), fast_mode=True
+        lambda a, b, c: K._StoredAttention.apply(a, b, c, 0.3, 11, 128), (q, k, v), fast_mode=True
     )
     # bf16: probabilities kept in bf16 with fp32 softmax inside; close to the fp32 result at bf16 precision
     qb, kb, vb = (t.detach().float() for t in (q, k, v))
@@ -196,7 +196,7 @@ def test_stored_attention_matches_same_mask_reference_gradcheck_and_bf16():
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     q16, k16, v16 = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
     g32 = torch.autograd.grad(K._StoredAttention.apply(q32, k32, v32, 0.25, 7), (q32, k32, v32), g.float())
-    g16 = torch.autograd.grad(K._StoredAttention.apply(q16, k16, v16, 0.25, 7), (q16, k16, v16), g.bfloat16())
+    g16 = torch.autograd.grad(K._StoredAttention.apply(q16, k16, v16, 0.25, 7, 64), (q16, k16, v16), g.bfloat16())
     for a, b in zip(g16, g32):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b, atol=0.05 * float(b.abs().max()), rtol=0.02)
@@ -215,10 +215,12 @@ def test_stored_attention_block_is_measured_per_shape_without_drawing_the_users_
         q, k, v = (torch.randn(2, 3, 200, 16, requires_grad=True) for _ in range(3))
         torch.manual_seed(5)
         first = K.causal_attention(q, k, v, 0.2, True)  # measures
+        after = torch.get_rng_state()
         chosen = {key: c for key, c in CHOICE.table.items() if key.startswith("stored-")}
         assert len(chosen) == 1 and set(chosen.values()) <= {"rows200", "rows128", "rows64"}, chosen
         torch.manual_seed(5)
         assert torch.equal(K.causal_attention(q, k, v, 0.2, True), first)  # reads the choice
+        assert torch.equal(torch.get_rng_state(), after)  # measuring drew nothing after the mask seed either
         for forced in (200, 128, 64):
             CHOICE.table.update({key: f"rows{forced}" for key in chosen})
             torch.manual_seed(5)
@@ -227,6 +229,10 @@ def test_stored_attention_block_is_measured_per_shape_without_drawing_the_users_
             seed = K.attention._new_seed()
             want = K._StoredAttention.apply(*(t.reshape(6, 200, 16) for t in (q, k, v)), 0.2, seed, forced)
             assert torch.equal(got, want.view(2, 3, 200, 16))
+        CHOICE.table.clear()
+        with torch.inference_mode():  # dropout under inference mode (inference tensors): measures all the same
+            K.causal_attention(q, k, v, 0.2, True)
+        assert any(key.startswith("stored-") for key in CHOICE.table)
     finally:
         CHOICE.forget()
 

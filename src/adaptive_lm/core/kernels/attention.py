@@ -84,12 +84,15 @@ def stored_block(q: Tensor, k: Tensor, v: Tensor, p: float) -> int:
     sizes = [b for b in QUERY_BLOCKS if b < T]
     if not sizes:
         return T
-    qc, kc, vc = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    g = torch.ones_like(qc)
+    ops: list[Tensor] = []  # the copies, made only when measuring (not at every call that reads the choice)
 
     def run(block: int):
         def f() -> Tensor:
-            with torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad():  # (copies of inference tensors can take grads)
+                if not ops:
+                    ops.extend(t.detach().clone().requires_grad_() for t in (q, k, v))
+                    ops.append(torch.ones_like(ops[0]))
+                qc, kc, vc, g = ops
                 _StoredAttention.apply(qc, kc, vc, p, 0, block).backward(g)  # fixed seed: no draw of the user's RNG
             return g
 
