@@ -1,5 +1,6 @@
-"""Which GEMM library runs a given fp32 CPU linear (and which kernel an inference attention of middle length, see
-``attention.BLOCKS_T_MAX``): measured once per shape on this machine, then cached on disk.
+"""Which GEMM library runs a given fp32 CPU linear (also which kernel an inference attention of middle length runs,
+``attention.BLOCKS_T_MAX``, and training's stored attention's query block, ``attention.stored_block``): measured once
+per shape on this machine, then cached on disk.
 
 Why measure: MKL and oneDNN trade places between CPUs and shapes. On an AMD Zen 5, MKL's fp32 path ran at half of
 oneDNN's; on a Zen 4 the two are within 10% for square shapes while MKL's ``gy^T @ x`` (a weight gradient, read
