@@ -432,3 +432,29 @@ def test_an_empty_training_split_is_named_as_empty(tmp_path, fixture_dir, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].endswith("train.idx: an empty split (0 lines); binarise a non-empty text "
                                              "(preprocess --trainpref)"), err  # fmt: skip
+
+
+def test_fairseqs_dataset_impl_flag_is_taken_and_checked_against_the_files(tmp_path, fixture_dir, capsys):
+    """fairseq-train and fairseq-eval-lm take --dataset-impl (older scripts pass --dataset-impl mmap); ours had
+    refused it as an unrecognized argument. The format is read from the files anyway: a flag that matches them
+    runs, one that does not is one line (fairseq fails to read the files then), and the formats fairseq reads that
+    are not reproduced (raw text, fasta, huffman) are refused by name."""
+    from adaptive_lm.cli import main
+
+    for impl in ("lazy", "cached"):
+        assert len(load_split(EDGE / "lf_lazy", "valid", impl=impl)) == len(load_split(EDGE / "lf_w1", "valid"))
+    assert len(load_split(EDGE / "lf_w1", "valid", impl="mmap")) > 0
+    with pytest.raises(UserError, match=r"valid.idx: written with --dataset-impl mmap, but --dataset-impl lazy"):
+        load_split(EDGE / "lf_w1", "valid", impl="lazy")
+    with pytest.raises(UserError, match=r"valid.idx: written with --dataset-impl lazy or cached, but .* mmap"):
+        load_split(EDGE / "lf_lazy", "valid", impl="mmap")
+    for impl in ("raw", "fasta", "huffman"):
+        with pytest.raises(UserError, match=f"--dataset-impl {impl}: not supported"):
+            load_split(EDGE / "lf_w1", "valid", impl=impl)
+    for name in ("dict.txt", "train.bin", "train.idx"):
+        (tmp_path / name).write_bytes((fixture_dir / "data-bin" / name).read_bytes())
+    assert main([*train_args(tmp_path), "--dataset-impl", "mmap"]) == 0
+    capsys.readouterr()
+    assert main([*train_args(tmp_path), "--dataset-impl", "lazy"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.idx: written with --dataset-impl mmap, but --dataset-impl lazy" in err[0], err

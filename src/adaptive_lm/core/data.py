@@ -148,7 +148,9 @@ class IndexedDataset:
             raise UserError(f"{idx_path}: empty file (an interrupted preprocess?); {what}")
         raw = np.memmap(idx_path, dtype=np.uint8, mode="r")
         head = bytes(raw[:9])
+        self.impl = "mmap"  # what fairseq-preprocess --dataset-impl wrote (lazy and cached write the same files)
         if head[:8] == TNT_MAGIC:
+            self.impl = "lazy"
             self.dtype, self.sizes, self.tokens = _read_tnt(idx_path, bin_path, raw)
         elif head[:8] == HUFFMAN_MAGIC:
             raise UserError(
@@ -457,10 +459,28 @@ class EpochBatches:
             yield self.dataset.collate(b)
 
 
-def load_split(data_dir: str | os.PathLike, split: str, vocab_size: int | None = None) -> IndexedDataset:
+DATASET_IMPLS = ("mmap", "lazy", "cached", "raw", "fasta", "huffman")  # fairseq's --dataset-impl choices
+
+
+def load_split(
+    data_dir: str | os.PathLike, split: str, vocab_size: int | None = None, impl: str | None = None
+) -> IndexedDataset:
     """An indexed split; with ``vocab_size``, its largest token id is checked against the dictionary (a ``.bin``
-    made with another dictionary, or damaged, fails here with its name instead of deep inside the model)."""
+    made with another dictionary, or damaged, fails here with its name instead of deep inside the model).
+    ``impl``: fairseq's ``--dataset-impl`` as a command line gave it (the format is read from the files anyway);
+    one that does not match them is refused, as fairseq fails to read them then."""
+    if impl in ("raw", "fasta", "huffman"):
+        raise UserError(
+            f"--dataset-impl {impl}: not supported (the data must be binarised, mmap or lazy/cached); binarise the "
+            "text with `adaptive-lm preprocess` and drop the flag (the format is read from the files)"
+        )
     ds = IndexedDataset(Path(data_dir) / split)
+    if impl is not None and (impl == "mmap") != (ds.impl == "mmap"):
+        written = "mmap" if ds.impl == "mmap" else "lazy or cached"
+        raise UserError(
+            f"{ds.prefix}.idx: written with --dataset-impl {written}, but --dataset-impl {impl} was given (fairseq "
+            "fails to read it so); drop the flag (the format is read from the files) or give the right one"
+        )
     if vocab_size is not None:
         top = ds.max_id()
         if top >= vocab_size:

@@ -489,6 +489,25 @@ def prompt_batches(lengths: list[int], max_tokens: int | None, batch_size: int |
     return [b.tolist() for b in batch_by_size(np.arange(len(sizes)), sizes, max_tokens, batch_size, bsz_mult=1)]
 
 
+def _plan(
+    ids: list[int], prompts: list[list[int]], cfg: GenerationConfig, special: Special, limit: int
+) -> tuple[list[int], int, int]:
+    """A batch's (prompt indices, W, max_len), its length limit and n-gram rules checked."""
+    width = max(len(prompts[i]) for i in ids) + 1  # fairseq's src_len: the padded source with its start symbol
+    max_len = min(int(cfg.max_len_a * width + cfg.max_len_b), limit - 1)
+    if cfg.min_len > max_len:
+        raise UserError(
+            f"min_len {cfg.min_len} (--min-len) exceeds the length limit {max_len} = min(int(max_len_a * W + "
+            f"max_len_b), the model's {limit} positions - 1) with W = {width} (the longest prompt + 1), "
+            f"max_len_a {cfg.max_len_a:g}, max_len_b {cfg.max_len_b} (--max-len-a, --max-len-b): raise those "
+            "or lower min_len"
+        )
+    n = cfg.no_repeat_ngram_size
+    for i in ids if n > 0 else []:
+        _check_ngrams(i, _forced(prompts[i], max_len, special), n)
+    return ids, width, max_len
+
+
 @torch.no_grad()
 def generate(
     model: TransformerLM,
@@ -535,21 +554,8 @@ def generate(
             "--max-tokens; fairseq's hub refuses it too): shorten it, or load with from_pretrained(..., "
             "max_tokens=...)"
         )
-    plan = []  # (prompt indices, W, max_len) per batch, every batch checked before any runs
-    for ids in prompt_batches(sizes, max_tokens, batch_size):
-        width = max(len(prompts[i]) for i in ids) + 1  # fairseq's src_len: the padded source with its start symbol
-        max_len = min(int(cfg.max_len_a * width + cfg.max_len_b), limit - 1)
-        if cfg.min_len > max_len:
-            raise UserError(
-                f"min_len {cfg.min_len} (--min-len) exceeds the length limit {max_len} = min(int(max_len_a * W + "
-                f"max_len_b), the model's {limit} positions - 1) with W = {width} (the longest prompt + 1), "
-                f"max_len_a {cfg.max_len_a:g}, max_len_b {cfg.max_len_b} (--max-len-a, --max-len-b): raise those "
-                "or lower min_len"
-            )
-        for i in ids if n > 0 else []:
-            _check_ngrams(i, _forced(prompts[i], max_len, special), n)
-        plan.append((ids, width, max_len))
-    for ids, width, max_len in plan:
+    plan = [_plan(ids, prompts, cfg, special, limit) for ids in prompt_batches(sizes, max_tokens, batch_size)]
+    for ids, width, max_len in plan:  # every batch checked before any runs
         prefix = torch.full((len(ids), width - 1), special.pad, dtype=torch.long)  # (B, W - 1)
         for r, i in enumerate(ids):
             prefix[r, : len(prompts[i])] = torch.tensor(prompts[i], dtype=torch.long)

@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from adaptive_lm.core.data import DATASET_IMPLS
 from adaptive_lm.core.errors import UserError
 from adaptive_lm.core.options import opt
 from adaptive_lm.core.presets import ARCH_CHOICES
@@ -43,6 +44,12 @@ class TrainConfig:
         "how the stream is cut into blocks (none: fixed-size blocks across lines)",
         "dataset",
         choices=["none", "complete", "complete_doc", "eos"],
+    )
+    dataset_impl: str | None = opt(
+        None,
+        "fairseq's index format (mmap, lazy, cached); default: read from the files",
+        "dataset",
+        choices=list(DATASET_IMPLS),
     )
     max_tokens: int | None = opt(None, "tokens per batch per process (padding included)", "dataset", kind="positive")
     batch_size: int | None = opt(

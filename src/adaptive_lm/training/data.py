@@ -19,7 +19,7 @@ from adaptive_lm.training.config import TrainConfig
 from adaptive_lm.training.report import Reporter
 
 
-def _training_split(data: Path, subset: str, vocab_size: int) -> IndexedDataset:
+def _training_split(data: Path, subset: str, vocab_size: int, impl: str | None) -> IndexedDataset:
     """The training split, checked. fairseq-train reads it as ``train``, ``train1``, ``train2``, ... concatenated (its
     ``load_indexed_dataset(combine=True)``): with a ``train1`` here only ``train`` would be read, silently training on
     less data, so that is refused; so is an empty split (it had been 'no training batch (too little data ...)')."""
@@ -29,7 +29,7 @@ def _training_split(data: Path, subset: str, vocab_size: int) -> IndexedDataset:
             f"{extra}.idx: fairseq-train would train on {subset}, {subset}1, ... concatenated, which is not "
             f"reproduced; binarise the text as one --trainpref file, or rename {subset}1 if it is not training data"
         )
-    split = load_split(data, subset, vocab_size=vocab_size)
+    split = load_split(data, subset, vocab_size=vocab_size, impl=impl)
     if len(split) == 0:
         raise UserError(
             f"{split.prefix}.idx: an empty split (0 lines); binarise a non-empty text (preprocess --trainpref)"
@@ -48,7 +48,7 @@ def load_datasets(cfg: TrainConfig, world: int, rank: int, add_bos: bool, log: R
     if not (data / "dict.txt").is_file():
         raise UserError(f"{data}: no dict.txt; run `adaptive-lm preprocess --destdir {data}` first")
     dictionary = Dictionary.load(data / "dict.txt")
-    train_split = _training_split(data, cfg.train_subset, len(dictionary))
+    train_split = _training_split(data, cfg.train_subset, len(dictionary), cfg.dataset_impl)
     train_data = LMDataset.from_split(train_split, cfg.tokens_per_sample, cfg.sample_break_mode, add_bos=add_bos)
     too_long = int((train_data.sizes > cfg.tokens_per_sample).sum())
     if too_long:
@@ -80,7 +80,7 @@ def load_datasets(cfg: TrainConfig, world: int, rank: int, add_bos: bool, log: R
             )
         log.info(f"note: {data}/{cfg.valid_subset}.idx not found: training without validation")
     if not cfg.disable_validation and has_valid:
-        split = load_split(data, cfg.valid_subset, vocab_size=len(dictionary))
+        split = load_split(data, cfg.valid_subset, vocab_size=len(dictionary), impl=cfg.dataset_impl)
         vds = LMDataset.from_split(split, cfg.tokens_per_sample, cfg.sample_break_mode, add_bos=add_bos)
         if cfg.skip_invalid_size_inputs_valid_test:
             vds = vds.subset(vds.sizes <= cfg.tokens_per_sample)
