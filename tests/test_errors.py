@@ -578,7 +578,7 @@ def test_generated_sweep_cases_are_one_line(data, model, tmp_path, capsys):
     assert "a zip file but not a PyTorch checkpoint" in line and "inline_container" not in line
     gen = ["generate", "--path", str(model), "--prompt", "w1", "--beam", "2", "--max-len-b", "4"]
     assert "lenpen 1e+30 (--lenpen): length ** lenpen overflows" in in_process(capsys, *gen, "--lenpen", "1e30")
-    assert "--lenpen" in in_process(capsys, *gen, "--lenpen", "-1e30")
+    assert "lenpen -1e+30 (--lenpen): length ** lenpen overflows" in in_process(capsys, *gen, "--lenpen=-1e30")
     line = in_process(capsys, "make-corpus", "--out", str(tmp_path / "c"), "--vocab", "99999999999999999999")
     assert "is too large" in line and not (tmp_path / "c").exists()
     line = in_process(capsys, "make-corpus", "--out", str(tmp_path / "c"), "--vocab", "20000000")
@@ -678,7 +678,7 @@ def test_model_sizes_that_build_nothing_and_numbers_beyond_int64(data, model, tm
     )
     assert "is too large" in line
     line = in_process(capsys, *train_args(data, tmp_path / "r", "--max-update", "1", "--seed", "4294967296"))
-    assert "--seed 4294967296: give a seed from 0 to 2147483647" in line
+    assert "--seed 4294967296: give a seed from 0 to 4294967294 (numpy seeds the batches with seed + 1)" in line
     line = in_process(capsys, "generate", "--path", str(model), "--prompt", "w1", "--model-overrides",
                       "{'decoder_layers': -1}")  # fmt: skip
     assert "decoder_layers -1 must be zero or more" in line

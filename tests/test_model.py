@@ -612,3 +612,15 @@ def test_a_reordered_key_value_cache_decodes_what_the_reordered_histories_give()
             want = model(hist)[:, -1]
             torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
         assert all(layer["k"].shape[:3] == (3, layer["k"].shape[1], steps) for layer in cache)
+
+
+def test_a_band_factor_of_a_module_that_is_off_is_ignored_as_fairseq_ignores_it():
+    """fairseq reads adaptive_input_factor / adaptive_softmax_factor only when that module is built, so a checkpoint
+    with a zero factor and the module off loads there; the size check had refused it whatever the module."""
+    small = dict(decoder_layers=1, decoder_embed_dim=8, decoder_ffn_embed_dim=8, decoder_attention_heads=1)
+    plain = build_model("transformer_lm", 50, **small, adaptive_input_factor=0.0, adaptive_softmax_factor=-1.0)
+    assert plain.adaptive_softmax is None and not plain.cfg.adaptive_input
+    with pytest.raises(ConfigError, match="adaptive_input_factor 0.0 must be positive"):
+        build_model("tiny", 50, adaptive_input=True, adaptive_input_cutoff=(20,), adaptive_input_factor=0.0)
+    with pytest.raises(ConfigError, match="adaptive_softmax_factor 0.0 must be positive"):
+        build_model("tiny", 50, adaptive_softmax_cutoff=(20,), adaptive_softmax_factor=0.0)

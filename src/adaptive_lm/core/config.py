@@ -61,8 +61,10 @@ def check_sizes(cfg: Any) -> None:
             raise ConfigError(f"{name} {getattr(cfg, name)} must be a positive integer")
     if cfg.decoder_layers < 0:  # a checkpoint loaded with it was refused as 'weights do not match' its settings
         raise ConfigError(f"decoder_layers {cfg.decoder_layers} must be zero or more")
-    for name in ("adaptive_input_factor", "adaptive_softmax_factor"):
-        if not getattr(cfg, name) > 0:
+    used = {"adaptive_input_factor": getattr(cfg, "adaptive_input", False),
+            "adaptive_softmax_factor": getattr(cfg, "adaptive_softmax_cutoff", None) is not None}  # fmt: skip
+    for name, on in used.items():  # fairseq ignores a factor whose module is off (such a checkpoint loads there)
+        if on and not getattr(cfg, name) > 0:
             raise ConfigError(f"{name} {getattr(cfg, name)} must be positive (each band is this much narrower)")
 
 

@@ -443,7 +443,8 @@ class EpochBatches:
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         batches = list(self.batches)
         if self.shuffle:
-            perm = np.random.RandomState(self.seed + epoch).permutation(len(batches))
+            # fairseq's numpy_seed(seed + epoch); past numpy's 2**32 - 1, where fairseq fails, it wraps around
+            perm = np.random.RandomState((self.seed + epoch) % 2**32).permutation(len(batches))
             batches = [batches[i] for i in perm]
         shard = batches[self.shard_id :: self.num_shards]
         per_shard = -(-len(batches) // self.num_shards)  # every rank does the same number of steps

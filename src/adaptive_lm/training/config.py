@@ -250,8 +250,9 @@ class TrainConfig:
         """Combinations no single flag can see (``argparse`` checked each value already)."""
         if self.max_tokens is None and self.batch_size is None:
             raise UserError("give --max-tokens (as in the recipe) or --batch-size")
-        if not 0 <= self.seed < 2**31:  # numpy seeds the batch order with seed + epoch (a larger one failed there)
-            raise UserError(f"--seed {self.seed}: give a seed from 0 to {2**31 - 1}")
+        top = 2**32 - 2  # numpy (fairseq's too) seeds the batch order with seed + epoch, at most 2**32 - 1
+        if not 0 <= self.seed <= top:
+            raise UserError(f"--seed {self.seed}: give a seed from 0 to {top} (numpy seeds the batches with seed + 1)")
         if self.bf16 and (self.fp16 or self.amp):
             raise UserError("--bf16 and --fp16/--amp are exclusive: pick one")
         if self.model_overrides.get("tpu"):

@@ -76,14 +76,15 @@ def _query_blocks(T: int, block: int) -> list[tuple[int, int]]:
 
 
 def stored_block(q: Tensor, k: Tensor, v: Tensor, p: float) -> int:
-    """``_StoredAttention``'s query block for this (heads, T, head dim, dtype) on this machine: T (one block) or one
-    of ``QUERY_BLOCKS`` below T, whichever ran forward + backward fastest on copies of the real operands (measured
-    once per shape, then read from ``choice``'s cache: a given shape keeps its block, so its numbers, in every
-    process of a job). The choice changes only roundings: each row sees the same keys whatever its block."""
+    """``_StoredAttention``'s query block for this (heads, T, head dim, dtype) on this machine: 0 (one block of all
+    T rows) or one of ``QUERY_BLOCKS`` below T, whichever ran forward + backward fastest on copies of the real
+    operands (measured once per shape, T in classes of 64, then read from ``choice``'s cache: a given shape keeps
+    its block, so its numbers, in the processes of a job that read the cache). The choice changes only roundings:
+    each row sees the same keys whatever its block."""
     BH, T, hd = q.shape
     sizes = [b for b in QUERY_BLOCKS if b < T]
     if not sizes:
-        return T
+        return 0
     ops: list[Tensor] = []  # the copies, made only when measuring (not at every call that reads the choice)
 
     def run(block: int):
@@ -98,8 +99,9 @@ def stored_block(q: Tensor, k: Tensor, v: Tensor, p: float) -> int:
 
         return f
 
-    runs = {f"rows{b}": run(b) for b in (T, *sizes)}
-    name = CHOICE.pick(f"stored-{str(q.dtype)[6:]}-p{int(p > 0)}", BH, T, hd, runs, linear=False)
+    runs = {f"rows{b}": run(b) for b in (0, *sizes)}  # rows0: one block of all T rows
+    width = -(-T // 64) * 64  # size classes: with break modes other than none, T changes from batch to batch
+    name = CHOICE.pick(f"stored-{str(q.dtype)[6:]}-p{int(p > 0)}", BH, width, hd, runs, linear=False)
     return int(name[4:])
 
 

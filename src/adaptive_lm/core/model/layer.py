@@ -66,7 +66,8 @@ class LayerCache(dict):
         self.pending = rows if self.pending is None else self.pending.index_select(0, rows)
 
     def flush(self) -> None:
-        """Apply the pending reorder: one gather of the keys and values into the spare buffers."""
+        """Apply the pending reorder: one gather of the keys and values into the spare buffers, or (on the CPU, at
+        most half the rows moving) an in-place copy of the moved rows."""
         rows, self.pending = self.pending, None
         if rows is None or "k" not in self:
             return
