@@ -458,3 +458,23 @@ def test_fairseqs_dataset_impl_flag_is_taken_and_checked_against_the_files(tmp_p
     assert main([*train_args(tmp_path), "--dataset-impl", "lazy"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.idx: written with --dataset-impl mmap, but --dataset-impl lazy" in err[0], err
+
+
+def test_a_raw_text_file_beside_a_binarised_split_and_a_half_numbered_part(tmp_path, fixture_dir, capsys):
+    """fairseq's infer_dataset_impl tries raw text first: a file (or folder) named like the split beside its
+    .idx/.bin is what fairseq would read, where ours read the .bin silently; it is now one line. A train1 with only
+    its .idx is not read by fairseq (its combine loop stops at the first part whose files are missing), so it no
+    longer counts as a part fairseq would concatenate."""
+    from adaptive_lm.cli import main
+
+    for name in ("dict.txt", "train.bin", "train.idx"):
+        (tmp_path / name).write_bytes((fixture_dir / "data-bin" / name).read_bytes())
+    (tmp_path / "train1.idx").write_bytes((fixture_dir / "data-bin" / "valid.idx").read_bytes())
+    assert main(train_args(tmp_path)) == 0
+    capsys.readouterr()
+    (tmp_path / "train").write_text("raw text\n")
+    with pytest.raises(UserError, match=r"train: exists beside train.idx/.bin, and fairseq reads it as"):
+        load_split(tmp_path, "train")
+    assert main(train_args(tmp_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fairseq reads it as the split's raw text" in err[0], err

@@ -512,6 +512,7 @@ def test_an_empty_split_and_knn_with_the_lms_own_reports(data, model, tmp_path, 
     capsys.readouterr()
     line = in_process(capsys, "eval", str(empty), "--path", str(model), "--gen-subset", "valid", "--full-blocks-only")
     assert "valid: no tokens to score (an empty split, or --full-blocks-only with no block of 32 tokens)" in line
+    assert line.rstrip().endswith(f" in {empty / 'valid'}.bin")  # the file, not only the split's name
     line = in_process(capsys, "eval", str(data / "bin"), "--path", str(model), "--knn", str(tmp_path),
                       "--output-word-probs")  # fmt: skip
     assert "run them without --knn" in line

@@ -165,6 +165,11 @@ class IndexedDataset:
             self.dtype, self.sizes, self.tokens = _read_mmap(idx_path, bin_path, raw)
         self.offsets = np.zeros(len(self.sizes) + 1, dtype=np.int64)
         np.cumsum(self.sizes, out=self.offsets[1:])
+        if os.path.exists(self.prefix):  # fairseq's infer_dataset_impl tries raw text first: it would read this
+            raise UserError(
+                f"{self.prefix}: exists beside {Path(self.prefix).name}.idx/.bin, and fairseq reads it as the split's "
+                "raw text (--dataset-impl raw comes first) where ours would read the .bin; move or rename it"
+            )
 
     def __len__(self) -> int:
         return len(self.sizes)

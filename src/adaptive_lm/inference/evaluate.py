@@ -76,6 +76,7 @@ class EvalPlan:
     break_mode: str = "none"
     ids: np.ndarray | None = None  # each block's index in the split (fairseq's sample id), before any is left out
     visit: np.ndarray | None = None  # the blocks (positions in ``dataset``) in the order fairseq-eval-lm visits them
+    files: str = ""  # the split's path prefix (its .bin/.idx), for messages
 
     def describe(self) -> str:
         line = (
@@ -198,7 +199,8 @@ def plan(lm: LanguageModel, cfg: EvalConfig) -> EvalPlan:
         rows = max(1, tokens // max(1, width))
     n = int(ds.sizes.sum())
     visit = fairseq_visit_order(split_sizes, ids, C)
-    return EvalPlan(ds, cfg.gen_subset, block, tps, C, rows, n, skipped, limit, cfg.sample_break_mode, ids, visit)
+    return EvalPlan(ds, cfg.gen_subset, block, tps, C, rows, n, skipped, limit, cfg.sample_break_mode, ids, visit,
+                    split.prefix)  # fmt: skip
 
 
 def fairseq_visit_order(split_sizes: np.ndarray, ids: np.ndarray, context: int) -> np.ndarray:
@@ -223,6 +225,7 @@ def nonempty(p: EvalPlan) -> EvalPlan:
     if p.n_tokens == 0:
         raise UserError(
             f"{p.split}: no tokens to score (an empty split, or --full-blocks-only with no block of {p.block} tokens)"
+            + (f" in {p.files}.bin" if p.files else "")
         )
     return p
 

@@ -23,8 +23,8 @@ def _training_split(data: Path, subset: str, vocab_size: int, impl: str | None) 
     """The training split, checked. fairseq-train reads it as ``train``, ``train1``, ``train2``, ... concatenated (its
     ``load_indexed_dataset(combine=True)``): with a ``train1`` here only ``train`` would be read, silently training on
     less data, so that is refused; so is an empty split (it had been 'no training batch (too little data ...)')."""
-    extra = data / f"{subset}1"
-    if any(p.exists() for p in (extra.with_name(extra.name + ".idx"), extra)):
+    extra = data / f"{subset}1"  # fairseq reads it as raw text if it exists, as binary if both its files do
+    if extra.exists() or all(extra.with_name(f"{extra.name}.{e}").exists() for e in ("idx", "bin")):
         raise UserError(
             f"{extra}.idx: fairseq-train would train on {subset}, {subset}1, ... concatenated, which is not "
             f"reproduced; binarise the text as one --trainpref file, or rename {subset}1 if it is not training data"
