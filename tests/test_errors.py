@@ -235,6 +235,14 @@ def test_unknown_word_rate_is_reported(data, model, tmp_path):
     assert r.returncode == 0 and "are <unk>" in r.stderr and "--tokenizer moses" in r.stderr
 
 
+def test_scoring_an_empty_file_says_so(model, tmp_path, capsys):
+    """An empty input exited 0 with no output at all (found by the bad-input sweep): now a note on stderr."""
+    (tmp_path / "empty.txt").write_text("")
+    assert main(["score", str(tmp_path / "empty.txt"), "--path", str(model), "--no-progress-bar"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.strip() == f"note: {tmp_path / 'empty.txt'} has no lines; nothing scored"
+
+
 # ---- training that goes wrong --------------------------------------------------------------------------------
 def test_divergence_stops_with_one_line_and_keeps_the_last_checkpoint(data, tmp_path):
     save = tmp_path / "s"

@@ -66,6 +66,8 @@ def run(ns: argparse.Namespace) -> int:
     unk = unk_line(n_unk, n, lm.tokenizer is not None, name)
     if unk:
         print(unk, file=sys.stderr)
+    if not lines:  # nothing written: say why, rather than an exit 0 with no output at all
+        print(f"note: {name} has no lines; nothing scored", file=sys.stderr)
     return 0
 
 
