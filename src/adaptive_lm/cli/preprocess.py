@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from adaptive_lm.cli.common import add_config_flags, config_from_args
-from adaptive_lm.core.errors import UserError
 from adaptive_lm.core.preprocess import PreprocessConfig
 
 
@@ -18,22 +17,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run(ns: argparse.Namespace) -> int:
     from adaptive_lm.core.preprocess import preprocess
 
-    check_limits(ns)
     # SIGTERM keeps its default (the process ends; a pool's workers could die holding its queue lock, and a parent
     # that survived to clean up would wait for them): the finished parts are on disk already, and a rerun resumes
     print("\n".join(preprocess(config_from_args(PreprocessConfig, ns))))
     return 0
-
-
-MAX_WORKERS = 1024  # a pool forks them all at once (99999999999999999999 forked until the machine gave out)
-MAX_PADDING = 1 << 20  # the dictionary is padded with made-up words to a multiple of it (a huge one never ended)
-
-
-def check_limits(ns: argparse.Namespace) -> None:
-    if ns.workers > MAX_WORKERS:
-        raise UserError(f"--workers {ns.workers}: at most {MAX_WORKERS} processes (one per core is plenty)")
-    if ns.padding_factor > MAX_PADDING:
-        raise UserError(
-            f"--padding-factor {ns.padding_factor}: at most {MAX_PADDING:,} (the dictionary is padded with made-up "
-            f"words to a multiple of it; fairseq's default is 8)"
-        )

@@ -290,6 +290,20 @@ def binarize(
     return stats
 
 
+MAX_WORKERS = 1024  # a pool forks them all at once (99999999999999999999 forked until the machine gave out)
+MAX_PADDING = 1 << 20  # the dictionary is padded with made-up words to a multiple of it (a huge one never ended)
+
+
+def _check_limits(cfg: PreprocessConfig) -> None:
+    if cfg.workers > MAX_WORKERS:
+        raise UserError(f"--workers {cfg.workers}: at most {MAX_WORKERS} processes (one per core is plenty)")
+    if cfg.padding_factor > MAX_PADDING:
+        raise UserError(
+            f"--padding-factor {cfg.padding_factor}: at most {MAX_PADDING:,} (the dictionary is padded with made-up "
+            f"words to a multiple of it; fairseq's default is 8)"
+        )
+
+
 def preprocess(cfg: PreprocessConfig) -> list[str]:
     """fairseq-preprocess --only-source: dictionary from the training text (or --srcdict), then every split.
     Returns the log lines (also written to DESTDIR/preprocess.log).
@@ -298,6 +312,7 @@ def preprocess(cfg: PreprocessConfig) -> list[str]:
     split) is recorded in its ``progress.json`` with the settings and the input files' sizes and times. Interrupted
     (Ctrl-C, SIGTERM), the folder stays: the same command continues after the last finished part. Any other change
     (a flag, an input file) starts afresh."""
+    _check_limits(cfg)
     splits = _splits(cfg)
     dest = Path(cfg.destdir)
     if dest.exists() and not dest.is_dir():
