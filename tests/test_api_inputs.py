@@ -38,7 +38,9 @@ def test_the_hub_works_under_inference_mode_and_on_a_model_loaded_there():
     for g, w in zip(got_score, want_score):
         assert torch.equal(g["positional_scores"], w["positional_scores"])
     assert [h["tokens"].tolist() for h in got_hyps[0]] == [h["tokens"].tolist() for h in want_hyps[0]]
-    assert torch.equal(loaded.score("the first of the")["positional_scores"], want_score[0]["positional_scores"])
+    # the same batch as want_score: a batch of one runs other GEMM shapes, whose rounding differs on some CPUs
+    for g, w in zip(loaded.score(["the first of the", "in the city"]), want_score):
+        assert torch.equal(g["positional_scores"], w["positional_scores"])
 
 
 @pytest.mark.parametrize(

@@ -146,7 +146,9 @@ def test_sampling_filter_gives_fairseqs_distributions(case):
         if step["step"] == 0:
             lprobs = lprobs[:, ::beam, :].contiguous()
         probs, columns = sampling_filter(lprobs, kw.get("sampling_topk", -1), kw.get("sampling_topp", -1.0))
-        torch.testing.assert_close(probs.reshape(t["probs"].shape), t["probs"], atol=0, rtol=0)
+        # exp is within 1 ulp of the true value in ATen's vectorised kernels (Sleef's u10), and the reference came
+        # from another CPU's kernel: the two may differ by 2 ulp (seen on an Intel AVX-512 CPU: 1e-7 relative)
+        torch.testing.assert_close(probs.reshape(t["probs"].shape), t["probs"], atol=0, rtol=2 * 2**-23)
         drawn = t["drawn"].view(bsz, -1)  # (bsz, beam) column of each draw
         picked = drawn if columns is None else torch.gather(columns.expand(bsz, beam, -1), 2, drawn[..., None])[..., 0]
         assert torch.equal(picked, t["cand_indices"])
