@@ -405,8 +405,11 @@ def test_python_api_knn_score_is_lm_score_interpolated(lm, store):
     sents = ["the game was released in 2010 .", "he was born in the north of england , and died in 1900 ."]
     base = lm.score(sents)
     zero = knn_score(lm, sents, knn, lmbda=0.0)
-    for a, b in zip(base, zero):
-        assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["positional_scores"], b["positional_scores"])
+    for a, b in zip(base, zero):  # lmbda 0: the LM's own scores, exactly
+        assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(b["positional_scores"], b["lm_positional_scores"])
+        # kNN batches in input order, score by length with shared prefixes: other GEMM shapes, whose fp32 rounding
+        # differs on some CPUs (Intel's MKL under the AVX2 cap: ~1e-6), within the parity tests' 1e-5
+        torch.testing.assert_close(b["lm_positional_scores"], a["positional_scores"], atol=1e-5, rtol=0)
     mixed = knn_score(lm, sents, knn, lmbda=0.25)
     via_score = lm.score(sents, knn=knn, lmbda=0.25)  # the same through LanguageModel.score
     for a, b in zip(mixed, via_score):

@@ -10,7 +10,8 @@ op rounds at 6e-8 relative, and our kernels order sums differently from fairseq'
 matmuls), so agreement is a few 1e-6 absolute, asserted at 1e-5. The summed loss (~50 tokens x ~5.5 nats) and the
 gradient norm carry the same relative rounding: 1e-6 and 1e-5 relative. In fp64 the same computations agree to
 ~1e-15 relative per op; 1e-9 leaves room for the O(1e2) ops of a forward and backward without hiding a real
-difference (a wrong formula is off by far more than 1e-9).
+difference (a wrong formula is off by far more than 1e-9), except where an fp64 model computes in fp32 as fairseq
+does (gelu, the sinusoidal position table: fp32_inside, fp32_positions).
 """
 
 from __future__ import annotations
@@ -70,8 +71,19 @@ def fp32_inside(c: dict) -> bool:
     return c["cfg_model"].get("activation_fn") == "gelu"
 
 
+def fp32_positions(c: dict) -> bool:
+    """fairseq computes the sinusoidal position table in fp32 (exp, sin and cos of fp32 arguments, then cast to the
+    model's dtype), ours too, so an fp64 model starts from fp32 values of the CPU's math library: Intel's MKL under
+    MKL_ENABLE_INSTRUCTIONS=AVX2 gives other last bits than AVX-512 (entries <= 1, off by an ulp or two: <= 1.2e-7).
+    Carried through these one- or two-layer models with a gain of O(1), log-probs move by that much (5e-9 to 9e-9
+    seen): their fp64 bound becomes 1e-6 (a gain of 8), the loss's 2e-7 relative (1e-6 over ~5 nats a token) and
+    the gradient norm's 1e-6; both still far below the fp32 bounds."""
+    m = c["cfg_model"]
+    return not m.get("decoder_learned_pos") and not m.get("no_token_positional_embeddings")
+
+
 def _log_probs_equal_fairseqs(c):
-    tol64 = 1e-5 if fp32_inside(c) else 1e-9
+    tol64 = 1e-5 if fp32_inside(c) else 1e-6 if fp32_positions(c) else 1e-9
     for dtype, tol, sfx in ((torch.float32, 1e-5, "32"), (torch.float64, tol64, "64")):
         model = load(c, dtype).model
         src, tgt = c["src"], c["tgt"]
@@ -107,7 +119,7 @@ def test_one_training_step_equals_fairseqs(c, plain):
 
 
 def _one_training_step_equals_fairseqs(c):
-    tol64 = (1e-6, 1e-5) if fp32_inside(c) else (1e-9, 1e-9)  # see fp32_inside
+    tol64 = (1e-6, 1e-5) if fp32_inside(c) else (2e-7, 1e-6) if fp32_positions(c) else (1e-9, 1e-9)  # see both
     for dtype, tol_loss, tol_norm, sfx in ((torch.float32, 1e-6, 1e-5, "32"), (torch.float64, *tol64, "64")):
         model = load(c, dtype, training=True).model.train()
         torch.manual_seed(c["train_seed"])  # layer drop and quant-noise draw from it, as in fairseq

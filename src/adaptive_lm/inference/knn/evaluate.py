@@ -168,5 +168,6 @@ def knn_score(
 ) -> dict | list[dict]:
     """``lm.score`` with kNN-LM (``lm.score(sentences, knn=knn, lmbda=lmbda)``): the same dicts, the scores being the
     interpolated ln p, plus ``lm_positional_scores`` and ``knn_positional_scores``. With ``lmbda=0`` the
-    ``positional_scores`` are exactly ``lm.score``'s."""
+    ``positional_scores`` are exactly ``lm_positional_scores``: ``lm.score``'s up to the rounding of other batch
+    shapes (these batches are in input order)."""
     return lm.score(sentences, replace_newline_with_eos, batch_size, knn=knn, lmbda=lmbda)
