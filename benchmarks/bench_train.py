@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from common import FIXTURE, REPO, machine, matmul_peak, roofline, run, save, table
+from common import FIXTURE, REPO, flop_counter, machine, matmul_peak, roofline, run, save, table
 
 CONFIGS = {
     "small": dict(layers=2, dim=128, ffn=512, heads=4, tps=256, max_tokens=2048, cutoff="2000,8000", updates=300),
@@ -109,8 +109,6 @@ def last_losses(text: str) -> list[float]:
 
 def flops_per_update(c: dict, bf16: bool) -> float:
     """Forward + backward FLOPs of one real 2048-token batch of the fixture data through our model."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from adaptive_lm import build_model
     from adaptive_lm.core.data import LMDataset, load_split
 
@@ -138,7 +136,7 @@ def flops_per_update(c: dict, bf16: bool) -> float:
     # once uncounted: a kernel whose choice is not yet cached on this machine times every candidate on its first
     # call, and the counter would add their FLOPs (medium read 10.3 TFLOP for 40 updates instead of 7.1)
     update()
-    with FlopCounterMode(display=False) as fc:
+    with flop_counter() as fc:
         update()
     return float(fc.get_total_flops())
 

@@ -69,16 +69,34 @@ def matmul_peak(dtype: torch.dtype, seconds: float = 1.0) -> float:
     return best
 
 
-def counted_flops(fn: Any) -> float:
-    """FLOPs of ``fn()`` as torch's FlopCounterMode counts them (matmuls and attention), run once on the plain
-    kernels: our oneDNN linears are calls the counter cannot see, with the same shapes. Attention is counted as
-    the full T x T products (the counter's convention, and what our stored-probability kernels compute), so for a
-    kernel that skips the masked half MFU reads high and the bound low by up to half the attention's share."""
-    from torch.utils.flop_counter import FlopCounterMode
+def flop_counter() -> Any:
+    """torch's FlopCounterMode, also counting the CPU's fused attention: torch registers formulas for the CUDA
+    flash / efficient / cuDNN kernels only, so on a CPU ``F.scaled_dot_product_attention`` (which dispatches to
+    ``_scaled_dot_product_flash_attention_for_cpu``) counted 0 FLOPs, forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+    aten = torch.ops.aten
+
+    def fwd(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return sdpa_flop_count(q, k, v)
+
+    def bwd(grad_out: Any, q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return sdpa_backward_flop_count(grad_out, q, k, v)
+
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: fwd}
+    mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = bwd
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def counted_flops(fn: Any) -> float:
+    """FLOPs of ``fn()`` as torch's FlopCounterMode counts them (matmuls and attention, ``flop_counter``), run once
+    on the plain kernels: our oneDNN linears are calls the counter cannot see, with the same shapes. Attention is
+    counted as the full T x T products (the counter's convention, and what our stored-probability kernels compute),
+    so for a kernel that skips the masked half MFU reads high and the bound low by up to half the attention's
+    share."""
     from adaptive_lm.core.kernels import plain_kernels
 
-    with plain_kernels(), FlopCounterMode(display=False) as fc:
+    with plain_kernels(), flop_counter() as fc:
         fn()
     return float(fc.get_total_flops())
 
