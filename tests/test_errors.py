@@ -165,6 +165,7 @@ def test_train_flag_values(data, tmp_path, argv, fragment):
         (["generate", "--temperature", "0"], "must be a positive number"),
         (["generate", "--sampling-topp", "1.5"], "(0, 1]"),
         (["eval", "DATA", "--context-window", "-3"], "zero or positive"),
+        (["eval", "DATA", "--num-workers", "-1"], "zero or positive"),  # fairseq: DataLoader's ValueError
     ],
 )
 def test_inference_flag_values(data, model, argv, fragment):

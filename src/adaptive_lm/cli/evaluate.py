@@ -13,6 +13,7 @@ from adaptive_lm.cli.common import (
     existing_dir,
     half_notice,
     load_model,
+    nonneg_int,
     positive_float,
     positive_int,
     unk_line,
@@ -49,7 +50,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--results-path", type=creatable_dir, default=None, help="also write the output to RESULTS_PATH/eval-SUBSET.txt"
     )
     g.add_argument("--quiet", action="store_true", help="print only the closing lines")
-    g.add_argument("--num-workers", type=int, default=0, help="accepted for compatibility (ignored)")
+    g.add_argument("--num-workers", type=nonneg_int, default=0, help="accepted for compatibility (ignored)")
     k = p.add_argument_group("kNN-LM (Khandelwal et al. 2020; see adaptive-lm knn-store)")
     k.add_argument("--knn", type=existing_dir, default=None, metavar="DSTORE", help="interpolate with this datastore")
     # defaults None here and filled in with --knn: given without --knn they are refused, not ignored
