@@ -347,6 +347,21 @@ def test_cr_line_ends_with_several_workers_are_refused(tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+def test_cr_line_ends_in_a_later_split_are_refused_before_the_train_split_runs(tmp_path):
+    """A \\r in the valid file was refused only when its turn came, after the dictionary and the train split had
+    run (hours on WikiText-103). Every file is now checked first: here the train file also holds invalid UTF-8 in
+    its last line, refused by the first pass over it; the \\r of the valid file is named instead."""
+    train, valid = tmp_path / "train.txt", tmp_path / "valid.txt"
+    train.write_bytes(b"a clean line\n" * 50 + b"bad \xff byte\n")
+    valid.write_bytes(b"a line\r\nanother line\r\n")
+    cfg = PreprocessConfig(destdir=str(tmp_path / "out"), trainpref=str(train), validpref=str(valid), progress=False)
+    with pytest.raises(UserError, match=r"train\.txt:51: not valid UTF-8"):
+        preprocess(cfg)  # one worker: \r is fine, and the train file fails on its own
+    with pytest.raises(UserError, match=r"valid\.txt: has \\r \(CR or CRLF\) line ends, .* --workers 2"):
+        preprocess(PreprocessConfig(**{**vars(cfg), "workers": 2}))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("impl,why", [("raw", "only copies the text"), ("huffman", "fails with it too"),
                                       ("fasta", "fails with it too")])  # fmt: skip
 def test_dataset_impls_fairseq_does_not_binarise_with_are_refused_with_the_reason(tmp_path, impl, why):
