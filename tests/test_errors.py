@@ -149,6 +149,8 @@ def test_bin_with_ids_beyond_the_dictionary(data, tmp_path):
         (["--arch", "nope"], "invalid choice"),
         (["--tpu"], "TPUs are not supported"),
         (["--quant-noise-scalar", "0.1"], "quant_noise_scalar = 0.1"),
+        # built layer by layer for minutes, then out of memory: refused from the sizes (12 bytes a parameter)
+        (["--decoder-layers", "100000000"], "make at least 819,200,000,000 parameters, whose fp32 weights"),
     ],
 )
 def test_train_flag_values(data, tmp_path, argv, fragment):

@@ -162,6 +162,15 @@ class ModelConfig:
         return len(keep) if keep is not None else self.decoder_layers
 
     @property
+    def min_parameters(self) -> int:
+        """A lower bound on the parameter count, from the sizes alone: each layer's four attention projections and
+        two feed-forward maps (biases, norms and embeddings left out). Computed without building anything, so that
+        a size no machine holds (a typo such as ``--decoder-layers 100000000``) is refused at once; building it
+        ran for minutes before running out of memory."""
+        d, f = self.decoder_embed_dim, self.decoder_ffn_embed_dim
+        return self.num_layers * (4 * d * d + 2 * d * f)
+
+    @property
     def input_embed_dim(self) -> int:
         """Width of what the token embedder returns (the char CNN and adaptive input return decoder_embed_dim)."""
         if self.character_embeddings or self.adaptive_input:

@@ -107,3 +107,13 @@ def describe() -> dict[str, str]:
         out["gpu"] = torch.cuda.get_device_name(0)
         out["cuda"] = str(torch.version.cuda)
     return out
+
+
+def total_memory(device: torch.device) -> int | None:
+    """Bytes of memory the device has in all (RAM for the CPU), or None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

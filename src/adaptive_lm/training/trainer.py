@@ -26,7 +26,7 @@ import torch
 from adaptive_lm.core.config import NORMFORMER, ModelConfig
 from adaptive_lm.core.dictionary import Dictionary
 from adaptive_lm.core.errors import UserError
-from adaptive_lm.core.hardware import half_precision_notice
+from adaptive_lm.core.hardware import half_precision_notice, total_memory
 from adaptive_lm.core.kernels import fast_linears, plain_kernels, prepare_for_compile
 from adaptive_lm.core.model import TransformerLM
 from adaptive_lm.core.optim import NAG, CosineSchedule, FixedSchedule, LossScaler, clip_grad_norm_
@@ -82,6 +82,22 @@ def _check_positions(model_cfg: ModelConfig, sizes: np.ndarray, add_bos: bool) -
         )
 
 
+def _check_memory(model_cfg: ModelConfig, device: torch.device) -> None:
+    """Refuse sizes whose fp32 weights, gradients and NAG momentum alone (a lower bound: no activations) exceed
+    the device's whole memory, before building them."""
+    have = total_memory(device)
+    n = model_cfg.min_parameters
+    if have is None or 12 * n <= have:
+        return
+    where = "this GPU" if device.type == "cuda" else "this machine"
+    raise UserError(
+        f"--decoder-layers {model_cfg.num_layers}, --decoder-embed-dim {model_cfg.decoder_embed_dim} and "
+        f"--decoder-ffn-embed-dim {model_cfg.decoder_ffn_embed_dim} make at least {n:,} parameters, whose fp32 "
+        f"weights, gradients and momentum need {12 * n / 2**30:,.1f} GiB; {where} has {have / 2**30:,.1f} GiB in "
+        "all: choose smaller sizes"
+    )
+
+
 def seeded_model(model_cfg: ModelConfig, dictionary: Dictionary, seed: int) -> TransformerLM:
     """fairseq-train seeds torch, then builds the model: with the same draws in the same order, the same weights."""
     torch.manual_seed(seed)
@@ -111,6 +127,7 @@ class Trainer:
         )
         self.model_cfg: ModelConfig = model_config(cfg, len(self.dictionary))
         _check_positions(self.model_cfg, self.train_data.sizes, add_bos)
+        _check_memory(self.model_cfg, self.device)
         note = ignored_flags(cfg)
         if note:
             self.log.info(note)
