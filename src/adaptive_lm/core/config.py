@@ -53,6 +53,15 @@ def parse_character_filters(value: str) -> list[tuple[int, int]]:
     return out
 
 
+def min_parameters(cfg: Any) -> int:
+    """A lower bound on a model config's parameter count, from the sizes alone: each layer's four attention
+    projections and two feed-forward maps (biases, norms and embeddings left out). Computed without building
+    anything, so that a size no machine holds (a typo such as ``--decoder-layers 100000000``) is refused at once;
+    building it ran for minutes before running out of memory."""
+    d, f = cfg.decoder_embed_dim, cfg.decoder_ffn_embed_dim
+    return cfg.num_layers * (4 * d * d + 2 * d * f)
+
+
 def check_sizes(cfg: Any) -> None:
     """Widths, heads and band factors that build no model (fairseq and ours failed with ZeroDivisionError or a
     reshape error)."""
@@ -160,15 +169,6 @@ class ModelConfig:
         """fairseq's ``build_model``: with ``decoder_layers_to_keep`` only those layers are built."""
         keep = self.layers_to_keep
         return len(keep) if keep is not None else self.decoder_layers
-
-    @property
-    def min_parameters(self) -> int:
-        """A lower bound on the parameter count, from the sizes alone: each layer's four attention projections and
-        two feed-forward maps (biases, norms and embeddings left out). Computed without building anything, so that
-        a size no machine holds (a typo such as ``--decoder-layers 100000000``) is refused at once; building it
-        ran for minutes before running out of memory."""
-        d, f = self.decoder_embed_dim, self.decoder_ffn_embed_dim
-        return self.num_layers * (4 * d * d + 2 * d * f)
 
     @property
     def input_embed_dim(self) -> int:

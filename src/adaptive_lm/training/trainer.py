@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adaptive_lm.core.config import NORMFORMER, ModelConfig
+from adaptive_lm.core.config import NORMFORMER, ModelConfig, min_parameters
 from adaptive_lm.core.dictionary import Dictionary
 from adaptive_lm.core.errors import UserError
 from adaptive_lm.core.hardware import half_precision_notice, total_memory
@@ -86,7 +86,7 @@ def _check_memory(model_cfg: ModelConfig, device: torch.device) -> None:
     """Refuse sizes whose fp32 weights, gradients and NAG momentum alone (a lower bound: no activations) exceed
     the device's whole memory, before building them."""
     have = total_memory(device)
-    n = model_cfg.min_parameters
+    n = min_parameters(model_cfg)
     if have is None or 12 * n <= have:
         return
     where = "this GPU" if device.type == "cuda" else "this machine"
