@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
+import time
 
 import pytest
 import torch
@@ -448,6 +451,46 @@ def test_linear_library_choice_is_measured_once_per_shape_and_kept_on_disk(tmp_p
     for lib in choice.LIBRARIES:
         monkeypatch.setenv("ADAPTIVE_LM_LINEARS", lib)
         assert choice.GemmChoice().pick("fwd", 7, 1, 1, {}) == lib
+
+
+CONTENDER = r"""
+import os, sys, time
+from pathlib import Path
+from adaptive_lm.core.kernels import choice
+slow = sys.argv[1]  # the library this process finds slow: alone, each process would keep the other one
+go = Path(sys.argv[2])
+(go.parent / f"ready-{slow}").touch()
+while not go.exists():
+    time.sleep(0.001)
+runs = {lib: (lambda lib=lib: time.sleep(0.02 if lib == slow else 0.0)) for lib in choice.LIBRARIES}
+print(choice.GemmChoice().pick("fwd", 64, 8, 8, runs))
+"""
+
+
+def test_two_processes_meeting_a_new_shape_together_keep_one_choice(tmp_path):
+    """Two ranks starting on an empty cache met each shape at the same moment, each measured it and each kept its
+    own winner (the file kept the last writer's): the ranks rounded differently for the whole run. Here each
+    process is rigged to find a different library slow (real GemmChoice, timed callables that sleep); released
+    together, they must agree, and with the file: the second measures nothing, it reads the first one's choice."""
+    import subprocess
+
+    from adaptive_lm.core.kernels import choice
+
+    env = {**os.environ, "ADAPTIVE_LM_CACHE": str(tmp_path)}
+    env.pop("ADAPTIVE_LM_LINEARS", None)
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CONTENDER, slow, str(go)], env=env, stdout=subprocess.PIPE, text=True)
+        for slow in choice.LIBRARIES
+    ]
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"ready-{lib}").exists() for lib in choice.LIBRARIES) and time.monotonic() < deadline:
+        time.sleep(0.01)  # both imported and waiting: released together
+    go.touch()
+    picks = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    saved = json.loads(next((tmp_path / "kernels").glob("linears-*.json")).read_text())
+    assert picks[0] == picks[1] == saved["fwd:64x8x8"], (picks, saved)
 
 
 def test_a_oneDNN_op_is_trusted_only_when_it_exists_and_computes_the_reference():

@@ -12,10 +12,12 @@ operands a few times and the one with the fastest median is kept for that shape.
 Why a disk cache: the two libraries round differently, so the choice must not change between the processes of one
 job (a resumed run must equal an uninterrupted one bit for bit, two ranks must compute alike). Choices are keyed by
 the machine (CPU model and flags, threads, PyTorch version, ISA caps) and written atomically to
-``$ADAPTIVE_LM_CACHE/kernels/linears-<rule>-<machine>.json``; every later process on the machine reads them (a new
-measuring rule, ``RULE``, starts a new file, so the choices of one job stay those of one rule). Given the file, the
-numbers are deterministic. ``ADAPTIVE_LM_LINEARS=mkl`` or ``onednn`` forces one library (no measuring; forced
-oneDNN runs weight gradients through its GEMM, not through the backward-weights primitive a measurement may pick).
+``$ADAPTIVE_LM_CACHE/kernels/linears-<rule>-<machine>.json``, one process measuring a new shape at a time (a
+lock file beside it: ranks that meet a shape together take one choice); every later process on the machine reads
+them (a new measuring rule, ``RULE``, starts a new file, so the choices of one job stay those of one rule). Given
+the file, the numbers are deterministic. ``ADAPTIVE_LM_LINEARS=mkl`` or ``onednn`` forces one library (no
+measuring; forced oneDNN runs weight gradients through its GEMM, not through the backward-weights primitive a
+measurement may pick).
 
 Row counts are rounded to a coarse size (``bucket_rows``) for the key: evaluation and rescoring batches have a new
 row count nearly every time, and one measurement per size class is enough.
@@ -23,12 +25,13 @@ row count nearly every time, and one measurement per size class is enough.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -84,10 +87,7 @@ class GemmChoice:
 
     def _load(self) -> dict[str, str]:
         if self.table is None:
-            try:
-                self.table = dict(json.loads(_cache_file().read_text()))
-            except (OSError, ValueError):
-                self.table = {}
+            self.table = _read(_cache_file())
         return self.table
 
     def pick(
@@ -102,18 +102,18 @@ class GemmChoice:
         with self.lock:
             table = self._load()
             if key not in table:
-                table[key] = _fastest(runs)
-                self._save()
+                with _machine_lock():  # another process (a second rank) may be measuring this shape right now
+                    table.update(_read(_cache_file()))
+                    if key not in table:
+                        table[key] = _fastest(runs)
+                        self._save()
             return table[key]
 
     def _save(self) -> None:
         path = _cache_file()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            merged = (
-                {**json.loads(path.read_text()), **(self.table or {})} if path.is_file() else dict(self.table or {})
-            )
-            atomic_write_json(path, merged)
+            atomic_write_json(path, {**_read(path), **(self.table or {})})
         except (OSError, ValueError):  # a read-only home: the choices still hold for this process
             pass
 
@@ -122,6 +122,36 @@ class GemmChoice:
         with self.lock:
             self.table = None
 
+
+def _read(path: Path) -> dict[str, str]:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+@contextlib.contextmanager
+def _machine_lock() -> Iterator[None]:
+    """Measure and record a new shape in one process at a time. Two ranks (or two jobs) that met the same new shape
+    together each measured it and could keep different libraries: the ranks then rounded differently for the rest
+    of the run, and a resumed run (reading the one choice the file kept) differed from the uninterrupted one. Under
+    this lock the second process re-reads the file and takes the first one's choice. Where no lock can be taken (a
+    read-only cache folder, no ``fcntl``), each process measures for itself as before."""
+    try:
+        import fcntl
+
+        path = _cache_file().with_suffix(".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a")  # noqa: SIM115 - held for the block below
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):  # a file system without locks: measure anyway
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+    finally:
+        f.close()  # releases the lock
 
 def _fastest(runs: dict[str, Callable[[], Tensor]]) -> str:
     """The library whose median of ``TRIALS`` runs is fastest (runs alternate, so a busy moment hits both; the
