@@ -153,6 +153,7 @@ def _machine_lock() -> Iterator[None]:
     finally:
         f.close()  # releases the lock
 
+
 def _fastest(runs: dict[str, Callable[[], Tensor]]) -> str:
     """The library whose median of ``TRIALS`` runs is fastest (runs alternate, so a busy moment hits both; the
     median, not the best run, because a step meets a library's typical time, not its luckiest)."""
