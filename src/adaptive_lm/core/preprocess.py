@@ -102,10 +102,9 @@ def line_ranges(path: str, chunk: int | None = None) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def read_range(path: str, start: int, end: int) -> tuple[str, bool]:
+def read_range(path: str, start: int, end: int) -> str:
     """Decode one range as UTF-8 with universal newlines (as fairseq's text-mode reading); a decode error
-    becomes a one-line message with the file's line number. Also says whether the range held a ``\\r`` (a line end
-    other than ``\\n``)."""
+    becomes a one-line message with the file's line number."""
     with open(path, "rb") as f:
         f.seek(start)
         raw = f.read(end - start)
@@ -115,17 +114,16 @@ def read_range(path: str, start: int, end: int) -> tuple[str, bool]:
         with open(path, "rb") as f:
             line = f.read(start).count(b"\n") + raw[: e.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: not valid UTF-8 ({e.reason}); convert the file to UTF-8") from None
-    cr = "\r" in text
-    if cr:
+    if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return text, cr
+    return text
 
 
-def _count_range(args: tuple[str, int, int]) -> tuple[Counter[str], int, bool]:
+def _count_range(args: tuple[str, int, int]) -> tuple[Counter[str], int]:
     path, start, end = args
-    text, cr = read_range(path, start, end)
+    text = read_range(path, start, end)
     n_lines = text.count("\n") + (0 if text.endswith("\n") else 1)
-    return Counter(text.split()), n_lines, cr
+    return Counter(text.split()), n_lines
 
 
 class _Lookup(dict):
@@ -145,13 +143,12 @@ def _init_worker(lookup: _Lookup) -> None:
     _LOOKUP = lookup
 
 
-def _encode_range(args: tuple[str, int, int, str]) -> tuple[np.ndarray, np.ndarray, int, int, bool]:
-    """-> (tokens, sizes per line, number of <unk> replacements, number of tokens, whether it held a CR) for one
-    range."""
+def _encode_range(args: tuple[str, int, int, str]) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """-> (tokens, sizes per line, number of <unk> replacements, number of tokens) for one range."""
     path, start, end, dtype = args
     lookup = _LOOKUP
     assert lookup is not None
-    text, cr = read_range(path, start, end)
+    text = read_range(path, start, end)
     lines = text.split("\n")
     if text.endswith("\n"):
         lines.pop()
@@ -169,7 +166,7 @@ def _encode_range(args: tuple[str, int, int, str]) -> tuple[np.ndarray, np.ndarr
     # re-maps "<unk>" (#fairseq:overwrite) gives the literal word another id, so nothing is subtracted then
     literal_is_unk = lookup["<unk>"] == lookup.unk
     n_literal_unk = text.split().count("<unk>") if n_unk and literal_is_unk else 0
-    return arr.astype(dtype), sizes, n_unk - n_literal_unk, len(arr), cr
+    return arr.astype(dtype), sizes, n_unk - n_literal_unk, len(arr)
 
 
 def _init_pool_worker(lookup: _Lookup | None) -> None:
@@ -207,25 +204,21 @@ def _progress(total: int, desc: str, enabled: bool) -> Progress:
     return Progress(total, desc, enabled, unit="B")
 
 
-def _check_line_ends(path: str, cr: bool, workers: int) -> None:
+def _check_line_ends(path: str, workers: int, block: int = 1 << 24) -> None:
     """fairseq-preprocess with more than one worker cuts a file at offsets from text-mode ``tell()``, which for
     ``\\r`` line ends (lone, or ``\\r\\n`` around blank lines) can be opaque numbers beyond the file: its chunks then
-    overlap and lines repeat or go missing, depending on the number of workers. Not reproduced: refused."""
-    if cr and workers > 1:
-        raise UserError(
-            f"{path}: has \\r (CR or CRLF) line ends, which fairseq-preprocess with --workers {workers} cuts into "
-            "overlapping chunks (lines repeated or lost; not reproduced): pass --workers 1 (fairseq's --workers 1 "
-            "output) or convert the line ends to \\n (e.g. dos2unix)"
-        )
-
-
-def _has_cr(path: str, block: int = 1 << 24) -> bool:
-    """Whether the file holds a ``\\r`` byte: one read at memory speed (UTF-8 never has 0x0D inside a character)."""
+    overlap and lines repeat or go missing, depending on the number of workers. Not reproduced: refused. One read
+    of the file at memory speed (UTF-8 never has 0x0D inside a character), before any work."""
+    if workers <= 1:
+        return
     with open(path, "rb") as f:
         while raw := f.read(block):
             if b"\r" in raw:
-                return True
-    return False
+                raise UserError(
+                    f"{path}: has \\r (CR or CRLF) line ends, which fairseq-preprocess with --workers {workers} cuts "
+                    "into overlapping chunks (lines repeated or lost; not reproduced): pass --workers 1 (fairseq's "
+                    "--workers 1 output) or convert the line ends to \\n (e.g. dos2unix)"
+                )
 
 
 # ---- the two passes ----------------------------------------------------------------------------------------
@@ -240,8 +233,7 @@ def count_words(path: str, workers: int = 1, progress: bool = True) -> tuple[Cou
         pool = _pool(workers, None, pools) if workers > 1 else None
         with _progress(size, f"count {Path(path).name}", progress) as bar:
             results = pool.imap(_count_range, ranges) if pool else map(_count_range, ranges)
-            for (c, n, cr), (_, s, e) in zip(results, ranges):
-                _check_line_ends(path, cr, workers)
+            for (c, n), (_, s, e) in zip(results, ranges):
                 counts.update(c)
                 n_lines += n
                 bar.update(e - s)
@@ -282,8 +274,7 @@ def binarize(
             else:
                 _init_worker(lookup)
                 results = map(_encode_range, ranges)
-            for (tokens, sizes, n_unk, n_tok, cr), (_, s, e, _) in zip(results, ranges):
-                _check_line_ends(path, cr, workers)
+            for (tokens, sizes, n_unk, n_tok), (_, s, e, _) in zip(results, ranges):
                 writer.add_array(tokens, sizes)
                 stats["lines"] += len(sizes)
                 stats["tokens"] += n_tok
@@ -323,9 +314,8 @@ def preprocess(cfg: PreprocessConfig) -> list[str]:
     (a flag, an input file) starts afresh."""
     _check_limits(cfg)
     splits = _splits(cfg)
-    if cfg.workers > 1:  # every file before any work: a \r in the test file must not cost the train split's hours
-        for _, path in splits:
-            _check_line_ends(path, _has_cr(path), cfg.workers)
+    for _, path in splits:  # every file before any work: a \r in the test file must not cost the train split's hours
+        _check_line_ends(path, cfg.workers)
     dest = Path(cfg.destdir)
     if dest.exists() and not dest.is_dir():
         raise UserError(f"--destdir {dest}: exists and is not a folder; choose another --destdir")
