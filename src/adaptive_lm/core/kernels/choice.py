@@ -110,10 +110,11 @@ class GemmChoice:
             return table[key]
 
     def _save(self) -> None:
+        """Write the table, which ``pick`` merged with the file under the lock just before (nothing to re-read)."""
         path = _cache_file()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(path, {**_read(path), **(self.table or {})})
+            atomic_write_json(path, dict(self.table or {}))
         except (OSError, ValueError):  # a read-only home: the choices still hold for this process
             pass
 
