@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import filecmp
 import json
 import os
@@ -358,7 +359,7 @@ def test_cr_line_ends_in_a_later_split_are_refused_before_the_train_split_runs(t
     with pytest.raises(UserError, match=r"train\.txt:51: not valid UTF-8"):
         preprocess(cfg)  # one worker: \r is fine, and the train file fails on its own
     with pytest.raises(UserError, match=r"valid\.txt: has \\r \(CR or CRLF\) line ends, .* --workers 2"):
-        preprocess(PreprocessConfig(**{**vars(cfg), "workers": 2}))
+        preprocess(dataclasses.replace(cfg, workers=2))
     assert not (tmp_path / "out").exists()
 
 
