@@ -259,6 +259,41 @@ def test_summed_cross_entropy_equals_torch_with_ignored_rows_and_scaled_gradient
     torch.testing.assert_close(none_ignored, F.cross_entropy(x32, t, reduction="sum"), atol=0, rtol=1e-6)
 
 
+FIRST_CALLS = r"""
+import os, sys
+import torch
+import adaptive_lm.core.kernels  # noqa: F401  (what a process imports before any work; its children fork from here)
+bad = []
+for _ in range(int(sys.argv[1])):
+    pid = os.fork()
+    if pid == 0:  # a fresh process as far as VML knows: its first exp is still to come
+        a = torch.randn(256, 256)
+        (a @ a).sum()  # an MKL GEMM first, as in a training step: after one, the race showed
+        x = torch.randn(512, 512) * 4 - 10  # every thread gets a chunk
+        first = torch.exp(x)  # the process's first exp
+        os._exit(0 if torch.equal(first, torch.exp(x)) else 1)  # a later call is dispatched right
+    bad.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+print(sum(b != 0 for b in bad))
+"""
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="VML is MKL's: this torch has no MKL")
+def test_first_exp_of_every_fresh_process_is_accurate():
+    """MKL VML picked a function's kernel on its first call; with several threads making that first call together,
+    one thread's chunk could come from a 12-bit kernel (pytorch/pytorch#188792). On machine F the first ``exp``
+    of one fresh process in ten was 1.5e-4 off, which made the self-check's cross-entropy gradient fail at random.
+    ``adaptive_lm.core.kernels`` now settles VML's choices single-threaded at import. Here 300 processes forked
+    after that import make their first ``exp`` after a GEMM, with 8 threads (more racers), which must equal a
+    later call's bit for bit. Without the warm-up, 3 to 14 in 200 failed on machine F (so some of 300 fail there with
+    probability above 99%); on a CPU or MKL build without the race this passes either way."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "8"}
+    out = subprocess.run([sys.executable, "-c", FIRST_CALLS, "300"], env=env, capture_output=True, text=True,
+                         timeout=300, check=True)  # fmt: skip
+    assert out.stdout.strip() == "0", f"{out.stdout.strip()} of 300 first exp calls were inaccurate"
+
+
 def test_log_softmax_in_place_is_torchs_result_and_keeps_gradients():
     g = torch.Generator().manual_seed(3)
     for shape, dtype in (((37, 2002), torch.float32), ((5, 6000), torch.float32), ((4, 9), torch.float64)):

@@ -35,12 +35,14 @@ Which kernels run is an explicit setting, ``use_plain_kernels(True)`` (``--kerne
 then CPU runs exactly what CUDA runs (PyTorch's dropout, ``F.scaled_dot_product_attention(is_causal=True)``, no
 row padding, the sync-free branch of ``cross_entropy_sum``), which is how the GPU path is tested on CPU.
 
-Modules, bottom to top: ``switch`` (the setting, the random numbers) <- ``dropout``, ``cross_entropy``,
-``linears`` (fp32 linears; ``choice``: which library for which shape) <- ``attention``. The row padding for
-oneDNN (``bucket``, ``wants_buckets``, ``pad_rows``) lives here rather than in a submodule: it depends on the
-switch and on the linears' mode, and ``pad_rows`` reads ``wants_buckets`` from this package, so that setting
-``adaptive_lm.core.kernels.wants_buckets`` (the tests force padding that way) reaches every caller. The names
-below are the public ones, plus the private autograd functions and mask helpers the kernel tests check directly.
+Importing this package first settles MKL VML's kernel choices on one thread (``vml``: a first call made by several
+threads at once could run a 12-bit ``exp``). Modules, bottom to top: ``switch`` (the setting, the random numbers),
+``vml`` <- ``dropout``, ``cross_entropy``, ``linears`` (fp32 linears; ``choice``: which library for which shape)
+<- ``attention``. The row padding for oneDNN (``bucket``, ``wants_buckets``, ``pad_rows``) lives here rather
+than in a submodule: it depends on the switch and on the linears' mode, and ``pad_rows`` reads ``wants_buckets``
+from this package, so that setting ``adaptive_lm.core.kernels.wants_buckets`` (the tests force padding that way)
+reaches every caller. The names below are the public ones, plus the private autograd functions and mask helpers
+the kernel tests check directly.
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ from adaptive_lm.core.kernels.linears import (
 )
 from adaptive_lm.core.kernels.switch import SETTINGS, ours, plain_kernels, prepare_for_compile, use_plain_kernels
 from adaptive_lm.core.kernels.topk import topk_rows
+from adaptive_lm.core.kernels.vml import warm_vml
+
+warm_vml()  # before any op can make VML's first, racy, multi-threaded call (vml.py)
 
 
 # ---- row padding for oneDNN ------------------------------------------------------------------------------------
@@ -140,5 +145,6 @@ __all__ = [
     "topk_rows",
     "use_plain_kernels",
     "wants_buckets",
+    "warm_vml",
     "weights_fixed",
 ]
