@@ -5,10 +5,10 @@ intra-op thread calling it on its own chunk. oneMKL picks each function's kernel
 that function's first call, and when the first call runs on several threads at once one thread can run the
 low-accuracy kernel for its whole chunk of that one call (pytorch/pytorch#188792, oneMKL 2024.2 as bundled with
 the torch wheels). We met it as our cross-entropy backward's first ``exp``, run after any MKL GEMM: on the Xeon of
-machine F, in about one fresh process in four, the first 512 of 1024 rows of the softmax were off by 1.5e-4
+machine F, in one fresh process in four to ten, the first 512 of 1024 rows of the softmax were off by 1.5e-4
 relative (12 bits), which made the self-check's gradient comparison fail at random; every later call was exact.
 One call per function and dtype on a single element, on the importing thread, settles the choice for the process
-(upstream's proposed fix does the same in C++); it costs about a millisecond, once.
+(upstream's proposed fix does the same in C++); it costs a tenth of a millisecond, once.
 """
 
 from __future__ import annotations
