@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -263,7 +264,7 @@ FIRST_CALLS = r"""
 import os, sys
 import torch
 import adaptive_lm.core.kernels  # noqa: F401  (what a process imports before any work; its children fork from here)
-bad = []
+bad = 0
 for _ in range(int(sys.argv[1])):
     pid = os.fork()
     if pid == 0:  # a fresh process as far as VML knows: its first exp is still to come
@@ -272,8 +273,8 @@ for _ in range(int(sys.argv[1])):
         x = torch.randn(512, 512) * 4 - 10  # every thread gets a chunk
         first = torch.exp(x)  # the process's first exp
         os._exit(0 if torch.equal(first, torch.exp(x)) else 1)  # a later call is dispatched right
-    bad.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-print(sum(b != 0 for b in bad))
+    bad += os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0
+print(bad)
 """
 
 
@@ -287,8 +288,6 @@ def test_first_exp_of_every_fresh_process_is_accurate():
     later call's bit for bit. Without the warm-up, 6, 12 and 16 of 300 failed in three runs on machine F (from the
     rates seen there, none failing has a probability below 1%); on a CPU or MKL build without the race this passes
     either way."""
-    import subprocess
-
     env = {**os.environ, "OMP_NUM_THREADS": "8"}
     out = subprocess.run([sys.executable, "-c", FIRST_CALLS, "300"], env=env, capture_output=True, text=True,
                          timeout=300, check=True)  # fmt: skip
@@ -508,8 +507,6 @@ def test_two_processes_meeting_a_new_shape_together_keep_one_choice(tmp_path):
     own winner (the file kept the last writer's): the ranks rounded differently for the whole run. Here each
     process is rigged to find a different library slow (real GemmChoice, timed callables that sleep); released
     together, they must agree, and with the file: the second measures nothing, it reads the first one's choice."""
-    import subprocess
-
     from adaptive_lm.core.kernels import choice
 
     env = {**os.environ, "ADAPTIVE_LM_CACHE": str(tmp_path)}
