@@ -428,6 +428,12 @@ def test_python_api_knn_score_is_lm_score_interpolated(lm, store):
     assert torch.is_tensor(lp) and torch.allclose(lp.float(), one["positional_scores"], atol=1e-6)
     with pytest.raises(UserError, match="8 queries but 7 targets"):
         knn.knn_log_probs(torch.zeros(8, 64), ids[:-1])
+    # after a context: the kNN-LM's scores (all three kinds) at the sentence's positions of the concatenation
+    ctx = lm.score(sents[1], knn=knn, lmbda=0.25, context=sents[0])
+    whole = lm.score(sents[0] + "\n" + sents[1], knn=knn, lmbda=0.25, replace_newline_with_eos=True)
+    n = len(ctx["tokens"])
+    for name in ("positional_scores", "lm_positional_scores", "knn_positional_scores"):
+        assert ctx[name].shape == (n,) and torch.equal(ctx[name], whole[name][-n:])
 
 
 def test_ivfpq_index_clamps_for_a_small_store_and_approximate_distances(fx, store, tmp_path, capsys):

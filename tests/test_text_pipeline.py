@@ -98,3 +98,59 @@ def test_generate_reads_crlf_prompt_files_as_score_does():
     )
     bom = subprocess.run(cmd, input=b"\xef\xbb\xbfThe game\nIn 1998,\n", capture_output=True, check=True)
     assert bom.stdout == lf.stdout  # a byte-order mark is not part of the first prompt
+
+
+def _context_model(model: str) -> adaptive_lm.LanguageModel:
+    return load(model, **({"bpe": "sentencepiece"} if model == "spm" else {}))
+
+
+@pytest.mark.parametrize("case", REF["score_context"], ids=lambda c: f"{c['model']}-{c['sentence'][:12]}")
+def test_a_sentence_after_its_context_scores_as_fairseq(case):
+    """``score(sentence, context=...)`` is fairseq's hub score of context + "\\n" + sentence with
+    ``replace_newline_with_eos``, at the sentence's positions only (user need 20: sentence 2 given sentence 1)."""
+    lm = _context_model(case["model"])
+    n = case["words"]
+    got = lm.score(case["sentence"], context=case["context"])
+    assert got["tokens"].tolist() == case["tokens"][-n:]
+    want = torch.tensor(case["positional_scores"][-n:])
+    torch.testing.assert_close(got["positional_scores"], want, atol=1e-5, rtol=0)
+    assert abs(got["score"] - float(want.double().mean())) <= 1e-5
+
+
+@pytest.mark.parametrize("model", sorted({c["model"] for c in REF["score_context"]}))
+def test_contexts_per_sentence_in_one_batch_score_as_fairseq(model):
+    """One ``score`` call, a context per sentence (and the same sentence under different contexts): each as
+    fairseq's."""
+    cases = [c for c in REF["score_context"] if c["model"] == model]
+    lm = _context_model(model)
+    got = lm.score([c["sentence"] for c in cases] * 2, context=[c["context"] for c in cases] + ["x"] * len(cases))
+    for g, c in zip(got, cases, strict=False):
+        torch.testing.assert_close(g["positional_scores"], torch.tensor(c["positional_scores"][-c["words"] :]),
+                                   atol=1e-5, rtol=0)  # fmt: skip
+    alone = lm.score([c["sentence"] for c in cases])
+    for g, a in zip(got[len(cases) :], alone, strict=True):  # context "x" changes the scores, not the tokens
+        assert g["tokens"].tolist() == a["tokens"].tolist()
+        assert not torch.equal(g["positional_scores"], a["positional_scores"])
+
+
+def test_score_context_lines_on_the_command_line_as_fairseq(tmp_path):
+    """``adaptive-lm score --context-lines 2``: the third line scored after the first two (fairseq's numbers);
+    the first line alone; bad contexts refused in one line."""
+    case = next(c for c in REF["score_context"] if c["model"] == "wiki_tied" and "\n" in c["context"])
+    text = tmp_path / "doc.txt"
+    text.write_text(case["context"] + "\n" + case["sentence"] + "\n", encoding="utf-8")
+    cmd = [sys.executable, "-m", "adaptive_lm", "score", str(text), "--path", str(MODELS / "wiki_tied" / "model.pt"),
+           "--context-lines", "2", "--no-progress-bar"]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    rows = [json.loads(line) for line in p.stdout.splitlines()]
+    assert len(rows) == 3
+    n = case["words"]
+    tol = 1e-5 + 5e-7  # fp32 agreement, plus the JSON's rounding to 6 decimals
+    assert all(abs(a - b) <= tol for a, b in zip(rows[2]["logprobs"], case["positional_scores"][-n:], strict=True))
+    lm = load("wiki_tied")
+    first = lm.score(case["context"].splitlines()[0])["positional_scores"].tolist()
+    assert all(abs(a - b) <= tol for a, b in zip(rows[0]["logprobs"], first, strict=True))
+    with pytest.raises(adaptive_lm.UserError, match="2 contexts for 3 sentences"):
+        lm.score(["a", "b", "c"], context=["x", "y"])
+    with pytest.raises(adaptive_lm.UserError, match="with its context is .* shorten the context"):
+        lm.score("a", context=" ".join(["the"] * 2000))

@@ -10,6 +10,9 @@ records what ``decode``, ``encode`` and ``score`` return for inputs the beam-sea
 - ``decode``: ids holding <pad>, <s>, </s>, <unk> and out-of-band symbols (fairseq's ``Dictionary.string`` drops eos
   and bos only);
 - ``score``: the empty sentence (no position to score: fairseq's mean is nan);
+- ``score_context``: a sentence after a context (our ``score(sentence, context=...)``) is fairseq's
+  ``score(context + "\n" + sentence, replace_newline_with_eos=True)`` at the sentence's positions: that call's
+  tokens and positional scores, and the sentence's own token count (``encode`` without its ``</s>``);
 - ``moses``: the Moses tokenizer, (a) stored in the checkpoint's ``cfg.tokenizer`` (wiki_tied's model.pt with
   ``MOSES_CFGS[name]`` written into its cfg, into a temporary folder: the test makes the same file), applied by the
   hub without any keyword, and (b) asked for by keyword with fairseq's Moses options on wiki_tied itself: ``encode``
@@ -61,6 +64,11 @@ MOSES_TEXTS = [
     "l'homme qu'il a vu",
     "",
 ]
+CONTEXT_CASES = [  # (context, sentence): one line, two lines (each ends with </s>), none
+    ("The game was released in 2010 .", "It was well received by critics ."),
+    ("the first line\nand the second one", "then the third"),
+    ("", "no context at all"),
+]
 DECODE_IDS = [[4, 1, 5, 2], [1, 1], [0, 4, 3, 2, 1], [2, 0, 1, 3, 2]]
 GPT2_KW = {"bpe": "gpt2", "gpt2_encoder_json": "encoder.json", "gpt2_vocab_bpe": "vocab.bpe"}
 
@@ -73,7 +81,7 @@ def hub(folder, **kw):
 def main():
     torch.set_num_threads(1)
     out = {"fairseq_version": fairseq.__version__, "torch_version": torch.__version__, "moses_cfgs": MOSES_CFGS,
-           "decode": [], "score_empty": [], "moses": []}  # fmt: skip
+           "decode": [], "score_empty": [], "score_context": [], "moses": []}  # fmt: skip
     for model in ("wiki_tied", "bos", "spm"):
         h = hub(os.path.join(MODELS, model), **({"bpe": "sentencepiece"} if model == "spm" else {}))
         for ids in DECODE_IDS:
@@ -84,6 +92,11 @@ def main():
             out["score_empty"].append({"model": model, "sentences": sentences, "results": [
                 {"tokens": x["tokens"].tolist(), "score": float(x["score"]),
                  "positional_scores": x["positional_scores"].tolist()} for x in rows]})  # fmt: skip
+        for context, sentence in CONTEXT_CASES:
+            r = h.score(context + "\n" + sentence, replace_newline_with_eos=True)
+            out["score_context"].append({"model": model, "context": context, "sentence": sentence,
+                                         "words": len(h.encode(sentence)) - 1, "tokens": r["tokens"].tolist(),
+                                         "positional_scores": r["positional_scores"].tolist()})  # fmt: skip
     wiki = os.path.join(MODELS, "wiki_tied")
     with tempfile.TemporaryDirectory() as tmp:
         for name, tok in MOSES_CFGS.items():

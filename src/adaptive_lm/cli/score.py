@@ -14,6 +14,7 @@ from adaptive_lm.cli.common import (
     add_text_flags,
     half_notice,
     load_model,
+    nonneg_int,
     output_file,
     positive_int,
     read_lines,
@@ -33,6 +34,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "positions; lines sharing prefixes are computed once)")  # fmt: skip
     p.add_argument("--score-eos", action="store_true",
                    help="also score each line's final </s> (fairseq's hub score does not)")  # fmt: skip
+    p.add_argument("--context-lines", type=nonneg_int, default=0, metavar="N",
+                   help="score each line after the N lines before it, read but not scored (sentence 2 given "
+                        "sentence 1; each line ends with </s>); default 0: every line alone")  # fmt: skip
     add_text_flags(p)
     add_precision_flags(p)
     add_progress_flag(p)
@@ -54,7 +58,7 @@ def run(ns: argparse.Namespace) -> int:
             out = sys.stdout
         bar = stack.enter_context(Progress(len(lines), "score", ns.progress, unit="lines"))
         try:
-            for row in lm.score_rows(lines, ns.batch_size, score_eos=ns.score_eos, autocast=_autocast(ns)):
+            for row in lm.score_rows(lines, ns.batch_size, ns.score_eos, _autocast(ns), ns.context_lines):
                 out.write(json.dumps(row) + "\n")
                 n += len(row["tokens"])
                 n_unk += row["tokens"].count(lm.dictionary.unk_word)

@@ -118,11 +118,16 @@ class LanguageModel:
         lmbda: float = 0.25,
         score_eos: bool = False,
         autocast_dtype: str | None = None,
+        context: str | list[str] | None = None,
     ) -> dict | list[dict]:
         """Per sentence: ``tokens`` (its words), ``positional_scores`` (ln p of each word given the words before
         it, starting from ``</s>``, or ``<s>`` with ``add_bos_token``) and ``score`` (their mean). As in fairseq's
         hub, the final ``</s>`` is not scored (``score_eos=True``: it is, last): a two-word sentence has two scores.
         Perplexity = ``positional_scores.mean().neg().exp()``. ``autocast_dtype``: "bf16" or "fp16".
+
+        ``context``: text each sentence is scored after (one str for all, or one per sentence; its lines end with
+        ``</s>`` each), read but not scored: sentence 2 given sentence 1. The scores are fairseq's hub's for
+        ``score(context + "\n" + sentence, replace_newline_with_eos=True)`` at the sentence's positions.
 
         Batches: length-sorted, of at most 4,096 positions and ``batch_size`` sentences, sentences that share
         prefixes (an n-best list) computed once (``scoring.position_scores``; the same scores up to the rounding of
@@ -138,15 +143,16 @@ class LanguageModel:
             raise UserError(f"batch_size must be a positive integer (None: no limit), not {batch_size!r}")
         d, out = self.dictionary, []
         half = self._autocast(autocast_dtype)
+        words = [self.ids(s, replace_newline_with_eos) for s in items]
+        ids = _in_context(words, _contexts(self, context, len(items)), d.eos(), self.cfg.max_target_positions)
+        kept = [len(x) + int(score_eos) for x in words]  # the sentence's own positions: the last ones
         if knn is None:
-            ids = [self.ids(s, replace_newline_with_eos) for s in items]
             with fast_linears(self.device, packed=True), autocast(self.device, half):
                 scores, offsets = position_scores(self, ids, score_eos, max_sentences=batch_size)
-            for x, a, b in zip(ids, offsets[:-1].tolist(), offsets[1:].tolist()):
-                out.append(_scored(x, {"positional_scores": torch.from_numpy(scores[a:b])}))  # a view, float32
+            for x, k, b in zip(words, kept, offsets[1:].tolist()):
+                out.append(_scored(x, {"positional_scores": torch.from_numpy(scores[b - k : b])}))  # a view, fp32
             return out[0] if single else out
         knn.check_model(self)
-        ids = [self.ids(s, replace_newline_with_eos) for s in items]
         check_inputs(self, ids, batch_size)
         batch_size = batch_size or 16
         with knn.capture(self.model) as keys_of, fast_linears(self.device, packed=True), autocast(self.device, half):
@@ -158,7 +164,7 @@ class LanguageModel:
                 lp = self.model.target_log_probs_from_features(feats, tgt).float().cpu()  # (B, W)
                 rows = [{"positional_scores": lp[r, : int(n[r])]} for r in range(len(seqs))]
                 rows = knn.interpolate_rows(keys_of(src), tgt, rows, lmbda)
-                out += [_scored(x, row) for x, row in zip(seqs, rows)]
+                out += [_scored(x, _last(row, k)) for x, k, row in zip(words[b:], kept[b:], rows)]
         return out[0] if single else out
 
     def _autocast(self, name: Any) -> torch.dtype | None:
@@ -178,18 +184,26 @@ class LanguageModel:
         return half
 
     def score_rows(
-        self, lines: list[str], batch_size: int | None = None, score_eos: bool = False, autocast: str | None = None
+        self,
+        lines: list[str],
+        batch_size: int | None = None,
+        score_eos: bool = False,
+        autocast: str | None = None,
+        context_lines: int = 0,
     ) -> Iterator[dict[str, Any]]:
         """``adaptive-lm score``'s records, one per line in order: the text, its tokens, each token's ln p, their
         sum and mean, and the perplexity exp(-mean). Lines are scored ``SCORE_CHUNK_LINES`` at a time (``score``:
         length-sorted batches of at most ``batch_size`` sentences, shared prefixes), so records come out as chunks
-        finish."""
+        finish. ``context_lines``: each line scored after the ones before it, up to that many (``score``'s
+        ``context``)."""
         if isinstance(lines, str):
             raise UserError("score_rows takes a list of lines, not one str")
         for b in range(0, len(lines), SCORE_CHUNK_LINES):
             chunk = lines[b : b + SCORE_CHUNK_LINES]
+            ctx = ["\n".join(lines[max(0, i - context_lines) : i]) for i in range(b, b + len(chunk))]
             try:
-                scored = self.score(chunk, batch_size=batch_size, score_eos=score_eos, autocast_dtype=autocast)
+                scored = self.score(chunk, batch_size=batch_size, score_eos=score_eos, autocast_dtype=autocast,
+                                    context=ctx if context_lines > 0 else None)  # fmt: skip
             except UserError as e:  # the chunk's sentence number -> the line's
                 where = re.sub(r"^sentence (\d+)", lambda m, b=b: f"line {int(m.group(1)) + b}", str(e))
                 raise UserError(where) from None
@@ -269,6 +283,45 @@ class LanguageModel:
             raise UserError("no hypothesis finished for a prompt (every candidate was forbidden); relax the options")
         texts = [self.decode(h[0]["tokens"]) for h in hyps]
         return texts[0] if single else texts
+
+
+def _contexts(lm: LanguageModel, context: Any, n: int) -> list[list[int]]:
+    """``score``'s ``context`` as word ids per sentence (each of its lines followed by ``</s>``, as fairseq's
+    ``replace_newline_with_eos``, the ends stripped): one str for every sentence, or one per sentence."""
+    if context is None:
+        return [[] for _ in range(n)]
+    texts = [context] * n if isinstance(context, str) else _items(context, "score's context")
+    if len(texts) != n:
+        raise UserError(f"{len(texts)} contexts for {n} sentences: give one per sentence (or one str for all)")
+    if not all(isinstance(t, str) for t in texts):
+        raise UserError("context takes text: a str, or a list of str with one per sentence")
+    made: dict[str, list[int]] = {}
+    for t in texts:
+        if t not in made:
+            made[t] = lm.ids(t, replace_newline_with_eos=True)
+    return [made[t] for t in texts]
+
+
+def _in_context(words: list[list[int]], contexts: list[list[int]], eos: int, limit: int) -> list[list[int]]:
+    """Each sentence after its context and a ``</s>`` (a sentence without words: the context alone, whose
+    ``</s>`` ``score_eos`` scores). A context that makes a sentence too long for the model is refused here, so
+    that the message names it (``check_inputs`` would blame the sentence)."""
+    out = []
+    for i, (c, x) in enumerate(zip(contexts, words)):
+        full = [*c, eos, *x] if c and x else (c or x)
+        if c and len(full) + 1 > limit:
+            raise UserError(
+                f"sentence {i + 1} with its context is {len(full)} tokens: with its </s> more than the model's "
+                f"{limit} positions; shorten the context"
+            )
+        out.append(full)
+    return out
+
+
+def _last(row: dict[str, Any], k: int) -> dict[str, Any]:
+    """A kNN-scored row's per-position tensors cut to their last ``k`` positions (the sentence after its
+    context)."""
+    return {n: v[v.shape[0] - k :] if torch.is_tensor(v) and v.dim() == 1 else v for n, v in row.items()}
 
 
 def _items(xs: Any, what: str) -> list[Any]:
