@@ -132,6 +132,20 @@ def test_archive_with_dict_under_data_bin_loads(tmp_path, fixture_dir, monkeypat
         adaptive_lm.from_pretrained(alone / "model.pt")
 
 
+def test_an_archive_renamed_without_its_extension_loads(tmp_path, fixture_dir, monkeypatch):
+    """User need 4: a released archive saved without its extension is recognised by its bytes (bzip2, gzip or a
+    plain tar) and extracted, not refused as "an archive, not a checkpoint"."""
+    monkeypatch.setenv("ADAPTIVE_LM_CACHE", str(tmp_path / "cache"))
+    ref = outputs(adaptive_lm.from_pretrained(fixture_dir / "model" / "checkpoint_last.pt"))
+    bz2 = make_archive(tmp_path, fixture_dir)
+    for mode in ("w:bz2", "w:gz", "w:"):
+        bare = tmp_path / f"adaptive_lm_tiny_{mode[2:] or 'tar'}"
+        with tarfile.open(bz2) as src, tarfile.open(bare, mode) as dst:
+            for m in src.getmembers():
+                dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+        torch.testing.assert_close(outputs(adaptive_lm.from_pretrained(bare)), ref, atol=0, rtol=0)
+
+
 def test_convert_to_folder_and_back_to_fairseq(tmp_path, fixture_dir):
     src = fixture_dir / "model" / "checkpoint_last.pt"
     ref = adaptive_lm.from_pretrained(src)

@@ -128,6 +128,15 @@ def safe_extract(archive: Path, target: Path) -> Path:
     return target
 
 
+def is_archive(path: Path) -> bool:
+    """A tar archive, bzip2- or gzip-compressed or not, by its bytes: the released archives renamed without their
+    extension (a browser's or a script's download) load as they are. A checkpoint (a zip or a pickle) never starts
+    with these bytes."""
+    with open(path, "rb") as f:
+        head = f.read(262)
+    return head[:3] == b"BZh" or head[:2] == b"\x1f\x8b" or head[257:262] == b"ustar"
+
+
 def open_archive(archive: Path) -> Path:
     """Extract (once, into the cache) and return the folder holding ``model.pt``."""
     name = archive.name

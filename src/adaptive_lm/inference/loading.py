@@ -138,14 +138,14 @@ def _with_overrides(cfg: ModelConfig, overrides: dict[str, Any] | None) -> Model
 def _resolve(model_name_or_path: str | os.PathLike, checkpoint_file: str) -> Path:
     """The model file (or exported folder): a released name is downloaded, an archive extracted, a folder searched
     for ``checkpoint_file`` (by default also for our files: model.safetensors, checkpoint_best.pt, ...)."""
-    from adaptive_lm.inference.download import RELEASED, fetch, open_archive
+    from adaptive_lm.inference.download import RELEASED, fetch, is_archive, open_archive
 
     p = Path(model_name_or_path)
     if not p.exists() and str(model_name_or_path) in RELEASED:
         p = fetch(str(model_name_or_path))
     if not p.exists():
         raise UserError(f"{p}: no such file or folder (or a released model name: {', '.join(RELEASED)})")
-    if p.is_file() and p.name.endswith((".tar.bz2", ".tar.gz", ".tgz", ".tar")):
+    if p.is_file() and (p.name.endswith((".tar.bz2", ".tar.gz", ".tgz", ".tar")) or is_archive(p)):
         p = open_archive(p)
     if ":" in checkpoint_file:
         raise UserError(f"checkpoint_file {checkpoint_file!r}: ensembles of checkpoints are not supported; load one")
