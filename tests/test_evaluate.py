@@ -192,6 +192,11 @@ def test_cli_eval_score_generate(fixture_dir, tmp_path, capsys):
     assert main(["score", str(tmp_path / "s.txt"), "--path", path]) == 0
     rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert len(rows) == 2 and len(rows[1]["logprobs"]) == 3 and abs(rows[1]["sum"] - sum(rows[1]["logprobs"])) < 1e-4
+    assert main(["score", str(tmp_path / "s.txt"), "--path", path, "--base2"]) == 0  # bits: ln p / ln 2
+    bits = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    for r, b in zip(rows, bits, strict=True):
+        assert b["tokens"] == r["tokens"] and b["ppl"] == r["ppl"] and abs(b["mean"] * math.log(2) - r["mean"]) < 1e-9
+        assert all(abs(x * math.log(2) - y) < 2e-6 for x, y in zip(b["logprobs"], r["logprobs"], strict=True))
     assert main(["generate", "--path", path, "--prompt", "the", "--max-len-b", "8", "--beam", "2"]) == 0
     assert capsys.readouterr().out.startswith("the")
 

@@ -275,3 +275,13 @@ print(sorted(m for m in ("torch._dynamo", "torch.fx.experimental.symbolic_shapes
     paths.append(char_path)
     p = subprocess.run([sys.executable, "-c", code, *map(str, paths)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
+
+
+def test_knnlms_keytype_override_names_the_datastore_option(fixture_dir):
+    """User need 25: knnlm's scripts pass ``--model-overrides "{'knn_keytype': 'last_ffn_input'}"``; the refusal
+    names what does that here, and any other unknown override is refused by name."""
+    path = fixture_dir / "model" / "checkpoint_last.pt"
+    with pytest.raises(UserError, match=r"knn_keytype is knnlm's .*adaptive-lm knn-store --keytype last_ffn_input"):
+        adaptive_lm.from_pretrained(path, overrides={"knn_keytype": "last_ffn_input"})
+    with pytest.raises(UserError, match=r"unknown override\(s\) not_a_field \(ModelConfig fields or the stored"):
+        adaptive_lm.from_pretrained(path, overrides={"not_a_field": 1})

@@ -37,6 +37,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-lines", type=nonneg_int, default=0, metavar="N",
                    help="score each line after the N lines before it, read but not scored (sentence 2 given "
                         "sentence 1; each line ends with </s>); default 0: every line alone")  # fmt: skip
+    p.add_argument("--base2", action="store_true",
+                   help="log-probabilities, sum and mean in bits (log2), not nats (natural log, fairseq's hub); "
+                        "the perplexity is the same")  # fmt: skip
     add_text_flags(p)
     add_precision_flags(p)
     add_progress_flag(p)
@@ -58,7 +61,7 @@ def run(ns: argparse.Namespace) -> int:
             out = sys.stdout
         bar = stack.enter_context(Progress(len(lines), "score", ns.progress, unit="lines"))
         try:
-            for row in lm.score_rows(lines, ns.batch_size, ns.score_eos, _autocast(ns), ns.context_lines):
+            for row in lm.score_rows(lines, ns.batch_size, ns.score_eos, _autocast(ns), ns.context_lines, ns.base2):
                 out.write(json.dumps(row) + "\n")
                 n += len(row["tokens"])
                 n_unk += row["tokens"].count(lm.dictionary.unk_word)

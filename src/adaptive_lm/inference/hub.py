@@ -190,12 +190,13 @@ class LanguageModel:
         score_eos: bool = False,
         autocast: str | None = None,
         context_lines: int = 0,
+        base2: bool = False,
     ) -> Iterator[dict[str, Any]]:
         """``adaptive-lm score``'s records, one per line in order: the text, its tokens, each token's ln p, their
         sum and mean, and the perplexity exp(-mean). Lines are scored ``SCORE_CHUNK_LINES`` at a time (``score``:
         length-sorted batches of at most ``batch_size`` sentences, shared prefixes), so records come out as chunks
         finish. ``context_lines``: each line scored after the ones before it, up to that many (``score``'s
-        ``context``)."""
+        ``context``). ``base2``: log-probabilities, sum and mean in bits (log2 p) instead of nats."""
         if isinstance(lines, str):
             raise UserError("score_rows takes a list of lines, not one str")
         for b in range(0, len(lines), SCORE_CHUNK_LINES):
@@ -208,18 +209,8 @@ class LanguageModel:
                 where = re.sub(r"^sentence (\d+)", lambda m, b=b: f"line {int(m.group(1)) + b}", str(e))
                 raise UserError(where) from None
             for line, r in zip(chunk, scored):  # type: ignore[arg-type]
-                ps = r["positional_scores"].tolist()
-                total = float(sum(ps))
-                mean = total / len(ps) if ps else 0.0
-                words = [self.dictionary[i] for i in r["tokens"].tolist()]
-                yield {
-                    "text": line,
-                    "tokens": words + (["</s>"] if score_eos else []),
-                    "logprobs": [round(x, 6) for x in ps],
-                    "sum": total,
-                    "mean": mean,
-                    "ppl": math.exp(-mean),
-                }
+                words = [self.dictionary[i] for i in r["tokens"].tolist()] + (["</s>"] if score_eos else [])
+                yield _record(line, words, r["positional_scores"].tolist(), base2)
 
     @torch.no_grad()
     def features(self, sentences: str | list[str], all_layers: bool = False):
@@ -283,6 +274,16 @@ class LanguageModel:
             raise UserError("no hypothesis finished for a prompt (every candidate was forbidden); relax the options")
         texts = [self.decode(h[0]["tokens"]) for h in hyps]
         return texts[0] if single else texts
+
+
+def _record(line: str, tokens: list[str], ln_p: list[float], base2: bool) -> dict[str, Any]:
+    """``score_rows``' record of one line; the perplexity is the same in either base (2^-mean bits = e^-mean
+    nats)."""
+    mean = sum(ln_p) / len(ln_p) if ln_p else 0.0
+    scale = 1 / math.log(2) if base2 else 1.0
+    ps = [x * scale for x in ln_p]
+    return {"text": line, "tokens": tokens, "logprobs": [round(x, 6) for x in ps], "sum": float(sum(ps)),
+            "mean": mean * scale, "ppl": math.exp(-mean)}  # fmt: skip
 
 
 def _contexts(lm: LanguageModel, context: Any, n: int) -> list[list[int]]:

@@ -128,6 +128,7 @@ def _with_overrides(cfg: ModelConfig, overrides: dict[str, Any] | None) -> Model
     if not overrides:
         return cfg
     unknown = sorted(set(overrides) - set(ModelConfig.__dataclass_fields__))
+    _refuse_knnlm_override(unknown)
     if unknown:
         raise UserError(f"unknown model override(s): {', '.join(unknown)} (use ModelConfig field names)")
     out = ModelConfig.from_dict({**cfg.to_dict(), **overrides})
@@ -274,10 +275,22 @@ def _check_data_path(folder: Path, data_name_or_path: str, dictionary: Any) -> N
         )
 
 
+def _refuse_knnlm_override(unknown: list[str]) -> None:
+    """knnlm's scripts pass ``--model-overrides "{'knn_keytype': ...}"`` to fairseq (its fork reads it); here
+    the datastore command takes the key type: say so rather than "unknown override"."""
+    if "knn_keytype" in unknown:
+        raise UserError(
+            "model override knn_keytype is knnlm's (urvashik/knnlm), not a model setting: build the datastore with "
+            "`adaptive-lm knn-store --keytype last_ffn_input` (the default; or final), or read the keys with "
+            "lm.features(..., all_layers=True)"
+        )
+
+
 def _check_overrides(p: Path, overrides: dict[str, Any] | None, settings: dict[str, Any]) -> None:
     """fairseq's ``arg_overrides`` may name any stored setting; a key that is neither one of those nor a model
     setting is a typo that would change nothing."""
     unknown = sorted(set(overrides or {}) - set(ModelConfig.__dataclass_fields__) - set(settings))
+    _refuse_knnlm_override(unknown)
     if unknown:
         raise UserError(f"{p}: unknown override(s) {', '.join(unknown)} (ModelConfig fields or the stored fairseq "
                         "settings)")  # fmt: skip
