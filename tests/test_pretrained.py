@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gzip
 import http.server
 import io
 import os
@@ -144,6 +145,10 @@ def test_an_archive_renamed_without_its_extension_loads(tmp_path, fixture_dir, m
             for m in src.getmembers():
                 dst.addfile(m, src.extractfile(m) if m.isfile() else None)
         torch.testing.assert_close(outputs(adaptive_lm.from_pretrained(bare)), ref, atol=0, rtol=0)
+    gz = tmp_path / "checkpoint_last.pt.gz"  # a compressed checkpoint is no archive: said as what it is
+    gz.write_bytes(gzip.compress((fixture_dir / "model" / "checkpoint_last.pt").read_bytes()))
+    with pytest.raises(UserError, match="a bzip2/gzip-compressed file, not a checkpoint; .* needs bunzip2/gunzip"):
+        adaptive_lm.from_pretrained(gz)
 
 
 def test_convert_to_folder_and_back_to_fairseq(tmp_path, fixture_dir):
@@ -281,7 +286,8 @@ def test_knnlms_keytype_override_names_the_datastore_option(fixture_dir):
     """User need 25: knnlm's scripts pass ``--model-overrides "{'knn_keytype': 'last_ffn_input'}"``; the refusal
     names what does that here, and any other unknown override is refused by name."""
     path = fixture_dir / "model" / "checkpoint_last.pt"
-    with pytest.raises(UserError, match=r"knn_keytype is knnlm's .*adaptive-lm knn-store --keytype last_ffn_input"):
-        adaptive_lm.from_pretrained(path, overrides={"knn_keytype": "last_ffn_input"})
+    for kw in ({"overrides": {"knn_keytype": "last_ffn_input"}}, {"knn_keytype": "last_ffn_input"}):
+        with pytest.raises(UserError, match=r"knn_keytype is knnlm's .*knn-store --keytype last_ffn_input.*KeyCapture"):
+            adaptive_lm.from_pretrained(path, **kw)
     with pytest.raises(UserError, match=r"unknown override\(s\) not_a_field \(ModelConfig fields or the stored"):
         adaptive_lm.from_pretrained(path, overrides={"not_a_field": 1})

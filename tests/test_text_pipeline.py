@@ -154,3 +154,26 @@ def test_score_context_lines_on_the_command_line_as_fairseq(tmp_path):
         lm.score(["a", "b", "c"], context=["x", "y"])
     with pytest.raises(adaptive_lm.UserError, match="with its context is .* shorten the context"):
         lm.score("a", context=" ".join(["the"] * 2000))
+
+
+def test_context_lines_skip_blank_lines_fit_the_model_and_name_the_line(tmp_path):
+    """``--context-lines``: blank lines (WikiText puts one before every line) are not counted; an empty line with
+    ``--score-eos`` scores its own </s> after the context's (not the context's again); a context too long for the
+    model is cut from the left; a line too long by itself is named by its number."""
+    lm = load("wiki_tied")
+    lines = ["the first line", " ", "", "and the second one", "", "then the third"]
+    rows = list(lm.score_rows(lines, score_eos=True, context_lines=1))
+    want = lm.score("then the third", context="and the second one", score_eos=True)["positional_scores"]
+    assert all(abs(a - b) <= 1e-5 + 5e-7 for a, b in zip(rows[5]["logprobs"], want.tolist(), strict=True))
+    own = lm.score("and the second one", context="the first line", score_eos=True)["positional_scores"][-1]
+    assert rows[4]["tokens"] == ["</s>"] and abs(rows[4]["logprobs"][0] - float(own)) > 1e-3  # not counted twice
+    limit = lm.cfg.max_target_positions
+    long = ["the " * (limit // 2)] * 3 + ["then the third"]
+    last = list(lm.score_rows(long, context_lines=3))[-1]["logprobs"]  # the context cut to fit
+    ids = [lm.ids(line) for line in long]
+    eos = lm.dictionary.eos()
+    cut = [*ids[0], eos, *ids[1], eos, *ids[2]][-(limit - 2 - len(ids[3])) :]  # </s> + the line + <start> beside it
+    cut = cut[1:] if cut[0] == eos else cut
+    assert abs(sum(last) - float(lm.score("then the third", context=[cut])["positional_scores"].sum())) <= 1e-4
+    with pytest.raises(adaptive_lm.UserError, match=r"^line 2 has \d+ tokens"):
+        list(lm.score_rows(["a", "the " * limit], context_lines=1))

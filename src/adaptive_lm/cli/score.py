@@ -35,8 +35,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score-eos", action="store_true",
                    help="also score each line's final </s> (fairseq's hub score does not)")  # fmt: skip
     p.add_argument("--context-lines", type=nonneg_int, default=0, metavar="N",
-                   help="score each line after the N lines before it, read but not scored (sentence 2 given "
-                        "sentence 1; each line ends with </s>); default 0: every line alone")  # fmt: skip
+                   help="score each line after the N lines with words before it (blank lines do not count), read "
+                        "but not scored: sentence 2 given sentence 1; each line ends with </s>, the earliest words "
+                        "left out if they do not fit the model; default 0: every line alone")  # fmt: skip
     p.add_argument("--base2", action="store_true",
                    help="log-probabilities, sum and mean in bits (log2), not nats (natural log, fairseq's hub); "
                         "the perplexity is the same")  # fmt: skip

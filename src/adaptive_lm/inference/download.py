@@ -9,6 +9,8 @@ whenever the cached file is reused. Extraction refuses members that would land o
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
 import os
 import shutil
@@ -130,11 +132,17 @@ def safe_extract(archive: Path, target: Path) -> Path:
 
 def is_archive(path: Path) -> bool:
     """A tar archive, bzip2- or gzip-compressed or not, by its bytes: the released archives renamed without their
-    extension (a browser's or a script's download) load as they are. A checkpoint (a zip or a pickle) never starts
-    with these bytes."""
+    extension (a browser's or a script's download) load as they are. Only a tar inside counts: a compressed
+    checkpoint is not an archive (``safe_load`` says what it is)."""
     with open(path, "rb") as f:
-        head = f.read(262)
-    return head[:3] == b"BZh" or head[:2] == b"\x1f\x8b" or head[257:262] == b"ustar"
+        head = f.read(3)
+    opener = bz2.open if head == b"BZh" else gzip.open if head[:2] == b"\x1f\x8b" else open
+    try:
+        with opener(path, "rb") as f:
+            block = f.read(512)  # the first tar header
+    except (OSError, EOFError, ValueError):
+        return False
+    return block[257:262] == b"ustar"
 
 
 def open_archive(archive: Path) -> Path:

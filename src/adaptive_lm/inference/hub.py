@@ -118,7 +118,7 @@ class LanguageModel:
         lmbda: float = 0.25,
         score_eos: bool = False,
         autocast_dtype: str | None = None,
-        context: str | list[str] | None = None,
+        context: str | list[str | list[int]] | None = None,
     ) -> dict | list[dict]:
         """Per sentence: ``tokens`` (its words), ``positional_scores`` (ln p of each word given the words before
         it, starting from ``</s>``, or ``<s>`` with ``add_bos_token``) and ``score`` (their mean). As in fairseq's
@@ -127,7 +127,9 @@ class LanguageModel:
 
         ``context``: text each sentence is scored after (one str for all, or one per sentence; its lines end with
         ``</s>`` each), read but not scored: sentence 2 given sentence 1. The scores are fairseq's hub's for
-        ``score(context + "\n" + sentence, replace_newline_with_eos=True)`` at the sentence's positions.
+        ``score(context + "\n" + sentence, replace_newline_with_eos=True)`` at the sentence's positions. A context
+        may also be word ids (``ids()``'s, ``</s>`` between lines). A sentence without words after a context scores
+        nothing, or with ``score_eos`` its own ``</s>`` after the context's (fairseq's hub has no such case).
 
         Batches: length-sorted, of at most 4,096 positions and ``batch_size`` sentences, sentences that share
         prefixes (an n-best list) computed once (``scoring.position_scores``; the same scores up to the rounding of
@@ -144,7 +146,8 @@ class LanguageModel:
         d, out = self.dictionary, []
         half = self._autocast(autocast_dtype)
         words = [self.ids(s, replace_newline_with_eos) for s in items]
-        ids = _in_context(words, _contexts(self, context, len(items)), d.eos(), self.cfg.max_target_positions)
+        ctx = _contexts(self, context, len(items))
+        ids = _in_context(words, ctx, d.eos(), score_eos, self.cfg.max_target_positions)
         kept = [len(x) + int(score_eos) for x in words]  # the sentence's own positions: the last ones
         if knn is None:
             with fast_linears(self.device, packed=True), autocast(self.device, half):
@@ -195,16 +198,18 @@ class LanguageModel:
         """``adaptive-lm score``'s records, one per line in order: the text, its tokens, each token's ln p, their
         sum and mean, and the perplexity exp(-mean). Lines are scored ``SCORE_CHUNK_LINES`` at a time (``score``:
         length-sorted batches of at most ``batch_size`` sentences, shared prefixes), so records come out as chunks
-        finish. ``context_lines``: each line scored after the ones before it, up to that many (``score``'s
-        ``context``). ``base2``: log-probabilities, sum and mean in bits (log2 p) instead of nats."""
+        finish. ``context_lines``: each line scored after up to that many lines with words before it (blank lines,
+        such as WikiText's, do not count), as ``score``'s ``context``, the earliest tokens left out where the
+        context would not fit the model's positions. ``base2``: log-probabilities, sum and mean in bits (log2 p)
+        instead of nats."""
         if isinstance(lines, str):
             raise UserError("score_rows takes a list of lines, not one str")
+        contexts = _line_contexts(self, lines, context_lines) if context_lines > 0 else None
         for b in range(0, len(lines), SCORE_CHUNK_LINES):
             chunk = lines[b : b + SCORE_CHUNK_LINES]
-            ctx = ["\n".join(lines[max(0, i - context_lines) : i]) for i in range(b, b + len(chunk))]
             try:
                 scored = self.score(chunk, batch_size=batch_size, score_eos=score_eos, autocast_dtype=autocast,
-                                    context=ctx if context_lines > 0 else None)  # fmt: skip
+                                    context=contexts[b : b + len(chunk)] if contexts else None)  # fmt: skip
             except UserError as e:  # the chunk's sentence number -> the line's
                 where = re.sub(r"^sentence (\d+)", lambda m, b=b: f"line {int(m.group(1)) + b}", str(e))
                 raise UserError(where) from None
@@ -288,34 +293,59 @@ def _record(line: str, tokens: list[str], ln_p: list[float], base2: bool) -> dic
 
 def _contexts(lm: LanguageModel, context: Any, n: int) -> list[list[int]]:
     """``score``'s ``context`` as word ids per sentence (each of its lines followed by ``</s>``, as fairseq's
-    ``replace_newline_with_eos``, the ends stripped): one str for every sentence, or one per sentence."""
+    ``replace_newline_with_eos``, the ends stripped): one str for every sentence, or one per sentence (a str or
+    word ids)."""
     if context is None:
         return [[] for _ in range(n)]
-    texts = [context] * n if isinstance(context, str) else _items(context, "score's context")
-    if len(texts) != n:
-        raise UserError(f"{len(texts)} contexts for {n} sentences: give one per sentence (or one str for all)")
-    if not all(isinstance(t, str) for t in texts):
-        raise UserError("context takes text: a str, or a list of str with one per sentence")
+    given = [context] * n if isinstance(context, str) else _items(context, "score's context")
+    if len(given) != n:
+        raise UserError(f"{len(given)} contexts for {n} sentences: give one per sentence (or one str for all)")
     made: dict[str, list[int]] = {}
-    for t in texts:
-        if t not in made:
-            made[t] = lm.ids(t, replace_newline_with_eos=True)
-    return [made[t] for t in texts]
+    out = []
+    for c in given:
+        if isinstance(c, str):
+            if c not in made:
+                made[c] = lm.ids(c, replace_newline_with_eos=True)
+            out.append(made[c])
+        elif isinstance(c, (list, tuple)) and all(isinstance(i, (int, np.integer)) for i in c):
+            out.append([int(i) for i in c])
+        else:
+            raise UserError("context takes text or word ids: a str, or a list with one str (or id list) per sentence")
+    return out
 
 
-def _in_context(words: list[list[int]], contexts: list[list[int]], eos: int, limit: int) -> list[list[int]]:
-    """Each sentence after its context and a ``</s>`` (a sentence without words: the context alone, whose
-    ``</s>`` ``score_eos`` scores). A context that makes a sentence too long for the model is refused here, so
-    that the message names it (``check_inputs`` would blame the sentence)."""
+def _in_context(
+    words: list[list[int]], contexts: list[list[int]], eos: int, score_eos: bool, limit: int
+) -> list[list[int]]:
+    """Each sentence after its context and a ``</s>``. A sentence without words needs its context only to score
+    its ``</s>`` (``score_eos``): then it is the context and that ``</s>``, otherwise nothing. A context that makes
+    a sentence too long for the model is refused here, naming it (a sentence too long by itself is
+    ``check_inputs``' to report)."""
     out = []
     for i, (c, x) in enumerate(zip(contexts, words)):
-        full = [*c, eos, *x] if c and x else (c or x)
-        if c and len(full) + 1 > limit:
+        full = [*c, eos, *x] if c and (x or score_eos) else x
+        if c and len(full) + 1 > limit >= len(x) + 1:
             raise UserError(
                 f"sentence {i + 1} with its context is {len(full)} tokens: with its </s> more than the model's "
                 f"{limit} positions; shorten the context"
             )
         out.append(full)
+    return out
+
+
+def _line_contexts(lm: LanguageModel, lines: list[str], n: int) -> list[list[int]]:
+    """``score_rows``' contexts: for each line, the word ids of the last ``n`` earlier lines that have words,
+    ``</s>`` between them, cut from the left to what fits the model's positions with the line (each line encoded
+    once)."""
+    eos, limit = lm.dictionary.eos(), lm.cfg.max_target_positions
+    ids = [lm.ids(line) for line in lines]
+    out, recent = [], []  # recent: the last n lines with words before this one
+    for x in ids:
+        ctx = [t for j, r in enumerate(recent) for t in ([eos, *r] if j else r)]
+        room = max(0, limit - 2 - len(x))  # context + </s> + the line + the start symbol
+        out.append(_strip(ctx[len(ctx) - room :], eos) if len(ctx) > room else ctx)  # no leading </s> once cut
+        if x:
+            recent = [*recent, x][-n:]
     return out
 
 

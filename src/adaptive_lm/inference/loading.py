@@ -176,6 +176,7 @@ def _split_kwargs(kwargs: dict[str, Any], overrides: dict[str, Any] | None) -> t
     if overrides is not None and not isinstance(overrides, dict):
         raise UserError(f"from_pretrained: overrides must be a dict of settings, not {type(overrides).__name__}")
     model = {k: kwargs.pop(k) for k in list(kwargs) if k in ModelConfig.__dataclass_fields__}
+    _refuse_knnlm_override(list(kwargs))  # fairseq's hub takes its overrides as keywords too
     if kwargs:
         raise UserError(
             f"from_pretrained: unknown keyword(s) {', '.join(sorted(kwargs))} (accepted: dictionary, device, dtype, "
@@ -281,8 +282,8 @@ def _refuse_knnlm_override(unknown: list[str]) -> None:
     if "knn_keytype" in unknown:
         raise UserError(
             "model override knn_keytype is knnlm's (urvashik/knnlm), not a model setting: build the datastore with "
-            "`adaptive-lm knn-store --keytype last_ffn_input` (the default; or final), or read the keys with "
-            "lm.features(..., all_layers=True)"
+            "`adaptive-lm knn-store --keytype last_ffn_input` (the default; or final), or capture the keys with "
+            "adaptive_lm.knn.KeyCapture(lm.model, 'last_ffn_input')"
         )
 
 

@@ -61,8 +61,9 @@ def safe_load(path: str | os.PathLike, mmap: bool = True) -> Any:
         raise UserError(f"{path}: empty file (an interrupted copy or save?); use an intact checkpoint")
     if kind == "archive":
         raise UserError(
-            f"{path}: this is a .tar.bz2/.tar.gz archive, not a checkpoint; extract it (tar xf) or pass "
-            f"the archive to from_pretrained/convert"
+            f"{path}: a bzip2/gzip-compressed file, not a checkpoint; a released .tar.bz2/.tar.gz archive loads "
+            f"through from_pretrained/convert (or extract it: tar xf), a compressed checkpoint needs bunzip2/gunzip "
+            f"first"
         )
     if kind == "other":
         raise UserError(
