@@ -53,6 +53,28 @@ def test_eval_matches_fairseq_eval_lm(tiny_lm, fixture_dir, cw):
     assert printed_n == n and abs(res.loss_base2 - printed_loss) <= 5e-5 + 1e-5  # 4 decimals (+ its float32 sum)
 
 
+@pytest.mark.parametrize("impl", ["raw", None])
+def test_raw_text_evaluates_as_fairseq_eval_lm_reads_it(tiny_lm, fixture_dir, tmp_path, impl):
+    """fairseq's ``--dataset-impl raw``: the split is a text file (data/valid, no .idx), encoded as it is loaded;
+    without the flag fairseq infers it from the files. The fixture's valid split as text gives fairseq's numbers
+    (reference/eval_raw_cw*.log, tests/fixtures/make_fairseq_raw.sh) and every token's fairseq score."""
+    from conftest import decoded_text
+
+    (tmp_path / "valid").write_text(decoded_text(fixture_dir / "data-bin", "valid", 400), encoding="utf-8")
+    (tmp_path / "dict.txt").write_bytes((fixture_dir / "data-bin" / "dict.txt").read_bytes())
+    for cw in (0, 128):
+        cfg = EvalConfig(data=str(tmp_path), gen_subset="valid", context_window=cw, batch_size=8, dataset_impl=impl)
+        res = evaluate(tiny_lm, cfg, keep_scores=True)
+        n, loss, _ = FAIRSEQ[cw]
+        assert res.n_tokens == n and abs(res.loss_base2 - loss) < 2e-6
+        full = np.load(fixture_dir / "reference" / "valid_logprobs.npz")[f"logprobs_cw{cw}_fairseq_pipeline_full"]
+        assert np.abs(res.scores - full).max() < 1e-5
+        printed_n, printed_loss, _ = fairseq_printed(fixture_dir / "reference" / f"eval_raw_cw{cw}.log")
+        assert printed_n == n and abs(res.loss_base2 - printed_loss) <= 5e-5 + 1e-5
+    with pytest.raises(UserError, match=r"with --dataset-impl raw the split is a text file named test"):
+        evaluate(tiny_lm, EvalConfig(data=str(tmp_path), gen_subset="test", dataset_impl="raw"))
+
+
 @pytest.mark.parametrize("mode", ["eos", "complete"])
 def test_blocks_longer_than_the_model_are_skipped_as_fairseq_eval_lm_skips_them(tiny_lm, fixture_dir, mode):
     """eval-lm's batches ignore invalid inputs: with whole lines as blocks, the 8 valid lines longer than the model's

@@ -21,6 +21,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -194,6 +195,38 @@ class IndexedDataset:
         return top
 
 
+class RawTextDataset:
+    """fairseq's ``--dataset-impl raw`` (``IndexedRawTextDataset``): the split is a text file named as the split
+    itself (``data/valid``), every line encoded when loaded as fairseq encodes it (whitespace-split words, ``<unk>``
+    for the others, ``</s>`` appended), so evaluation needs no binarising. The same interface as
+    ``IndexedDataset``."""
+
+    impl = "raw"
+
+    def __init__(self, path: str | os.PathLike, dictionary: Any) -> None:
+        self.prefix = str(path)
+        try:
+            with open(path, encoding="utf-8") as f:  # text mode: fairseq's ``for line in f`` (universal newlines)
+                ids = [np.asarray(dictionary.encode_line(line), dtype=np.int64) for line in f]
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+        except OSError as e:
+            raise UserError(f"{path}: cannot read it ({e.strerror})") from None
+        self.sizes = np.array([len(x) for x in ids], dtype=np.int64)
+        self.tokens = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+        self.offsets = np.zeros(len(self.sizes) + 1, dtype=np.int64)
+        np.cumsum(self.sizes, out=self.offsets[1:])
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+
+    def max_id(self) -> int:
+        return int(self.tokens.max()) if len(self.tokens) else 0
+
+
 def _check_files(prefix: str, idx_path: str, bin_path: str) -> None:
     """Both files exist and are files; a text file at ``prefix`` (fairseq's ``--dataset-impl raw``) is named."""
     for p in (idx_path, bin_path):
@@ -203,7 +236,8 @@ def _check_files(prefix: str, idx_path: str, bin_path: str) -> None:
             if os.path.isfile(prefix):
                 raise UserError(
                     f"{prefix}: a text file with no {Path(p).name} beside it, which fairseq reads as --dataset-impl "
-                    "raw (tokenised as it is loaded); not supported here: binarise it with `adaptive-lm preprocess`"
+                    "raw (tokenised as it is loaded); eval reads it so, training needs it binarised with "
+                    "`adaptive-lm preprocess`"
                 )
             raise UserError(f"{p}: not found; run `adaptive-lm preprocess` (or fairseq-preprocess) first")
 
@@ -469,18 +503,31 @@ DATASET_IMPLS = ("mmap", "lazy", "cached", "raw", "fasta", "huffman")  # fairseq
 
 
 def load_split(
-    data_dir: str | os.PathLike, split: str, vocab_size: int | None = None, impl: str | None = None
-) -> IndexedDataset:
+    data_dir: str | os.PathLike,
+    split: str,
+    vocab_size: int | None = None,
+    impl: str | None = None,
+    dictionary: Any = None,
+) -> IndexedDataset | RawTextDataset:
     """An indexed split; with ``vocab_size``, its largest token id is checked against the dictionary (a ``.bin``
     made with another dictionary, or damaged, fails here with its name instead of deep inside the model).
     ``impl``: fairseq's ``--dataset-impl`` as a command line gave it (the format is read from the files anyway);
-    one that does not match them is refused, as fairseq fails to read them then."""
+    one that does not match them is refused, as fairseq fails to read them then. With a ``dictionary`` (evaluation),
+    raw text is read as fairseq reads it: with ``--dataset-impl raw``, or without the flag when the split is a text
+    file with no ``.idx`` beside it (fairseq's inference of the format)."""
+    prefix = Path(data_dir) / split
+    if dictionary is not None and (
+        impl == "raw" or (impl is None and prefix.is_file() and not prefix.with_name(split + ".idx").exists())
+    ):
+        if not prefix.is_file():
+            raise UserError(f"{prefix}: not found; with --dataset-impl raw the split is a text file named {split}")
+        return RawTextDataset(prefix, dictionary)
     if impl in ("raw", "fasta", "huffman"):
         raise UserError(
-            f"--dataset-impl {impl}: not supported (the data must be binarised, mmap or lazy/cached); binarise the "
-            "text with `adaptive-lm preprocess` and drop the flag (the format is read from the files)"
+            f"--dataset-impl {impl}: not supported here (the data must be binarised, mmap or lazy/cached; raw text "
+            "is read by eval only); binarise the text with `adaptive-lm preprocess` and drop the flag"
         )
-    ds = IndexedDataset(Path(data_dir) / split)
+    ds = IndexedDataset(prefix)
     if impl is not None and (impl == "mmap") != (ds.impl == "mmap"):
         written = "mmap" if ds.impl == "mmap" else "lazy or cached"
         raise UserError(

@@ -45,8 +45,9 @@ class EvalConfig:
     gen_subset: str = opt("test", "split to score")
     context_window: int = opt(0, "tokens of earlier text in front of each block", kind="nonneg")
     tokens_per_sample: int | None = opt(None, "block size (default: the model's training value)", kind="positive")
-    dataset_impl: str | None = opt(None, "fairseq's index format (mmap, lazy, cached); default: read from the files",
-                                   choices=list(DATASET_IMPLS))  # fmt: skip
+    dataset_impl: str | None = opt(None, "fairseq's index format (mmap, lazy, cached), or raw: the split is a text "
+                                   "file named as the split (data/valid), encoded as it is read; default: read from "
+                                   "the files", choices=list(DATASET_IMPLS))  # fmt: skip
     sample_break_mode: str = opt("none", "how the split is cut into blocks (none: fixed-size blocks across lines)",
                                  choices=["none", "complete", "complete_doc", "eos"])  # fmt: skip
     max_tokens: int | None = opt(None, f"tokens per batch (default: {DEFAULT_TOKENS_CPU} on CPU, {DEFAULT_TOKENS_GPU} "
@@ -165,7 +166,7 @@ def plan(lm: LanguageModel, cfg: EvalConfig) -> EvalPlan:
     block = tps - C
     # the split's largest id checked against the model's vocabulary: a .bin made with a larger dictionary (its dict.txt
     # replaced by the model's) failed inside the model with a traceback
-    split = load_split(data, cfg.gen_subset, vocab_size=len(lm.dictionary), impl=cfg.dataset_impl)
+    split = load_split(data, cfg.gen_subset, len(lm.dictionary), cfg.dataset_impl, dictionary=lm.dictionary)
     ds = LMDataset.from_split(split, block, cfg.sample_break_mode, add_bos=lm.cfg.add_bos_token)
     ids, split_sizes = np.arange(len(ds)), ds.sizes
     if cfg.full_blocks_only:
