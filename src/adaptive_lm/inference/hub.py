@@ -165,9 +165,10 @@ class LanguageModel:
                 src, tgt = src.to(self.device), tgt.to(self.device)
                 feats = self.model(src)  # (B, W, d)
                 lp = self.model.target_log_probs_from_features(feats, tgt).float().cpu()  # (B, W)
-                rows = [{"positional_scores": lp[r, : int(n[r])]} for r in range(len(seqs))]
-                rows = knn.interpolate_rows(keys_of(src), tgt, rows, lmbda)
-                out += [_scored(x, _last(row, k)) for x, k, row in zip(words[b:], kept[b:], rows)]
+                skip = [int(n[r]) - k for r, k in zip(range(len(seqs)), kept[b:])]  # context positions: no search
+                rows = [{"positional_scores": lp[r, skip[r] : int(n[r])]} for r in range(len(seqs))]
+                rows = knn.interpolate_rows(keys_of(src), tgt, rows, lmbda, skip)
+                out += [_scored(x, row) for x, row in zip(words[b:], rows)]
         return out[0] if single else out
 
     def _autocast(self, name: Any) -> torch.dtype | None:
@@ -347,12 +348,6 @@ def _line_contexts(lm: LanguageModel, lines: list[str], n: int) -> list[list[int
         if x:
             recent = [*recent, x][-n:]
     return out
-
-
-def _last(row: dict[str, Any], k: int) -> dict[str, Any]:
-    """A kNN-scored row's per-position tensors cut to their last ``k`` positions (the sentence after its
-    context)."""
-    return {n: v[v.shape[0] - k :] if torch.is_tensor(v) and v.dim() == 1 else v for n, v in row.items()}
 
 
 def _items(xs: Any, what: str) -> list[Any]:

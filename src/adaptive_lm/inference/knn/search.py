@@ -227,12 +227,20 @@ class KNN:
         return KeyCapture(model, self.keytype)
 
     def interpolate_rows(
-        self, keys: torch.Tensor, target: torch.Tensor, rows: list[dict[str, torch.Tensor]], lmbda: float
+        self,
+        keys: torch.Tensor,
+        target: torch.Tensor,
+        rows: list[dict[str, torch.Tensor]],
+        lmbda: float,
+        skip: list[int] | None = None,
     ) -> list[dict[str, torch.Tensor]]:
         """``LanguageModel.score(knn=...)``'s step: each sentence's LM scores (``rows[i]["positional_scores"]``, its
-        first n positions) interpolated with the kNN distribution of the keys captured at those positions."""
+        n positions after the first ``skip[i]``, a context not scored) interpolated with the kNN distribution of the
+        keys captured at those positions (no search for the context's)."""
         n = torch.tensor([len(r["positional_scores"]) for r in rows])
-        mask = torch.arange(target.shape[1])[None, :] < n[:, None]  # (B, W): the scored positions
+        s = torch.tensor(skip if skip is not None else [0] * len(rows), dtype=torch.long)
+        at = torch.arange(target.shape[1])[None, :]
+        mask = (at >= s[:, None]) & (at < (s + n)[:, None])  # (B, W): the scored positions
         knn_lp = torch.from_numpy(self.knn_log_probs(keys.cpu()[mask], target.cpu()[mask]))  # (N,)
         out, off = [], 0
         for r, m in zip(rows, n.tolist()):
