@@ -146,6 +146,8 @@ def test_features_and_the_model_refuse_what_the_positions_cannot_hold():
     text = " ".join(["the"] * (2 * limit))
     with pytest.raises(UserError, match=f"more than the model's {limit} positions"):
         learned.features(text)
+    with pytest.raises(UserError, match=r"shorter pieces, or for a document's perplexity .* --dataset-impl raw"):
+        learned.score(text)  # the way to a long text's perplexity: eval reads raw text in sliding windows
     src = torch.full((1, limit + 1), 5)
     with pytest.raises(ValueError, match=f"{limit + 1} positions: more than the {limit} of the learned table"):
         learned.model(src)

@@ -69,7 +69,9 @@ def check_inputs(lm: Any, ids: Sequence[Sequence[int]], max_sentences: int | Non
         first = int(np.argmax(lens + 1 > limit))
         raise UserError(
             f"sentence {first + 1} has {int(lens[first])} tokens: with its </s> more than the model's {limit} "
-            "positions (fairseq's hub refuses it too); split it into shorter pieces"
+            "positions (fairseq's hub refuses it too); split it into shorter pieces, or for a document's perplexity "
+            "in sliding windows save it as DIR/valid beside the model's dict.txt and run `adaptive-lm eval DIR "
+            "--gen-subset valid --dataset-impl raw --context-window C`"
         )
 
 
