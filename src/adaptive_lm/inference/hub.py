@@ -36,7 +36,7 @@ def _scored(ids: list[int], row: dict[str, Any]) -> dict[str, Any]:
     return {"tokens": torch.tensor(ids, dtype=torch.long), **row, "score": float(ps.mean()) if len(ps) else math.nan}
 
 
-SCORE_CHUNK_LINES = 4096  # ``score_rows``: lines per ``score`` call (records come out as each chunk finishes)
+SCORE_CHUNK_LINES = 4096  # ``score_rows``: lines scored at a time (records come out as each chunk finishes)
 
 
 @dataclass
@@ -141,20 +141,16 @@ class LanguageModel:
         items = [sentences] if single else _items(sentences, "score")  # any iterable, read once (a tensor: refused)
         if not all(isinstance(s, str) for s in items):
             raise UserError("score takes text: a str or a list of str (for word ids: rescore.sentence_logprobs)")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))):
-            raise UserError(f"batch_size must be a positive integer (None: no limit), not {batch_size!r}")
+        _check_batch_size(batch_size)
         d, out = self.dictionary, []
         half = self._autocast(autocast_dtype)
         words = [self.ids(s, replace_newline_with_eos) for s in items]
         ctx = _contexts(self, context, len(items))
+        if knn is None:
+            out = _score_words(self, words, ctx, score_eos, batch_size, half)
+            return out[0] if single else out
         ids = _in_context(words, ctx, d.eos(), score_eos, self.cfg.max_target_positions)
         kept = [len(x) + int(score_eos) for x in words]  # the sentence's own positions: the last ones
-        if knn is None:
-            with fast_linears(self.device, packed=True), autocast(self.device, half):
-                scores, offsets = position_scores(self, ids, score_eos, max_sentences=batch_size)
-            for x, k, b in zip(words, kept, offsets[1:].tolist()):
-                out.append(_scored(x, {"positional_scores": torch.from_numpy(scores[b - k : b])}))  # a view, fp32
-            return out[0] if single else out
         knn.check_model(self)
         check_inputs(self, ids, batch_size)
         batch_size = batch_size or 16
@@ -205,18 +201,22 @@ class LanguageModel:
         instead of nats."""
         if isinstance(lines, str):
             raise UserError("score_rows takes a list of lines, not one str")
-        contexts = _line_contexts(self, lines, context_lines) if context_lines > 0 else None
+        _check_batch_size(batch_size)
+        half = self._autocast(autocast)
+        line_ids = [self.ids(line) for line in lines] if context_lines > 0 else None  # each line encoded once
+        contexts = _line_contexts(self, line_ids, context_lines) if line_ids is not None else None
         for b in range(0, len(lines), SCORE_CHUNK_LINES):
             chunk = lines[b : b + SCORE_CHUNK_LINES]
+            ids = line_ids[b : b + len(chunk)] if line_ids is not None else [self.ids(line) for line in chunk]
+            ctx = contexts[b : b + len(chunk)] if contexts is not None else [[] for _ in chunk]
             try:
-                scored = self.score(chunk, batch_size=batch_size, score_eos=score_eos, autocast_dtype=autocast,
-                                    context=contexts[b : b + len(chunk)] if contexts else None)  # fmt: skip
+                scored = _score_words(self, ids, ctx, score_eos, batch_size, half)
             except UserError as e:  # the chunk's sentence number -> the line's
                 where = re.sub(r"^sentence (\d+)", lambda m, b=b: f"line {int(m.group(1)) + b}", str(e))
                 raise UserError(where) from None
             for line, r in zip(chunk, scored):  # type: ignore[arg-type]
-                words = [self.dictionary[i] for i in r["tokens"].tolist()] + (["</s>"] if score_eos else [])
-                yield _record(line, words, r["positional_scores"].tolist(), base2)
+                tokens = [self.dictionary[i] for i in r["tokens"].tolist()] + (["</s>"] if score_eos else [])
+                yield _record(line, tokens, r["positional_scores"].tolist(), base2)
 
     @torch.no_grad()
     def features(self, sentences: str | list[str], all_layers: bool = False):
@@ -282,6 +282,31 @@ class LanguageModel:
         return texts[0] if single else texts
 
 
+def _check_batch_size(batch_size: Any) -> None:
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))):
+        raise UserError(f"batch_size must be a positive integer (None: no limit), not {batch_size!r}")
+
+
+def _score_words(
+    lm: LanguageModel,
+    words: list[list[int]],
+    contexts: list[list[int]],
+    score_eos: bool,
+    batch_size: int | None,
+    half: torch.dtype | None,
+) -> list[dict[str, Any]]:
+    """``score``'s records (no kNN) of sentences given as word ids, each after its context (``[]``: none): the
+    sentence's positions are the last ones of its scores. ``half``: the autocast dtype (None: none)."""
+    ids = _in_context(words, contexts, lm.dictionary.eos(), score_eos, lm.cfg.max_target_positions)
+    with torch.no_grad(), fast_linears(lm.device, packed=True), autocast(lm.device, half):
+        scores, offsets = position_scores(lm, ids, score_eos, max_sentences=batch_size)
+    out = []
+    for x, b in zip(words, offsets[1:].tolist()):
+        k = len(x) + int(score_eos)  # the sentence's own positions
+        out.append(_scored(x, {"positional_scores": torch.from_numpy(scores[b - k : b])}))  # a view, float32
+    return out
+
+
 def _record(line: str, tokens: list[str], ln_p: list[float], base2: bool) -> dict[str, Any]:
     """``score_rows``' record of one line; the perplexity is the same in either base (2^-mean bits = e^-mean
     nats)."""
@@ -334,12 +359,10 @@ def _in_context(
     return out
 
 
-def _line_contexts(lm: LanguageModel, lines: list[str], n: int) -> list[list[int]]:
-    """``score_rows``' contexts: for each line, the word ids of the last ``n`` earlier lines that have words,
-    ``</s>`` between them, cut from the left to what fits the model's positions with the line (each line encoded
-    once)."""
+def _line_contexts(lm: LanguageModel, ids: list[list[int]], n: int) -> list[list[int]]:
+    """``score_rows``' contexts: for each line (its word ids), the word ids of the last ``n`` earlier lines that
+    have words, ``</s>`` between them, cut from the left to what fits the model's positions with the line."""
     eos, limit = lm.dictionary.eos(), lm.cfg.max_target_positions
-    ids = [lm.ids(line) for line in lines]
     out, recent = [], []  # recent: the last n lines with words before this one
     for x in ids:
         ctx = [t for j, r in enumerate(recent) for t in ([eos, *r] if j else r)]
