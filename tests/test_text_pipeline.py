@@ -28,16 +28,21 @@ def load(model: str, **kw) -> adaptive_lm.LanguageModel:
     return adaptive_lm.from_pretrained(MODELS / model, "model.pt", **kw)
 
 
+def load_with_bpe(model: str) -> adaptive_lm.LanguageModel:
+    """A generation model as fairseq's hub was given it (spm with its SentencePiece BPE)."""
+    return load(model, **({"bpe": "sentencepiece"} if model == "spm" else {}))
+
+
 @pytest.mark.parametrize("case", REF["decode"], ids=lambda c: f"{c['model']}-{c['ids']}")
 def test_decode_keeps_pad_as_fairseq(case):
-    lm = load(case["model"], **({"bpe": "sentencepiece"} if case["model"] == "spm" else {}))
+    lm = load_with_bpe(case["model"])
     assert lm.decode(torch.tensor(case["ids"])) == case["text"]
     assert lm.decode(case["ids"]) == case["text"]
 
 
 @pytest.mark.parametrize("case", REF["score_empty"], ids=lambda c: f"{c['model']}-{len(c['sentences'])}")
 def test_an_empty_sentence_scores_nan_as_fairseq(case):
-    lm = load(case["model"], **({"bpe": "sentencepiece"} if case["model"] == "spm" else {}))
+    lm = load_with_bpe(case["model"])
     got = lm.score(case["sentences"])
     got = [got] if isinstance(case["sentences"], str) else got
     for g, r in zip(got, case["results"], strict=True):
@@ -100,15 +105,11 @@ def test_generate_reads_crlf_prompt_files_as_score_does():
     assert bom.stdout == lf.stdout  # a byte-order mark is not part of the first prompt
 
 
-def _context_model(model: str) -> adaptive_lm.LanguageModel:
-    return load(model, **({"bpe": "sentencepiece"} if model == "spm" else {}))
-
-
 @pytest.mark.parametrize("case", REF["score_context"], ids=lambda c: f"{c['model']}-{c['sentence'][:12]}")
 def test_a_sentence_after_its_context_scores_as_fairseq(case):
     """``score(sentence, context=...)`` is fairseq's hub score of context + "\\n" + sentence with
     ``replace_newline_with_eos``, at the sentence's positions only (user need 20: sentence 2 given sentence 1)."""
-    lm = _context_model(case["model"])
+    lm = load_with_bpe(case["model"])
     n = case["words"]
     got = lm.score(case["sentence"], context=case["context"])
     assert got["tokens"].tolist() == case["tokens"][-n:]
@@ -122,7 +123,7 @@ def test_contexts_per_sentence_in_one_batch_score_as_fairseq(model):
     """One ``score`` call, a context per sentence (and the same sentence under different contexts): each as
     fairseq's."""
     cases = [c for c in REF["score_context"] if c["model"] == model]
-    lm = _context_model(model)
+    lm = load_with_bpe(model)
     got = lm.score([c["sentence"] for c in cases] * 2, context=[c["context"] for c in cases] + ["x"] * len(cases))
     for g, c in zip(got, cases, strict=False):
         torch.testing.assert_close(g["positional_scores"], torch.tensor(c["positional_scores"][-c["words"] :]),
