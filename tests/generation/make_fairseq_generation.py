@@ -269,6 +269,8 @@ BEAM_SETTINGS = [
     ("words4", dict(beam=5, temperature=1.3, max_len_b=20), {}),
     ("batch4", dict(beam=2, max_len_b=15), {"load": {"batch_size": 2}}),
     ("words3", dict(beam=2), {}),  # the defaults: max_len_b 200, capped by the model's max positions - 1
+    ("words4", dict(beam=5, unnormalized=True, max_len_b=20), {}),  # sums of ln p: shorter hypotheses win
+    ("batch3", dict(beam=4, unnormalized=True, lenpen=2.0, min_len=6, max_len_b=20), {}),  # lenpen then unused
 ]
 BPE_SETTINGS = [
     ("raw1", dict(beam=5, max_len_b=30), {}),
@@ -572,6 +574,8 @@ def main():
     ref["score_cases"] = score_cases(hubs, pools)
     ref["sampling_filter_cases"] = sampling_filter_cases(rec, hubs, tensors)
     ref["sampling_generate_cases"] = sampling_generate_cases(rec, hubs, tensors)
+    if "--add-new" in sys.argv:
+        ref, tensors = add_new(ref)
     with open(os.path.join(OUT, "reference.json"), "w", encoding="utf-8") as f:
         f.write(dumps(ref))
     torch.save(tensors, os.path.join(OUT, "sampling.pt"))
@@ -580,6 +584,26 @@ def main():
         f"{len(ref['score_cases'])} score cases; {len(ref['sampling_filter_cases'])} filter cases; "
         f"{len(ref['sampling_generate_cases'])} sampled generations"
     )
+
+
+def add_new(ref):
+    """``--add-new``: the committed reference.json and sampling.pt as they are, plus the beam cases of settings they
+    lack (new entries in BEAM_SETTINGS / ID_SETTINGS), numbered after the last. Why: fairseq on another CPU rounds
+    differently in the last bits (MKL's kernels differ), so a full regeneration rewrites every case's floats."""
+    with open(os.path.join(OUT, "reference.json"), encoding="utf-8") as f:
+        old = json.load(f)
+
+    def key(c):
+        return json.dumps([c["model"], c["load_overrides"], c["ngram_impl"], c["generate_kwargs"]], sort_keys=True)
+
+    known = {key(c) for c in old["beam_cases"]}
+    for c in ref["beam_cases"]:
+        if key(c) not in known:
+            c["id"] = f"b{len(old['beam_cases']):03d}"
+            old["beam_cases"].append(c)
+            print(f"added {c['id']} {c['model']} {json.dumps(c['generate_kwargs'])}")
+    old["min_beam_gap"] = min(c["min_gap"] for c in old["beam_cases"])
+    return old, torch.load(os.path.join(OUT, "sampling.pt"))
 
 
 def dumps(ref):
