@@ -139,6 +139,33 @@ def test_dictionary_mismatch_is_explained(tiny_lm, tmp_path):
         evaluate(tiny_lm, EvalConfig(data=str(tmp_path), gen_subset="valid"))
 
 
+def test_score_eos_sums_to_fairseq_eval_lm_with_a_block_per_line(tiny_lm, fixture_dir, tmp_path, capsys):
+    """``score(..., score_eos=True)`` and ``adaptive-lm score --score-eos`` score each line's words and its own
+    ``</s>`` from a ``</s>`` context: what fairseq-eval-lm ``--sample-break-mode eos`` scores per line (blank lines
+    too: a lone ``</s>``). Over the fixture's valid split, the lines that fit the model's 256 positions give its
+    18,660 tokens and printed loss (reference/eval_eos.log); without the ``</s>`` the count is short by a line each."""
+    from conftest import decoded_text
+    from adaptive_lm.core.data import IndexedDataset
+
+    n_lines = len(IndexedDataset(fixture_dir / "data-bin" / "valid"))
+    lines = [x.strip() for x in decoded_text(fixture_dir / "data-bin", "valid", n_lines).splitlines()]
+    fits = [x for x in lines if len(x.split()) + 1 <= 256]  # eval-lm skips the 8 longer blocks
+    _, evaluated, loss_line = (fixture_dir / "reference" / "eval_eos.log").read_text().splitlines()
+    tokens, loss = int(evaluated.split()[1].replace(",", "")), float(re.findall(r"[\d.]+", loss_line)[1])
+    scores = [r["positional_scores"] for r in tiny_lm.score(fits, score_eos=True)]
+    assert sum(len(s) for s in scores) == tokens == 18_660 and len(fits) == n_lines - 8
+    total = sum(float(s.double().sum()) for s in scores)
+    assert abs(-total / tokens / math.log(2) - loss) <= 5e-5 + 1e-5  # printed to 4 decimals
+    assert sum(len(r["positional_scores"]) for r in tiny_lm.score(fits)) == tokens - len(fits)
+
+    text = tmp_path / "valid.txt"  # the command line: the same numbers, line by line (the first 300 lines)
+    text.write_text("\n".join(fits[:300]) + "\n", encoding="utf-8")
+    assert main(["score", str(text), "--path", str(fixture_dir / "model" / "checkpoint_last.pt"), "--score-eos"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [len(r["logprobs"]) for r in rows] == [len(s) for s in scores[:300]] and rows[0]["tokens"][-1] == "</s>"
+    assert max(abs(r["sum"] - float(s.sum())) for r, s in zip(rows, scores)) < 1e-4
+
+
 def test_score_has_fairseq_hub_semantics(tiny_lm):
     r = tiny_lm.score("the game was played")
     assert len(r["positional_scores"]) == 4  # one per word; the final </s> is not scored
