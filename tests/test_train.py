@@ -245,6 +245,29 @@ def test_the_fixed_schedule_is_fairseqs(tmp_path, fixture_dir):
         assert close(a["loss"], b["loss"], spread["loss"][i])
 
 
+def test_weight_decay_and_momentum_are_fairseqs_nag(tmp_path, fixture_dir):
+    """NAG with --weight-decay 0.05 and --momentum 0.9 (fairseq's: p *= 1 - lr * wd before the momentum step; the
+    recipe uses neither), 6 updates of the fixed schedule (tests/fixtures/make_fairseq_fixed.sh): every logged loss
+    and gradient norm, and the final weights, within the perturbation bound of fairseq's."""
+    data = str(fixture_dir / "continue" / "data-bin")
+    args = ["train", data, *FIXED.split(), "--restore-file", str(fixture_dir / "model" / "checkpoint_last.pt"),
+            "--reset-optimizer", "--reset-lr-scheduler", "--reset-dataloader", "--reset-meters", "--max-epoch", "6",
+            "--weight-decay", "0.05", "--momentum", "0.9", "--save-dir", str(tmp_path)]  # fmt: skip
+    result, spread = train_with_spread(args)
+    ref = fairseq_log(fixture_dir / "fixed" / "decay.log")
+    assert len(result["history"]) == len(ref) == 6
+    for i, (ours, theirs) in enumerate(zip(result["history"], ref)):
+        assert close(ours["loss"], theirs["loss"], spread["loss"][i]), i
+        assert close(ours["gnorm"], theirs["gnorm"], spread["gnorm"][i]), i
+    ours = adaptive_lm.from_pretrained(tmp_path / "checkpoint_last.pt")
+    expected = state_dict_from_fairseq(safe_load(fixture_dir / "fixed" / "decay.pt")["model"], ours.cfg)
+    own = ours.model.state_dict()
+    worst = max((own[k] - v).abs().max().item() for k, v in expected.items())
+    assert worst < 4 * spread["weights"][0] + 1e-6, (worst, spread["weights"])
+    fresh = fairseq_log(fixture_dir / "fixed" / "fresh.log")  # the same run without them: its losses are elsewhere
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ref, fresh)) > 0.03
+
+
 def test_update_freq_per_epoch_is_fairseqs(tmp_path, fixture_dir):
     """--update-freq 3,2: epoch 1 groups three batches per update (56 batches: 19 updates, the last of two), epoch 2
     two, as fairseq-train (tests/fixtures/make_fairseq_fixed.sh): the same losses and lrs, update by update."""
