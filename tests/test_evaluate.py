@@ -144,8 +144,8 @@ def test_score_eos_sums_to_fairseq_eval_lm_with_a_block_per_line(tiny_lm, fixtur
     ``</s>`` from a ``</s>`` context: what fairseq-eval-lm ``--sample-break-mode eos`` scores per line (blank lines
     too: a lone ``</s>``). Over the fixture's valid split, the lines that fit the model's 256 positions give its
     18,660 tokens and printed loss (reference/eval_eos.log); without the ``</s>`` the count is short by a line each."""
-    from conftest import decoded_text
     from adaptive_lm.core.data import IndexedDataset
+    from conftest import decoded_text
 
     n_lines = len(IndexedDataset(fixture_dir / "data-bin" / "valid"))
     lines = [x.strip() for x in decoded_text(fixture_dir / "data-bin", "valid", n_lines).splitlines()]
@@ -327,6 +327,7 @@ EVAL_WORDS_CASES = {
         "pieces",
         [*WORDS, "--max-tokens", "500", "--context-window", "16", "--sample-break-mode", "eos"],
     ),  # fmt: skip
+    "pieces_complete_doc.log": ("tiny", "pieces", [*WORDS, "--batch-size", "3", "--sample-break-mode", "complete_doc"]),
     "remove_bpe_bare.log": ("tiny", "pieces", ["--tokens-per-sample", "64", "--remove-bpe"]),
     "bos_complete.log": (
         "bos",
