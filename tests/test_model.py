@@ -71,6 +71,26 @@ def test_fixture_features_and_full_rows_match_fairseq(fairseq_tiny):
     assert (rows - torch.tensor(ref["block0_full_logprobs_first_rows"])).abs().max() < 1e-5
 
 
+def test_every_layers_states_and_the_knn_key_are_fairseqs(fairseq_tiny, fixture_dir):
+    """``features(s, all_layers=True)``: fairseq's ``inner_states`` (the embedding's output, then each layer's) and
+    ``extract_features``' output; ``KeyCapture(model, "last_ffn_input")``: the last layer's ``fc1`` input, knnlm's
+    default key (fairseq's, by the same hook: tests/fixtures/make_fairseq_states.py). Every value within 1e-5."""
+    from adaptive_lm.inference.knn.keys import KeyCapture
+
+    lm, _ = fairseq_tiny
+    ref = np.load(fixture_dir / "reference" / "states.npz")
+    for i, sentence in enumerate(ref["sentences"].tolist()):
+        src = torch.tensor(ref[f"src{i}"])[None]  # (1, T): </s> + words
+        assert [lm.start_token, *lm.ids(sentence)] == src[0].tolist()
+        *inner, final = lm.features(sentence, all_layers=True)
+        assert len(inner) == lm.cfg.decoder_layers + 1
+        torch.testing.assert_close(torch.stack(inner), torch.tensor(ref[f"inner{i}"]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(final, torch.tensor(ref[f"final{i}"]), atol=1e-5, rtol=0)
+        with KeyCapture(lm.model, "last_ffn_input") as keys, torch.no_grad():
+            lm.model(src)
+            torch.testing.assert_close(keys(src)[0], torch.tensor(ref[f"ffn_in{i}"]), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("cw", [0, 128])
 def test_fixture_token_logprobs_match_fairseq_both_paths(fairseq_tiny, cw):
     lm, ref = fairseq_tiny
