@@ -105,7 +105,7 @@ def fairseq_log(path):
     for line in open(path):
         if "train_inner |" in line:
             vals = dict(re.findall(r"(\w+)=([-\d.e]+)", line))
-            rows.append({k: float(vals[k]) for k in ("loss", "gnorm", "lr", "num_updates")})
+            rows.append({k: float(vals[k]) for k in ("loss", "gnorm", "lr", "num_updates", "wpb", "bsz")})
     return rows
 
 
@@ -266,6 +266,27 @@ def test_weight_decay_and_momentum_are_fairseqs_nag(tmp_path, fixture_dir):
     assert worst < 4 * spread["weights"][0] + 1e-6, (worst, spread["weights"])
     fresh = fairseq_log(fixture_dir / "fixed" / "fresh.log")  # the same run without them: its losses are elsewhere
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ref, fresh)) > 0.03
+
+
+@pytest.mark.parametrize("mode", ["eos", "complete"])
+def test_training_on_blocks_of_whole_lines_is_fairseqs(tmp_path, fixture_dir, mode):
+    """--sample-break-mode eos (a block per line) and complete (whole lines up to 256 tokens), two epochs of the
+    continuation data (tests/fixtures/make_fairseq_fixed.sh): fairseq's batches in its order, update by update (words
+    and sentences per batch: padding not counted, 32 short lines in one batch), and its losses and gradient norms."""
+    args = ["train", str(fixture_dir / "continue" / "data-bin"), *FIXED.split(), "--restore-file",
+            str(fixture_dir / "model" / "checkpoint_last.pt"), "--reset-optimizer", "--reset-lr-scheduler",
+            "--reset-dataloader", "--reset-meters", "--max-epoch", "2", "--sample-break-mode", mode, "--save-dir",
+            str(tmp_path)]  # fmt: skip
+    result, spread = train_with_spread(args)
+    ref = fairseq_log(fixture_dir / "fixed" / f"{mode}.log")
+    assert len(result["history"]) == len(ref) == {"eos": 6, "complete": 2}[mode]
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    inner = [x for x in lines if x["split"] == "train_inner"]  # --log-interval 1: one per update
+    assert [(x["wpb"], x["bsz"]) for x in inner] == [(r["wpb"], r["bsz"]) for r in ref]
+    for i, (ours, theirs) in enumerate(zip(result["history"], ref)):
+        assert close(ours["loss"], theirs["loss"], spread["loss"][i]), i
+        assert close(ours["gnorm"], theirs["gnorm"], spread["gnorm"][i]), i
+        assert abs(ours["lr"] - theirs["lr"]) <= 5e-7
 
 
 def test_update_freq_per_epoch_is_fairseqs(tmp_path, fixture_dir):
