@@ -76,6 +76,25 @@ def test_truncated_checkpoint(data, model, tmp_path):
     one_line(run("score", str(data / "valid.txt"), "--path", str(bad)), "truncated or damaged")
 
 
+def test_a_checkpoint_damaged_inside_a_tensor_is_one_line(data, model, tmp_path):
+    """Bytes changed inside a weight tensor (the archive intact around them): torch.load does not check the stored
+    CRC-32s, so this loaded and scored with perplexity inf (then a traceback: exp overflowed). Now the entry that
+    fails its checksum is named."""
+    import zipfile
+
+    with zipfile.ZipFile(model) as z:
+        entry = max(z.infolist(), key=lambda i: i.file_size)  # the largest tensor
+    raw = bytearray(model.read_bytes())
+    start = entry.header_offset + 30 + len(entry.filename.encode()) + len(entry.extra) + entry.file_size // 2
+    raw[start : start + 64] = bytes(b ^ 0x55 for b in raw[start : start + 64])
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(bytes(raw))
+    one_line(run("score", str(data / "valid.txt"), "--path", str(bad)), "damaged checkpoint", entry.filename)
+    from adaptive_lm.inference.hub import _record
+
+    assert _record("w", ["w"], [-800.0], base2=False)["ppl"] == float("inf")  # was an OverflowError
+
+
 def test_empty_restore_file(data, tmp_path):
     empty = tmp_path / "empty.pt"
     empty.touch()

@@ -314,7 +314,7 @@ def _record(line: str, tokens: list[str], ln_p: list[float], base2: bool) -> dic
     scale = 1 / math.log(2) if base2 else 1.0
     ps = [x * scale for x in ln_p]
     return {"text": line, "tokens": tokens, "logprobs": [round(x, 6) for x in ps], "sum": float(sum(ps)),
-            "mean": mean * scale, "ppl": math.exp(-mean)}  # fmt: skip
+            "mean": mean * scale, "ppl": math.exp(-mean) if -mean < 709.0 else math.inf}  # fmt: skip
 
 
 def _contexts(lm: LanguageModel, context: Any, n: int) -> list[list[int]]:
