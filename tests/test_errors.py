@@ -19,6 +19,7 @@ from adaptive_lm.cli import main
 from adaptive_lm.core.corpus import Corpus
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
+FIXTURE_MODEL = Path(__file__).parent / "fixtures" / "fairseq_tiny" / "model" / "checkpoint_last.pt"
 
 
 def run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -713,6 +714,21 @@ def test_model_sizes_that_build_nothing_and_numbers_beyond_int64(data, model, tm
     line = in_process(capsys, "generate", "--path", str(model), "--prompt", "w1", "--model-overrides",
                       "{'decoder_layers': -1}")  # fmt: skip
     assert "decoder_layers -1 must be zero or more" in line
+    # values of the wrong kind were TypeError tracebacks (or a RuntimeError for a negative size); a number given as
+    # text is read as one (fairseq's typed config does the same)
+    for override, fragment in [
+        ("{'dropout': 'abc'}", "model override dropout='abc': must be a number"),
+        ("{'decoder_layers': 'x'}", "model override decoder_layers='x': must be an integer"),
+        ("{'adaptive_input': 1}", "model override adaptive_input=1: must be True or False"),
+        ("{'max_target_positions': -5}", "max_target_positions -5 must be a positive integer"),
+        ("{'max_target_positions': 0}", "max_target_positions 0 must be a positive integer"),
+    ]:
+        for path in (str(model), str(FIXTURE_MODEL)):  # ours, and a fairseq checkpoint (its own override path)
+            line = in_process(capsys, "score", str(data / "valid.txt"), "--path", path, "--model-overrides", override)
+            assert fragment in line, (path, line)
+    (tmp_path / "one.txt").write_text("w1 w2\n")
+    assert main(["score", str(tmp_path / "one.txt"), "--path", str(model), "--model-overrides", "{'dropout': '0.2'}",
+                 "--output", str(tmp_path / "s.jsonl")]) == 0  # fmt: skip
     assert not (tmp_path / "r" / "checkpoint_last.pt").exists()
 
 

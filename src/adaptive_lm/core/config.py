@@ -65,8 +65,8 @@ def min_parameters(cfg: Any) -> int:
 def check_sizes(cfg: Any) -> None:
     """Widths, heads and band factors that build no model (fairseq and ours failed with ZeroDivisionError or a
     reshape error)."""
-    for name in ("decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_attention_heads"):
-        if getattr(cfg, name) < 1:
+    for name in ("decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_attention_heads", "max_target_positions"):
+        if getattr(cfg, name, 1) < 1:
             raise ConfigError(f"{name} {getattr(cfg, name)} must be a positive integer")
     if cfg.decoder_layers < 0:  # a checkpoint loaded with it was refused as 'weights do not match' its settings
         raise ConfigError(f"decoder_layers {cfg.decoder_layers} must be zero or more")
@@ -335,6 +335,34 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def typed_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """``--model-overrides`` values for ModelConfig fields, checked against the field's type: a number given as text
+    ("0.1") is read as one, as fairseq's typed config reads it; anything else of the wrong kind is one line. Why:
+    ``{'dropout': 'abc'}`` reached the range checks and failed there with a TypeError traceback."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(ModelConfig)}
+    out = dict(overrides)
+    for name, value in overrides.items():
+        kind = types.get(name, "").replace(" | None", "")
+        if value is None and "None" in types.get(name, ""):
+            continue
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise ConfigError(f"model override {name}={value!r}: must be True or False")
+        elif kind in ("int", "float"):
+            number = value
+            if isinstance(value, str):
+                try:
+                    number = int(value) if kind == "int" else float(value)
+                except ValueError:
+                    number = None
+            ok = isinstance(number, int) if kind == "int" else isinstance(number, (int, float))
+            if isinstance(number, bool) or not ok:
+                what = "an integer" if kind == "int" else "a number"
+                raise ConfigError(f"model override {name}={value!r}: must be {what}")
+            out[name] = number
+    return out
 
 
 PROBABILITIES = ("dropout", "attention_dropout", "activation_dropout", "relu_dropout", "adaptive_softmax_dropout",

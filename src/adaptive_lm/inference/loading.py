@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from adaptive_lm.core.config import ModelConfig
+from adaptive_lm.core.config import ModelConfig, typed_overrides
 from adaptive_lm.core.dictionary import Dictionary
 from adaptive_lm.core.errors import UserError
 from adaptive_lm.core.fairseq_format import (
@@ -131,7 +131,7 @@ def _with_overrides(cfg: ModelConfig, overrides: dict[str, Any] | None) -> Model
     _refuse_knnlm_override(unknown)
     if unknown:
         raise UserError(f"unknown model override(s): {', '.join(unknown)} (use ModelConfig field names)")
-    out = ModelConfig.from_dict({**cfg.to_dict(), **overrides})
+    out = ModelConfig.from_dict({**cfg.to_dict(), **typed_overrides(overrides)})
     out.validate()
     return out
 

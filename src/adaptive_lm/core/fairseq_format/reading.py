@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from adaptive_lm.core.config import NORMFORMER, ModelConfig
+from adaptive_lm.core.config import NORMFORMER, ModelConfig, typed_overrides
 from adaptive_lm.core.errors import UserError
 from adaptive_lm.core.presets import ALIASES, PRESETS, apply_preset
 
@@ -163,14 +163,14 @@ def config_from_fairseq(
     fairseq 0.12 builds none whatever its config says (``config.NORMFORMER``), older versions did.
     """
     s = dict(settings)
-    s.update(overrides or {})
+    s.update(typed_overrides(overrides or {}))
     if "no_tie_adaptive_proj" in s:  # pre-2020 option name
         s["no_decoder_final_norm"] = True
         if s["no_tie_adaptive_proj"] is False:
             s["tie_adaptive_proj"] = True
     if "decoder_final_norm" in s:
         s["no_decoder_final_norm"] = not s["decoder_final_norm"]
-    if s.get("max_target_positions") in (None, 0):
+    if s.get("max_target_positions") is None:
         s["max_target_positions"] = s.get("tokens_per_sample") or 1024
     fields = set(ModelConfig.__dataclass_fields__) - {"vocab_size", "padding_idx"}
     given = {k: s[k] for k in fields if k in s}
