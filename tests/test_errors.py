@@ -589,6 +589,40 @@ def test_convert_never_overwrites_silently_and_score_output_is_all_or_nothing(da
     assert json.loads(out.read_text())["tokens"] == ["w1", "w2"]
 
 
+def test_outputs_that_are_links_pipes_devices_or_standard_output(data, model, tmp_path, capsys):
+    """--output renamed its finished file over the path given: a symbolic link was replaced (its target left as it
+    was), a named pipe replaced (its reader got nothing), /dev/null replaced by a regular file (as root: the pipe
+    stands for it here), and "-" became a file named "-". Now a link's target is written, a pipe or device
+    directly, "-" is standard output (rescore: its rows; --best - needs the rows in a file)."""
+    from adaptive_lm.core.files import atomic_write_text
+
+    text = tmp_path / "in.txt"
+    text.write_text("w1 w2\n")
+    target, link = tmp_path / "target.jsonl", tmp_path / "link.jsonl"
+    target.write_text("old\n")
+    link.symlink_to(target)
+    assert main(["score", str(text), "--path", str(model), "--output", str(link)]) == 0
+    assert link.is_symlink() and json.loads(target.read_text())["tokens"] == ["w1", "w2"]
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE, text=True)
+    atomic_write_text(fifo, "through the pipe\n")
+    assert reader.communicate(timeout=30)[0] == "through the pipe\n" and fifo.is_fifo()
+    capsys.readouterr()
+    assert main(["score", str(text), "--path", str(model), "--output", "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == ["w1", "w2"] and not Path("-").exists()
+    assert "an empty path: give a file name" in in_process(capsys, "score", str(text), "--path", str(model),
+                                                           "--output", "")  # fmt: skip
+    nbest = tmp_path / "nbest.tsv"
+    nbest.write_text("1\tw1 w2\n1\tw2 w1\n")
+    assert main(["rescore", str(nbest), "--path", str(model), "--output", "-"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3 and not Path("-").exists()  # a header and the rows
+    line = in_process(capsys, "rescore", str(nbest), "--path", str(model), "--best", "-")
+    assert "--best - and the rescored rows would both go to standard output" in line
+    assert main(["rescore", str(nbest), "--path", str(model), "--best", "-", "--output", str(tmp_path / "r")]) == 0
+    assert capsys.readouterr().out.startswith("1\tw")
+
+
 def test_usage_errors_of_check_and_knn_store_are_one_line(data, model, tmp_path, capsys):
     """check --fixture on a folder that is not one was reported as a failed machine check (exit 1); knn-store with
     --bf16 --fp16 printed an fp16 note before its refusal."""

@@ -192,7 +192,12 @@ def creatable_dir(s: str) -> str:
 
 
 def output_file(s: str) -> str:
-    """A file path whose folder exists and is writable (a typo fails before the model loads)."""
+    """A file path whose folder exists and is writable (a typo fails before the model loads); ``-`` is standard
+    output."""
+    if s == "-":
+        return s
+    if not s:
+        raise argparse.ArgumentTypeError("an empty path: give a file name (or - for standard output)")
     p = Path(s)
     if p.is_dir():
         raise argparse.ArgumentTypeError(f"{s}: is a folder, not a file")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -130,7 +131,7 @@ def _wants_wer(nb: NBest, asked: bool) -> bool:
 
 def _write_best(path: str, nb: NBest, list_ids: list[str], pick: np.ndarray, lm_weight: float, bonus: float) -> str:
     """Each list's chosen hypothesis as ``id<TAB>text``; returns the line saying what was written and by what."""
-    with open(path, "w", encoding="utf-8") as f:
+    with contextlib.nullcontext(sys.stdout) if path == "-" else open(path, "w", encoding="utf-8") as f:
         for lid, k in zip(list_ids, pick.tolist()):
             f.write(f"{lid}\t{nb.texts[k]}\n")
     what = f"{nb.score_name!r}" if nb.score_name else "0 (no score column)"
@@ -145,6 +146,10 @@ def run(ns: argparse.Namespace) -> int:
     if not wer and (ns.lm_weight_grid or ns.word_bonus_grid):
         raise UserError("--lm-weight-grid / --word-bonus-grid tune against references: add --reference COLUMN or "
                         "--references FILE (or give --lm-weight / --word-bonus directly)")  # fmt: skip
+    if ns.output == "-":  # standard output, as without --output
+        ns.output = None
+    if ns.best == "-" and not ns.output:
+        raise UserError("--best - and the rescored rows would both go to standard output: give --output FILE")
     if ns.best and ns.output and Path(ns.best).resolve() == Path(ns.output).resolve():
         raise UserError(f"--best and --output are the same file ({ns.output}): one would overwrite the other")
     if wer:
@@ -166,7 +171,7 @@ def run(ns: argparse.Namespace) -> int:
     finally:
         if out is not sys.stdout:
             out.close()
-    info = sys.stdout if ns.output else sys.stderr
+    info = sys.stdout if ns.output and ns.best != "-" else sys.stderr
     print(
         f"rescored {len(ids):,} hypotheses ({len(list_ids):,} lists, {n_tok:,} tokens) in {secs:.2f} s: "
         f"{len(ids) / max(secs, 1e-9):,.0f} hypotheses/s, {n_tok / max(secs, 1e-9):,.0f} tokens/s on {lm.device}",

@@ -55,7 +55,7 @@ def run(ns: argparse.Namespace) -> int:
     # --output is written whole or not at all (a temporary file renamed at the end): a failure or Ctrl-C midway
     # leaves the previous file as it was, not a truncated one under the final name
     with contextlib.ExitStack() as stack:
-        if ns.output:
+        if ns.output and ns.output != "-":
             tmp = stack.enter_context(atomic_path(ns.output))
             out = stack.enter_context(open(tmp, "w", encoding="utf-8"))
         else:

@@ -32,7 +32,14 @@ def fsync_file(path: str | os.PathLike) -> None:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """``with atomic_path(p) as tmp: write(tmp)``: on success ``tmp`` is fsynced and renamed over ``p``; on an
-    exception ``p`` is untouched and the temporary file is removed (a kill leaves it, under a name no reader opens)."""
+    exception ``p`` is untouched and the temporary file is removed (a kill leaves it, under a name no reader opens).
+    A symbolic link's target is replaced (the link stays); a device or pipe is written directly."""
+    p = Path(path)
+    if p.exists() and not p.is_file():  # a device (/dev/null), a FIFO or a socket: written in place; renaming a
+        yield p  # regular file over it would replace the device itself (as root) or the pipe a reader waits on
+        return
+    if p.is_symlink():  # the link stays and its target is replaced
+        path = p.resolve()
     tmp = Path(temporary_name(path))
     try:
         yield tmp
