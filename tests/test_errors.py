@@ -469,6 +469,8 @@ def test_misleading_or_silent_cases_now_say_what_is_wrong(data, model, tmp_path,
     assert "a file, not a folder" in in_process(capsys, "convert", m, str(tmp_path / "f.txt"))
     assert "--bf16 and --fp16 together" in in_process(capsys, "eval", str(data / "bin"), "--path", m, "--bf16",
                                                       "--fp16")  # fmt: skip
+    line = in_process(capsys, *train_args(data, tmp_path / "p", "--max-update", "1", "--max-target-positions", "16"))
+    assert "training samples of 32 tokens are longer than the model's 16 positions" in line  # was trained on
     for subset, fragment in (("nosuch", "nosuch.idx not found"), ("valid,test", "one split only")):
         line = in_process(capsys, *train_args(data, tmp_path / "s", "--max-update", "1", "--valid-subset", subset))
         assert fragment in line

@@ -67,10 +67,21 @@ def ignored_flags(cfg: TrainConfig) -> str | None:
 
 
 def _check_positions(model_cfg: ModelConfig, sizes: np.ndarray, add_bos: bool) -> None:
-    """A learned position table must hold the widest sample, ``<s>`` included: with ``--add-bos-token`` a full block
+    """No sample may be longer than the model's positions (fairseq-train skips such samples: refused here rather than
+    trained on, which gave a model its own evaluation then refused). A learned position table must also hold the
+    widest sample, ``<s>`` included: with ``--add-bos-token`` a full block
     is ``--tokens-per-sample`` + 1 positions, one more than the table fairseq sizes by ``--tokens-per-sample``
     (fairseq-train fails in its first forward with an IndexError; said here as one line before anything runs)."""
-    if not model_cfg.decoder_learned_pos or model_cfg.no_token_positional_embeddings or not len(sizes):
+    if not len(sizes):
+        return
+    if int(sizes.max()) > model_cfg.max_target_positions:  # any kind of positions: fairseq filters by this size
+        raise UserError(
+            f"training samples of {int(sizes.max())} tokens are longer than the model's "
+            f"{model_cfg.max_target_positions} positions (--max-target-positions): fairseq-train skips every longer "
+            f"sample (and stops with 'The dataset is empty' when none is left); pass --max-target-positions "
+            f"{int(sizes.max())} or more, or a smaller --tokens-per-sample"
+        )
+    if not model_cfg.decoder_learned_pos or model_cfg.no_token_positional_embeddings:
         return
     widest = int(sizes.max()) + int(add_bos)
     if widest > model_cfg.max_target_positions:
