@@ -256,6 +256,13 @@ def test_unknown_word_rate_is_reported(data, model, tmp_path):
     text.write_text("Hello, world! This isn't tokenised.\n")
     r = run("score", str(text), "--path", str(model))
     assert r.returncode == 0 and "are <unk>" in r.stderr and "--tokenizer moses" in r.stderr
+    # eval takes no --tokenizer (its words were split before preprocess): its note had recommended that flag
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "valid").write_text("Hello, world! This isn't tokenised.\n" * 3)
+    (tmp_path / "raw" / "dict.txt").write_bytes((data / "bin" / "dict.txt").read_bytes())
+    r = run("eval", str(tmp_path / "raw"), "--path", str(model), "--gen-subset", "valid")
+    assert r.returncode == 0 and "are <unk>" in r.stdout + r.stderr, r.stderr
+    assert "--tokenizer" not in r.stdout + r.stderr and "before preprocess" in r.stdout + r.stderr
 
 
 def test_scoring_an_empty_file_says_so(model, tmp_path, capsys):

@@ -406,14 +406,19 @@ def half_notice(ns: argparse.Namespace, device_type: str) -> None:
 UNK_WARN_RATE = 0.05  # report the unknown-word rate above this
 
 
-def unk_line(n_unk: int, n: int, has_tokenizer: bool, what: str) -> str | None:
-    """The unknown-word rate, when it is high enough to distort scores (unknown words score as ``<unk>``)."""
+def unk_line(n_unk: int, n: int, has_tokenizer: bool, what: str, binarised: bool = False) -> str | None:
+    """The unknown-word rate, when it is high enough to distort scores (unknown words score as ``<unk>``).
+    ``binarised``: the words came from a data folder (eval, knn-store), whose text was split before preprocess (those
+    commands take no --tokenizer)."""
     rate = n_unk / max(n, 1)
     if rate <= UNK_WARN_RATE:
         return None
-    hint = (
-        "" if has_tokenizer else "; raw text needs --tokenizer moses (punctuation attached to words makes them unknown)"
-    )
+    if binarised:
+        hint = "; split the text into words as the model's training data was (e.g. Moses) before preprocess"
+    elif has_tokenizer:
+        hint = ""
+    else:
+        hint = "; raw text needs --tokenizer moses (punctuation attached to words makes them unknown)"
     share = f"{100 * rate:.1f}% of the tokens of {what}"
     return f"note: {share} are <unk> (scored as one symbol, which flatters the score){hint}"
 

@@ -132,7 +132,7 @@ def run(ns: argparse.Namespace) -> int:
         probs, stats = word_lines(res, lm.dictionary, cont, pieces, ns.output_word_probs, ns.output_word_stats)
     if ns.freq_bins or ns.plot:
         lines += _frequency_lines(ns, scored, lm)
-    unk = unk_line(scored.n_unk, scored.n_tokens, lm.tokenizer is not None, f"{ns.data}/{ns.gen_subset}")
+    unk = unk_line(scored.n_unk, scored.n_tokens, False, f"{ns.data}/{ns.gen_subset}", binarised=True)
     done, loss = summary_lines(res)  # fairseq prints the word stats between them
     return emit(ns, lines + ([unk] if unk else []) + probs + [done, *stats, loss], closing=[done, loss])
 
