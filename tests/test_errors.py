@@ -476,6 +476,12 @@ def test_misleading_or_silent_cases_now_say_what_is_wrong(data, model, tmp_path,
     assert "a file, not a folder" in in_process(capsys, "convert", m, str(tmp_path / "f.txt"))
     assert "--bf16 and --fp16 together" in in_process(capsys, "eval", str(data / "bin"), "--path", m, "--bf16",
                                                       "--fp16")  # fmt: skip
+    nodict = tmp_path / "nodict"
+    nodict.mkdir()
+    for f in ("valid.bin", "valid.idx"):
+        (nodict / f).write_bytes((data / "bin" / f).read_bytes())
+    line = in_process(capsys, "eval", str(nodict), "--path", m, "--dict", str(data / "bin" / "dict.txt"))
+    assert f"{nodict}: no dict.txt beside the split" in line  # it had said to pass the --dict that was passed
     line = in_process(capsys, *train_args(data, tmp_path / "p", "--max-update", "1", "--max-target-positions", "16"))
     assert "training samples of 32 tokens are longer than the model's 16 positions" in line  # was trained on
     for subset, fragment in (("nosuch", "nosuch.idx not found"), ("valid,test", "one split only")):

@@ -185,6 +185,25 @@ def test_full_blocks_only_drops_the_short_last_block(fx, tmp_path):
                                rtol=1e-5, atol=1e-6)  # fmt: skip
 
 
+def test_a_store_from_raw_text_holds_the_binarised_splits_keys(fx, tmp_path):
+    """knn-store lists --dataset-impl raw (eval's flag) but failed on a missing .bin (its manifest fingerprinted
+    data/SPLIT.bin): the split as text gives the binarised split's keys and values."""
+    from conftest import decoded_text
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "train").write_text(decoded_text(fx / "continue" / "data-bin", "train", 48), encoding="utf-8")
+    (raw / "dict.txt").write_bytes((fx / "continue" / "data-bin" / "dict.txt").read_bytes())
+    base = store_args(fx, tmp_path / "a")
+    base[1] = str(fx / "continue" / "data-bin")
+    assert main(base) == 0
+    text = store_args(fx, tmp_path / "b", "--dataset-impl", "raw")
+    text[1] = str(raw)
+    assert main(text) == 0
+    for f in ("keys.npy", "vals.npy"):
+        assert np.array_equal(np.load(tmp_path / "b" / f), np.load(tmp_path / "a" / f)), f
+
+
 def _wait_for_progress(path: Path, proc: subprocess.Popen, above: int, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:

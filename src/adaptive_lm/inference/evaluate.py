@@ -142,6 +142,11 @@ def context_windows(ds: LMDataset, context: int, block: int) -> Iterator[tuple[n
 def check_dictionary(lm: LanguageModel, data: Path) -> None:
     """Scores of data binarised with another dictionary are meaningless (fairseq#2124): refuse, naming the first
     difference."""
+    if not (data / "dict.txt").is_file():  # fairseq-eval-lm reads the data's own dictionary too
+        raise UserError(
+            f"{data}: no dict.txt beside the split (preprocess writes the dictionary the ids were made with there; "
+            f"--dict names the model's): copy the one the data was binarised with into {data}"
+        )
     d = Dictionary.load(data / "dict.txt")
     how = d.diff(lm.dictionary)  # this file's side first, as the message reads
     if how is not None:

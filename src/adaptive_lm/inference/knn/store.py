@@ -82,9 +82,12 @@ def first_blocks(p: EvalPlan, n: int | None) -> EvalPlan:
 def _settings(lm: LanguageModel, cfg: EvalConfig, p: EvalPlan, scfg: StoreConfig) -> dict[str, Any]:
     """What the stored keys depend on besides the model: a resume must use the same."""
     data = Path(cfg.data)
+    split = data / f"{cfg.gen_subset}.bin"
+    if not split.is_file():  # --dataset-impl raw: the split is the text file itself
+        split = data / cfg.gen_subset
     return {
         "gen_subset": cfg.gen_subset,
-        "data_digest": file_digest(data / f"{cfg.gen_subset}.bin"),
+        "data_digest": file_digest(split),
         "tokens_per_sample": p.tokens_per_sample,
         "context_window": p.context,
         "sample_break_mode": cfg.sample_break_mode,
