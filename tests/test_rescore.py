@@ -341,6 +341,7 @@ BAD = [
     ("unknown id column", "#id\ttext\tam\nu1\tthe\t-1\n", ["--id-column", "utt"], ":1: --id-column 'utt' is no col"),
     ("unknown score column", "#id\ttext\tam\nu1\tthe\t-1\n", ["--score-column", "ac"], ":1: --score-column 'ac'"),
     ("column out of range", "u1\tthe\t-1\n", ["--score-column", "7"], ":1: --score-column 7, but the rows have 3"),
+    ("column 0", "u1\tthe\t-1\n", ["--text-column", "0"], ":1: --text-column 0: columns are numbered from 1 (1 to 3"),
     ("non-numeric score", "#id\ttext\tam\nu1\tthe\t-1\nu1\tthe song\tabc\n", [], ":3: score column 'am' is 'abc'"),
     ("nan score", "u1\tthe\t-1\nu1\tthe song\tnan\n", [], ":2: score column 'column3' is 'nan'"),
     ("fairseq score", "S-0\tx\nH-0\t-0.5\tthe song\nH-0\tfoo\tthe\n", [], ":3: the H- score is 'foo'"),

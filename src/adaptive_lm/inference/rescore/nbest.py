@@ -73,6 +73,8 @@ def _column(spec: str, names: list[str] | None, n: int, path: str, line_no: int,
         return int(spec) - 1
     if names is not None and spec in names:
         return names.index(spec)
+    if spec.isdigit():  # 0
+        raise UserError(f"{path}:{line_no}: {flag} {spec}: columns are numbered from 1 (1 to {n} here)")
     known = f"the header names {', '.join(repr(x) for x in names)}" if names else "no header line: use a number"
     raise UserError(f"{path}:{line_no}: {flag} {spec!r} is no column ({known})")
 
