@@ -44,6 +44,9 @@ def test_the_notice_names_the_cpu_and_the_measured_slowdown():
         note is not None and "AMD EPYC 7B12" in note and "bf16 is emulated here" in note and "x as long as fp32" in note
     )
     assert half_precision_notice(torch.bfloat16, SAPPHIRE_RAPIDS) is None
+    assert note.endswith("drop --bf16 and run in fp32")  # generate, eval, score: not "train"
+    amp = half_precision_notice(torch.float16, EPYC_AVX2, flag="--amp", work="train")
+    assert amp is not None and amp.endswith("drop --amp and train in fp32")  # it had said --fp16 to an --amp run
 
 
 def test_train_and_eval_say_it_at_the_start(tmp_path):

@@ -80,8 +80,11 @@ def measured_slowdown(dtype: torch.dtype, n: int = 384, reps: int = 6) -> float:
     return best(dtype) / max(best(torch.float32), 1e-9)
 
 
-def half_precision_notice(dtype: torch.dtype, cpuinfo: str | None = None) -> str | None:
-    """One line for ``--bf16``/``--fp16`` on a CPU without native support (None when it has it)."""
+def half_precision_notice(
+    dtype: torch.dtype, cpuinfo: str | None = None, flag: str | None = None, work: str = "run"
+) -> str | None:
+    """One line for ``--bf16``/``--fp16`` (or the ``flag`` given, e.g. ``--amp``) on a CPU without native support
+    (None when it has it); ``work``: what to do in fp32 instead ("train", "run")."""
     if native_half(dtype, cpuinfo):
         return None
     name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
@@ -89,8 +92,8 @@ def half_precision_notice(dtype: torch.dtype, cpuinfo: str | None = None) -> str
     ratio = measured_slowdown(dtype)
     return (
         f"note: this CPU ({cpu_model(cpuinfo)}; {isa_summary(cpuinfo)}) has no native {name} ({need}): {name} is "
-        f"emulated here: a {name} matmul takes {ratio:.1f}x as long as fp32 (measured now); drop --{name} and train "
-        f"in fp32"
+        f"emulated here: a {name} matmul takes {ratio:.1f}x as long as fp32 (measured now); drop {flag or '--' + name} "
+        f"and {work} in fp32"
     )
 
 

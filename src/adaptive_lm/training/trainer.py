@@ -129,7 +129,8 @@ class Trainer:
         self.log = Reporter(cfg, self.rank)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.half or "")
         if self.amp_dtype is not None and self.device.type == "cpu":
-            note = half_precision_notice(self.amp_dtype)
+            flag = "--bf16" if cfg.bf16 else "--fp16" if cfg.fp16 else "--amp"
+            note = half_precision_notice(self.amp_dtype, flag=flag, work="train")
             if note:
                 self.log.info(note)
         add_bos = bool(cfg.model_overrides.get("add_bos_token", False))
