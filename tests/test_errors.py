@@ -604,6 +604,21 @@ def test_convert_never_overwrites_silently_and_score_output_is_all_or_nothing(da
     assert json.loads(out.read_text())["tokens"] == ["w1", "w2"]
 
 
+@pytest.mark.parametrize("flag", ["--user-dir x", "--memory-efficient-fp16", "--wandb-project p", "--shorten-method "
+                                  "truncate", "--self-target", "--output-dictionary-size 100"])  # fmt: skip
+def test_fairseq_flags_not_reproduced_are_refused_with_their_reason(data, model, tmp_path, capsys, flag):
+    """These were argparse's bare 'unrecognized arguments': now each names why and what to use instead."""
+    from adaptive_lm.cli.common import FAIRSEQ_REFUSED
+
+    name = flag.split()[0]
+    line = in_process(capsys, *train_args(data, tmp_path / "r", "--max-update", "1", *flag.split()))
+    assert f"{name}: {FAIRSEQ_REFUSED[name]}" in line
+    if name in ("--user-dir", "--memory-efficient-fp16"):  # the commands that load a model refuse them too
+        assert FAIRSEQ_REFUSED[name] in in_process(
+            capsys, "eval", str(data / "bin"), "--path", str(model), *flag.split()
+        )
+
+
 def test_outputs_that_are_links_pipes_devices_or_standard_output(data, model, tmp_path, capsys):
     """--output renamed its finished file over the path given: a symbolic link was replaced (its target left as it
     was), a named pipe replaced (its reader got nothing), /dev/null replaced by a regular file (as root: the pipe

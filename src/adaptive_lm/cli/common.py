@@ -191,6 +191,42 @@ def creatable_dir(s: str) -> str:
     return s
 
 
+# fairseq flags a fairseq user passes out of habit that nothing here reproduces: each is refused with its reason and
+# what to use instead (argparse's bare "unrecognized arguments" said neither)
+FAIRSEQ_REFUSED = {
+    "--user-dir": "fairseq plugin code (its own models and tasks) is not loaded here: only fairseq's transformer_lm "
+    "family is built (see docs/from-fairseq.md)",
+    "--memory-efficient-fp16": "fairseq's fp16 without fp32 master weights is not reproduced: use --fp16 or --amp "
+    "(fp32 master weights)",
+    "--memory-efficient-bf16": "fairseq's bf16 without fp32 master weights is not reproduced: use --bf16",
+    "--wandb-project": "Weights & Biases logging is not built in: use --tensorboard-logdir, or read metrics.jsonl "
+    "in --save-dir",
+    "--aim-repo": "Aim logging is not built in: use --tensorboard-logdir, or read metrics.jsonl in --save-dir",
+    "--azureml-logging": "AzureML logging is not built in: use --tensorboard-logdir, or read metrics.jsonl",
+    "--shorten-method": "fairseq's truncation or random cropping of long samples is not reproduced: blocks of "
+    "--tokens-per-sample (--sample-break-mode none) hold any text",
+    "--shorten-data-split-list": "goes with --shorten-method, which is not reproduced",
+    "--self-target": "fairseq's self/future/past targets (other LM objectives) are not reproduced: next-token only",
+    "--future-target": "fairseq's self/future/past targets (other LM objectives) are not reproduced: next-token only",
+    "--past-target": "fairseq's self/future/past targets (other LM objectives) are not reproduced: next-token only",
+    "--output-dictionary-size": "an output vocabulary smaller than the dictionary is not reproduced: preprocess "
+    "with --nwordssrc N to keep the N most frequent words",
+    "--pad-to-fixed-length": "TPU padding is not reproduced (no TPU path here)",
+    "--pad-to-fixed-bsz": "TPU padding is not reproduced (no TPU path here)",
+}
+
+
+class _Refused(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any, opt: Any = None) -> None:
+        parser.error(f"{opt}: {FAIRSEQ_REFUSED[str(opt)]}")
+
+
+def add_refused_fairseq_flags(p: argparse.ArgumentParser, *flags: str) -> None:
+    """The ``FAIRSEQ_REFUSED`` flags (all, or those named) as hidden options whose use is one line saying why."""
+    for flag in flags or tuple(FAIRSEQ_REFUSED):
+        p.add_argument(flag, action=_Refused, nargs="?", help=argparse.SUPPRESS)
+
+
 def output_file(s: str) -> str:
     """A file path whose folder exists and is writable (a typo fails before the model loads); ``-`` is standard
     output."""
@@ -332,6 +368,7 @@ def add_model_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
         choices=["auto", "plain"],
         help="auto: ours on CPU, PyTorch's on GPUs; plain: PyTorch's everywhere (what CUDA runs)",
     )
+    add_refused_fairseq_flags(p, "--user-dir", "--memory-efficient-fp16", "--memory-efficient-bf16")
 
 
 def add_precision_flags(p: argparse.ArgumentParser) -> None:

@@ -10,7 +10,15 @@ import re
 import signal
 from typing import Any
 
-from adaptive_lm.cli.common import add_config_flags, config_from_args, console_log, nonneg_float, nonneg_int, positive
+from adaptive_lm.cli.common import (
+    add_config_flags,
+    add_refused_fairseq_flags,
+    config_from_args,
+    console_log,
+    nonneg_float,
+    nonneg_int,
+    positive,
+)
 from adaptive_lm.core.config import ACTIVATIONS, ModelConfig
 from adaptive_lm.core.errors import UserError
 from adaptive_lm.training.config import GROUPS, TrainConfig
@@ -56,6 +64,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     for flag in DISTRIBUTED_FLAGS:  # fairseq's own launcher: named, and pointed to torchrun
         p.add_argument(flag, action=_UseTorchrun, nargs="?", help=argparse.SUPPRESS)
+    add_refused_fairseq_flags(p)
 
 
 # fairseq-train's flags for starting its own processes: here torchrun starts them and sets the environment
