@@ -476,6 +476,13 @@ def test_misleading_or_silent_cases_now_say_what_is_wrong(data, model, tmp_path,
     assert "a file, not a folder" in in_process(capsys, "convert", m, str(tmp_path / "f.txt"))
     assert "--bf16 and --fp16 together" in in_process(capsys, "eval", str(data / "bin"), "--path", m, "--bf16",
                                                       "--fp16")  # fmt: skip
+    lines = (data / "bin" / "dict.txt").read_text().splitlines(keepends=True)
+    (tmp_path / "swapped.txt").write_text("".join([lines[1], lines[0], *lines[2:]]))  # the same size, two swapped
+    (tmp_path / "two.txt").write_text("w1 w2\n")
+    line = in_process(capsys, "score", str(tmp_path / "two.txt"), "--path", m, "--dict", str(tmp_path / "swapped.txt"))
+    assert "differs from the dictionary stored in" in line and "first difference at id 4" in line  # was accepted
+    assert main(["score", str(tmp_path / "two.txt"), "--path", m, "--dict", str(data / "bin" / "dict.txt"),
+                 "--output", str(tmp_path / "same.jsonl")]) == 0  # the stored words in the stored order  # fmt: skip
     nodict = tmp_path / "nodict"
     nodict.mkdir()
     for f in ("valid.bin", "valid.idx"):

@@ -364,6 +364,13 @@ def _load_ours(p: Path, ckpt: dict[str, Any], dictionary: Any, dtype: Any, overr
     """One of our training checkpoints: its config and dictionary travel inside."""
     d = Dictionary.load(dictionary) if dictionary else dictionary_from_payload(ckpt["dictionary"])
     _check_vocab(d, ckpt["config"]["model"]["vocab_size"], p, dictionary)
+    if dictionary:  # the model's own words travel inside: another order of them would score other words silently
+        how = d.diff(dictionary_from_payload(ckpt["dictionary"]))
+        if how is not None:
+            raise UserError(
+                f"--dict {dictionary} differs from the dictionary stored in {p} ({how}; the --dict's first): "
+                f"leave --dict out, the stored one is used"
+            )
     cfg = _with_overrides(ModelConfig.from_dict(ckpt["config"]["model"]), overrides)
     model = _build(cfg, prune_layers(ckpt["model"], cfg.decoder_layers_to_keep), str(p), dtype, d)
     train = ckpt["config"].get("train") or {}
