@@ -49,7 +49,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--results-path", type=creatable_dir, default=None, help="also write the output to RESULTS_PATH/eval-SUBSET.txt"
     )
-    g.add_argument("--quiet", action="store_true", help="print only the closing lines")
+    g.add_argument(
+        "--quiet", action="store_true", help="print only results: closing lines, word probabilities and stats if asked"
+    )
     g.add_argument("--num-workers", type=nonneg_int, default=0, help="accepted for compatibility (ignored)")
     k = p.add_argument_group("kNN-LM (Khandelwal et al. 2020; see adaptive-lm knn-store)")
     k.add_argument("--knn", type=existing_dir, default=None, metavar="DSTORE", help="interpolate with this datastore")
@@ -134,7 +136,9 @@ def run(ns: argparse.Namespace) -> int:
         lines += _frequency_lines(ns, scored, lm)
     unk = unk_line(scored.n_unk, scored.n_tokens, False, f"{ns.data}/{ns.gen_subset}", binarised=True)
     done, loss = summary_lines(res)  # fairseq prints the word stats between them
-    return emit(ns, lines + ([unk] if unk else []) + probs + [done, *stats, loss], closing=[done, loss])
+    # --quiet leaves out the plan and notes, not what was asked for (fairseq-eval-lm prints word probabilities and
+    # statistics whatever --quiet says)
+    return emit(ns, lines + ([unk] if unk else []) + probs + [done, *stats, loss], closing=[*probs, done, *stats, loss])
 
 
 def _frequency_lines(ns: argparse.Namespace, res, lm) -> list[str]:
