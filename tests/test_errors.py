@@ -626,6 +626,21 @@ def test_fairseq_flags_not_reproduced_are_refused_with_their_reason(data, model,
         )
 
 
+def test_fine_tuning_from_a_model_of_another_dictionary_or_other_flags_says_which(data, tmp_path, capsys):
+    """--finetune-from-model on data binarised with another dictionary was blamed on the cutoffs (a wiki103 arch)
+    or on a weight's shape; with the right dictionary but other model flags, the shape error gave no hint."""
+    fixture = Path(__file__).parent / "fixtures" / "fairseq_tiny"
+    line = in_process(capsys, *train_args(data, tmp_path / "a", "--max-update", "1", "--finetune-from-model",
+                                          str(FIXTURE_MODEL)))  # fmt: skip
+    assert "its model was trained with a dictionary of 6,000 symbols, the data's dict.txt has" in line
+    assert "preprocess --srcdict" in line
+    args = ["train", str(fixture / "continue" / "data-bin"), "--arch", "tiny", "--max-tokens", "512",
+            "--tokens-per-sample", "64", "--max-update", "1", "--save-dir", str(tmp_path / "b"),
+            "--finetune-from-model", str(FIXTURE_MODEL)]  # fmt: skip
+    line = in_process(capsys, *args)
+    assert "has shape (1000, 64), the model expects (20, 32)" in line and "give the model flags it was trained" in line
+
+
 def test_outputs_that_are_links_pipes_devices_or_standard_output(data, model, tmp_path, capsys):
     """--output renamed its finished file over the path given: a symbolic link was replaced (its target left as it
     was), a named pipe replaced (its reader got nothing), /dev/null replaced by a regular file (as root: the pipe

@@ -27,6 +27,7 @@ from adaptive_lm.core.fairseq_format import (
     safe_load,
     state_dict_from_fairseq,
     stored_settings,
+    stored_vocab_size,
 )
 from adaptive_lm.core.model import TransformerLM, prune_layers
 from adaptive_lm.core.serialization import FORMAT, dictionary_from_payload
@@ -101,17 +102,6 @@ class _NoDrawsOnMeta(TorchFunctionMode):
             if isinstance(t, torch.Tensor) and t.is_meta:
                 return t
         return func(*args, **kwargs)
-
-
-def stored_vocab_size(sd: dict[str, torch.Tensor]) -> int | None:
-    """The vocabulary size a fairseq state dict was trained with (None if its layout does not say)."""
-    for k in ("decoder.embed_tokens.weight", "decoder.output_projection.weight", "decoder.embed_out"):
-        if k in sd:
-            return int(sd[k].shape[0])
-    bands = [k for k in sd if k.startswith("decoder.embed_tokens.embeddings.") and k.endswith(".0.weight")]
-    if bands:
-        return sum(int(sd[k].shape[0]) for k in bands)
-    return None
 
 
 def _check_vocab(d: Dictionary, vocab: int | None, model: Path, given: Any) -> None:

@@ -24,7 +24,7 @@ import torch
 from adaptive_lm.core.config import ModelConfig
 from adaptive_lm.core.dictionary import Dictionary
 from adaptive_lm.core.errors import UserError
-from adaptive_lm.core.fairseq_format import safe_load, state_dict_from_fairseq
+from adaptive_lm.core.fairseq_format import safe_load, state_dict_from_fairseq, stored_vocab_size
 from adaptive_lm.core.files import atomic_link, atomic_torch_save
 from adaptive_lm.core.metrics import perplexity
 from adaptive_lm.core.model import TransformerLM
@@ -243,6 +243,28 @@ def read_restore(path: Path, model: TransformerLM, dictionary: Dictionary) -> Re
     if "good_steps" in ts and "scaler_iter" not in ts:  # checkpoints of the first format revision
         ts["scaler_iter"] = ts["scaler_last_rescale"] = 0
     return Restored(path, ck["model"], ck["optimizer"], TrainState.from_dict(ts), ck["rng"]["torch"])
+
+
+def check_vocabulary(cfg: Any, dictionary: Dictionary) -> None:
+    """The checkpoint a run continues from (``--restore-file``, or ``--finetune-from-model`` in a fresh save dir)
+    must have been trained with a dictionary of the data's size. Checked before the model is built from the flags:
+    a size mismatch there was blamed on the cutoffs, on a weight's shape or on "vocab_size", which is no flag."""
+    path = resolve_restore(cfg.save_dir, cfg.restore_file)
+    if path is None and cfg.finetune_from_model and Path(cfg.finetune_from_model).is_file():
+        path = Path(cfg.finetune_from_model)
+    if path is None:
+        return
+    ck = safe_load(path, mmap=True, verify=False)  # a first look: restore() reads it again, verified
+    if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict):
+        return  # restore() names what is wrong with it
+    model = ck.get("config", {}).get("model", {}) if is_ours(ck) else {}
+    vocab = model.get("vocab_size") if is_ours(ck) else stored_vocab_size(ck["model"])
+    if vocab is not None and vocab != len(dictionary):
+        raise UserError(
+            f"{path}: its model was trained with a dictionary of {vocab:,} symbols, the data's dict.txt has "
+            f"{len(dictionary):,}: binarise the text with the model's dictionary (adaptive-lm preprocess --srcdict "
+            f"<its dict.txt>), or train from scratch in another --save-dir"
+        )
 
 
 def resolve_restore(save_dir: str, restore_file: str) -> Path | None:

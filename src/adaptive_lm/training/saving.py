@@ -77,8 +77,16 @@ def restore(t: Trainer) -> None:
     if path is None:
         check_ranks_agree(t)
         return
-    r = ckpt.read_restore(path, t.model, t.dictionary)
-    load_into(t.model, r.weights, str(path))
+    try:
+        r = ckpt.read_restore(path, t.model, t.dictionary)
+        load_into(t.model, r.weights, str(path))
+    except UserError as e:  # a fairseq checkpoint's weights against a model of other flags
+        if "has shape" not in str(e) and "weights do not match" not in str(e):
+            raise
+        raise UserError(
+            f"{e}; the model is built from the flags given, as fairseq-train builds it, and then the weights are "
+            f"loaded: give the model flags it was trained with (--arch and the sizes stored in its cfg)"
+        ) from None
     if not (cfg.reset_optimizer or finetune) and r.optimizer is not None:
         ckpt.optimizer_from_plain(t.optimizer, t.model, r.optimizer)
         t.state.num_updates = r.state.num_updates

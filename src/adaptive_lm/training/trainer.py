@@ -31,7 +31,7 @@ from adaptive_lm.core.kernels import fast_linears, plain_kernels, prepare_for_co
 from adaptive_lm.core.model import TransformerLM
 from adaptive_lm.core.optim import NAG, CosineSchedule, FixedSchedule, LossScaler, clip_grad_norm_
 from adaptive_lm.core.presets import make_config
-from adaptive_lm.training.checkpoint import TrainState
+from adaptive_lm.training.checkpoint import TrainState, check_vocabulary
 from adaptive_lm.training.config import TrainConfig
 from adaptive_lm.training.data import load_datasets
 from adaptive_lm.training.distributed import GradReducer, all_reduce_sum, setup_distributed
@@ -137,6 +137,7 @@ class Trainer:
         self.dictionary, self.train_data, self.batches, self.valid_batches = load_datasets(
             cfg, self.world, self.rank, add_bos, self.log
         )
+        check_vocabulary(cfg, self.dictionary)
         self.model_cfg: ModelConfig = model_config(cfg, len(self.dictionary))
         _check_positions(self.model_cfg, self.train_data.sizes, add_bos)
         _check_memory(self.model_cfg, self.device)

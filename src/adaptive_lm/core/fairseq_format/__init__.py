@@ -17,7 +17,13 @@ Modules, bottom to top: ``reading``, ``keys`` <- ``writing``. The names below ar
 from __future__ import annotations
 
 from adaptive_lm.core.fairseq_format.keys import load_into, state_dict_from_fairseq, state_dict_to_fairseq
-from adaptive_lm.core.fairseq_format.reading import SAFE_GLOBALS, config_from_fairseq, safe_load, stored_settings
+from adaptive_lm.core.fairseq_format.reading import (
+    SAFE_GLOBALS,
+    config_from_fairseq,
+    safe_load,
+    stored_settings,
+    stored_vocab_size,
+)
 from adaptive_lm.core.fairseq_format.writing import (
     FAIRSEQ_DATASET,
     FAIRSEQ_GENERATION,
@@ -36,5 +42,6 @@ __all__ = [
     "state_dict_from_fairseq",
     "state_dict_to_fairseq",
     "stored_settings",
+    "stored_vocab_size",
     "to_fairseq_checkpoint",
 ]

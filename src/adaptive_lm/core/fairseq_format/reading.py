@@ -46,7 +46,7 @@ def _file_kind(path: Path) -> str:
     return "other"
 
 
-def safe_load(path: str | os.PathLike, mmap: bool = True) -> Any:
+def safe_load(path: str | os.PathLike, mmap: bool = True, verify: bool = True) -> Any:
     """``torch.load`` that only accepts tensors, containers and the allow-listed types; memory-maps when it can.
 
     Every failure is one line naming the file and what is wrong with it (empty, truncated, not a checkpoint, an
@@ -70,7 +70,7 @@ def safe_load(path: str | os.PathLike, mmap: bool = True) -> Any:
             f"{path}: not a PyTorch checkpoint (neither a zip nor a pickle file); pass a model.pt or "
             f"checkpoint*.pt written by fairseq or adaptive-lm"
         )
-    if kind == "zip":
+    if kind == "zip" and verify:  # verify=False: a first look whose caller loads the file again (verified) later
         _check_checksums(path)
     with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
         # a legacy pickle of another protocol: PyTorch warns that its safe unpickler "might not support" it; it
@@ -120,6 +120,17 @@ def _check_checksums(path: Path) -> None:
             f"{path}: damaged checkpoint (its entry {bad} fails the checksum written with it: the file changed "
             f"after it was saved); use an intact copy"
         )
+
+
+def stored_vocab_size(sd: dict[str, Any]) -> int | None:
+    """The vocabulary size a fairseq state dict was trained with (None if its layout does not say)."""
+    for k in ("decoder.embed_tokens.weight", "decoder.output_projection.weight", "decoder.embed_out"):
+        if k in sd:
+            return int(sd[k].shape[0])
+    bands = [k for k in sd if k.startswith("decoder.embed_tokens.embeddings.") and k.endswith(".0.weight")]
+    if bands:
+        return sum(int(sd[k].shape[0]) for k in bands)
+    return None
 
 
 def _as_dict(obj: Any) -> dict[str, Any]:
