@@ -348,6 +348,7 @@ BAD = [
     ("fairseq empty", "H-0\t-0.5\tthe song\nH-0\t-1\t\n", [], ":2: empty hypothesis"),
     ("no hypotheses", "#id\ttext\n\n", [], ": no hypotheses"),
     ("reference differs", "#i\tt\tr\nu1\tthe\ta b\nu1\tthe song\ta c\n", ["--reference", "r"], ":3: reference of"),
+    ("too long", "#i\tt\nu1\tthe\nu1\t" + "the " * 300 + "\n", [], ":3: a hypothesis of 300 tokens, more than the 255"),
 ]
 
 

@@ -138,6 +138,17 @@ def _write_best(path: str, nb: NBest, list_ids: list[str], pick: np.ndarray, lm_
     return f"wrote {path}: the best of each list by {what} + {fmt_number(lm_weight)} * lm + {fmt_number(bonus)} * words"
 
 
+def _check_lengths(nb: NBest, ids: list, most: int) -> None:
+    """A hypothesis longer than the model takes is named by its file and line, before any scoring (it was 'sentence
+    N', counted over the hypotheses, with advice for documents)."""
+    for k, x in enumerate(ids):
+        if len(x) > most:
+            raise UserError(
+                f"{nb.path}:{nb.row_line[k] + 1}: a hypothesis of {len(x):,} tokens, more than the {most:,} the model "
+                f"takes with its </s> (fairseq's hub refuses it too): shorten it or leave it out"
+            )
+
+
 def run(ns: argparse.Namespace) -> int:
     nb = read_nbest(
         ns.nbest, ns.format, ns.id_column, ns.text_column, ns.score_column, ns.reference, ns.references
@@ -158,6 +169,7 @@ def run(ns: argparse.Namespace) -> int:
     lm = load_model(ns)
     t0 = time.perf_counter()
     ids = encode_hypotheses(lm, nb.texts)
+    _check_lengths(nb, ids, lm.model.cfg.max_target_positions - 1)
     list_ids, list_of = nb.lists()
     # a bar on a terminal; in a log only for long work (10% lines for a second's work are noise)
     progress = ns.progress and (sys.stderr.isatty() or len(ids) >= PROGRESS_LOG_MIN)
