@@ -483,6 +483,16 @@ def test_misleading_or_silent_cases_now_say_what_is_wrong(data, model, tmp_path,
     assert "differs from the dictionary stored in" in line and "first difference at id 4" in line  # was accepted
     assert main(["score", str(tmp_path / "two.txt"), "--path", m, "--dict", str(data / "bin" / "dict.txt"),
                  "--output", str(tmp_path / "same.jsonl")]) == 0  # the stored words in the stored order  # fmt: skip
+    line = in_process(capsys, *train_args(data, tmp_path / "q", "--max-update", "1")[:1], str(tmp_path / "none"),
+                      *train_args(data, tmp_path / "q", "--max-update", "1")[2:])  # fmt: skip
+    assert f"{tmp_path / 'none'}: no such folder" in line  # it said "no dict.txt"
+    (tmp_path / "rawe").mkdir()
+    (tmp_path / "rawe" / "valid").write_text("")
+    (tmp_path / "rawe" / "dict.txt").write_bytes((data / "bin" / "dict.txt").read_bytes())
+    line = in_process(
+        capsys, "eval", str(tmp_path / "rawe"), "--path", m, "--dataset-impl", "raw", "--gen-subset", "valid"
+    )
+    assert line.endswith(f"in {tmp_path / 'rawe' / 'valid'}")  # it named valid.bin, which raw text has not
     nodict = tmp_path / "nodict"
     nodict.mkdir()
     for f in ("valid.bin", "valid.idx"):

@@ -231,7 +231,7 @@ def nonempty(p: EvalPlan) -> EvalPlan:
     if p.n_tokens == 0:
         raise UserError(
             f"{p.split}: no tokens to score (an empty split, or --full-blocks-only with no block of {p.block} tokens)"
-            + (f" in {p.files}.bin" if p.files else "")
+            + (f" in {p.files}" + ("" if Path(p.files).is_file() else ".bin") if p.files else "")  # raw: the text
         )
     return p
 

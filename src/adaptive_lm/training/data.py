@@ -45,6 +45,8 @@ def load_datasets(cfg: TrainConfig, world: int, rank: int, add_bos: bool, log: R
             f"{data}: a file, not a data folder; pass the folder `adaptive-lm preprocess` writes "
             f"(e.g. adaptive-lm preprocess --trainpref {data} --destdir data-bin)"
         )
+    if not data.exists():
+        raise UserError(f"{data}: no such folder; pass the folder `adaptive-lm preprocess --destdir` wrote")
     if not (data / "dict.txt").is_file():
         raise UserError(f"{data}: no dict.txt; run `adaptive-lm preprocess --destdir {data}` first")
     dictionary = Dictionary.load(data / "dict.txt")
