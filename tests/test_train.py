@@ -289,6 +289,46 @@ def test_training_on_blocks_of_whole_lines_is_fairseqs(tmp_path, fixture_dir, mo
         assert abs(ours["lr"] - theirs["lr"]) <= 5e-7
 
 
+def _saved(folder: Path) -> list[str]:
+    """The checkpoint names in a save folder, a best-loss name's value cut to 2 decimals (fairseq prints 4 of its
+    float32 loss in bits; ours may differ in the last ones)."""
+    return sorted(re.sub(r"(best_loss_\d+\.\d\d)\d*", r"\1", p.name) for p in folder.glob("*.pt"))
+
+
+@pytest.mark.parametrize("by", ["epochs", "updates"])
+def test_which_checkpoints_are_written_and_kept_and_when_validation_runs_are_fairseqs(tmp_path, fixture_dir, by):
+    """By epoch: --save-interval 2 --keep-last-epochs 2 --keep-best-checkpoints 2 --validate-interval 2 over 7
+    epochs (validation and saving after epochs 2, 4 and 6, none after the last; the oldest epoch checkpoint and best
+    checkpoint pruned). By update, stopped inside the first epoch: --save-interval-updates 3 --keep-interval-updates 2
+    --validate-interval-updates 3 --validate-after-updates 4 --no-last-checkpoints --max-valid-steps 2 (nothing at
+    update 3, then 6, 9 and the stop at 10). The save folder's checkpoint names and the validation losses of
+    fairseq-train (tests/fixtures/make_fairseq_fixed.sh)."""
+    flags = FIXED.replace("--no-epoch-checkpoints --disable-validation", "").split()
+    start = ["--restore-file", str(fixture_dir / "model" / "checkpoint_last.pt"), "--reset-optimizer",
+             "--reset-lr-scheduler", "--reset-dataloader", "--reset-meters"]  # fmt: skip
+    if by == "epochs":  # the continuation data, its train split copied as the valid split
+        data = tmp_path / "data"
+        data.mkdir()
+        for f in ("dict.txt", "train.bin", "train.idx"):
+            (data / f).write_bytes((fixture_dir / "continue" / "data-bin" / f).read_bytes())
+        for ext in ("bin", "idx"):
+            (data / f"valid.{ext}").write_bytes((data / f"train.{ext}").read_bytes())
+        extra = "--max-epoch 7 --save-interval 2 --keep-last-epochs 2 --keep-best-checkpoints 2 --validate-interval 2"
+    else:
+        data = fixture_dir / "data-bin"
+        extra = ("--max-update 10 --save-interval-updates 3 --keep-interval-updates 2 --validate-interval-updates 3 "
+                 "--validate-after-updates 4 --no-last-checkpoints --max-valid-steps 2")  # fmt: skip
+    save = tmp_path / "save"
+    assert main(["train", str(data), *flags, *start, *extra.split(), "--save-dir", str(save)]) == 0
+    ref = (fixture_dir / "fixed" / f"saving_{by}.ls").read_text().split()
+    assert _saved(save) == sorted(re.sub(r"(best_loss_\d+\.\d\d)\d*", r"\1", x) for x in ref)
+    theirs = [dict(re.findall(r"(\w+) ([-\d.]+)", x)) for x in (fixture_dir / "fixed" / f"saving_{by}.log").open()]
+    ours = [x for x in map(json.loads, open(save / "metrics.jsonl")) if x["split"] == "valid"]
+    assert [x["num_updates"] for x in ours] == [int(x["num_updates"]) for x in theirs]
+    for a, b in zip(ours, theirs):
+        assert abs(a["loss"] - float(b["loss"])) <= PRINTED + 1e-5, (a, b)
+
+
 def test_update_freq_per_epoch_is_fairseqs(tmp_path, fixture_dir):
     """--update-freq 3,2: epoch 1 groups three batches per update (56 batches: 19 updates, the last of two), epoch 2
     two, as fairseq-train (tests/fixtures/make_fairseq_fixed.sh): the same losses and lrs, update by update."""
