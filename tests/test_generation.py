@@ -97,6 +97,42 @@ def test_beam_search_equals_fairseqs_hub(case, kind):
         assert [lm.decode(h["tokens"]) for h in hyps] == [r["text"] for r in ref]
 
 
+CLI_OPTIONS = {"beam", "max_len_b", "max_len_a", "min_len", "lenpen", "unkpen", "temperature", "unnormalized"}
+CLI_CASES = [c for c in REF["beam_cases"] if c["prompts"] and not c["load_overrides"]
+             and set(c["generate_kwargs"]) <= CLI_OPTIONS][::6]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[c["id"] for c in CLI_CASES])
+def test_the_generate_command_prints_fairseqs_hypotheses(case, capsys):
+    """``adaptive-lm generate`` with the case's options as flags (prompts repeated with --prompt, every hypothesis
+    with --nbest BEAM and --show-scores): each line is fairseq's score (4 decimals) and text, in order."""
+    from adaptive_lm.cli import main
+
+    folder = HERE / REF["models"][case["model"]]["dir"]
+    argv = [
+        "generate",
+        "--path",
+        str(folder / "model.pt"),
+        "--show-scores",
+        "--nbest",
+        str(case["generate_kwargs"]["beam"]),
+    ]
+    for k, v in REF["models"][case["model"]]["load_kwargs"].items():
+        argv += ["--" + k.replace("_", "-"), str(folder / v) if k.startswith("gpt2") else str(v)]
+    for k, v in case["generate_kwargs"].items():
+        argv += ["--" + k.replace("_", "-")] if v is True else ["--" + k.replace("_", "-"), str(v)]
+    for p in case["prompts"]:
+        argv += ["--prompt", p]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    expected = [f"{h['score']:.4f}\t{h['text']}" for hyps in case["hypos"] for h in hyps]
+    assert len(lines) == len(expected) >= 1
+    for a, b in zip(lines, expected):
+        sa, ta = a.split("\t", 1)
+        sb, tb = b.split("\t", 1)
+        assert ta == tb and abs(float(sa) - float(sb)) <= 1.5e-4, (a, b)
+
+
 def test_fairseqs_cpu_ngram_blocker_blocks_nothing_we_block_as_its_cuda_kernel():
     """fairseq 0.12's CPU fallback compares the end of the padded token buffer (fairseq#4709, #5206), so on CPU
     ``no_repeat_ngram_size`` changes nothing: its output equals ours without the option. Ours blocks (the CUDA rule),
