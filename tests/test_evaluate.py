@@ -328,6 +328,8 @@ EVAL_WORDS_CASES = {
         [*WORDS, "--max-tokens", "500", "--context-window", "16", "--sample-break-mode", "eos"],
     ),  # fmt: skip
     "pieces_complete_doc.log": ("tiny", "pieces", [*WORDS, "--batch-size", "3", "--sample-break-mode", "complete_doc"]),
+    "keep_layer0.log": ("tiny", "pieces", ["--tokens-per-sample", "64", "--model-overrides",
+                                           "{'decoder_layers_to_keep': '0'}"]),  # fmt: skip
     "remove_bpe_bare.log": ("tiny", "pieces", ["--tokens-per-sample", "64", "--remove-bpe"]),
     "bos_complete.log": (
         "bos",
