@@ -138,6 +138,16 @@ def _write_best(path: str, nb: NBest, list_ids: list[str], pick: np.ndarray, lm_
     return f"wrote {path}: the best of each list by {what} + {fmt_number(lm_weight)} * lm + {fmt_number(bonus)} * words"
 
 
+def _check_outputs(ns: argparse.Namespace) -> None:
+    """``--output -`` is standard output, as without it; the two outputs may not be the same file or stream."""
+    if ns.output == "-":
+        ns.output = None
+    if ns.best == "-" and not ns.output:
+        raise UserError("--best - and the rescored rows would both go to standard output: give --output FILE")
+    if ns.best and ns.output and Path(ns.best).resolve() == Path(ns.output).resolve():
+        raise UserError(f"--best and --output are the same file ({ns.output}): one would overwrite the other")
+
+
 def _check_lengths(nb: NBest, ids: list, most: int) -> None:
     """A hypothesis longer than the model takes is named by its file and line, before any scoring (it was 'sentence
     N', counted over the hypotheses, with advice for documents)."""
@@ -157,12 +167,7 @@ def run(ns: argparse.Namespace) -> int:
     if not wer and (ns.lm_weight_grid or ns.word_bonus_grid):
         raise UserError("--lm-weight-grid / --word-bonus-grid tune against references: add --reference COLUMN or "
                         "--references FILE (or give --lm-weight / --word-bonus directly)")  # fmt: skip
-    if ns.output == "-":  # standard output, as without --output
-        ns.output = None
-    if ns.best == "-" and not ns.output:
-        raise UserError("--best - and the rescored rows would both go to standard output: give --output FILE")
-    if ns.best and ns.output and Path(ns.best).resolve() == Path(ns.output).resolve():
-        raise UserError(f"--best and --output are the same file ({ns.output}): one would overwrite the other")
+    _check_outputs(ns)
     if wer:
         jiwer_module()  # a missing extra or reference fails now, not after scoring
         check_references(nb)

@@ -37,9 +37,9 @@ def _training_split(data: Path, subset: str, vocab_size: int, impl: str | None) 
     return split
 
 
-def load_datasets(cfg: TrainConfig, world: int, rank: int, add_bos: bool, log: Reporter):
-    """The dictionary, the training split's batches and (unless disabled or absent) the validation batches."""
-    data = Path(cfg.data)
+def _data_folder(path: str) -> Path:
+    """The data folder, refused in one line when it is a file, absent, or has no dict.txt."""
+    data = Path(path)
     if data.is_file():  # a text file given where the binarised folder goes
         raise UserError(
             f"{data}: a file, not a data folder; pass the folder `adaptive-lm preprocess` writes "
@@ -49,6 +49,12 @@ def load_datasets(cfg: TrainConfig, world: int, rank: int, add_bos: bool, log: R
         raise UserError(f"{data}: no such folder; pass the folder `adaptive-lm preprocess --destdir` wrote")
     if not (data / "dict.txt").is_file():
         raise UserError(f"{data}: no dict.txt; run `adaptive-lm preprocess --destdir {data}` first")
+    return data
+
+
+def load_datasets(cfg: TrainConfig, world: int, rank: int, add_bos: bool, log: Reporter):
+    """The dictionary, the training split's batches and (unless disabled or absent) the validation batches."""
+    data = _data_folder(cfg.data)
     dictionary = Dictionary.load(data / "dict.txt")
     train_split = _training_split(data, cfg.train_subset, len(dictionary), cfg.dataset_impl)
     train_data = LMDataset.from_split(train_split, cfg.tokens_per_sample, cfg.sample_break_mode, add_bos=add_bos)

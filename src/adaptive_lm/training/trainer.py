@@ -66,6 +66,14 @@ def ignored_flags(cfg: TrainConfig) -> str | None:
     )
 
 
+def _half_note(cfg: TrainConfig, dtype: torch.dtype, log: Reporter) -> None:
+    """The CPU's half-precision note, naming the flag given (--amp asks for fp16 too)."""
+    flag = "--bf16" if cfg.bf16 else "--fp16" if cfg.fp16 else "--amp"
+    note = half_precision_notice(dtype, flag=flag, work="train")
+    if note:
+        log.info(note)
+
+
 def _check_positions(model_cfg: ModelConfig, sizes: np.ndarray, add_bos: bool) -> None:
     """No sample may be longer than the model's positions (fairseq-train skips such samples: refused here rather than
     trained on, which gave a model its own evaluation then refused). A learned position table must also hold the
@@ -129,10 +137,7 @@ class Trainer:
         self.log = Reporter(cfg, self.rank)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.half or "")
         if self.amp_dtype is not None and self.device.type == "cpu":
-            flag = "--bf16" if cfg.bf16 else "--fp16" if cfg.fp16 else "--amp"
-            note = half_precision_notice(self.amp_dtype, flag=flag, work="train")
-            if note:
-                self.log.info(note)
+            _half_note(cfg, self.amp_dtype, self.log)
         add_bos = bool(cfg.model_overrides.get("add_bos_token", False))
         self.dictionary, self.train_data, self.batches, self.valid_batches = load_datasets(
             cfg, self.world, self.rank, add_bos, self.log
