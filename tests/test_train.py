@@ -289,10 +289,22 @@ def test_training_on_blocks_of_whole_lines_is_fairseqs(tmp_path, fixture_dir, mo
         assert abs(ours["lr"] - theirs["lr"]) <= 5e-7
 
 
-def _saved(folder: Path) -> list[str]:
-    """The checkpoint names in a save folder, a best-loss name's value cut to 2 decimals (fairseq prints 4 of its
-    float32 loss in bits; ours may differ in the last ones)."""
-    return sorted(re.sub(r"(best_loss_\d+\.\d\d)\d*", r"\1", p.name) for p in folder.glob("*.pt"))
+def _same_names(ours: list[str], theirs: list[str], tol: float) -> bool:
+    """The same checkpoint names; the loss in a best checkpoint's name within ``tol`` (both print 4 decimals of
+    losses that differ by float32 round-off, so two roundings may differ by one unit of the last digit)."""
+    number = re.compile(r"\d+\.\d+")
+    if len(ours) != len(theirs):
+        return False
+
+    def order(names: list[str]) -> list[str]:
+        return sorted(names, key=lambda x: (number.sub("#", x), x))
+
+    for a, b in zip(order(ours), order(theirs)):
+        if number.sub("#", a) != number.sub("#", b):
+            return False
+        if any(abs(float(x) - float(y)) > tol for x, y in zip(number.findall(a), number.findall(b))):
+            return False
+    return True
 
 
 @pytest.mark.parametrize("by", ["epochs", "updates"])
@@ -321,12 +333,13 @@ def test_which_checkpoints_are_written_and_kept_and_when_validation_runs_are_fai
     save = tmp_path / "save"
     assert main(["train", str(data), *flags, *start, *extra.split(), "--save-dir", str(save)]) == 0
     ref = (fixture_dir / "fixed" / f"saving_{by}.ls").read_text().split()
-    assert _saved(save) == sorted(re.sub(r"(best_loss_\d+\.\d\d)\d*", r"\1", x) for x in ref)
+    names = [p.name for p in save.glob("*.pt")]
+    assert _same_names(names, ref, 1e-4 + 1e-5), (sorted(names), ref)
     theirs = [dict(re.findall(r"(\w+) ([-\d.]+)", x)) for x in (fixture_dir / "fixed" / f"saving_{by}.log").open()]
     ours = [x for x in map(json.loads, open(save / "metrics.jsonl")) if x["split"] == "valid"]
     assert [x["num_updates"] for x in ours] == [int(x["num_updates"]) for x in theirs]
-    for a, b in zip(ours, theirs):
-        assert abs(a["loss"] - float(b["loss"])) <= PRINTED + 1e-5, (a, b)
+    for a, b in zip(ours, theirs):  # both rounded to 3 decimals: one unit apart at most, plus round-off (no dropout)
+        assert abs(a["loss"] - float(b["loss"])) <= 1e-3 + 1e-5, (a, b)
 
 
 def test_update_freq_per_epoch_is_fairseqs(tmp_path, fixture_dir):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptive_lm.core.errors import UserError
+from adaptive_lm.core.files import is_special
 from adaptive_lm.core.logs import log_lines_to
 from adaptive_lm.core.options import flag_fields
 
@@ -216,15 +217,27 @@ FAIRSEQ_REFUSED = {
 }
 
 
+# the same flags where a model is loaded to run (no training, so no master weights)
+FAIRSEQ_REFUSED_RUN = {
+    "--user-dir": FAIRSEQ_REFUSED["--user-dir"],
+    "--memory-efficient-fp16": "fairseq's half-precision model is not reproduced: the weights stay fp32 here (with "
+    "--fp16 / --bf16 autocast where the command offers it)",
+    "--memory-efficient-bf16": "fairseq's half-precision model is not reproduced: the weights stay fp32 here (with "
+    "--fp16 / --bf16 autocast where the command offers it)",
+}
+
+
 class _Refused(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any, opt: Any = None) -> None:
-        parser.error(f"{opt}: {FAIRSEQ_REFUSED[str(opt)]}")
+        parser.error(f"{opt}: {parser.refused_reasons[str(opt)]}")  # type: ignore[attr-defined]
 
 
-def add_refused_fairseq_flags(p: argparse.ArgumentParser, *flags: str) -> None:
-    """The ``FAIRSEQ_REFUSED`` flags (all, or those named) as hidden options whose use is one line saying why."""
-    for flag in flags or tuple(FAIRSEQ_REFUSED):
-        p.add_argument(flag, action=_Refused, nargs="?", help=argparse.SUPPRESS)
+def add_refused_fairseq_flags(p: argparse.ArgumentParser, reasons: dict[str, str] = FAIRSEQ_REFUSED) -> None:
+    """The flags of ``reasons`` as hidden options whose use is one line saying why (the reason); nothing of them
+    lands in the parsed namespace."""
+    p.refused_reasons = {**getattr(p, "refused_reasons", {}), **reasons}  # type: ignore[attr-defined]
+    for flag in reasons:
+        p.add_argument(flag, action=_Refused, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def output_file(s: str) -> str:
@@ -235,6 +248,12 @@ def output_file(s: str) -> str:
     if not s:
         raise argparse.ArgumentTypeError("an empty path: give a file name (or - for standard output)")
     p = Path(s)
+    if is_special(p):  # /dev/null, a named pipe: written in place
+        if not os.access(p, os.W_OK):
+            raise argparse.ArgumentTypeError(f"{s}: cannot write to it")
+        return s
+    if p.is_symlink():  # its target is written (and replaced), in the target's folder
+        p = p.resolve()
     if p.is_dir():
         raise argparse.ArgumentTypeError(f"{s}: is a folder, not a file")
     parent = p.absolute().parent
@@ -368,7 +387,7 @@ def add_model_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
         choices=["auto", "plain"],
         help="auto: ours on CPU, PyTorch's on GPUs; plain: PyTorch's everywhere (what CUDA runs)",
     )
-    add_refused_fairseq_flags(p, "--user-dir", "--memory-efficient-fp16", "--memory-efficient-bf16")
+    add_refused_fairseq_flags(p, FAIRSEQ_REFUSED_RUN)
 
 
 def add_precision_flags(p: argparse.ArgumentParser) -> None:
@@ -445,13 +464,13 @@ UNK_WARN_RATE = 0.05  # report the unknown-word rate above this
 
 def unk_line(n_unk: int, n: int, has_tokenizer: bool, what: str, binarised: bool = False) -> str | None:
     """The unknown-word rate, when it is high enough to distort scores (unknown words score as ``<unk>``).
-    ``binarised``: the words came from a data folder (eval, knn-store), whose text was split before preprocess (those
-    commands take no --tokenizer)."""
+    ``binarised``: the words came from a data folder (eval: binarised, or raw text read as it is), whose text had to
+    be split into words beforehand (eval takes no --tokenizer)."""
     rate = n_unk / max(n, 1)
     if rate <= UNK_WARN_RATE:
         return None
     if binarised:
-        hint = "; split the text into words as the model's training data was (e.g. Moses) before preprocess"
+        hint = "; split the text into words as the model's training data was (e.g. Moses) before preprocess or raw eval"
     elif has_tokenizer:
         hint = ""
     else:

@@ -132,13 +132,13 @@ def run(ns: argparse.Namespace) -> int:
     probs, stats = [], []
     if ns.output_word_probs or ns.output_word_stats:
         probs, stats = word_lines(res, lm.dictionary, cont, pieces, ns.output_word_probs, ns.output_word_stats)
-    if ns.freq_bins or ns.plot:
-        lines += _frequency_lines(ns, scored, lm)
+    freq = _frequency_lines(ns, scored, lm) if ns.freq_bins or ns.plot else []
     unk = unk_line(scored.n_unk, scored.n_tokens, False, f"{ns.data}/{ns.gen_subset}", binarised=True)
     done, loss = summary_lines(res)  # fairseq prints the word stats between them
     # --quiet leaves out the plan and notes, not what was asked for (fairseq-eval-lm prints word probabilities and
-    # statistics whatever --quiet says)
-    return emit(ns, lines + ([unk] if unk else []) + probs + [done, *stats, loss], closing=[*probs, done, *stats, loss])
+    # statistics whatever --quiet says; the frequency bands and the plot are asked for too)
+    asked = [*freq, *probs, done, *stats, loss]
+    return emit(ns, lines + ([unk] if unk else []) + asked, closing=asked)
 
 
 def _frequency_lines(ns: argparse.Namespace, res, lm) -> list[str]:

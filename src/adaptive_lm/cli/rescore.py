@@ -88,8 +88,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also score the final </s> (fairseq's hub score and LanguageModel.score do not)",
     )
-    p.add_argument("--output", default=None, type=output_file, help="write the rescored rows here, not to stdout")
-    p.add_argument("--best", default=None, type=output_file, help="write id<TAB>best hypothesis per list here")
+    p.add_argument(
+        "--output", default=None, type=output_file, help="write the rescored rows here (- : stdout, the default)"
+    )
+    p.add_argument(
+        "--best",
+        default=None,
+        type=output_file,
+        help="write id<TAB>best hypothesis per list here (- : stdout, with --output FILE)",
+    )
     p.add_argument("--lm-weight", type=nonneg, default=1.0, help="score = existing + W * lm + B * words (W: 1)")
     p.add_argument("--word-bonus", type=finite, default=0.0, help="B in that score, per word (default 0)")
     p.add_argument(
@@ -135,7 +142,10 @@ def _write_best(path: str, nb: NBest, list_ids: list[str], pick: np.ndarray, lm_
         for lid, k in zip(list_ids, pick.tolist()):
             f.write(f"{lid}\t{nb.texts[k]}\n")
     what = f"{nb.score_name!r}" if nb.score_name else "0 (no score column)"
-    return f"wrote {path}: the best of each list by {what} + {fmt_number(lm_weight)} * lm + {fmt_number(bonus)} * words"
+    where = "standard output" if path == "-" else path
+    return (
+        f"wrote {where}: the best of each list by {what} + {fmt_number(lm_weight)} * lm + {fmt_number(bonus)} * words"
+    )
 
 
 def _check_outputs(ns: argparse.Namespace) -> None:

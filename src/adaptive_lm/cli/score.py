@@ -28,7 +28,12 @@ from adaptive_lm.core.progress import Progress
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="text, one sentence per line; - reads standard input")
     add_model_flags(p)
-    p.add_argument("--output", default=None, type=output_file, help="write the JSON lines here, not to stdout")
+    p.add_argument(
+        "--output",
+        default=None,
+        type=output_file,
+        help="write the JSON lines here, whole or not at all (- : stdout, the default)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="at most this many sentences per batch (default: length-sorted batches of up to 4,096 "
                         "positions; lines sharing prefixes are computed once)")  # fmt: skip
@@ -56,7 +61,7 @@ def run(ns: argparse.Namespace) -> int:
     # leaves the previous file as it was, not a truncated one under the final name
     with contextlib.ExitStack() as stack:
         if ns.output and ns.output != "-":
-            tmp = stack.enter_context(atomic_path(ns.output))
+            tmp = stack.enter_context(atomic_path(ns.output, follow_links=True))
             out = stack.enter_context(open(tmp, "w", encoding="utf-8"))
         else:
             out = sys.stdout

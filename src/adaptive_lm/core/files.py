@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,17 +30,30 @@ def fsync_file(path: str | os.PathLike) -> None:
         os.fsync(f.fileno())
 
 
+def is_special(p: Path) -> bool:
+    """A device, FIFO or socket: written in place, never replaced (renaming a file over /dev/null as root replaces
+    the device; over a named pipe, the pipe its reader waits on)."""
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, follow_links: bool = False) -> Iterator[Path]:
     """``with atomic_path(p) as tmp: write(tmp)``: on success ``tmp`` is fsynced and renamed over ``p``; on an
     exception ``p`` is untouched and the temporary file is removed (a kill leaves it, under a name no reader opens).
-    A symbolic link's target is replaced (the link stays); a device or pipe is written directly."""
+    A device, FIFO or socket is written directly. ``follow_links`` (a user's ``--output``): a symbolic link's target
+    is replaced and the link stays; without it the link itself is replaced (a checkpoint or dictionary written
+    where a link to another run's file stands must not overwrite that file)."""
     p = Path(path)
-    if p.exists() and not p.is_file():  # a device (/dev/null), a FIFO or a socket: written in place; renaming a
-        yield p  # regular file over it would replace the device itself (as root) or the pipe a reader waits on
+    if is_special(p):
+        yield p
         return
-    if p.is_symlink():  # the link stays and its target is replaced
-        path = p.resolve()
+    if follow_links and p.is_symlink():
+        with contextlib.suppress(OSError, RuntimeError):  # a loop of links: the link itself is replaced
+            path = p.resolve(strict=False)
     tmp = Path(temporary_name(path))
     try:
         yield tmp

@@ -77,7 +77,7 @@ class EvalPlan:
     break_mode: str = "none"
     ids: np.ndarray | None = None  # each block's index in the split (fairseq's sample id), before any is left out
     visit: np.ndarray | None = None  # the blocks (positions in ``dataset``) in the order fairseq-eval-lm visits them
-    files: str = ""  # the split's path prefix (its .bin/.idx), for messages
+    files: str = ""  # the split's data file (its .bin, or the text of --dataset-impl raw), for messages
 
     def describe(self) -> str:
         line = (
@@ -144,8 +144,8 @@ def check_dictionary(lm: LanguageModel, data: Path) -> None:
     difference."""
     if not (data / "dict.txt").is_file():  # fairseq-eval-lm reads the data's own dictionary too
         raise UserError(
-            f"{data}: no dict.txt beside the split (preprocess writes the dictionary the ids were made with there; "
-            f"--dict names the model's): copy the one the data was binarised with into {data}"
+            f"{data}: no dict.txt beside the split (preprocess writes the data's dictionary there; --dict names "
+            f"the model's): copy the dictionary the data was binarised (or, for raw text, is read) with into {data}"
         )
     d = Dictionary.load(data / "dict.txt")
     how = d.diff(lm.dictionary)  # this file's side first, as the message reads
@@ -205,8 +205,9 @@ def plan(lm: LanguageModel, cfg: EvalConfig) -> EvalPlan:
         rows = max(1, tokens // max(1, width))
     n = int(ds.sizes.sum())
     visit = fairseq_visit_order(split_sizes, ids, C)
+    data_file = split.prefix if getattr(split, "impl", None) == "raw" else f"{split.prefix}.bin"
     return EvalPlan(ds, cfg.gen_subset, block, tps, C, rows, n, skipped, limit, cfg.sample_break_mode, ids, visit,
-                    split.prefix)  # fmt: skip
+                    data_file)  # fmt: skip
 
 
 def fairseq_visit_order(split_sizes: np.ndarray, ids: np.ndarray, context: int) -> np.ndarray:
@@ -231,7 +232,7 @@ def nonempty(p: EvalPlan) -> EvalPlan:
     if p.n_tokens == 0:
         raise UserError(
             f"{p.split}: no tokens to score (an empty split, or --full-blocks-only with no block of {p.block} tokens)"
-            + (f" in {p.files}" + ("" if Path(p.files).is_file() else ".bin") if p.files else "")  # raw: the text
+            + (f" in {p.files}" if p.files else "")
         )
     return p
 

@@ -87,7 +87,7 @@ def _check_positions(model_cfg: ModelConfig, sizes: np.ndarray, add_bos: bool) -
             f"training samples of {int(sizes.max())} tokens are longer than the model's "
             f"{model_cfg.max_target_positions} positions (--max-target-positions): fairseq-train skips every longer "
             f"sample (and stops with 'The dataset is empty' when none is left); pass --max-target-positions "
-            f"{int(sizes.max())} or more, or a smaller --tokens-per-sample"
+            f"{int(sizes.max())} or more (or leave it out: it defaults to --tokens-per-sample)"
         )
     if not model_cfg.decoder_learned_pos or model_cfg.no_token_positional_embeddings:
         return

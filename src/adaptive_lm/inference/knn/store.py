@@ -83,7 +83,7 @@ def _settings(lm: LanguageModel, cfg: EvalConfig, p: EvalPlan, scfg: StoreConfig
     """What the stored keys depend on besides the model: a resume must use the same."""
     data = Path(cfg.data)
     split = data / f"{cfg.gen_subset}.bin"
-    if not split.is_file():  # --dataset-impl raw: the split is the text file itself
+    if cfg.dataset_impl == "raw" or not split.is_file():  # raw text (given or inferred): the text file itself
         split = data / cfg.gen_subset
     return {
         "gen_subset": cfg.gen_subset,
