@@ -137,6 +137,26 @@ def test_finetune_from_model(data, tmp_path, capsys):
     assert "restored" in capsys.readouterr().out  # a save dir with checkpoint_last.pt continues it instead
 
 
+def test_resuming_with_other_runtime_settings_continues_as_fairseq_train(data, tmp_path, capsys):
+    """Settings that shape no weight (dropout, --checkpoint-activations, ...) may change on resume, as fairseq-train
+    allows (it builds the model from its command line, then loads the weights); ours had refused them as "its model
+    differs from the flags given". The change is noted; a weight's shape still has to match."""
+    assert main(args(data, tmp_path / "a", "--max-update", "2")) == 0
+    capsys.readouterr()
+    assert main(args(data, tmp_path / "a", "--max-update", "3", "--checkpoint-activations", "--dropout", "0.2")) == 0
+    out = capsys.readouterr().out
+    assert "note: continuing with checkpoint_activations False -> True, dropout" in out
+    line = in_process_error(capsys, args(data, tmp_path / "a", "--max-update", "4", "--decoder-ffn-embed-dim", "16"))
+    assert "its model differs from the flags given (decoder_ffn_embed_dim" in line  # a weight's shape: refused
+
+
+def in_process_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
 def test_eval_results_path_and_quiet(data, tmp_path, capsys):
     assert main(args(data, tmp_path / "a", "--max-update", "2")) == 0
     capsys.readouterr()

@@ -208,6 +208,14 @@ class Restored:
     optimizer: dict[str, Any] | None
     state: TrainState
     rng: torch.Tensor | None
+    changed: list[str] = dataclasses.field(default_factory=list)  # runtime settings that differ from the stored ones
+
+
+# model settings that shape no weight: a resumed run may change them, as fairseq-train lets it (it builds the model
+# from the command line, then loads the weights)
+RUNTIME_SETTINGS = ("checkpoint_activations", "offload_activations", "min_params_to_wrap", "dropout",
+                    "attention_dropout", "activation_dropout", "relu_dropout", "adaptive_softmax_dropout",
+                    "decoder_layerdrop", "quant_noise_pq", "quant_noise_pq_block_size")  # fmt: skip
 
 
 def read_restore(path: Path, model: TransformerLM, dictionary: Dictionary) -> Restored:
@@ -226,10 +234,11 @@ def read_restore(path: Path, model: TransformerLM, dictionary: Dictionary) -> Re
         )
         weights = state_dict_from_fairseq(ck["model"], model.cfg)
         return Restored(path, weights, fairseq_optimizer_state(ck, model), state, None)
-    stored = ModelConfig.from_dict(ck["config"]["model"]).as_built()
-    if stored != model.cfg.as_built():
-        a, b = stored.to_dict(), model.cfg.as_built().to_dict()
-        diffs = [f"{k} {a[k]!r} vs {b[k]!r}" for k in a if a[k] != b[k]]
+    a = ModelConfig.from_dict(ck["config"]["model"]).as_built().to_dict()
+    b = model.cfg.as_built().to_dict()
+    changed = [f"{k} {a[k]!r} -> {b[k]!r}" for k in RUNTIME_SETTINGS if a.get(k) != b.get(k)]
+    diffs = [f"{k} {a[k]!r} vs {b[k]!r}" for k in a if a[k] != b[k] and k not in RUNTIME_SETTINGS]
+    if diffs:
         raise UserError(
             f"{path}: its model differs from the flags given ({'; '.join(diffs[:4])}); use the same "
             f"model flags or another --save-dir"
@@ -242,7 +251,7 @@ def read_restore(path: Path, model: TransformerLM, dictionary: Dictionary) -> Re
     ts = dict(ck["train_state"])
     if "good_steps" in ts and "scaler_iter" not in ts:  # checkpoints of the first format revision
         ts["scaler_iter"] = ts["scaler_last_rescale"] = 0
-    return Restored(path, ck["model"], ck["optimizer"], TrainState.from_dict(ts), ck["rng"]["torch"])
+    return Restored(path, ck["model"], ck["optimizer"], TrainState.from_dict(ts), ck["rng"]["torch"], changed)
 
 
 def check_vocabulary(cfg: Any, dictionary: Dictionary) -> None:

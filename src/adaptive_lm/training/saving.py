@@ -87,6 +87,9 @@ def restore(t: Trainer) -> None:
             f"{e}; the model is built from the flags given, as fairseq-train builds it, and then the weights are "
             f"loaded: give the model flags it was trained with (--arch and the sizes stored in its cfg)"
         ) from None
+    if r.changed:
+        t.log.info(f"note: continuing with {', '.join(r.changed)} (settings that shape no weight; fairseq-train takes "
+                   f"them from its command line too)")  # fmt: skip
     if not (cfg.reset_optimizer or finetune) and r.optimizer is not None:
         ckpt.optimizer_from_plain(t.optimizer, t.model, r.optimizer)
         t.state.num_updates = r.state.num_updates
