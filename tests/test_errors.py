@@ -508,6 +508,9 @@ def test_misleading_or_silent_cases_now_say_what_is_wrong(data, model, tmp_path,
         (nodict / f).write_bytes((data / "bin" / f).read_bytes())
     line = in_process(capsys, "eval", str(nodict), "--path", m, "--dict", str(data / "bin" / "dict.txt"))
     assert f"{nodict}: no dict.txt beside the split" in line  # it had said to pass the --dict that was passed
+    (tmp_path / "d" / "checkpoint_last.pt").mkdir(parents=True)  # was found at the first save, after training
+    line = in_process(capsys, *train_args(data, tmp_path / "d", "--max-update", "1"))
+    assert "checkpoint_last.pt: a folder where the run saves its checkpoint" in line
     line = in_process(capsys, *train_args(data, tmp_path / "p", "--max-update", "1", "--max-target-positions", "16"))
     assert "training samples of 32 tokens are longer than the model's 16 positions" in line  # was trained on
     for subset, fragment in (("nosuch", "nosuch.idx not found"), ("valid,test", "one split only")):

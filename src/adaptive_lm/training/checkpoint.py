@@ -280,6 +280,8 @@ def resolve_restore(save_dir: str, restore_file: str) -> Path | None:
     """fairseq: the default ``checkpoint_last.pt`` means "in --save-dir, if it exists"; other names are paths."""
     if restore_file == "checkpoint_last.pt":
         p = Path(save_dir) / "checkpoint_last.pt"
+        if p.is_dir():  # found before training, not at the first save after it
+            raise UserError(f"{p}: a folder where the run saves its checkpoint; move it away or use another --save-dir")
         return p if p.is_file() else None
     p = Path(restore_file)
     if not p.is_file() and (Path(save_dir) / restore_file).is_file():
