@@ -6,14 +6,10 @@
 # The venv also needs `pip install tokenizers sentencepiece` (gpt2bpe and spm models). About 3 minutes on 1 thread.
 # Each model folder gets model.pt (no optimizer state, no machine paths) and dict.txt (+ its BPE files), as a hub
 # model directory: TransformerLanguageModel.from_pretrained(dir, "model.pt", ...) loads it.
-set -euo pipefail
-BIN=${FAIRSEQ_BIN:-$HOME/fairseq-venv/bin}
-REPO=$(cd "$(dirname "$0")/../.." && pwd)
+. "$(dirname "$0")/../fixtures/fairseq_env.sh"  # set -euo pipefail, BIN, REPO, TMP (removed at exit)
 OUT=$REPO/tests/generation/models
 SRC=$REPO/../shared/data/wikitext-2/test.txt
 HELP="$BIN/python $REPO/tests/generation/make_models.py"
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONWARNINGS=ignore
 
 $HELP corpus "$SRC" "$TMP/train.txt" "$TMP/raw.txt"
