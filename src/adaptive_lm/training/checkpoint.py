@@ -258,9 +258,7 @@ def check_vocabulary(cfg: Any, dictionary: Dictionary) -> None:
     """The checkpoint a run continues from (``--restore-file``, or ``--finetune-from-model`` in a fresh save dir)
     must have been trained with a dictionary of the data's size. Checked before the model is built from the flags:
     a size mismatch there was blamed on the cutoffs, on a weight's shape or on "vocab_size", which is no flag."""
-    path = resolve_restore(cfg.save_dir, cfg.restore_file)
-    if path is None and cfg.finetune_from_model and Path(cfg.finetune_from_model).is_file():
-        path = Path(cfg.finetune_from_model)
+    path, _ = restore_source(cfg)
     if path is None:
         return
     ck = safe_load(path, mmap=True, verify=False)  # a first look: restore() reads it again, verified
@@ -274,6 +272,18 @@ def check_vocabulary(cfg: Any, dictionary: Dictionary) -> None:
             f"{len(dictionary):,}: binarise the text with the model's dictionary (adaptive-lm preprocess --srcdict "
             f"<its dict.txt>), or train from scratch in another --save-dir"
         )
+
+
+def restore_source(cfg: Any) -> tuple[Path | None, bool]:
+    """(the checkpoint a run continues from, whether it is ``--finetune-from-model``'s): ``--restore-file`` (by
+    default checkpoint_last.pt in ``--save-dir``) if there is one, else the model to fine-tune from, else None."""
+    path = resolve_restore(cfg.save_dir, cfg.restore_file)
+    if path is not None or cfg.finetune_from_model is None:
+        return path, False
+    path = Path(cfg.finetune_from_model)
+    if not path.is_file():
+        raise UserError(f"--finetune-from-model {path}: not found")
+    return path, True
 
 
 def resolve_restore(save_dir: str, restore_file: str) -> Path | None:

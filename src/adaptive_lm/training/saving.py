@@ -68,12 +68,7 @@ def restore(t: Trainer) -> None:
     """Continue from ``--restore-file`` (or ``--finetune-from-model`` in a fresh save dir), ours or fairseq's."""
     cfg = t.cfg
     check_same_run(t)
-    path = ckpt.resolve_restore(cfg.save_dir, cfg.restore_file)
-    finetune = path is None and cfg.finetune_from_model is not None
-    if finetune:
-        path = Path(cfg.finetune_from_model)  # type: ignore[arg-type]
-        if not path.is_file():
-            raise UserError(f"--finetune-from-model {path}: not found")
+    path, finetune = ckpt.restore_source(cfg)
     if path is None:
         check_ranks_agree(t)
         return
